@@ -1,0 +1,96 @@
+"""The frozen 4-bit base matmul y = x @ dequant(W)^T behind one custom VJP, with backends.
+
+The backward returns dX = dY @ dequant(W) and no cotangent for the frozen weight, and saves
+nothing but the quantized weight itself: no full-precision copy of W lives between forward and
+backward. A backend is a pair of functions (forward, backward) on the quantized weight; "xla" is
+the pure-XLA reference (dequantize, then a bf16 dot with float32 accumulation). Pallas kernels
+register themselves under their own names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.quantization import QuantizedArray, dequantize
+
+# forward(x [M, K], qw [N, K], compute_dtype) -> y [M, N] float32
+# backward(dy [M, N], qw [N, K], compute_dtype) -> dx [M, K] float32
+MatmulFn = Callable[[jax.Array, QuantizedArray, jnp.dtype], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """A pair of implementations of the two products the layer needs."""
+
+  forward: MatmulFn
+  backward: MatmulFn
+
+
+def _xla_forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
+  w_NxK = dequantize(qw, compute_dtype)
+  return jnp.einsum("mk,nk->mn", x_MxK.astype(compute_dtype), w_NxK,
+                    preferred_element_type=jnp.float32)
+
+
+def _xla_backward(dy_MxN: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
+  w_NxK = dequantize(qw, compute_dtype)
+  return jnp.einsum("mn,nk->mk", dy_MxN.astype(compute_dtype), w_NxK,
+                    preferred_element_type=jnp.float32)
+
+
+_BACKENDS: dict[str, Backend] = {"xla": Backend(_xla_forward, _xla_backward)}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+  """Make a backend selectable by name (the Pallas kernels call this)."""
+  _BACKENDS[name] = backend
+
+
+def available_backends() -> tuple[str, ...]:
+  return tuple(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+  if name not in _BACKENDS:
+    raise ValueError(f"unknown qmatmul backend {name!r}; available: {available_backends()}")
+  return _BACKENDS[name]
+
+
+def qmatmul(x: jax.Array, qw: QuantizedArray, backend: str = "xla",
+            compute_dtype=jnp.bfloat16) -> jax.Array:
+  """y [..., N] float32 = x [..., K] @ dequant(qw)^T, operands in compute_dtype, f32 accumulation.
+
+  Differentiable in x only: the gradient is dx = dy @ dequant(qw), in x's dtype.
+  """
+  get_backend(backend)  # fail early, by name, on an unknown backend
+  return _qmatmul(x, qw, backend, jnp.dtype(compute_dtype), jnp.dtype(x.dtype))
+
+
+def _apply(fn: MatmulFn, x: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
+  """Run a 2-D backend function over any leading dims of x."""
+  lead = x.shape[:-1]
+  y = fn(x.reshape(-1, x.shape[-1]), qw, compute_dtype)
+  return y.reshape(*lead, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmatmul(x, qw, backend, compute_dtype, x_dtype):
+  return _apply(get_backend(backend).forward, x, qw, compute_dtype)
+
+
+def _qmatmul_fwd(x, qw, backend, compute_dtype, x_dtype):
+  # The only residual is the quantized weight, which is resident anyway; x is not saved.
+  return _qmatmul(x, qw, backend, compute_dtype, x_dtype), qw
+
+
+def _qmatmul_bwd(backend, compute_dtype, x_dtype, qw, dy):
+  dx = _apply(get_backend(backend).backward, dy, qw, compute_dtype)
+  return dx.astype(x_dtype), None  # None: no cotangent for the frozen weight
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
