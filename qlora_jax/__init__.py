@@ -3,10 +3,12 @@
 from qlora_jax.bnb_format import from_bnb_state, to_bnb_state
 from qlora_jax.lora import LoraConfig, QLoRALinear, apply_qlora
 from qlora_jax.qmatmul import qmatmul
-from qlora_jax.quantization import QuantConfig, QuantizedArray, dequantize, quantize
+from qlora_jax.quantization import (QuantConfig, QuantizedArray, dequantize, quantize,
+                                    zeros_quantized)
 from qlora_jax.variables import FrozenParam, QuantWeight
 
 __all__ = [
     "FrozenParam", "LoraConfig", "QLoRALinear", "QuantConfig", "QuantWeight", "QuantizedArray",
     "apply_qlora", "dequantize", "from_bnb_state", "qmatmul", "quantize", "to_bnb_state",
+    "zeros_quantized",
 ]

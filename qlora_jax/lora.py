@@ -16,33 +16,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.qmatmul import available_backends, qmatmul
-from qlora_jax.quantization import QuantConfig, QuantizedArray, quantize
+from qlora_jax.qmatmul import get_backend, qmatmul
+from qlora_jax.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
 from qlora_jax.variables import FrozenParam, QuantWeight
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-  """LoRA hyper-parameters (the QLoRA paper's: r=64, alpha=16) and the compute settings."""
+  """LoRA hyper-parameters (the QLoRA paper's: r=64, alpha=16)."""
 
   rank: int = 64
   alpha: float = 16.0
   dropout: float = 0.0
   use_rslora: bool = False
-  compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
-  backend: str = "xla"
 
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-    if self.backend not in available_backends():
-      raise ValueError(f"unknown backend {self.backend!r}; available: {available_backends()}")
-    for name in ("compute_dtype", "param_dtype"):
-      if getattr(self, name) not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"{name} must be bfloat16, float16 or float32, got {getattr(self, name)!r}")
+    if self.param_dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"param_dtype must be bfloat16 or float32, got {self.param_dtype!r}")
 
   @property
   def scaling(self) -> float:
@@ -51,30 +46,57 @@ class LoraConfig:
 
 
 class QLoRALinear(nnx.Module):
-  """A Linear layer whose frozen weight is 4-bit and whose update is a trainable LoRA."""
+  """A Linear layer whose frozen weight is 4-bit and whose update is a trainable LoRA.
 
-  def __init__(self, qweight: QuantizedArray, config: LoraConfig, *,
-               bias: jax.Array | None = None, rngs: nnx.Rngs):
+  Built from shapes (an all-zero 4-bit weight that a checkpoint is loaded into) or, with
+  `from_quantized`, around an existing QuantizedArray. `lora=None` gives a frozen layer with no
+  adapter (a linear layer that is not a LoRA target).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, lora: LoraConfig | None,
+               quant: QuantConfig = QuantConfig(), use_bias: bool = False,
+               compute_dtype: str = "bfloat16", backend: str = "xla", rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    get_backend(backend)  # an unknown backend fails here, by name
+    if compute_dtype not in ("bfloat16", "float16", "float32"):
+      raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype!r}")
+    self.compute_dtype, self.backend = compute_dtype, backend
+    self.weight = QuantWeight(zeros_quantized((out_features, in_features), quant, compute_dtype))
+    self.bias = FrozenParam(jnp.zeros((out_features,), compute_dtype)) if use_bias else None
+    self.lora = lora
+    if lora is None:
+      return
+    bound = 1.0 / math.sqrt(in_features)
+    self.lora_a = nnx.LoRAParam(jax.random.uniform(
+        rngs.params(), (in_features, lora.rank), lora.param_dtype, -bound, bound))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), lora.param_dtype))
+    self.dropout = nnx.Dropout(lora.dropout, rngs=rngs)
+
+  @classmethod
+  def from_quantized(cls, qweight: QuantizedArray, lora: LoraConfig | None, *,
+                     bias: jax.Array | None = None, compute_dtype: str = "bfloat16",
+                     backend: str = "xla", rngs: nnx.Rngs) -> "QLoRALinear":
+    """The layer around an existing [out, in] quantized weight (and optional frozen bias)."""
     if len(qweight.shape) != 2:
       raise ValueError(f"QLoRALinear needs a 2-D [out, in] weight, got shape {qweight.shape}")
     out_features, in_features = qweight.shape
-    self.in_features, self.out_features = in_features, out_features
-    self.config = config
-    self.weight = QuantWeight(qweight)
-    self.bias = FrozenParam(jnp.asarray(bias)) if bias is not None else None
-    bound = 1.0 / math.sqrt(in_features)
-    self.lora_a = nnx.LoRAParam(jax.random.uniform(
-        rngs.params(), (in_features, config.rank), config.param_dtype, -bound, bound))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, out_features), config.param_dtype))
-    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+    quant = QuantConfig(quant_type=qweight.quant_type, blocksize=qweight.blocksize,
+                        double_quant=qweight.double_quant)
+    layer = cls(in_features, out_features, lora=lora, quant=quant, use_bias=bias is not None,
+                compute_dtype=compute_dtype, backend=backend, rngs=rngs)
+    layer.weight.set_value(qweight)
+    if bias is not None:
+      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype)
+    return layer
 
   def __call__(self, x_BxK: jax.Array) -> jax.Array:
     """[..., in] -> [..., out], in x's dtype."""
-    cd = jnp.dtype(self.config.compute_dtype)
-    y = qmatmul(x_BxK, self.weight.get_value(), self.config.backend, cd)
-    h = jnp.dot(self.dropout(x_BxK).astype(cd), self.lora_a[...].astype(cd),
-                preferred_element_type=jnp.float32)
-    y = y + self.config.scaling * jnp.dot(h.astype(cd), self.lora_b[...].astype(cd),
+    cd = jnp.dtype(self.compute_dtype)
+    y = qmatmul(x_BxK, self.weight.get_value(), self.backend, cd)
+    if self.lora is not None:
+      h = jnp.dot(self.dropout(x_BxK).astype(cd), self.lora_a[...].astype(cd),
+                  preferred_element_type=jnp.float32)
+      y = y + self.lora.scaling * jnp.dot(h.astype(cd), self.lora_b[...].astype(cd),
                                           preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
@@ -99,6 +121,7 @@ def _set_child(model: nnx.Module, path: tuple, value) -> None:
 
 def apply_qlora(model: nnx.Module, lora: LoraConfig, quant: QuantConfig = QuantConfig(), *,
                 targets: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = ("lm_head",),
+                compute_dtype: str = "bfloat16", backend: str = "xla",
                 rngs: nnx.Rngs) -> list[str]:
   """Swap every `nnx.Linear` whose path matches `targets` (and not `exclude`) for a QLoRALinear.
 
@@ -115,7 +138,8 @@ def apply_qlora(model: nnx.Module, lora: LoraConfig, quant: QuantConfig = QuantC
   for path, linear in chosen:
     qweight = quantize(linear.kernel[...].T, quant.quant_type, quant.blocksize, quant.double_quant)
     bias = linear.bias[...] if linear.bias is not None else None
-    _set_child(model, path, QLoRALinear(qweight, lora, bias=bias, rngs=rngs))
+    _set_child(model, path, QLoRALinear.from_quantized(
+        qweight, lora, bias=bias, compute_dtype=compute_dtype, backend=backend, rngs=rngs))
   return [_dotted(p) for p, _ in chosen]
 
 

@@ -97,6 +97,27 @@ class QuantizedArray:
     return 8.0 * self.nbytes / self.size
 
 
+def zeros_quantized(shape: tuple[int, ...], quant: QuantConfig = QuantConfig(),
+                    dtype: str = "bfloat16") -> QuantizedArray:
+  """The quantized all-zero tensor of a shape: the layout a checkpoint is then loaded into.
+
+  Cheap under `nnx.eval_shape` (nothing is allocated); also a valid tensor (dequantizes to 0).
+  """
+  n = math.prod(shape)
+  nb = -(-n // quant.blocksize)
+  codebook = codebooks.CODEBOOKS[quant.quant_type]
+  zero_code = int(np.flatnonzero(codebook == 0)[0])
+  common = dict(codes=jnp.full(((n + 1) // 2,), zero_code * 17, jnp.uint8),
+                quant_map=jnp.asarray(codebook), shape=tuple(shape), dtype=dtype,
+                quant_type=quant.quant_type, blocksize=quant.blocksize)
+  if not quant.double_quant:
+    return QuantizedArray(absmax=jnp.zeros((nb,), jnp.float32), **common)
+  nb2 = -(-nb // codebooks.NESTED_BLOCKSIZE)
+  return QuantizedArray(absmax=jnp.zeros((nb,), jnp.uint8), nested_absmax=jnp.zeros((nb2,), jnp.float32),
+                        nested_quant_map=jnp.asarray(codebooks.dynamic_map()),
+                        offset=jnp.zeros((), jnp.float32), **common)
+
+
 def _validate(w, quant_type: str, blocksize: int) -> None:
   """Raise ValueError naming what is wrong with a quantize() call."""
   if quant_type not in codebooks.QUANT_TYPES:

@@ -16,8 +16,9 @@ N, K, R = 96, 128, 8
 def _layer(compute_dtype="float32", bias=True, dropout=0.0, seed=0, **kw):
   w = jax.random.normal(jax.random.key(seed), (N, K), jnp.float32) * 0.05
   b = jax.random.normal(jax.random.key(seed + 1), (N,), jnp.float32) if bias else None
-  cfg = q.LoraConfig(rank=R, alpha=16.0, dropout=dropout, compute_dtype=compute_dtype, **kw)
-  layer = q.QLoRALinear(q.quantize(w), cfg, bias=b, rngs=nnx.Rngs(seed + 2))
+  cfg = q.LoraConfig(rank=R, alpha=16.0, dropout=dropout, **kw)
+  layer = q.QLoRALinear.from_quantized(q.quantize(w), cfg, bias=b, compute_dtype=compute_dtype,
+                                       rngs=nnx.Rngs(seed + 2))
   # Nonzero B so gradients of A are nonzero too (PEFT initialises B to zeros).
   layer.lora_b[...] = jax.random.normal(jax.random.key(seed + 3), (R, N)) * 0.1
   return layer
@@ -29,7 +30,7 @@ def _reference_f64(layer, x):
   a, b = (np.asarray(v[...], np.float64) for v in (layer.lora_a, layer.lora_b))
   bias = np.asarray(layer.bias[...], np.float64)
   x64 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-  s = layer.config.scaling
+  s = layer.lora.scaling
   y = x64 @ w.T + s * (x64 @ a) @ b + bias
   g = np.asarray(jax.random.normal(jax.random.key(9), y.shape), np.float64)
   dx = g @ w + s * (g @ b.T) @ a.T
@@ -77,8 +78,8 @@ def test_qmatmul_gives_no_cotangent_to_the_weight_and_saves_no_dense_weight():
 
 def test_fresh_layer_equals_the_base_layer():
   w = jax.random.normal(jax.random.key(0), (N, K)) * 0.05
-  layer = q.QLoRALinear(q.quantize(w), q.LoraConfig(rank=R, compute_dtype="float32"),
-                        rngs=nnx.Rngs(0))
+  layer = q.QLoRALinear.from_quantized(q.quantize(w), q.LoraConfig(rank=R),
+                                       compute_dtype="float32", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, K))
   base = x @ q.dequantize(layer.weight.get_value(), jnp.float32).T
   np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(base), rtol=1e-5, atol=1e-6)
@@ -154,7 +155,7 @@ def test_apply_qlora_swaps_all_linear_but_lm_head():
   model = _Toy(nnx.Rngs(0))
   ids = jnp.arange(12).reshape(2, 6)
   ref = model(ids)
-  replaced = q.apply_qlora(model, q.LoraConfig(rank=4, compute_dtype="float32"), rngs=nnx.Rngs(1))
+  replaced = q.apply_qlora(model, q.LoraConfig(rank=4), compute_dtype="float32", rngs=nnx.Rngs(1))
   assert sorted(replaced) == sorted(f"blocks.{i}.{n}" for i in range(2)
                                    for n in ("q_proj", "up_proj", "down_proj"))
   assert isinstance(model.lm_head, nnx.Linear)
@@ -175,14 +176,40 @@ def test_apply_qlora_targets_and_errors():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(backend="cuda-magic"), "backend"), (dict(rank=0), "rank"),
-    (dict(dropout=1.5), "dropout"), (dict(compute_dtype="int8"), "compute_dtype"),
+    (dict(rank=0), "rank"), (dict(dropout=1.5), "dropout"), (dict(param_dtype="int8"), "param_dtype"),
 ])
 def test_bad_lora_config(kw, match):
   with pytest.raises(ValueError, match=match):
     q.LoraConfig(**kw)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(backend="cuda-magic"), "backend"), (dict(compute_dtype="int8"), "compute_dtype"),
+])
+def test_bad_layer_settings(kw, match):
+  with pytest.raises(ValueError, match=match):
+    q.QLoRALinear(64, 32, lora=q.LoraConfig(rank=2), rngs=nnx.Rngs(0), **kw)
+
+
 def test_layer_rejects_non_matrix_weight():
   with pytest.raises(ValueError, match="2-D"):
-    q.QLoRALinear(q.quantize(jnp.ones((4, 8, 64))), q.LoraConfig(rank=2), rngs=nnx.Rngs(0))
+    q.QLoRALinear.from_quantized(q.quantize(jnp.ones((4, 8, 64))), q.LoraConfig(rank=2),
+                                 rngs=nnx.Rngs(0))
+
+
+def test_layer_without_adapter_is_frozen_base():
+  w = jax.random.normal(jax.random.key(0), (N, K))
+  layer = q.QLoRALinear.from_quantized(q.quantize(w), None, compute_dtype="float32", rngs=nnx.Rngs(0))
+  assert not jax.tree.leaves(nnx.state(layer, nnx.LoRAParam))
+  x = jax.random.normal(jax.random.key(1), (4, K))
+  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(
+      x @ q.dequantize(layer.weight.get_value(), jnp.float32).T), rtol=1e-5, atol=1e-6)
+
+
+def test_zeros_quantized_is_zero_and_shaped_like_quantize():
+  for quant in (q.QuantConfig(), q.QuantConfig(quant_type="fp4", double_quant=False),
+                q.QuantConfig(quant_type="int4", blocksize=128)):
+    z = q.zeros_quantized((300, 70), quant, "float32")
+    ref = q.quantize(jnp.ones((300, 70)), quant.quant_type, quant.blocksize, quant.double_quant)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), z) == jax.tree.map(lambda a: (a.shape, a.dtype), ref)
+    assert not np.any(np.asarray(q.dequantize(z, jnp.float32)))

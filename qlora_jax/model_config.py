@@ -1,0 +1,110 @@
+"""The decoder's architecture, read from a transformers `config.json` (Llama, Mistral, Qwen2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+  """Rotary embedding: theta and optional frequency scaling ("llama3" as in Llama 3.1)."""
+
+  theta: float = 10000.0
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Decoder-only transformer shape. Field names follow transformers' config.json."""
+
+  model_type: str = "llama"
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope: RopeConfig = RopeConfig()
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # bias on q/k/v (Qwen2: always)
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | list[int] | None = None
+
+  def __post_init__(self):
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                       f"num_key_value_heads ({self.num_key_value_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+  @property
+  def q_dim(self) -> int:
+    return self.num_attention_heads * self.head_dim
+
+  @property
+  def kv_dim(self) -> int:
+    return self.num_key_value_heads * self.head_dim
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    """Build from a transformers config dict (v4 `rope_scaling` or v5 `rope_parameters`)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"unsupported architecture: model_type={model_type!r} "
+                       f"(architectures={hf.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}")
+    heads = hf["num_attention_heads"]
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+      window = None
+    return cls(
+        model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope=_rope_from_hf(hf),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        sliding_window=window, bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"))
+
+  @classmethod
+  def from_file(cls, path: str | pathlib.Path) -> "ModelConfig":
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ValueError(f"missing {path}: a model folder needs the transformers config.json")
+    try:
+      return cls.from_hf(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{path} is not a usable transformers config ({type(e).__name__}: {e})") from e
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = hf.get("rope_scaling") or {}
+  params = {**scaling, **params}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  return RopeConfig(theta=float(theta), rope_type=rope_type,
+                    **{k: params[k] for k in keys if k in params})
