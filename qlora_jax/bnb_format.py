@@ -22,7 +22,7 @@ import numpy as np
 from qlora_jax import codebooks
 from qlora_jax.quantization import QuantizedArray
 
-BNB_QUANT_TYPES = ("nf4", "fp4")
+BNB_QUANT_TYPES = ("nf4", "fp4")  # what bitsandbytes itself reads; our format also stores int4
 
 
 def quant_state_key(prefix: str, quant_type: str) -> str:
@@ -30,10 +30,10 @@ def quant_state_key(prefix: str, quant_type: str) -> str:
 
 
 def to_bnb_state(qw: QuantizedArray, prefix: str) -> dict[str, np.ndarray]:
-  """The safetensors entries bitsandbytes/transformers write for this weight."""
-  if qw.quant_type not in BNB_QUANT_TYPES:
-    raise ValueError(f"bitsandbytes has no {qw.quant_type!r} format (only {BNB_QUANT_TYPES}); "
-                     "quantize with nf4 or fp4 to export")
+  """The safetensors entries bitsandbytes/transformers write for this weight.
+
+  int4 uses the same layout under `...bitsandbytes__int4`, which only qlora_jax reads.
+  """
   out = {
       prefix: np.asarray(qw.codes, np.uint8).reshape(-1, 1),
       f"{prefix}.absmax": np.asarray(qw.absmax),
@@ -52,7 +52,8 @@ def to_bnb_state(qw: QuantizedArray, prefix: str) -> dict[str, np.ndarray]:
 
 
 def _read_meta(tensors: Mapping, prefix: str) -> dict:
-  keys = [quant_state_key(prefix, t) for t in BNB_QUANT_TYPES if quant_state_key(prefix, t) in tensors]
+  keys = [quant_state_key(prefix, t) for t in codebooks.QUANT_TYPES
+          if quant_state_key(prefix, t) in tensors]
   if len(keys) != 1:
     raise ValueError(f"expected one {prefix}.quant_state.bitsandbytes__<nf4|fp4> entry, found "
                      f"{len(keys)}; is this a bitsandbytes 4-bit checkpoint?")
@@ -78,7 +79,7 @@ def from_bnb_state(tensors: Mapping, prefix: str) -> QuantizedArray:
   """The QuantizedArray stored under `prefix` in a bitsandbytes checkpoint (bytes kept as is)."""
   meta = _read_meta(tensors, prefix)
   quant_type, blocksize = meta.get("quant_type"), meta.get("blocksize")
-  if quant_type not in BNB_QUANT_TYPES or not isinstance(blocksize, int) or blocksize <= 0:
+  if quant_type not in codebooks.QUANT_TYPES or not isinstance(blocksize, int) or blocksize <= 0:
     raise ValueError(f"{prefix}: unsupported quant_type/blocksize {quant_type!r}/{blocksize!r}")
   shape = tuple(int(d) for d in meta.get("shape") or ())
   n = int(np.prod(shape)) if shape else 0

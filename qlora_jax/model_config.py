@@ -43,7 +43,9 @@ class ModelConfig:
   rope: RopeConfig = RopeConfig()
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
-  attention_bias: bool = False  # bias on q/k/v (Qwen2: always)
+  qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama's attention_bias)
+  o_bias: bool = False  # bias on o_proj (Llama's attention_bias; never in Qwen2)
+  mlp_bias: bool = False
   sliding_window: int | None = None
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
@@ -84,7 +86,9 @@ class ModelConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope=_rope_from_hf(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
         sliding_window=window, bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"))
 

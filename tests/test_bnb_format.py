@@ -18,7 +18,7 @@ def _leaves_equal(a: q.QuantizedArray, b: q.QuantizedArray) -> None:
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 def test_round_trip(double_quant, quant_type):
   w = np.random.default_rng(0).standard_normal((70, 130)).astype(np.float32)
   qw = q.quantize(jnp.asarray(w, jnp.bfloat16), quant_type, 64, double_quant)
@@ -42,11 +42,6 @@ def test_same_bytes_as_bitsandbytes(double_quant):
   loaded = q.from_bnb_state(theirs, "w")
   ref = F.dequantize_4bit(packed, state).float().numpy()
   np.testing.assert_array_equal(np.asarray(q.dequantize(loaded, jnp.bfloat16), np.float32), ref)
-
-
-def test_int4_cannot_be_exported():
-  with pytest.raises(ValueError, match="int4"):
-    q.to_bnb_state(q.quantize(jnp.ones((4, 64)), "int4"), "w")
 
 
 def test_corrupt_or_incomplete_state_is_named():

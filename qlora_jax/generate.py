@@ -1,0 +1,108 @@
+"""Token generation with the KV cache: greedy, temperature and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax.model import CausalLM, KVCache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+  """temperature 0 is greedy; top_p < 1 samples from the smallest set holding p of the mass."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+      raise ValueError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
+
+
+def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Next token ids [B] from float32 logits."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # The cut-off logit: the smallest one still needed to reach top_p of the mass.
+    keep = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@nnx.jit(static_argnums=(3, 4))
+def _prefill(model: CausalLM, ids, mask, temperature, top_p, cache, key):
+  logits, cache = model.decode(ids, cache, mask)
+  return sample_token(logits[:, -1], key, temperature, top_p), cache
+
+
+@nnx.jit(static_argnums=(2, 3))
+def _step(model: CausalLM, token, temperature, top_p, cache, key):
+  logits, cache = model.decode(token[:, None], cache)
+  return sample_token(logits[:, -1], key, temperature, top_p), cache
+
+
+def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
+             stop_ids: tuple[int, ...] = ()) -> Iterator[np.ndarray]:
+  """Yield the next token of every prompt ([B] int array) until all stopped or the budget ends.
+
+  Prompts are left-padded into one batch; a finished sequence keeps yielding its stop token.
+  """
+  model.eval()
+  b, longest = len(prompts), max(len(p) for p in prompts)
+  ids = np.zeros((b, longest), np.int32)
+  mask = np.zeros((b, longest), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
+  cache = KVCache.empty(model.config, b, longest + sampling.max_new_tokens, jnp.dtype(model.options.dtype))
+  key = jax.random.key(sampling.seed)
+  key, sub = jax.random.split(key)
+  token, cache = _prefill(model, jnp.asarray(ids), jnp.asarray(mask), sampling.temperature,
+                          sampling.top_p, cache, sub)
+  done = np.zeros((b,), bool)
+  for step in range(sampling.max_new_tokens):
+    out = np.asarray(token)
+    out = np.where(done, stop_ids[0] if stop_ids else out, out)
+    yield out
+    done |= np.isin(out, stop_ids)
+    if done.all() or step == sampling.max_new_tokens - 1:
+      return
+    key, sub = jax.random.split(key)
+    token, cache = _step(model, jnp.asarray(out), sampling.temperature, sampling.top_p, cache, sub)
+
+
+def complete(model: CausalLM, tokenizer, text_or_messages, sampling: SamplingConfig = SamplingConfig(),
+             on_text: Callable[[str], None] | None = None) -> str:
+  """One answer: a chat (list of {role, content}) through the chat template, or raw text.
+
+  on_text receives the decoded text as it grows (for streaming to a terminal).
+  """
+  if isinstance(text_or_messages, str):
+    prompt = tokenizer(text_or_messages, add_special_tokens=False)["input_ids"]
+  else:
+    prompt = tokenizer.apply_chat_template(text_or_messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+  stops = tuple(int(t) for t in np.atleast_1d(tokenizer.eos_token_id or []))
+  tokens: list[int] = []
+  printed = ""
+  for out in generate(model, [prompt], sampling, stops):
+    if int(out[0]) in stops:
+      break
+    tokens.append(int(out[0]))
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if on_text is not None and len(text) > len(printed):
+      on_text(text[len(printed):])
+      printed = text
+  return tokenizer.decode(tokens, skip_special_tokens=True)

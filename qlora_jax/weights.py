@@ -1,0 +1,230 @@
+"""The converted-model folder: its key table, sharded safetensors I/O, and `load_model`.
+
+A converted folder holds
+  config.json                      the transformers config (plus quantization_config with --export-bnb)
+  qlora_jax.json                   {"format_version", "quant": {...}, "dense_dtype", "source", ...}
+  model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  tokenizer files                  as `AutoTokenizer.save_pretrained` writes them
+Tensor keys are transformers' names. The 4-bit linear weights use bitsandbytes' layout (the
+packed codes under `<name>`, plus `<name>.absmax`, `.quant_map`, `.nested_absmax`,
+`.nested_quant_map`, `.quant_state.bitsandbytes__<type>`); everything else is dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qlora_jax.bnb_format import from_bnb_state
+from qlora_jax.model import CausalLM, ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.quantization import QuantConfig, QuantizedArray
+from qlora_jax.variables import FrozenParam, QuantWeight
+
+FORMAT_VERSION = 1
+META_FILE = "qlora_jax.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Canonical (transformers) tensor names of the Llama family -> how they are stored.
+KEY_TABLE: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "dense"),
+    (r"model\.norm\.weight", "dense"),
+    (r"lm_head\.weight", "dense"),
+    (r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight", "dense"),
+    (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight", "quantized"),
+    (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias", "dense"),
+    (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", "quantized"),
+    (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.bias", "dense"),
+)
+# Buffers some checkpoints carry that are recomputed rather than loaded.
+IGNORED_KEYS = (r".*\.rotary_emb\.inv_freq",)
+
+
+def classify(name: str) -> str:
+  """'quantized' | 'dense' | 'ignored' for a tensor name; ValueError for anything else."""
+  if _ignored(name):
+    return "ignored"
+  for pattern, kind in KEY_TABLE:
+    if re.fullmatch(pattern, name):
+      return kind
+  raise ValueError(f"unexpected tensor {name!r}: not part of a Llama/Mistral/Qwen2 decoder")
+
+
+def expected_tensors(config: ModelConfig, quant: QuantConfig = QuantConfig()) -> dict[str, tuple[str, tuple]]:
+  """name -> (kind, shape) of every tensor the model needs, read off the model itself."""
+  abstract = nnx.eval_shape(lambda: CausalLM(config, ModelOptions(quant=quant), rngs=nnx.Rngs(0)))
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Any(QuantWeight, FrozenParam))):
+    name = ".".join(str(p) for p in path)
+    value = var.get_value()
+    out[name] = ("quantized", value.shape) if isinstance(var, QuantWeight) else ("dense", value.shape)
+  return out
+
+
+class TensorIndex(Mapping):
+  """Read-only name -> numpy array over one or several safetensors files, loaded on access."""
+
+  def __init__(self, files: dict[str, pathlib.Path]):
+    self._files = files  # tensor name -> file
+
+  @classmethod
+  def from_folder(cls, folder: pathlib.Path) -> "TensorIndex":
+    folder = pathlib.Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      files = {k: folder / f for k, f in weight_map.items()}
+      missing = sorted({str(f) for f in files.values() if not f.is_file()})
+      if missing:
+        raise ValueError(f"{index} names shard files that do not exist: {missing}")
+      return cls(files)
+    single = folder / "model.safetensors"
+    if single.is_file():
+      with safe_open(str(single), "numpy") as f:
+        return cls({k: single for k in f.keys()})
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+      raise ValueError(f"{folder} has only pickle-based weights (.bin/.pt), which are never loaded "
+                       "(unsafe); save the model with safetensors first")
+    raise ValueError(f"no model.safetensors or {INDEX_FILE} in {folder}")
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name not in self._files:
+      raise KeyError(name)
+    try:
+      with safe_open(str(self._files[name]), "numpy") as f:
+        return f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+      raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: {e}") from e
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._files)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+
+class ShardWriter:
+  """Streams tensors into safetensors shards of at most `max_bytes` each (plus an index)."""
+
+  def __init__(self, folder: pathlib.Path, max_bytes: int = 2 << 30):
+    self.folder, self.max_bytes = pathlib.Path(folder), max_bytes
+    self._pending: dict[str, np.ndarray] = {}
+    self._pending_bytes = 0
+    self._shards: list[list[str]] = []
+    self.total_bytes = 0
+
+  def add(self, name: str, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    if self._pending and self._pending_bytes + array.nbytes > self.max_bytes:
+      self._flush()
+    self._pending[name] = array
+    self._pending_bytes += array.nbytes
+    self.total_bytes += array.nbytes
+
+  def _flush(self) -> None:
+    save_file(self._pending, str(self.folder / f"shard-{len(self._shards):05d}.tmp"),
+              metadata={"format": "pt"})  # "pt": transformers refuses safetensors without it
+    self._shards.append(list(self._pending))
+    self._pending, self._pending_bytes = {}, 0
+
+  def close(self) -> None:
+    """Write the last shard and give the shards their final names (and the index)."""
+    if self._pending or not self._shards:
+      self._flush()
+    n = len(self._shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+      os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / name)
+    if n > 1:
+      weight_map = {k: names[i] for i, keys in enumerate(self._shards) for k in keys}
+      (self.folder / INDEX_FILE).write_text(json.dumps(
+          {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=1))
+
+
+def read_meta(folder: pathlib.Path) -> dict:
+  path = pathlib.Path(folder) / META_FILE
+  if not path.is_file():
+    raise ValueError(f"{folder} is not a converted model folder (no {META_FILE}); "
+                     "create one with: python convert_weights.py SRC OUT")
+  meta = json.loads(path.read_text())
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}; "
+                     "re-convert the model with this version of convert_weights.py")
+  return meta
+
+
+def load_model(path, dtype=jnp.bfloat16, options: ModelOptions | None = None, *, seed: int = 0,
+               tokenizer: bool = True):
+  """(model, tokenizer) from a converted folder.
+
+  Args:
+    path: the folder convert_weights.py wrote.
+    dtype: compute dtype and dtype of the dense weights (embeddings, norms, lm_head).
+    options: model options (LoRA, remat, ...); its dtype and quant are taken from `dtype` and
+      the checkpoint. Default: no adapters.
+    seed: initialises the LoRA adapters (A random, B zero), if any.
+  """
+  folder = pathlib.Path(path)
+  meta = read_meta(folder)
+  config = ModelConfig.from_file(folder / "config.json")
+  options = dataclasses.replace(options or ModelOptions(), dtype=jnp.dtype(dtype).name,
+                                quant=QuantConfig(**meta["quant"]))
+  model = _build(config, options, TensorIndex.from_folder(folder), seed)
+  tok = None
+  if tokenizer:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))
+  return model, tok
+
+
+def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, seed: int) -> CausalLM:
+  """The model with base weights from `tensors` and freshly initialised adapters."""
+  make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
+  graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
+  used = set()
+  for path, var in nnx.to_flat_state(base):
+    name = ".".join(str(p) for p in path)
+    var.set_value(_load_one(tensors, name, var, jnp.dtype(options.dtype), used))
+  leftovers = sorted(k for k in tensors if _owner(k) not in used and not _ignored(k))
+  if leftovers:
+    raise ValueError(f"checkpoint tensors the model has no place for: {leftovers[:8]}"
+                     f"{' ...' if len(leftovers) > 8 else ''} (config.json does not match the weights?)")
+  # Adapters and RNG state: created for real; jit lets XLA drop the zero base weights unused.
+  rest = jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Any(QuantWeight, FrozenParam))))()
+  return nnx.merge(graphdef, base, rest)
+
+
+def _ignored(name: str) -> bool:
+  return any(re.fullmatch(p, name) for p in IGNORED_KEYS)
+
+
+def _owner(key: str) -> str:
+  """The variable a stored key belongs to (bnb side tensors belong to their weight)."""
+  return re.sub(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$", "", key)
+
+
+def _load_one(tensors: Mapping, name: str, var, dtype, used: set):
+  spec = var.get_value()
+  if name not in tensors:
+    raise ValueError(f"checkpoint is missing tensor {name!r} (shape {spec.shape})")
+  used.add(name)
+  if isinstance(var, QuantWeight):
+    qw = from_bnb_state(tensors, name)
+    if qw.shape != spec.shape:
+      raise ValueError(f"{name}: checkpoint shape {qw.shape} != model shape {spec.shape}")
+    return qw
+  array = tensors[name]
+  if array.shape != spec.shape:
+    raise ValueError(f"{name}: checkpoint shape {array.shape} != model shape {spec.shape}")
+  return jnp.asarray(array, dtype)
