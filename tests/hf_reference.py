@@ -72,3 +72,14 @@ def hf_logits(hf_model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
 def max_rel_error(ours, ref) -> float:
   """max |ours - ref| / max |ref|."""
   return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def bnb_exact_cpu_path(model) -> None:
+  """Make bitsandbytes' Linear4bit use its float32 dequantize + matmul path on the CPU.
+
+  On CPUs with AVX512-BF16, bnb 0.50 repacks 4-bit weights at the first inference forward for
+  a bf16 kernel, whose error (~3e-3 relative) would hide float32-level differences.
+  """
+  for module in model.modules():
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+      module.support_avx512bf16_for_cpu = False
