@@ -143,17 +143,19 @@ def _big_config() -> dict:
 
 
 _RSS_SCRIPT = """
-import resource, sys, pathlib
+import sys, pathlib
 import jax.numpy as jnp
 from qlora_jax.convert import convert
 from qlora_jax.quantization import quantize
 for shape in [(1024, 1024), (2816, 1024), (1024, 2816)]:   # compile once, before the baseline
   quantize(jnp.ones(shape, jnp.bfloat16))
-def rss_mb():
-  return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
-base = rss_mb()
+def status_mb(field):
+  return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) / 1024
+# VmHWM is this address space's peak (ru_maxrss would include the forking parent's pages).
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS
+base = status_mb('VmRSS')
 convert(sys.argv[1], pathlib.Path(sys.argv[2]), shard_bytes=8 << 20, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb('VmHWM')
 print(f"RSS {base:.0f} {peak:.0f}")
 """
 
