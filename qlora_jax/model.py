@@ -181,13 +181,26 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
     """Training/scoring forward. attention_mask [B, T] (1 = real token) masks padded keys;
     positions [B, T] default to 0..T-1; segment_ids [B, T] keep packed sequences apart."""
+    return self.logits(self.hidden_states(input_ids, attention_mask, positions, segment_ids))
+
+  def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """The final normed hidden states [B, T, D] (the loss applies lm_head in chunks)."""
     b, t = input_ids.shape
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     positions = slots if positions is None else positions
     mask = make_mask(slots, slots, valid, segment_ids, segment_ids, self.config.sliding_window)
-    logits, _ = self._run(input_ids, positions, mask, None)
-    return logits
+    return self._run(input_ids, positions, mask, None)[0]
+
+  def head_weight(self) -> jax.Array:
+    """lm_head's [V, D] matrix (the embedding when tied)."""
+    head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+    return head.weight[...]
+
+  def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V]: compute-dtype operands, float32 accumulation."""
+    return jnp.einsum("btd,vd->btv", h_BxTxD, self.head_weight().astype(h_BxTxD.dtype),
+                      preferred_element_type=jnp.float32)
 
   def decode(self, input_ids, cache: KVCache, attention_mask=None):
     """Append input_ids [B, T] to the cache; logits [B, T, V] and the updated cache.
@@ -203,7 +216,8 @@ class CausalLM(nnx.Module):
     valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
     k_slots = jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
     mask = make_mask(q_slots, k_slots, valid, window=self.config.sliding_window)
-    logits, (k, v) = self._run(input_ids, positions, mask, (cache.k, cache.v, cache.index))
+    h, (k, v) = self._run(input_ids, positions, mask, (cache.k, cache.v, cache.index))
+    logits = self.logits(h)
     cache = KVCache(k=k, v=v, valid=valid, next_position=cache.next_position + real.sum(1, dtype=jnp.int32),
                     index=cache.index + t)
     return logits, cache
@@ -220,10 +234,7 @@ class CausalLM(nnx.Module):
         ks.append(kv[0])
         vs.append(kv[1])
     h = self.model.norm(h)
-    head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-    logits = jnp.einsum("btd,vd->btv", h, head.weight[...].astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+    return h, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
 
   def _layer_call(self, layer, h, cos, sin, mask, kv):
     policy = REMAT_POLICIES[self.options.remat]

@@ -1,0 +1,64 @@
+"""Run observability: JSONL metrics, TensorBoard when installed, a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+
+def _tensorboard_writer(folder: pathlib.Path):
+  for module in ("tensorboardX", "torch.utils.tensorboard"):
+    try:
+      return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(folder))
+    except Exception:  # not installed (or tensorboard missing behind torch's wrapper)
+      continue
+  return None
+
+
+class MetricsLog:
+  """Appends one JSON object per record to metrics.jsonl (and TensorBoard scalars)."""
+
+  def __init__(self, run_dir: pathlib.Path):
+    self.path = run_dir / "metrics.jsonl"
+    self._tb = _tensorboard_writer(run_dir / "tensorboard")
+
+  def write(self, record: dict) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(key, value, record["step"])
+
+  def records(self) -> list[dict]:
+    if not self.path.is_file():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_loss(records: list[dict], out: pathlib.Path) -> None:
+  """Train loss per step and eval loss per evaluation, one PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if train:
+    ax.plot(*zip(*train), label="train loss", lw=1)
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross entropy (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,331 @@
+"""The training loop: set-up, a pure train step compiled once, evaluation, checkpoints.
+
+The model is split once into (graphdef, LoRA params, RNG state, frozen base). The step is a
+pure function of (LoRA params, RNG state, optimizer state, frozen base, batch); only the first
+three change, and they are donated. The frozen 4-bit base is never differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from qlora_jax import data as data_lib
+from qlora_jax.checkpoint import Checkpointer
+from qlora_jax.convert import convert
+from qlora_jax.generate import SamplingConfig, complete
+from qlora_jax.lora import LoraConfig
+from qlora_jax.loss import batch_loss
+from qlora_jax.metrics import MetricsLog, plot_loss
+from qlora_jax.model import ModelOptions
+from qlora_jax.quantization import QuantConfig
+from qlora_jax.sources import default_gguf
+from qlora_jax.train_config import TrainConfig
+from qlora_jax.weights import META_FILE, load_model
+
+
+class TrainingError(ValueError):
+  """A run that had to stop (NaN loss, ...): the message names the step and what is kept."""
+
+
+def model_options(cfg: TrainConfig) -> ModelOptions:
+  lora = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                    use_rslora=cfg.use_rslora)
+  return ModelOptions(dtype=cfg.dtype, lora=lora, lora_targets=cfg.lora_targets, remat=cfg.remat,
+                      attention=cfg.attention, backend=cfg.backend)
+
+
+def ensure_converted(cfg: TrainConfig) -> pathlib.Path:
+  """cfg.model_dir, converting cfg.model_source into it first if it is not there yet."""
+  folder = pathlib.Path(cfg.model_dir)
+  if (folder / META_FILE).is_file():
+    return folder
+  if not cfg.model_source:
+    raise ValueError(f"{folder} is not a converted model and model_source is empty; "
+                     f"run: python convert_weights.py SRC {folder}")
+  src = str(default_gguf()) if cfg.model_source == "default" else cfg.model_source
+  print(f"converting {src} -> {folder} (once)")
+  quant = QuantConfig(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant)
+  print(f"  {convert(src, folder, quant)}")
+  return folder
+
+
+def make_optimizer(cfg: TrainConfig):
+  """AdamW with clipping; constant (or decaying) learning rate after a linear warmup."""
+  warmup = int(cfg.warmup_ratio * cfg.steps)
+  after = {"constant": optax.constant_schedule(cfg.learning_rate),
+           "linear": optax.linear_schedule(cfg.learning_rate, 0.0, max(1, cfg.steps - warmup)),
+           "cosine": optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.steps - warmup))}[cfg.lr_schedule]
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(1, warmup)), after],
+                                  [warmup]) if warmup else after
+  tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                   optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, weight_decay=cfg.weight_decay))
+  return tx, schedule
+
+
+def to_device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def make_train_step(graphdef, tx, opt_sharding=None):
+  """The jitted step: accumulate gradients over the leading micro-batch axis, one update."""
+
+  def loss_fn(lora, rng, frozen, micro):
+    # Rebuild the Variables at this trace level (tree.map re-creates them), so dropout may
+    # advance the RNG count here; Variables made at an outer level refuse mutation.
+    model = nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in (lora, rng, frozen)))
+    total, count = batch_loss(model, micro)
+    return total, (count, nnx.state(model, nnx.RngState))
+
+  def micro_grads(lora, rng, frozen, micro):
+    (total, (count, rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, rng, frozen, micro)
+    return total, count, grads, rng
+
+  def step(lora, rng, opt_state, frozen, batch):
+    def accumulate(carry, micro):
+      grads, rng, total, count = carry
+      t, c, g, rng = micro_grads(lora, rng, frozen, micro)
+      return (jax.tree.map(jnp.add, grads, g), rng, total + t, count + c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    (grads, rng, total, count), _ = jax.lax.scan(accumulate, (zeros, rng, 0.0, 0), batch)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    if opt_sharding is not None:  # offloaded moments: bring them in for the update only
+      opt_state = jax.device_put(opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), opt_sharding))
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    return lora, rng, opt_state, metrics
+
+  if opt_sharding is None:
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+  # Donation does not alias across memory kinds: the host-resident state is not donated.
+  return jax.jit(step, donate_argnums=(0, 1), in_shardings=(None, None, opt_sharding, None, None),
+                 out_shardings=(None, None, opt_sharding, None))
+
+
+def make_eval_step(graphdef):
+  @jax.jit
+  def eval_step(lora, rng, frozen, batch):
+    return batch_loss(nnx.merge(graphdef, lora, rng, frozen), batch)
+  return eval_step
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop holds between steps."""
+
+  cfg: TrainConfig
+  run_dir: pathlib.Path
+  graphdef: object
+  eval_graphdef: object
+  lora: nnx.State
+  rng: nnx.State
+  frozen: nnx.State
+  opt_state: object
+  tokenizer: object
+  batches: data_lib.Batches
+  eval_set: list
+  truncated: int
+  step: int = 0
+
+  def train_state(self) -> dict:
+    return {"lora": self.lora, "rng": self.rng, "opt_state": self.opt_state}
+
+  def model(self, training: bool = False):
+    return nnx.merge(self.graphdef if training else self.eval_graphdef, self.lora, self.rng, self.frozen)
+
+
+def _load_data(cfg: TrainConfig, tokenizer) -> tuple[data_lib.Tokenized, data_lib.Tokenized]:
+  tok = lambda rows: data_lib.tokenize(rows, cfg.dataset_format, tokenizer, cfg.source_max_len,  # noqa: E731
+                                       cfg.target_max_len, cfg.train_on_source)
+  rows = data_lib.load_rows(cfg.dataset)
+  if cfg.eval_dataset:
+    return tok(rows), tok(data_lib.load_rows(cfg.eval_dataset))
+  if len(rows) <= cfg.eval_size:
+    raise ValueError(f"dataset {cfg.dataset} has {len(rows)} examples, not more than eval_size="
+                     f"{cfg.eval_size}; lower eval_size or give eval_dataset")
+  split = rows.train_test_split(test_size=cfg.eval_size, seed=cfg.seed, shuffle=True)
+  return tok(split["train"]), tok(split["test"])
+
+
+def setup(cfg: TrainConfig, run_dir: pathlib.Path) -> Run:
+  """Model (converted if needed), data, optimizer: a Run at step 0."""
+  folder = ensure_converted(cfg)
+  model, tokenizer = load_model(folder, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed)
+  train_data, eval_data = _load_data(cfg, tokenizer)
+  batches = data_lib.Batches(train_data, cfg.batch_size, cfg.max_seq_len, seed=cfg.seed,
+                             packing=cfg.packing, group_by_length=cfg.group_by_length)
+  model.train()
+  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  tx, _ = make_optimizer(cfg)
+  return Run(cfg=cfg, run_dir=run_dir, graphdef=graphdef, eval_graphdef=eval_graphdef, lora=lora,
+             rng=rng, frozen=frozen, opt_state=tx.init(lora), tokenizer=tokenizer, batches=batches,
+             eval_set=data_lib.eval_batches(eval_data, cfg.batch_size, cfg.max_seq_len),
+             truncated=train_data.truncated + eval_data.truncated)
+
+
+def evaluate(run: Run, eval_step) -> float:
+  """Mean token loss over the whole evaluation set (dropout off)."""
+  total, count = 0.0, 0
+  for batch in run.eval_set:
+    t, c = eval_step(run.lora, run.rng, run.frozen, to_device_batch(batch))
+    total, count = total + float(t), count + int(c)
+  return total / max(count, 1)
+
+
+def sample(run: Run) -> list[tuple[str, str]]:
+  """(prompt, greedy answer) for each configured sample prompt."""
+  model = run.model()
+  sampling = SamplingConfig(max_new_tokens=run.cfg.sample_max_new_tokens)
+  return [(p, complete(model, run.tokenizer, [{"role": "user", "content": p}], sampling))
+          for p in run.cfg.sample_prompts]
+
+
+def _offload_sharding(opt_state):
+  """pinned_host shardings for the optimizer state (the design's paged-optimizer replacement)."""
+  device = jax.devices()[0]
+  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  return jax.tree.map(lambda _: host, opt_state)
+
+
+def _resume(run: Run, ckpt: Checkpointer, resume: bool | None) -> None:
+  """Apply the --resume/--no-resume choice; restore the latest checkpoint when resuming."""
+  latest = ckpt.latest_step()
+  if resume is True and latest is None:
+    raise ValueError(f"--resume: {ckpt.folder} holds no checkpoint")
+  if resume is False and latest is not None:
+    raise ValueError(f"--no-resume: {ckpt.folder} already holds checkpoints (step {latest}); "
+                     "choose another output_dir or remove it")
+  if latest is None:
+    return
+  state, meta = ckpt.restore(run.train_state())
+  run.lora, run.rng, run.opt_state = state["lora"], state["rng"], state["opt_state"]
+  run.step = int(meta["step"])
+  run.batches.restore(meta["data"])
+  print(f"resumed from {ckpt.folder / str(latest)} (step {run.step})")
+
+
+def _save(run: Run, ckpt: Checkpointer) -> None:
+  ckpt.save(run.step, run.train_state(), {"step": run.step, "data": run.batches.state()})
+
+
+@dataclasses.dataclass
+class Summary:
+  steps: int
+  seconds: float
+  tokens_per_second: float
+  train_loss: float
+  eval_loss_before: float | None
+  eval_loss_after: float
+  truncated: int
+  samples_before: list
+  samples_after: list
+
+  def text(self) -> str:
+    lines = [f"steps: {self.steps} in {self.seconds:.0f} s ({self.tokens_per_second:.0f} target tokens/s)",
+             f"train loss (last log): {self.train_loss:.4f}",
+             f"eval loss: {'n/a' if self.eval_loss_before is None else f'{self.eval_loss_before:.4f}'}"
+             f" -> {self.eval_loss_after:.4f}",
+             f"examples truncated to source/target max length: {self.truncated}"]
+    for (p, before), (_, after) in zip(self.samples_before, self.samples_after):
+      lines += [f"prompt: {p}", f"  before: {before!r}", f"  after:  {after!r}"]
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
+  """Run (or resume) a training run in cfg.output_dir; returns its summary."""
+  run_dir = pathlib.Path(cfg.output_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  run = setup(cfg, run_dir)
+  ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
+  _resume(run, ckpt, resume)
+  tx, schedule = make_optimizer(cfg)
+  opt_sharding = _offload_sharding(run.opt_state) if cfg.offload_optimizer else None
+  if opt_sharding is not None:
+    run.opt_state = jax.device_put(run.opt_state, opt_sharding)
+  step_fn = make_train_step(run.graphdef, tx, opt_sharding)
+  eval_step = make_eval_step(run.eval_graphdef)
+  log = MetricsLog(run_dir)
+  fresh = run.step == 0
+  before = evaluate(run, eval_step) if fresh else None
+  samples_before = sample(run) if fresh else []
+  if fresh:
+    log.write({"step": 0, "eval_loss": before})
+    print(f"eval loss before training: {before:.4f}")
+  start, tokens, last = time.time(), 0, {}
+  try:
+    last, tokens = _loop(run, step_fn, eval_step, ckpt, log, schedule)
+  finally:
+    log.close()
+  after = evaluate(run, eval_step)
+  log.write({"step": run.step, "eval_loss": after})
+  if ckpt.latest_step() != run.step:
+    _save(run, ckpt)
+  ckpt.close()
+  seconds = time.time() - start
+  summary = Summary(run.step, seconds, tokens / max(seconds, 1e-9), last.get("loss", float("nan")),
+                    before, after, run.truncated, samples_before, sample(run))
+  plot_loss(log.records(), run_dir / "loss.png")
+  (run_dir / "summary.txt").write_text(summary.text() + "\n")
+  return summary
+
+
+def _loop(run: Run, step_fn, eval_step, ckpt: Checkpointer, log: MetricsLog, schedule) -> tuple[dict, int]:
+  """The steps; metrics of step N are read after step N+1 is dispatched (no per-step stall)."""
+  cfg = run.cfg
+  bar = tqdm(total=cfg.steps, initial=run.step, desc="training", unit="step")
+  pending, last, tokens, t0 = None, {}, 0, time.time()
+  while run.step < cfg.steps:
+    batch = to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
+    run.lora, run.rng, run.opt_state, metrics = step_fn(run.lora, run.rng, run.opt_state, run.frozen, batch)
+    run.step += 1
+    if pending is not None:
+      last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, schedule)
+    pending = (run.step, metrics)
+    boundary = run.step % cfg.save_every == 0 or run.step % cfg.eval_every == 0 or run.step == cfg.steps
+    if boundary:  # settle the metrics before saving: a NaN step must not be checkpointed
+      last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, schedule)
+      pending = None
+    if run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+      loss = evaluate(run, eval_step)
+      log.write({"step": run.step, "eval_loss": loss})
+      bar.write(f"step {run.step}: eval loss {loss:.4f}")
+    if run.step % cfg.save_every == 0:
+      _save(run, ckpt)
+  if pending is not None:
+    last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, schedule)
+  bar.close()
+  return last, tokens
+
+
+def _report(pending, log: MetricsLog, bar, tokens: int, t0: float, log_every: int,
+            schedule) -> tuple[dict, int]:
+  step, metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"]):
+    raise TrainingError(f"loss became {values['loss']} at step {step} (grad norm {values['grad_norm']}); "
+                        "stopped without saving it: the last good checkpoint is kept. Lower the "
+                        "learning rate or check the data.")
+  tokens += int(values["tokens"])
+  rate = tokens / max(time.time() - t0, 1e-9)
+  record = {"step": step, **values, "lr": float(schedule(step - 1)), "tokens_per_s": rate}
+  if step % log_every == 0:
+    log.write(record)
+  bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:.0f}")
+  bar.update(step - bar.n)
+  return values, tokens

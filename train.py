@@ -1,0 +1,41 @@
+"""python train.py [--config NAME_OR_PATH] [--resume | --no-resume] [key=value ...]
+
+Fine-tunes LoRA adapters on a 4-bit base model. NAME resolves inside configs/ (default:
+smollm2_135m_cpu, the embedded SmolLM2 on the shipped demo data, a few minutes on a laptop CPU).
+A run folder that holds a checkpoint resumes automatically.
+"""
+
+import argparse
+import sys
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="smollm2_135m_cpu", help="config name in configs/ or a path")
+  group = p.add_mutually_exclusive_group()
+  group.add_argument("--resume", dest="resume", action="store_true", default=None,
+                     help="require a checkpoint in output_dir and continue from it")
+  group.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="require output_dir to hold no checkpoint")
+  p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse(argv)
+  from qlora_jax.train_config import load_config
+  from qlora_jax.trainer import train
+
+  try:
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+  except ValueError as e:  # includes TrainingError (NaN loss)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(summary.text())
+  print(f"run folder: {cfg.output_dir} (metrics.jsonl, loss.png, summary.txt, checkpoints/)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
