@@ -1,4 +1,4 @@
-"""python -m qlora_jax.chat MODEL [--prompt TEXT]
+"""python -m qlora_jax.chat MODEL [--adapter RUN_OR_PEFT_DIR] [--prompt TEXT]
 
 Chat with a converted model through its chat template, tokens streamed to the terminal.
 Without --prompt it reads messages from stdin until an empty line or EOF.
@@ -13,6 +13,7 @@ import sys
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("model", help="a folder written by convert_weights.py")
+  p.add_argument("--adapter", help="a training run folder or a PEFT adapter folder")
   p.add_argument("--prompt", help="answer this one message and exit")
   p.add_argument("--system", help="system message")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -30,7 +31,11 @@ def main(argv=None) -> int:
   try:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
-    model, tokenizer = load_model(args.model)
+    if args.adapter:
+      from qlora_jax.export import load_adapter
+      model, tokenizer = load_adapter(args.model, args.adapter)
+    else:
+      model, tokenizer = load_model(args.model)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,25 +1,22 @@
 """Streaming conversion of a model into the qlora_jax folder format (see weights.py).
 
 Tensors are read, quantized and written one at a time, so host memory holds one input tensor,
-its quantized form and at most one output shard, never the model. The output is assembled in a
-hidden sibling folder and renamed into place only when complete: an interrupted run never leaves
-a folder that looks converted.
+its quantized form and at most one output shard, never the model. The output is written
+atomically (atomic.py): an interrupted run never leaves a folder that looks converted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 import time
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from qlora_jax.atomic import atomic_dir, check_out
 from qlora_jax.bnb_format import BNB_QUANT_TYPES, to_bnb_state
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.quantization import QuantConfig, QuantizedArray, quantize
@@ -55,34 +52,18 @@ def convert(src: str, out: str | pathlib.Path, quant: QuantConfig = QuantConfig(
   """Convert SRC (folder, hub id, .gguf) into OUT; see convert_weights.py for the options."""
   start = time.time()
   out = pathlib.Path(out)
-  _check_out(out, overwrite)
+  check_out(out, overwrite)
   if dense_dtype not in DENSE_DTYPES:
     raise ValueError(f"dense dtype must be one of {DENSE_DTYPES}, got {dense_dtype!r}")
   if export_bnb and quant.quant_type not in BNB_QUANT_TYPES:
     raise ValueError(f"--export-bnb needs nf4 or fp4: bitsandbytes has no {quant.quant_type!r}")
   source = open_source(str(src))
   config = ModelConfig.from_hf(source.hf_config)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-  umask = os.umask(0)
-  os.umask(umask)
-  tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for the temporary name only
-  try:
+  with atomic_dir(out, overwrite) as tmp:
     params, quant = _write_tensors(source, config, quant, dense_dtype, tmp, shard_bytes, progress)
     _write_metadata(source, tmp, quant, dense_dtype, export_bnb, params)
-    _move_into_place(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
   return Summary(params=params, bytes_on_disk=size, seconds=time.time() - start, quant=quant)
-
-
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
-  if out.exists() and not overwrite:
-    raise ValueError(f"{out} already exists; pass --overwrite to replace it")
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"{out} exists and is not a folder")
 
 
 def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dense_dtype: str,
@@ -146,14 +127,3 @@ def _write_metadata(source: Source, folder: pathlib.Path, quant: QuantConfig, de
           "dense_dtype": dense_dtype, "source": source.description, "parameters": params,
           "requantized": not source.bnb_quantized, "tokenizer": has_tokenizer}
   (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Rename the finished folder to OUT; an old OUT (with --overwrite) is removed only after."""
-  old = None
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-    out.rename(old)
-  tmp.rename(out)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)

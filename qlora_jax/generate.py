@@ -12,6 +12,8 @@ from flax import nnx
 
 from qlora_jax.model import CausalLM, KVCache
 
+PROMPT_BUCKET = 64
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
@@ -61,7 +63,8 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   Prompts are left-padded into one batch; a finished sequence keeps yielding its stop token.
   """
   model.eval()
-  b, longest = len(prompts), max(len(p) for p in prompts)
+  # Left-pad to a multiple of PROMPT_BUCKET: prompts of similar length share compiled code.
+  b, longest = len(prompts), -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
   ids = np.zeros((b, longest), np.int32)
   mask = np.zeros((b, longest), np.int32)
   for i, p in enumerate(prompts):

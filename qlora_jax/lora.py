@@ -45,6 +45,12 @@ class LoraConfig:
     return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def lora_a_init(key: jax.Array, in_features: int, rank: int, dtype) -> jax.Array:
+  """PEFT's init of A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+  bound = 1.0 / math.sqrt(in_features)
+  return jax.random.uniform(key, (in_features, rank), dtype, -bound, bound)
+
+
 class QLoRALinear(nnx.Module):
   """A Linear layer whose frozen weight is 4-bit and whose update is a trainable LoRA.
 
@@ -66,9 +72,7 @@ class QLoRALinear(nnx.Module):
     self.lora = lora
     if lora is None:
       return
-    bound = 1.0 / math.sqrt(in_features)
-    self.lora_a = nnx.LoRAParam(jax.random.uniform(
-        rngs.params(), (in_features, lora.rank), lora.param_dtype, -bound, bound))
+    self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), in_features, lora.rank, lora.param_dtype))
     self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), lora.param_dtype))
     self.dropout = nnx.Dropout(lora.dropout, rngs=rngs)
 

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qlora_jax.bnb_format import from_bnb_state
+from qlora_jax.lora import lora_a_init
 from qlora_jax.model import CausalLM, ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.quantization import QuantConfig, QuantizedArray
@@ -200,9 +201,25 @@ def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, see
   if leftovers:
     raise ValueError(f"checkpoint tensors the model has no place for: {leftovers[:8]}"
                      f"{' ...' if len(leftovers) > 8 else ''} (config.json does not match the weights?)")
-  # Adapters and RNG state: created for real; jit lets XLA drop the zero base weights unused.
-  rest = jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Any(QuantWeight, FrozenParam))))()
-  return nnx.merge(graphdef, base, rest)
+  return nnx.merge(graphdef, base, _init_trainable(rest, seed))
+
+
+def _init_trainable(rest: nnx.State, seed: int) -> nnx.State:
+  """Adapters (A as PEFT initialises it, B = 0) and one dropout RNG stream per layer, filled
+  into the abstract state directly: no compile of the whole model's constructor."""
+  lora_key, rng_key = jax.random.split(jax.random.key(seed))
+  for i, (path, var) in enumerate(nnx.to_flat_state(rest)):
+    spec = var.get_value()
+    if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_a":
+      value = lora_a_init(jax.random.fold_in(lora_key, i), spec.shape[0], spec.shape[1], spec.dtype)
+    elif isinstance(var, (nnx.LoRAParam, nnx.RngCount)):
+      value = jnp.zeros(spec.shape, spec.dtype)
+    elif isinstance(var, nnx.RngKey):
+      value = jax.random.fold_in(rng_key, i)
+    else:
+      raise ValueError(f"cannot initialise {'.'.join(map(str, path))} ({type(var).__name__})")
+    var.set_value(value)
+  return rest
 
 
 def _ignored(name: str) -> bool:

@@ -1,0 +1,27 @@
+"""QLoRA of LLaMA-65B on one H100 80 GB (Guanaco-65B recipe): batch 1 x 2048, optimizer state
+offloaded to pinned host memory, full rematerialization."""
+
+from qlora_jax.train_config import TrainConfig
+
+config = TrainConfig(
+    model_dir="models/llama-65b-nf4",
+    model_source="huggyllama/llama-65b",
+    dataset="timdettmers/openassistant-guanaco",
+    dataset_format="oasst1",
+    source_max_len=16,
+    target_max_len=2032,
+    packing=True,
+    lora_rank=64,
+    lora_alpha=16.0,
+    lora_dropout=0.05,
+    batch_size=1,
+    grad_accum=16,
+    steps=1875,
+    learning_rate=1e-4,
+    remat="full",
+    attention="cudnn",
+    offload_optimizer=True,
+    output_dir="runs/llama65b_guanaco",
+    eval_every=250,
+    save_every=250,
+)

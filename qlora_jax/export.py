@@ -1,0 +1,171 @@
+"""python -m qlora_jax.export RUN_DIR OUT [--merge] [--overwrite]
+
+Export a training run as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors,
+PEFT's key names and [r, in] / [out, r] shapes), or with --merge as a bf16 transformers
+checkpoint with the adapters folded into the dequantized base weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qlora_jax.atomic import atomic_dir
+from qlora_jax.checkpoint import Checkpointer
+from qlora_jax.lora import LoraConfig, QLoRALinear
+from qlora_jax.model import ModelOptions
+from qlora_jax.quantization import dequantize
+from qlora_jax.train_config import TrainConfig
+from qlora_jax.variables import FrozenParam
+from qlora_jax.weights import ShardWriter, load_model
+
+PEFT_PREFIX = "base_model.model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def run_config(run_dir: pathlib.Path) -> TrainConfig:
+  path = pathlib.Path(run_dir) / "config.json"
+  if not path.is_file():
+    raise ValueError(f"{run_dir} is not a training run folder (no config.json)")
+  raw = json.loads(path.read_text())
+  for key in ("lora_targets", "sample_prompts"):
+    raw[key] = tuple(raw[key])
+  raw["mesh"] = tuple(tuple(axis) for axis in raw["mesh"])
+  return TrainConfig(**raw)
+
+
+def load_run(run_dir) -> tuple[TrainConfig, object, object]:
+  """(config, model with the run's latest LoRA weights, tokenizer)."""
+  from qlora_jax.trainer import make_optimizer, model_options
+
+  cfg = run_config(run_dir)
+  model, tokenizer = load_model(cfg.model_dir, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed)
+  ckpt = Checkpointer(pathlib.Path(run_dir), cfg.keep_checkpoints)
+  if ckpt.latest_step() is None:
+    raise ValueError(f"{run_dir} holds no checkpoint yet")
+  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+  template = {"lora": lora, "rng": rng, "opt_state": make_optimizer(cfg)[0].init(lora)}
+  state, _ = ckpt.restore(template)
+  ckpt.close()
+  return cfg, nnx.merge(graphdef, state["lora"], rng, frozen), tokenizer
+
+
+def lora_layers(model) -> list[tuple[str, QLoRALinear]]:
+  """(dotted path, layer) of every layer that has an adapter."""
+  return [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model)
+          if isinstance(m, QLoRALinear) and m.lora is not None]
+
+
+def peft_tensors(model) -> dict[str, np.ndarray]:
+  """PEFT's adapter_model.safetensors entries (float32, PEFT's default)."""
+  out = {}
+  for path, layer in lora_layers(model):
+    out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = np.asarray(layer.lora_a[...], np.float32).T.copy()
+    out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = np.asarray(layer.lora_b[...], np.float32).T.copy()
+  return out
+
+
+def peft_config(cfg: TrainConfig) -> dict:
+  """adapter_config.json, derived from the run's config (nothing hard-coded that it holds)."""
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+      "lora_dropout": cfg.lora_dropout, "target_modules": sorted(cfg.lora_targets), "bias": "none",
+      "use_rslora": cfg.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+      "base_model_name_or_path": cfg.model_source if cfg.model_source not in ("", "default") else cfg.model_dir,
+      "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+      "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+  }
+
+
+def write_peft(cfg: TrainConfig, model, out, overwrite: bool = False) -> None:
+  with atomic_dir(out, overwrite) as tmp:
+    save_file(peft_tensors(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(peft_config(cfg), indent=2))
+
+
+def merged_tensors(model):
+  """(name, bf16 array) of a plain transformers checkpoint: W + scaling * (A @ B)^T folded in."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, QLoRALinear):
+      w = dequantize(module.weight.get_value(), jnp.float32)
+      if module.lora is not None:
+        w = w + module.lora.scaling * (module.lora_a[...] @ module.lora_b[...]).T
+      yield ".".join(map(str, path)) + ".weight", np.asarray(w.astype(jnp.bfloat16))
+  for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
+    yield ".".join(map(str, path)), np.asarray(var.get_value().astype(jnp.bfloat16))
+
+
+def write_merged(model, model_dir, out, overwrite: bool = False) -> None:
+  model_dir = pathlib.Path(model_dir)
+  with atomic_dir(out, overwrite) as tmp:
+    writer = ShardWriter(tmp)
+    for name, array in merged_tensors(model):
+      writer.add(name, array)
+    writer.close()
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf.pop("quantization_config", None)
+    hf["torch_dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    for f in TOKENIZER_FILES:
+      if (model_dir / f).is_file():
+        shutil.copy(model_dir / f, tmp / f)
+
+
+def load_adapter(model_dir, adapter) -> tuple[object, object]:
+  """(model, tokenizer) of a converted base with an adapter: a run folder or a PEFT folder."""
+  adapter = pathlib.Path(adapter)
+  if (adapter / "checkpoints").is_dir():
+    _, model, tokenizer = load_run(adapter)
+    return model, tokenizer
+  config_path = adapter / "adapter_config.json"
+  if not config_path.is_file():
+    raise ValueError(f"{adapter} is neither a training run nor a PEFT adapter folder")
+  pc = json.loads(config_path.read_text())
+  if pc.get("peft_type") != "LORA" or pc.get("use_dora"):
+    raise ValueError(f"{config_path}: only plain LoRA adapters are supported")
+  lora = LoraConfig(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), use_rslora=bool(pc.get("use_rslora")))
+  targets = tuple(pc["target_modules"]) if isinstance(pc["target_modules"], list) else (pc["target_modules"],)
+  model, tokenizer = load_model(model_dir, options=ModelOptions(lora=lora, lora_targets=targets))
+  with safe_open(str(adapter / "adapter_model.safetensors"), "numpy") as f:
+    weights = {k: f.get_tensor(k) for k in f.keys()}
+  for path, layer in lora_layers(model):
+    for attr, key in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+      name = f"{PEFT_PREFIX}{path}.{key}.weight"
+      if name not in weights:
+        raise ValueError(f"adapter lacks {name}")
+      getattr(layer, attr)[...] = jnp.asarray(weights[name].T, getattr(layer, attr).dtype)
+  return model, tokenizer
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("run_dir")
+  p.add_argument("out")
+  p.add_argument("--merge", action="store_true", help="write a merged bf16 transformers checkpoint")
+  p.add_argument("--overwrite", action="store_true")
+  args = p.parse_args(argv)
+  try:
+    cfg, model, _ = load_run(args.run_dir)
+    if args.merge:
+      write_merged(model, cfg.model_dir, args.out, args.overwrite)
+    else:
+      write_peft(cfg, model, args.out, args.overwrite)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {'merged checkpoint' if args.merge else 'PEFT adapter'} to {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
