@@ -18,7 +18,7 @@ def parse(argv):
   group.add_argument("--no-resume", dest="resume", action="store_false",
                      help="require output_dir to hold no checkpoint")
   p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields")
-  return p.parse_args(argv)
+  return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,11 @@ complete, so a run killed mid-save resumes from the previous complete checkpoint
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -36,6 +40,18 @@ def from_flat(template, flat: dict) -> object:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+# Test hook: SIGKILL this process while orbax is writing the checkpoint of the given step.
+KILL_DURING_SAVE = "QLORA_JAX_TEST_KILL_DURING_SAVE"
+
+
+def _save_then_die(manager, folder: pathlib.Path, step: int, args) -> None:
+  """Start writing the step in a thread and kill -9 the process once its files are appearing."""
+  threading.Thread(target=lambda: manager.save(step, args=args, force=True), daemon=True).start()
+  while not list(folder.glob(f"{step}.*tmp*")):
+    time.sleep(0.001)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a run under run_dir/checkpoints/<step>."""
 
@@ -50,8 +66,10 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict) -> None:
     flat = {k: np.asarray(v) for k, v in to_flat(state).items()}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta))
+    if os.environ.get(KILL_DURING_SAVE) == str(step):
+      _save_then_die(self.manager, self.folder, step, args)
+    self.manager.save(step, args=args, force=True)
     self.manager.wait_until_finished()
 
   def restore(self, template) -> tuple[object, dict]:

@@ -105,7 +105,7 @@ def make_train_step(graphdef, tx, opt_sharding=None):
       opt_state = jax.device_put(opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), opt_sharding))
     updates, opt_state = tx.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
-    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
     return lora, rng, opt_state, metrics
 
   if opt_sharding is None:

