@@ -57,7 +57,9 @@ def load_run(run_dir) -> tuple[TrainConfig, object, object]:
   template = {"lora": lora, "rng": rng, "opt_state": make_optimizer(cfg)[0].init(lora)}
   state, _ = ckpt.restore(template)
   ckpt.close()
-  return cfg, nnx.merge(graphdef, state["lora"], rng, frozen), tokenizer
+  model = nnx.merge(graphdef, state["lora"], rng, frozen)
+  model.eval()  # inference: LoRA dropout off
+  return cfg, model, tokenizer
 
 
 def lora_layers(model) -> list[tuple[str, QLoRALinear]]:
@@ -121,7 +123,7 @@ def write_merged(model, model_dir, out, overwrite: bool = False) -> None:
         shutil.copy(model_dir / f, tmp / f)
 
 
-def load_adapter(model_dir, adapter) -> tuple[object, object]:
+def load_adapter(model_dir, adapter, dtype=jnp.bfloat16) -> tuple[object, object]:
   """(model, tokenizer) of a converted base with an adapter: a run folder or a PEFT folder."""
   adapter = pathlib.Path(adapter)
   if (adapter / "checkpoints").is_dir():
@@ -135,7 +137,7 @@ def load_adapter(model_dir, adapter) -> tuple[object, object]:
     raise ValueError(f"{config_path}: only plain LoRA adapters are supported")
   lora = LoraConfig(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), use_rslora=bool(pc.get("use_rslora")))
   targets = tuple(pc["target_modules"]) if isinstance(pc["target_modules"], list) else (pc["target_modules"],)
-  model, tokenizer = load_model(model_dir, options=ModelOptions(lora=lora, lora_targets=targets))
+  model, tokenizer = load_model(model_dir, dtype, ModelOptions(lora=lora, lora_targets=targets))
   with safe_open(str(adapter / "adapter_model.safetensors"), "numpy") as f:
     weights = {k: f.get_tensor(k) for k in f.keys()}
   for path, layer in lora_layers(model):
@@ -144,6 +146,7 @@ def load_adapter(model_dir, adapter) -> tuple[object, object]:
       if name not in weights:
         raise ValueError(f"adapter lacks {name}")
       getattr(layer, attr)[...] = jnp.asarray(weights[name].T, getattr(layer, attr).dtype)
+  model.eval()
   return model, tokenizer
 
 
