@@ -30,7 +30,7 @@ from qlora_jax.bnb_format import from_bnb_state
 from qlora_jax.lora import lora_a_init
 from qlora_jax.model import CausalLM, ModelOptions
 from qlora_jax.model_config import ModelConfig
-from qlora_jax.quantization import QuantConfig, QuantizedArray
+from qlora_jax.quantization import QuantConfig, QuantizedArray, zeros_quantized
 from qlora_jax.variables import FrozenParam, QuantWeight
 
 FORMAT_VERSION = 1
@@ -245,3 +245,32 @@ def _load_one(tensors: Mapping, name: str, var, dtype, used: set):
   if array.shape != spec.shape:
     raise ValueError(f"{name}: checkpoint shape {array.shape} != model shape {spec.shape}")
   return jnp.asarray(array, dtype)
+
+
+def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig) -> QuantizedArray:
+  """A random 4-bit tensor made directly in quantized form (no full-precision weight ever exists):
+  uniform codes, scales near 0.025 (the magnitude of a trained Llama weight block's absmax)."""
+  like = zeros_quantized(shape, quant)
+  k1, k2 = jax.random.split(key)
+  codes = jax.random.bits(k1, like.codes.shape, jnp.uint8)
+  if quant.double_quant:  # codes of the upper half of the dynamic map: absmax = 0.02 + 0.01 * q
+    absmax = jax.random.randint(k2, like.absmax.shape, 160, 256).astype(jnp.uint8)
+    return like.replace(codes=codes, absmax=absmax, nested_absmax=jnp.full_like(like.nested_absmax, 0.01),
+                        offset=jnp.float32(0.02))
+  return like.replace(codes=codes, absmax=jax.random.uniform(k2, like.absmax.shape, jnp.float32, 0.02, 0.03))
+
+
+def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0) -> CausalLM:
+  """A model with random base weights created on the default device, 4-bit from the start."""
+  make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
+  graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
+  key = jax.random.key(seed)
+  for i, (path, var) in enumerate(nnx.to_flat_state(base)):
+    spec, k = var.get_value(), jax.random.fold_in(key, i)
+    if isinstance(var, QuantWeight):
+      var.set_value(jax.jit(random_quantized, static_argnums=(1, 2))(k, spec.shape, options.quant))
+    elif path[-2].endswith("norm"):
+      var.set_value(jnp.ones(spec.shape, spec.dtype))
+    else:
+      var.set_value((0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype))
+  return nnx.merge(graphdef, base, _init_trainable(rest, seed))

@@ -1,0 +1,96 @@
+"""Time the QLoRA training step on Llama-shaped models with random weights made in 4-bit on the
+device: tokens/s (median of timed steps after warm-up), peak device memory, compile time.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/train_step.py --model llama3-1b --offload both
+
+Set XLA_PYTHON_CLIENT_PREALLOCATE=false so peak memory is what the step really uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.train_config import TrainConfig
+from qlora_jax.trainer import make_optimizer, make_train_step, _offload_sharding
+from qlora_jax.weights import random_model
+
+SHAPES = {
+    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=64),
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=64, head_dim=128),
+}
+
+
+def peak_gib() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int) -> dict:
+  cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
+  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat)
+  model = random_model(cfg, options)
+  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+  train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
+  tx, _ = make_optimizer(train_cfg)
+  opt_state = tx.init(lora)
+  sharding = _offload_sharding(opt_state) if offload else None
+  if sharding is not None:
+    opt_state = jax.device_put(opt_state, sharding)
+  step = make_train_step(graphdef, tx, sharding)
+  rs = np.random.default_rng(0)
+  ids = rs.integers(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
+  data = {"input_ids": jnp.asarray(ids[..., :-1]), "labels": jnp.asarray(ids[..., 1:]),
+          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, batch, seq)),
+          "segment_ids": jnp.ones((1, batch, seq), jnp.int32)}
+  t0 = time.perf_counter()
+  compiled = step.lower(lora, rng, opt_state, frozen, data).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(steps + 2):
+    t0 = time.perf_counter()
+    lora, rng, opt_state, metrics = compiled(lora, rng, opt_state, frozen, data)
+    jax.block_until_ready((lora, metrics))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat,
+          "rank": rank, "step_s": med, "tokens_per_s": batch * seq / med, "peak_gib": peak_gib(),
+          "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--model", default="llama3-1b", choices=sorted(SHAPES))
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--remat", default="full")
+  p.add_argument("--rank", type=int, default=64)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--offload", default="no", choices=["no", "yes", "both"])
+  args = p.parse_args()
+  modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
+  for offload in modes:
+    print(json.dumps(bench(args.model, args.batch, args.seq, offload, args.remat, args.steps, args.rank)),
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
