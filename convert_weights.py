@@ -27,29 +27,30 @@ def parse(argv):
   return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-  args = parse(argv)
+def convert_from_args(args) -> str:
   from qlora_jax.convert import convert
   from qlora_jax.quantization import QuantConfig
   from qlora_jax.sources import default_gguf
 
-  try:
-    src, out = args.src, args.out
-    if args.default or src is None:
-      if src is not None and out is None:
-        src, out = None, src  # `--default OUT`
-      src, out = str(default_gguf()), out or DEFAULT_OUT
-    elif out is None:
-      raise ValueError("give both SRC and OUT (or no SRC for the embedded default model)")
-    quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
-                        double_quant=not args.no_double_quant)
-    summary = convert(src, out, quant, dense_dtype=args.dense_dtype, export_bnb=args.export_bnb,
-                      overwrite=args.overwrite, shard_bytes=args.shard_size_mb << 20)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {out}: {summary}")
-  return 0
+  src, out = args.src, args.out
+  if args.default or src is None:
+    if src is not None and out is None:
+      src, out = None, src  # `--default OUT`
+    src, out = str(default_gguf()), out or DEFAULT_OUT
+  elif out is None:
+    raise ValueError("give both SRC and OUT (or no SRC for the embedded default model)")
+  quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
+                      double_quant=not args.no_double_quant)
+  summary = convert(src, out, quant, dense_dtype=args.dense_dtype, export_bnb=args.export_bnb,
+                    overwrite=args.overwrite, shard_bytes=args.shard_size_mb << 20)
+  return f"wrote {out}: {summary}"
+
+
+def main(argv=None) -> int:
+  from qlora_jax.cli import run
+
+  args = parse(argv)
+  return run(lambda: convert_from_args(args))
 
 
 if __name__ == "__main__":

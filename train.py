@@ -21,20 +21,20 @@ def parse(argv):
   return p.parse_intermixed_args(argv)
 
 
-def main(argv=None) -> int:
-  args = parse(argv)
+def train_from_args(args) -> str:
   from qlora_jax.train_config import load_config
   from qlora_jax.trainer import train
 
-  try:
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume)
-  except ValueError as e:  # includes TrainingError (NaN loss)
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(summary.text())
-  print(f"run folder: {cfg.output_dir} (metrics.jsonl, loss.png, summary.txt, checkpoints/)")
-  return 0
+  cfg = load_config(args.config, args.overrides)
+  summary = train(cfg, resume=args.resume)  # a NaN loss raises TrainingError, a ValueError
+  return f"{summary.text()}\nrun folder: {cfg.output_dir} (metrics.jsonl, loss.png, summary.txt, checkpoints/)"
+
+
+def main(argv=None) -> int:
+  from qlora_jax.cli import run
+
+  args = parse(argv)
+  return run(lambda: train_from_args(args))
 
 
 if __name__ == "__main__":

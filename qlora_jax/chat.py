@@ -23,22 +23,17 @@ def parse(argv):
   return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-  args = parse(argv)
+def chat(args) -> None:
   from qlora_jax.generate import SamplingConfig, complete
   from qlora_jax.weights import load_model
 
-  try:
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
-    if args.adapter:
-      from qlora_jax.export import load_adapter
-      model, tokenizer = load_adapter(args.model, args.adapter)
-    else:
-      model, tokenizer = load_model(args.model)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+  if args.adapter:
+    from qlora_jax.export import load_adapter
+    model, tokenizer = load_adapter(args.model, args.adapter)
+  else:
+    model, tokenizer = load_model(args.model)
   messages = [{"role": "system", "content": args.system}] if args.system else []
   prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
   for text in prompts:
@@ -46,7 +41,13 @@ def main(argv=None) -> int:
     answer = complete(model, tokenizer, messages, sampling, on_text=lambda s: print(s, end="", flush=True))
     print()
     messages.append({"role": "assistant", "content": answer})
-  return 0
+
+
+def main(argv=None) -> int:
+  from qlora_jax.cli import run
+
+  args = parse(argv)
+  return run(lambda: chat(args))
 
 
 def _stdin_prompts():

@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from qlora_jax import cli
 from qlora_jax.atomic import atomic_dir
 from qlora_jax.checkpoint import Checkpointer
 from qlora_jax.lora import LoraConfig, QLoRALinear
@@ -157,17 +158,16 @@ def main(argv=None) -> int:
   p.add_argument("--merge", action="store_true", help="write a merged bf16 transformers checkpoint")
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
-  try:
+
+  def export() -> str:
     cfg, model, _ = load_run(args.run_dir)
     if args.merge:
       write_merged(model, cfg.model_dir, args.out, args.overwrite)
     else:
       write_peft(cfg, model, args.out, args.overwrite)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {'merged checkpoint' if args.merge else 'PEFT adapter'} to {args.out}")
-  return 0
+    return f"wrote {'merged checkpoint' if args.merge else 'PEFT adapter'} to {args.out}"
+
+  return cli.run(export)
 
 
 if __name__ == "__main__":
