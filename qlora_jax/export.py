@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -23,7 +24,7 @@ from qlora_jax import cli
 from qlora_jax.atomic import atomic_dir
 from qlora_jax.checkpoint import Checkpointer
 from qlora_jax.lora import LoraConfig, QLoRALinear
-from qlora_jax.model import ModelOptions
+from qlora_jax.model import ModelOptions, variable_names
 from qlora_jax.quantization import dequantize
 from qlora_jax.train_config import TrainConfig
 from qlora_jax.variables import FrozenParam
@@ -69,12 +70,26 @@ def lora_layers(model) -> list[tuple[str, QLoRALinear]]:
           if isinstance(m, QLoRALinear) and m.lora is not None]
 
 
+def linear_modules(model):
+  """(transformers module name, QLoRALinear, layer index into stacked variables or None)."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, QLoRALinear):
+      for name, index in variable_names(path, model.config, model.options):
+        yield name, module, index
+
+
+def _take(tree, index: int | None):
+  """One layer's slice of a (possibly stacked) array or QuantizedArray."""
+  return tree if index is None else jax.tree.map(lambda a: a[index], tree)
+
+
 def peft_tensors(model) -> dict[str, np.ndarray]:
   """PEFT's adapter_model.safetensors entries (float32, PEFT's default)."""
   out = {}
-  for path, layer in lora_layers(model):
-    out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = np.asarray(layer.lora_a[...], np.float32).T.copy()
-    out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = np.asarray(layer.lora_b[...], np.float32).T.copy()
+  for name, layer, i in linear_modules(model):
+    if layer.lora is not None:
+      out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.asarray(_take(layer.lora_a[...], i), np.float32).T.copy()
+      out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.asarray(_take(layer.lora_b[...], i), np.float32).T.copy()
   return out
 
 
@@ -98,14 +113,14 @@ def write_peft(cfg: TrainConfig, model, out, overwrite: bool = False) -> None:
 
 def merged_tensors(model):
   """(name, bf16 array) of a plain transformers checkpoint: W + scaling * (A @ B)^T folded in."""
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, QLoRALinear):
-      w = dequantize(module.weight.get_value(), jnp.float32)
-      if module.lora is not None:
-        w = w + module.lora.scaling * (module.lora_a[...] @ module.lora_b[...]).T
-      yield ".".join(map(str, path)) + ".weight", np.asarray(w.astype(jnp.bfloat16))
+  for name, module, i in linear_modules(model):
+    w = dequantize(_take(module.weight.get_value(), i), jnp.float32)
+    if module.lora is not None:
+      w = w + module.lora.scaling * (_take(module.lora_a[...], i) @ _take(module.lora_b[...], i)).T
+    yield f"{name}.weight", np.asarray(w.astype(jnp.bfloat16))
   for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
-    yield ".".join(map(str, path)), np.asarray(var.get_value().astype(jnp.bfloat16))
+    for name, i in variable_names(path, model.config, model.options):
+      yield name, np.asarray(_take(var.get_value(), i).astype(jnp.bfloat16))
 
 
 def write_merged(model, model_dir, out, overwrite: bool = False) -> None:
@@ -141,12 +156,18 @@ def load_adapter(model_dir, adapter, dtype=jnp.bfloat16) -> tuple[object, object
   model, tokenizer = load_model(model_dir, dtype, ModelOptions(lora=lora, lora_targets=targets))
   with safe_open(str(adapter / "adapter_model.safetensors"), "numpy") as f:
     weights = {k: f.get_tensor(k) for k in f.keys()}
-  for path, layer in lora_layers(model):
+  found: dict[tuple[int, str], list] = {}
+  for name, layer, i in linear_modules(model):
+    if layer.lora is None:
+      continue
     for attr, key in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-      name = f"{PEFT_PREFIX}{path}.{key}.weight"
-      if name not in weights:
-        raise ValueError(f"adapter lacks {name}")
-      getattr(layer, attr)[...] = jnp.asarray(weights[name].T, getattr(layer, attr).dtype)
+      peft_name = f"{PEFT_PREFIX}{name}.{key}.weight"
+      if peft_name not in weights:
+        raise ValueError(f"adapter lacks {peft_name}")
+      found.setdefault((id(layer), attr), [layer, attr, []])[2].append(weights[peft_name].T)
+  for layer, attr, arrays in found.values():  # one array per layer; stacked when scanned
+    value = arrays[0] if len(arrays) == 1 and getattr(layer, attr)[...].ndim == 2 else np.stack(arrays)
+    getattr(layer, attr)[...] = jnp.asarray(value, getattr(layer, attr).dtype)
   model.eval()
   return model, tokenizer
 

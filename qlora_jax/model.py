@@ -38,6 +38,7 @@ class ModelOptions:
   remat: str = "none"  # none | full | save_dots
   attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   backend: str = "xla"  # 4-bit matmul backend (qmatmul)
+  scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -150,12 +151,35 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Embedding, the stack of decoder layers, final norm (transformers' `model.`)."""
+  """Embedding, the stack of decoder layers, final norm (transformers' `model.`).
+
+  With scan_layers the layers are one DecoderLayer whose variables carry a leading [L] axis.
+  """
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
     self.embed_tokens = VocabMatrix(cfg.vocab_size, cfg.hidden_size, opts.dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, opts, rngs) for _ in range(cfg.num_hidden_layers)])
+    if opts.scan_layers:
+      self.layers = _stacked_layers(cfg, opts, rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, opts, rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+
+
+def _stacked_layers(cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs) -> DecoderLayer:
+  @nnx.split_rngs(splits=cfg.num_hidden_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return DecoderLayer(cfg, opts, rngs)
+  return make(rngs)
+
+
+def variable_names(path: tuple, config: ModelConfig, options: ModelOptions) -> list[tuple[str, int | None]]:
+  """The transformers tensor names a model variable holds, with the layer index it takes from a
+  stacked variable (None when the variable is one tensor)."""
+  if options.scan_layers and tuple(path[:2]) == ("model", "layers"):
+    rest = ".".join(map(str, path[2:]))
+    return [(f"model.layers.{i}.{rest}", i) for i in range(config.num_hidden_layers)]
+  return [(".".join(map(str, path)), None)]
 
 
 def make_mask(q_slot_BxT, k_slot_BxS, k_valid_BxS, q_segment_BxT=None, k_segment_BxS=None,
@@ -226,6 +250,9 @@ class CausalLM(nnx.Module):
     dtype = jnp.dtype(self.options.dtype)
     h = self.model.embed_tokens.weight[...][input_ids].astype(dtype)
     cos, sin = cos_sin(positions, inverse_frequencies(self.config.rope, self.config.head_dim))
+    if self.options.scan_layers:
+      h, kv = self._scan(h, cos, sin, mask, cache)
+      return self.model.norm(h), kv
     ks, vs = [], []
     for i, layer in enumerate(self.model.layers):
       kv = None if cache is None else (cache[0][i], cache[1][i], cache[2])
@@ -235,6 +262,23 @@ class CausalLM(nnx.Module):
         vs.append(kv[1])
     h = self.model.norm(h)
     return h, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+
+  def _scan(self, h, cos, sin, mask, cache):
+    """lax.scan over the stacked layer (with the per-layer caches as scanned inputs)."""
+    policy = REMAT_POLICIES[self.options.remat]
+    if cache is None:
+      def body(h, layer):
+        return layer(h, cos, sin, mask)[0]
+      if self.options.remat != "none":
+        body = nnx.remat(body, policy=policy)
+      return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.model.layers), None
+
+    def body_kv(h, layer, k, v):
+      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]))
+      return h, (k, v)
+    h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+        h, self.model.layers, cache[0], cache[1])
+    return h, kv
 
   def _layer_call(self, layer, h, cos, sin, mask, kv):
     policy = REMAT_POLICIES[self.options.remat]

@@ -57,6 +57,7 @@ class TrainConfig:
   offload_optimizer: bool = False  # keep AdamW moments in pinned host memory between steps
   # Compute
   remat: str = "full"  # gradient checkpointing per layer: none | full | save_dots
+  scan_layers: bool = True  # scan over one stacked layer: compile time independent of depth
   attention: str = "xla"
   backend: str = "xla"
   mesh: tuple[tuple[str, int], ...] = (("data", -1),)  # axis name and size; -1: all devices

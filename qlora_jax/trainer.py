@@ -42,7 +42,7 @@ def model_options(cfg: TrainConfig) -> ModelOptions:
   lora = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     use_rslora=cfg.use_rslora)
   return ModelOptions(dtype=cfg.dtype, lora=lora, lora_targets=cfg.lora_targets, remat=cfg.remat,
-                      attention=cfg.attention, backend=cfg.backend)
+                      attention=cfg.attention, backend=cfg.backend, scan_layers=cfg.scan_layers)
 
 
 def ensure_converted(cfg: TrainConfig) -> pathlib.Path:

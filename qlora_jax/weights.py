@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -28,7 +29,7 @@ from safetensors.numpy import save_file
 
 from qlora_jax.bnb_format import from_bnb_state
 from qlora_jax.lora import lora_a_init
-from qlora_jax.model import CausalLM, ModelOptions
+from qlora_jax.model import CausalLM, ModelOptions, variable_names
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.quantization import QuantConfig, QuantizedArray, zeros_quantized
 from qlora_jax.variables import FrozenParam, QuantWeight
@@ -195,8 +196,10 @@ def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, see
   graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
   used = set()
   for path, var in nnx.to_flat_state(base):
-    name = ".".join(str(p) for p in path)
-    var.set_value(_load_one(tensors, name, var, jnp.dtype(options.dtype), used))
+    names = variable_names(path, config, options)
+    values = [_load_one(tensors, name, var, i is not None, jnp.dtype(options.dtype), used)
+              for name, i in names]
+    var.set_value(values[0] if names[0][1] is None else _stack(values))
   leftovers = sorted(k for k in tensors if _owner(k) not in used and not _ignored(k))
   if leftovers:
     raise ValueError(f"checkpoint tensors the model has no place for: {leftovers[:8]}"
@@ -204,18 +207,26 @@ def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, see
   return nnx.merge(graphdef, base, _init_trainable(rest, seed))
 
 
+def _stack(values: list):
+  """Per-layer values (arrays or QuantizedArrays) as one with a leading layer axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+
+
 def _init_trainable(rest: nnx.State, seed: int) -> nnx.State:
   """Adapters (A as PEFT initialises it, B = 0) and one dropout RNG stream per layer, filled
-  into the abstract state directly: no compile of the whole model's constructor."""
+  into the abstract state directly: no compile of the whole model's constructor. Variables of
+  stacked layers ([L, ...]) get one independent draw per layer."""
   lora_key, rng_key = jax.random.split(jax.random.key(seed))
   for i, (path, var) in enumerate(nnx.to_flat_state(rest)):
     spec = var.get_value()
     if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_a":
-      value = lora_a_init(jax.random.fold_in(lora_key, i), spec.shape[0], spec.shape[1], spec.dtype)
+      in_features, rank = spec.shape[-2:]
+      keys = jax.random.split(jax.random.fold_in(lora_key, i), math.prod(spec.shape[:-2]))
+      value = jax.vmap(lambda k: lora_a_init(k, in_features, rank, spec.dtype))(keys).reshape(spec.shape)
     elif isinstance(var, (nnx.LoRAParam, nnx.RngCount)):
       value = jnp.zeros(spec.shape, spec.dtype)
     elif isinstance(var, nnx.RngKey):
-      value = jax.random.fold_in(rng_key, i)
+      value = jax.random.split(jax.random.fold_in(rng_key, i), math.prod(spec.shape)).reshape(spec.shape)
     else:
       raise ValueError(f"cannot initialise {'.'.join(map(str, path))} ({type(var).__name__})")
     var.set_value(value)
@@ -231,20 +242,20 @@ def _owner(key: str) -> str:
   return re.sub(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$", "", key)
 
 
-def _load_one(tensors: Mapping, name: str, var, dtype, used: set):
+def _load_one(tensors: Mapping, name: str, var, stacked: bool, dtype, used: set):
+  """One stored tensor for (one layer of) a variable, shape-checked."""
   spec = var.get_value()
-  if name not in tensors:
-    raise ValueError(f"checkpoint is missing tensor {name!r} (shape {spec.shape})")
-  used.add(name)
   if isinstance(var, QuantWeight):
-    qw = from_bnb_state(tensors, name)
-    if qw.shape != spec.shape:
-      raise ValueError(f"{name}: checkpoint shape {qw.shape} != model shape {spec.shape}")
-    return qw
-  array = tensors[name]
-  if array.shape != spec.shape:
-    raise ValueError(f"{name}: checkpoint shape {array.shape} != model shape {spec.shape}")
-  return jnp.asarray(array, dtype)
+    shape = spec.shape  # a QuantizedArray's static shape is per layer
+  else:
+    shape = spec.shape[1:] if stacked else spec.shape
+  if name not in tensors:
+    raise ValueError(f"checkpoint is missing tensor {name!r} (shape {tuple(shape)})")
+  used.add(name)
+  value = from_bnb_state(tensors, name) if isinstance(var, QuantWeight) else tensors[name]
+  if tuple(value.shape) != tuple(shape):
+    raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(shape)}")
+  return value if isinstance(var, QuantWeight) else jnp.asarray(value, dtype)
 
 
 def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig) -> QuantizedArray:
@@ -268,7 +279,10 @@ def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0) -> C
   for i, (path, var) in enumerate(nnx.to_flat_state(base)):
     spec, k = var.get_value(), jax.random.fold_in(key, i)
     if isinstance(var, QuantWeight):
-      var.set_value(jax.jit(random_quantized, static_argnums=(1, 2))(k, spec.shape, options.quant))
+      make_one = jax.jit(random_quantized, static_argnums=(1, 2))
+      layers = [n for _, n in variable_names(path, config, options)]
+      values = [make_one(jax.random.fold_in(k, j), spec.shape, options.quant) for j in range(len(layers))]
+      var.set_value(values[0] if layers[0] is None else _stack(values))
     elif path[-2].endswith("norm"):
       var.set_value(jnp.ones(spec.shape, spec.dtype))
     else:
