@@ -42,9 +42,10 @@ def peak_gib() -> float:
   return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
-def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int) -> dict:
+def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int,
+          scan: bool) -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
-  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat)
+  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat, scan_layers=scan)
   model = random_model(cfg, options)
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
@@ -70,7 +71,7 @@ def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, step
     if i >= 2:
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
-  return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat,
+  return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat, "scan": scan,
           "rank": rank, "step_s": med, "tokens_per_s": batch * seq / med, "peak_gib": peak_gib(),
           "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}
@@ -85,11 +86,12 @@ def main() -> None:
   p.add_argument("--rank", type=int, default=64)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--offload", default="no", choices=["no", "yes", "both"])
+  p.add_argument("--no-scan", dest="scan", action="store_false", help="unroll the layers")
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offload in modes:
-    print(json.dumps(bench(args.model, args.batch, args.seq, offload, args.remat, args.steps, args.rank)),
-          flush=True)
+    print(json.dumps(bench(args.model, args.batch, args.seq, offload, args.remat, args.steps, args.rank,
+                           args.scan)), flush=True)
 
 
 if __name__ == "__main__":
