@@ -106,13 +106,22 @@ def test_offloaded_optimizer_matches_on_device(tiny_model_dir, tmp_path):
   assert results[0] == results[1]
 
 
-def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tmp_path):
-  common = [f"model_dir={tiny_model_dir}", "model_source=", "steps=12", "save_every=3",
-            "eval_every=100", "keep_checkpoints=10", "--config", "tiny_test"]
-  r = _cli(*common, f"output_dir={tmp_path / 'straight'}")
-  assert r.returncode == 0, r.stderr[-3000:]
-  reference = _lora_bytes(tmp_path / "straight")
+def _resume_args(tiny_model_dir):
+  return [f"model_dir={tiny_model_dir}", "model_source=", "steps=12", "save_every=3",
+          "eval_every=100", "keep_checkpoints=10", "--config", "tiny_test"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+  """LoRA bytes after an uninterrupted 12-step run of the resume tests' command."""
+  out = tmp_path_factory.mktemp("straight") / "run"
+  r = _cli(*_resume_args(tiny_model_dir), f"output_dir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return _lora_bytes(out)
+
+
+def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tmp_path, uninterrupted):
+  common = _resume_args(tiny_model_dir)
   # kill -9 mid-training (after the step-6 checkpoint), then resume.
   run = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"output_dir={run}"],
@@ -123,15 +132,11 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tmp_path):
   assert not (run / "checkpoints" / "12").exists()
   r = _cli(*common, f"output_dir={run}")
   assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
-  assert _lora_bytes(run) == reference
+  assert _lora_bytes(run) == uninterrupted
 
 
-def test_resume_after_kill_during_save_is_bitwise_identical(tiny_model_dir, tmp_path):
-  common = [f"model_dir={tiny_model_dir}", "model_source=", "steps=9", "save_every=3",
-            "eval_every=100", "keep_checkpoints=10", "--config", "tiny_test"]
-  r = _cli(*common, f"output_dir={tmp_path / 'straight'}")
-  assert r.returncode == 0, r.stderr[-3000:]
-  reference = _lora_bytes(tmp_path / "straight")
+def test_resume_after_kill_during_save_is_bitwise_identical(tiny_model_dir, tmp_path, uninterrupted):
+  common = _resume_args(tiny_model_dir)
   run = tmp_path / "killed"
   # The run stops itself with SIGKILL while orbax is writing the step-6 checkpoint.
   env = dict(os.environ, QLORA_JAX_TEST_KILL_DURING_SAVE="6")
@@ -142,7 +147,7 @@ def test_resume_after_kill_during_save_is_bitwise_identical(tiny_model_dir, tmp_
   r = _cli(*common, f"output_dir={run}")
   assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
   assert "(step 3)" in r.stdout + r.stderr
-  assert _lora_bytes(run) == reference
+  assert _lora_bytes(run) == uninterrupted
 
 
 def _wait_for(condition, proc, timeout=300):
