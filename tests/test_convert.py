@@ -257,3 +257,11 @@ def test_default_converts_the_embedded_model(tmp_path):
   assert "134.5M parameters" in r.stdout
   for f in ("config.json", "qlora_jax.json", "tokenizer.json", "model.safetensors"):
     assert (tmp_path / "smol" / f).is_file(), f
+
+
+def test_hub_id_without_network_is_a_clear_error(tmp_path):
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "some-org/some-model", tmp_path / "out"],
+                     capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+  assert r.returncode == 2 and "could not download 'some-org/some-model'" in r.stderr, r.stderr[-2000:]
+  assert "pass the local folder" in r.stderr and not (tmp_path / "out").exists()
