@@ -43,9 +43,10 @@ def peak_gib() -> float:
 
 
 def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int,
-          scan: bool) -> dict:
+          scan: bool, attention: str = "xla") -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
-  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat, scan_layers=scan)
+  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat,
+                         scan_layers=scan, attention=attention)
   model = random_model(cfg, options)
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
@@ -72,6 +73,7 @@ def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, step
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat, "scan": scan,
+          "attention": attention,
           "rank": rank, "step_s": med, "tokens_per_s": batch * seq / med, "peak_gib": peak_gib(),
           "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}
@@ -87,11 +89,12 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--offload", default="no", choices=["no", "yes", "both"])
   p.add_argument("--no-scan", dest="scan", action="store_false", help="unroll the layers")
+  p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offload in modes:
     print(json.dumps(bench(args.model, args.batch, args.seq, offload, args.remat, args.steps, args.rank,
-                           args.scan)), flush=True)
+                           args.scan, args.attention)), flush=True)
 
 
 if __name__ == "__main__":
