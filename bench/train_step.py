@@ -43,7 +43,7 @@ def peak_gib() -> float:
 
 
 def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int,
-          scan: bool, attention: str = "xla") -> dict:
+          scan: bool, attention: str) -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
   options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat,
                          scan_layers=scan, attention=attention)
@@ -89,7 +89,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--offload", default="no", choices=["no", "yes", "both"])
   p.add_argument("--no-scan", dest="scan", action="store_false", help="unroll the layers")
-  p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+  p.add_argument("--attention", default="xla", choices=["auto", "xla", "cudnn"])
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offload in modes:

@@ -18,7 +18,6 @@ config = TrainConfig(
     steps=1875,
     learning_rate=2e-4,
     remat="save_dots",
-    attention="cudnn",
     output_dir="runs/llama3_8b_guanaco",
     eval_every=200,
     save_every=250,

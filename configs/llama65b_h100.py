@@ -19,7 +19,6 @@ config = TrainConfig(
     steps=1875,
     learning_rate=1e-4,
     remat="full",
-    attention="cudnn",
     offload_optimizer=True,
     output_dir="runs/llama65b_guanaco",
     eval_every=250,

@@ -11,7 +11,6 @@ config = dataclasses.replace(
     batch_size=8,
     grad_accum=2,
     offload_optimizer=False,
-    attention="xla",
     mesh=(("data", 1), ("fsdp", 8)),
     output_dir="runs/llama65b_v5e_guanaco",
 )

@@ -9,7 +9,7 @@ import runpy
 import typing
 
 from qlora_jax.codebooks import BLOCKSIZES, QUANT_TYPES
-from qlora_jax.model import LINEAR_NAMES, REMAT_POLICIES
+from qlora_jax.model import ATTENTION_IMPLEMENTATIONS, LINEAR_NAMES, REMAT_POLICIES
 
 DATA_FORMATS = ("alpaca", "oasst1", "chat", "text")
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -58,7 +58,7 @@ class TrainConfig:
   # Compute
   remat: str = "full"  # gradient checkpointing per layer: none | full | save_dots
   scan_layers: bool = True  # scan over one stacked layer: compile time independent of depth
-  attention: str = "xla"
+  attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
   backend: str = "xla"
   mesh: tuple[tuple[str, int], ...] = (("data", -1),)  # axis name and size; -1: all devices
   # Loop, evaluation, checkpoints, output
@@ -88,7 +88,7 @@ class TrainConfig:
         (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule must be constant, cosine or linear"),
         (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
         (self.remat in REMAT_POLICIES, f"remat must be one of {tuple(REMAT_POLICIES)}"),
-        (self.attention in ("xla", "cudnn"), "attention must be xla or cudnn"),
+        (self.attention in ATTENTION_IMPLEMENTATIONS, f"attention must be one of {ATTENTION_IMPLEMENTATIONS}"),
         (self.log_every >= 1 and self.eval_every >= 1 and self.save_every >= 1,
          "log_every, eval_every and save_every must be >= 1"),
         (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
