@@ -64,12 +64,6 @@ def load_run(run_dir) -> tuple[TrainConfig, object, object]:
   return cfg, model, tokenizer
 
 
-def lora_layers(model) -> list[tuple[str, QLoRALinear]]:
-  """(dotted path, layer) of every layer that has an adapter."""
-  return [(".".join(map(str, p)), m) for p, m in nnx.iter_modules(model)
-          if isinstance(m, QLoRALinear) and m.lora is not None]
-
-
 def linear_modules(model):
   """(transformers module name, QLoRALinear, layer index into stacked variables or None)."""
   for path, module in nnx.iter_modules(model):

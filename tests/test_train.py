@@ -31,11 +31,11 @@ def _cli(*args, timeout=600, **kw):
 
 
 def _lora_bytes(run_dir) -> dict:
-  from qlora_jax.export import load_run, lora_layers
+  from qlora_jax.export import linear_modules, load_run
 
   _, model, _ = load_run(run_dir)
-  return {p: (np.asarray(m.lora_a[...]).tobytes(), np.asarray(m.lora_b[...]).tobytes())
-          for p, m in lora_layers(model)}
+  return {name: (np.asarray(m.lora_a[...]).tobytes(), np.asarray(m.lora_b[...]).tobytes())
+          for name, m, _ in linear_modules(model) if m.lora is not None}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)
