@@ -2,7 +2,7 @@
 
 from qlora_jax.bnb_format import from_bnb_state, to_bnb_state
 from qlora_jax.lora import LoraConfig, QLoRALinear, apply_qlora
-from qlora_jax.qmatmul import qmatmul
+from qlora_jax.base_matmul import qmatmul
 from qlora_jax.quantization import (QuantConfig, QuantizedArray, dequantize, quantize,
                                     zeros_quantized)
 from qlora_jax.model import CausalLM, ModelOptions

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.qmatmul import get_backend, qmatmul
+from qlora_jax.base_matmul import get_backend, qmatmul
 from qlora_jax.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
 from qlora_jax.variables import FrozenParam, QuantWeight
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import qlora_jax as q
-from qlora_jax.qmatmul import qmatmul
+from qlora_jax.base_matmul import qmatmul
 
 N, K, R = 96, 128, 8
 
@@ -213,3 +213,22 @@ def test_zeros_quantized_is_zero_and_shaped_like_quantize():
     ref = q.quantize(jnp.ones((300, 70)), quant.quant_type, quant.blocksize, quant.double_quant)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), z) == jax.tree.map(lambda a: (a.shape, a.dtype), ref)
     assert not np.any(np.asarray(q.dequantize(z, jnp.float32)))
+
+
+def test_backend_switch_routes_forward_and_backward():
+  """A registered backend serves both products of the layer (the Pallas kernels plug in here)."""
+  from qlora_jax import base_matmul as qm
+
+  calls = []
+  xla = qm.get_backend("xla")
+  qm.register_backend("recording", qm.Backend(
+      forward=lambda x, w, cd: calls.append("fwd") or xla.forward(x, w, cd),
+      backward=lambda dy, w, cd: calls.append("bwd") or xla.backward(dy, w, cd)))
+  w = jax.random.normal(jax.random.key(0), (N, K))
+  layer = q.QLoRALinear.from_quantized(q.quantize(w), q.LoraConfig(rank=R), backend="recording",
+                                       compute_dtype="float32", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, K))
+  dx = jax.grad(lambda x: jnp.sum(layer(x)))(x)
+  assert calls == ["fwd", "bwd"]
+  ref = jnp.sum(q.dequantize(layer.weight.get_value(), jnp.float32), axis=0)  # d sum(xW^T)/dx
+  np.testing.assert_allclose(np.asarray(dx), np.broadcast_to(ref, dx.shape), rtol=1e-5, atol=1e-5)
