@@ -3,7 +3,6 @@
   PYTHONPATH=. python3 bench/attention_check.py
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -22,7 +22,7 @@ from qlora_jax.lora import LoraConfig
 from qlora_jax.model import ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.trainer import make_optimizer, make_train_step, _offload_sharding
+from qlora_jax.train_step import make_optimizer, make_train_step, offload_sharding
 from qlora_jax.weights import random_model
 
 SHAPES = {
@@ -52,7 +52,7 @@ def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, step
   train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
   tx, _ = make_optimizer(train_cfg)
   opt_state = tx.init(lora)
-  sharding = _offload_sharding(opt_state) if offload else None
+  sharding = offload_sharding(opt_state) if offload else None
   if sharding is not None:
     opt_state = jax.device_put(opt_state, sharding)
   step = make_train_step(graphdef, tx, sharding)

@@ -48,7 +48,8 @@ def run_config(run_dir: pathlib.Path) -> TrainConfig:
 
 def load_run(run_dir) -> tuple[TrainConfig, object, object]:
   """(config, model with the run's latest LoRA weights, tokenizer)."""
-  from qlora_jax.trainer import make_optimizer, model_options
+  from qlora_jax.train_step import make_optimizer
+  from qlora_jax.trainer import model_options
 
   cfg = run_config(run_dir)
   model, tokenizer = load_model(cfg.model_dir, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed)

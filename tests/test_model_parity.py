@@ -1,8 +1,6 @@
 """Logits parity with transformers (torch, float32) on the same dequantized weights."""
 
-import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

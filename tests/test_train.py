@@ -11,9 +11,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from qlora_jax import trainer
+from qlora_jax import train_step, trainer
 from qlora_jax.train_config import CONFIG_DIR, TrainConfig, apply_overrides, load_config
 from tests.conftest import needs_smollm2
 
@@ -82,10 +81,10 @@ def test_only_lora_changes_and_step_compiles_once(tiny_model_dir, tmp_path):
   run = trainer.setup(cfg, tmp_path / "run")
   frozen_before = [np.asarray(x).tobytes() for x in jax.tree.leaves(run.frozen)]
   lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(run.lora)]
-  tx, _ = trainer.make_optimizer(cfg)
-  step = trainer.make_train_step(run.graphdef, tx)
+  tx, _ = train_step.make_optimizer(cfg)
+  step = train_step.make_train_step(run.graphdef, tx)
   for _ in range(4):
-    batch = trainer.to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
+    batch = train_step.to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
     run.lora, run.rng, run.opt_state, metrics = step(run.lora, run.rng, run.opt_state, run.frozen, batch)
   assert np.isfinite(float(metrics["loss"]))
   assert step._cache_size() == 1  # packed batches have one shape: compiled exactly once

@@ -1,0 +1,85 @@
+"""The pure, jitted training step and its optimizer.
+
+The step is a function of (LoRA params, RNG state, optimizer state, frozen base, batch): only the
+first three change, and they are donated; the frozen 4-bit base is never differentiated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qlora_jax.loss import batch_loss
+from qlora_jax.train_config import TrainConfig
+
+
+def make_optimizer(cfg: TrainConfig):
+  """AdamW with clipping; constant (or decaying) learning rate after a linear warmup."""
+  warmup = int(cfg.warmup_ratio * cfg.steps)
+  after = {"constant": optax.constant_schedule(cfg.learning_rate),
+           "linear": optax.linear_schedule(cfg.learning_rate, 0.0, max(1, cfg.steps - warmup)),
+           "cosine": optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.steps - warmup))}[cfg.lr_schedule]
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(1, warmup)), after],
+                                  [warmup]) if warmup else after
+  tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                   optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, weight_decay=cfg.weight_decay))
+  return tx, schedule
+
+
+def to_device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def make_train_step(graphdef, tx, opt_sharding=None):
+  """The jitted step: accumulate gradients over the leading micro-batch axis, one update."""
+
+  def loss_fn(lora, rng, frozen, micro):
+    # Rebuild the Variables at this trace level (tree.map re-creates them), so dropout may
+    # advance the RNG count here; Variables made at an outer level refuse mutation.
+    model = nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in (lora, rng, frozen)))
+    total, count = batch_loss(model, micro)
+    return total, (count, nnx.state(model, nnx.RngState))
+
+  def micro_grads(lora, rng, frozen, micro):
+    (total, (count, rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, rng, frozen, micro)
+    return total, count, grads, rng
+
+  def step(lora, rng, opt_state, frozen, batch):
+    def accumulate(carry, micro):
+      grads, rng, total, count = carry
+      t, c, g, rng = micro_grads(lora, rng, frozen, micro)
+      return (jax.tree.map(jnp.add, grads, g), rng, total + t, count + c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    (grads, rng, total, count), _ = jax.lax.scan(accumulate, (zeros, rng, 0.0, 0), batch)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    if opt_sharding is not None:  # offloaded moments: bring them in for the update only
+      opt_state = jax.device_put(opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), opt_sharding))
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+    return lora, rng, opt_state, metrics
+
+  if opt_sharding is None:
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+  # Donation does not alias across memory kinds: the host-resident state is not donated.
+  return jax.jit(step, donate_argnums=(0, 1), in_shardings=(None, None, opt_sharding, None, None),
+                 out_shardings=(None, None, opt_sharding, None))
+
+
+def make_eval_step(graphdef):
+  @jax.jit
+  def eval_step(lora, rng, frozen, batch):
+    return batch_loss(nnx.merge(graphdef, lora, rng, frozen), batch)
+  return eval_step
+
+
+def offload_sharding(opt_state):
+  """pinned_host shardings for the optimizer state (the design's paged-optimizer replacement)."""
+  device = jax.devices()[0]
+  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  return jax.tree.map(lambda _: host, opt_state)
