@@ -84,24 +84,26 @@ class Run:
     return nnx.merge(self.eval_graphdef, self.lora, self.rng, self.frozen)
 
 
-def _load_data(cfg: TrainConfig, tokenizer) -> tuple[data_lib.Tokenized, data_lib.Tokenized]:
-  tok = lambda rows: data_lib.tokenize(rows, cfg.dataset_format, tokenizer, cfg.source_max_len,  # noqa: E731
-                                       cfg.target_max_len, cfg.train_on_source)
+def _load_rows(cfg: TrainConfig):
+  """(train rows, eval rows): read before the model, so bad data fails fast."""
   rows = data_lib.load_rows(cfg.dataset)
   if cfg.eval_dataset:
-    return tok(rows), tok(data_lib.load_rows(cfg.eval_dataset))
+    return rows, data_lib.load_rows(cfg.eval_dataset)
   if len(rows) <= cfg.eval_size:
     raise ValueError(f"dataset {cfg.dataset} has {len(rows)} examples, not more than eval_size="
                      f"{cfg.eval_size}; lower eval_size or give eval_dataset")
   split = rows.train_test_split(test_size=cfg.eval_size, seed=cfg.seed, shuffle=True)
-  return tok(split["train"]), tok(split["test"])
+  return split["train"], split["test"]
 
 
 def setup(cfg: TrainConfig, run_dir: pathlib.Path) -> Run:
-  """Model (converted if needed), data, optimizer: a Run at step 0."""
+  """Data, model (converted if needed), optimizer: a Run at step 0."""
+  train_rows, eval_rows = _load_rows(cfg)
   folder = ensure_converted(cfg)
   model, tokenizer = load_model(folder, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed)
-  train_data, eval_data = _load_data(cfg, tokenizer)
+  train_data, eval_data = (data_lib.tokenize(rows, cfg.dataset_format, tokenizer, cfg.source_max_len,
+                                             cfg.target_max_len, cfg.train_on_source)
+                           for rows in (train_rows, eval_rows))
   batches = data_lib.Batches(train_data, cfg.batch_size, cfg.max_seq_len, seed=cfg.seed,
                              packing=cfg.packing, group_by_length=cfg.group_by_length)
   model.train()
@@ -146,7 +148,8 @@ def _resume(run: Run, ckpt: Checkpointer, resume: bool | None) -> None:
   run.lora, run.rng, run.opt_state = state["lora"], state["rng"], state["opt_state"]
   run.step = int(meta["step"])
   run.batches.restore(meta["data"])
-  print(f"resumed from {ckpt.folder / str(latest)} (step {run.step})")
+  done = " (the run is already complete)" if run.step >= run.cfg.steps else ""
+  print(f"resumed from {ckpt.folder / str(latest)} (step {run.step}){done}")
 
 
 def _save(run: Run, ckpt: Checkpointer) -> None:
@@ -158,7 +161,7 @@ class Summary:
   steps: int
   seconds: float
   tokens_per_second: float
-  train_loss: float
+  train_loss: float | None
   eval_loss_before: float | None
   eval_loss_after: float
   truncated: int
@@ -167,7 +170,7 @@ class Summary:
 
   def text(self) -> str:
     lines = [f"steps: {self.steps} in {self.seconds:.0f} s ({self.tokens_per_second:.0f} target tokens/s)",
-             f"train loss (last log): {self.train_loss:.4f}",
+             f"train loss (last log): {'n/a' if self.train_loss is None else f'{self.train_loss:.4f}'}",
              f"eval loss: {'n/a' if self.eval_loss_before is None else f'{self.eval_loss_before:.4f}'}"
              f" -> {self.eval_loss_after:.4f}",
              f"examples truncated to source/target max length: {self.truncated}"]
@@ -208,7 +211,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
     _save(run, ckpt)
   ckpt.close()
   seconds = time.time() - start
-  summary = Summary(run.step, seconds, tokens / max(seconds, 1e-9), last.get("loss", float("nan")),
+  summary = Summary(run.step, seconds, tokens / max(seconds, 1e-9), last.get("loss"),
                     before, after, run.truncated, samples_before, sample(run))
   plot_loss(log.records(), run_dir / "loss.png")
   (run_dir / "summary.txt").write_text(summary.text() + "\n")
