@@ -1,5 +1,5 @@
-"""QLoRA of LLaMA-65B on one H100 80 GB (Guanaco-65B recipe): batch 1 x 2048, optimizer state
-offloaded to pinned host memory, full rematerialization."""
+"""QLoRA of LLaMA-65B aimed at one H100 80 GB (Guanaco-65B recipe): batch 1 x 2048, optimizer
+state offloaded to pinned host memory, full rematerialization. Not yet measured at 65B."""
 
 from qlora_jax.train_config import TrainConfig
 

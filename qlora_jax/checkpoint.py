@@ -75,7 +75,7 @@ class Checkpointer:
   def restore(self, template) -> tuple[object, dict]:
     """(state shaped like template, meta) of the latest checkpoint."""
     step = self.latest_step()
-    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in to_flat(template).items()}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in to_flat(template).items()}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return from_flat(template, dict(restored["state"])), dict(restored["meta"])

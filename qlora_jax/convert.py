@@ -91,7 +91,7 @@ def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dens
       for key, array in to_bnb_state(qw, name).items():
         writer.add(key, array)
     else:
-      writer.add(name, np.asarray(jnp.asarray(value, dense_dtype)))
+      writer.add(name, np.asarray(value).astype(jnp.dtype(dense_dtype)))  # host cast, no device trip
     seen.add(name)
     params += int(np.prod(shape))
   bar.close()

@@ -58,13 +58,16 @@ def source_and_target(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
       return "", row["text"] + (tokenizer.eos_token or "")
     if fmt == "chat":
       messages = row["messages"]
+      if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(f"a chat example must end with an assistant message, got {messages!r:.200}")
       source = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
       full = tokenizer.apply_chat_template(messages, tokenize=False)
       if not full.startswith(source):
         raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
       return source, full[len(source):]
-  except KeyError as e:
-    raise ValueError(f"a {fmt!r} example lacks the field {e}; fields present: {sorted(row)}") from e
+  except (KeyError, TypeError) as e:  # a missing field, or a null one
+    raise ValueError(f"a {fmt!r} example lacks or mistypes a field ({type(e).__name__}: {e}); "
+                     f"fields present: {sorted(row)}") from e
   raise ValueError(f"unknown dataset format {fmt!r}")
 
 

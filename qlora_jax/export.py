@@ -39,23 +39,28 @@ def run_config(run_dir: pathlib.Path) -> TrainConfig:
   path = pathlib.Path(run_dir) / "config.json"
   if not path.is_file():
     raise ValueError(f"{run_dir} is not a training run folder (no config.json)")
-  raw = json.loads(path.read_text())
-  for key in ("lora_targets", "sample_prompts"):
-    raw[key] = tuple(raw[key])
-  raw["mesh"] = tuple(tuple(axis) for axis in raw["mesh"])
-  return TrainConfig(**raw)
+  try:
+    raw = json.loads(path.read_text())
+    for key in ("lora_targets", "sample_prompts"):
+      raw[key] = tuple(raw[key])
+    raw["mesh"] = tuple(tuple(axis) for axis in raw["mesh"])
+    return TrainConfig(**raw)
+  except (KeyError, TypeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not a config this version can read ({type(e).__name__}: {e})") from e
 
 
-def load_run(run_dir) -> tuple[TrainConfig, object, object]:
-  """(config, model with the run's latest LoRA weights, tokenizer)."""
+def load_run(run_dir, model_dir=None) -> tuple[TrainConfig, object, object]:
+  """(config, model with the run's latest LoRA weights, tokenizer); model_dir overrides the
+  base model folder the run recorded."""
   from qlora_jax.train_step import make_optimizer
   from qlora_jax.trainer import model_options
 
   cfg = run_config(run_dir)
-  model, tokenizer = load_model(cfg.model_dir, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed)
   ckpt = Checkpointer(pathlib.Path(run_dir), cfg.keep_checkpoints)
   if ckpt.latest_step() is None:
     raise ValueError(f"{run_dir} holds no checkpoint yet")
+  model, tokenizer = load_model(model_dir or cfg.model_dir, jnp.dtype(cfg.dtype), model_options(cfg),
+                                seed=cfg.seed)
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   template = {"lora": lora, "rng": rng, "opt_state": make_optimizer(cfg)[0].init(lora)}
   state, _ = ckpt.restore(template)
@@ -138,14 +143,16 @@ def load_adapter(model_dir, adapter, dtype=jnp.bfloat16) -> tuple[object, object
   """(model, tokenizer) of a converted base with an adapter: a run folder or a PEFT folder."""
   adapter = pathlib.Path(adapter)
   if (adapter / "checkpoints").is_dir():
-    _, model, tokenizer = load_run(adapter)
+    _, model, tokenizer = load_run(adapter, model_dir)
     return model, tokenizer
   config_path = adapter / "adapter_config.json"
   if not config_path.is_file():
     raise ValueError(f"{adapter} is neither a training run nor a PEFT adapter folder")
   pc = json.loads(config_path.read_text())
-  if pc.get("peft_type") != "LORA" or pc.get("use_dora"):
-    raise ValueError(f"{config_path}: only plain LoRA adapters are supported")
+  if pc.get("peft_type") != "LORA" or pc.get("use_dora") or "r" not in pc or "target_modules" not in pc:
+    raise ValueError(f"{config_path}: only plain LoRA adapters (with r and target_modules) are supported")
+  if not (adapter / "adapter_model.safetensors").is_file():
+    raise ValueError(f"{adapter} has no adapter_model.safetensors")
   lora = LoraConfig(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), use_rslora=bool(pc.get("use_rslora")))
   targets = tuple(pc["target_modules"]) if isinstance(pc["target_modules"], list) else (pc["target_modules"],)
   model, tokenizer = load_model(model_dir, dtype, ModelOptions(lora=lora, lora_targets=targets))

@@ -97,7 +97,8 @@ def complete(model: CausalLM, tokenizer, text_or_messages, sampling: SamplingCon
   else:
     prompt = tokenizer.apply_chat_template(text_or_messages, add_generation_prompt=True, tokenize=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-  stops = tuple(int(t) for t in np.atleast_1d(tokenizer.eos_token_id or []))
+  eos = tokenizer.eos_token_id  # may be 0, or a list (Llama 3)
+  stops = tuple(int(t) for t in np.atleast_1d([] if eos is None else eos))
   tokens: list[int] = []
   printed = ""
   for out in generate(model, [prompt], sampling, stops):

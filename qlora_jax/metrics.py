@@ -31,6 +31,12 @@ class MetricsLog:
         if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
           self._tb.add_scalar(key, value, record["step"])
 
+  def drop_after(self, step: int) -> None:
+    """Forget records past `step` (a resumed run repeats the steps after its checkpoint)."""
+    kept = [r for r in self.records() if r["step"] <= step]
+    if self.path.is_file():
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
   def records(self) -> list[dict]:
     if not self.path.is_file():
       return []

@@ -70,6 +70,13 @@ class ModelConfig:
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
     """Build from a transformers config dict (v4 `rope_scaling` or v5 `rope_parameters`)."""
+    try:
+      return cls._from_hf(hf)
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"the transformers config lacks or mistypes a field ({type(e).__name__}: {e})") from e
+
+  @classmethod
+  def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"unsupported architecture: model_type={model_type!r} "
@@ -99,8 +106,8 @@ class ModelConfig:
       raise ValueError(f"missing {path}: a model folder needs the transformers config.json")
     try:
       return cls.from_hf(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{path} is not a usable transformers config ({type(e).__name__}: {e})") from e
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e})") from e
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
@@ -48,6 +49,9 @@ def ensure_converted(cfg: TrainConfig) -> pathlib.Path:
   folder = pathlib.Path(cfg.model_dir)
   if (folder / META_FILE).is_file():
     return folder
+  if folder.exists():
+    raise ValueError(f"model_dir {folder} exists but is not a converted model (no {META_FILE}); "
+                     "point model_dir at a converted folder or at a path that does not exist yet")
   if not cfg.model_source:
     raise ValueError(f"{folder} is not a converted model and model_source is empty; "
                      f"run: python convert_weights.py SRC {folder}")
@@ -134,14 +138,25 @@ def sample(run: Run) -> list[tuple[str, str]]:
           for p in run.cfg.sample_prompts]
 
 
-def _resume(run: Run, ckpt: Checkpointer, resume: bool | None) -> None:
-  """Apply the --resume/--no-resume choice; restore the latest checkpoint when resuming."""
+def _check_resume_choice(ckpt: Checkpointer, resume: bool | None) -> None:
+  """--resume needs a checkpoint, --no-resume needs none (checked before any heavy work)."""
   latest = ckpt.latest_step()
   if resume is True and latest is None:
     raise ValueError(f"--resume: {ckpt.folder} holds no checkpoint")
   if resume is False and latest is not None:
     raise ValueError(f"--no-resume: {ckpt.folder} already holds checkpoints (step {latest}); "
                      "choose another output_dir or remove it")
+
+
+def _check_single_device(cfg: TrainConfig) -> None:
+  if any(size not in (1, -1) for axis, size in cfg.mesh if axis != "data"):
+    raise ValueError(f"mesh {cfg.mesh}: this version trains on one device; sharding the model over "
+                     "several needs the multi-device support that is not in this release. Use mesh=data:-1")
+
+
+def _restore(run: Run, ckpt: Checkpointer) -> None:
+  """Continue from the latest checkpoint, if any."""
+  latest = ckpt.latest_step()
   if latest is None:
     return
   state, meta = ckpt.restore(run.train_state())
@@ -170,30 +185,38 @@ class Summary:
 
   def text(self) -> str:
     lines = [f"steps: {self.steps} in {self.seconds:.0f} s ({self.tokens_per_second:.0f} target tokens/s)",
-             f"train loss (last log): {'n/a' if self.train_loss is None else f'{self.train_loss:.4f}'}",
+             f"train loss (last step): {'n/a' if self.train_loss is None else f'{self.train_loss:.4f}'}",
              f"eval loss: {'n/a' if self.eval_loss_before is None else f'{self.eval_loss_before:.4f}'}"
              f" -> {self.eval_loss_after:.4f}",
              f"examples truncated to source/target max length: {self.truncated}"]
-    for (p, before), (_, after) in zip(self.samples_before, self.samples_after):
-      lines += [f"prompt: {p}", f"  before: {before!r}", f"  after:  {after!r}"]
+    before = dict(self.samples_before)
+    for prompt, after in self.samples_after:
+      lines.append(f"prompt: {prompt}")
+      if prompt in before:
+        lines.append(f"  before: {before[prompt]!r}")
+      lines.append(f"  after:  {after!r}")
     return "\n".join(lines)
 
 
 def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
   """Run (or resume) a training run in cfg.output_dir; returns its summary."""
   run_dir = pathlib.Path(cfg.output_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-  run = setup(cfg, run_dir)
+  _check_single_device(cfg)
   ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
-  _resume(run, ckpt, resume)
+  _check_resume_choice(ckpt, resume)
+  run = setup(cfg, run_dir)
+  _restore(run, ckpt)
+  if run.step == 0:  # a resumed run keeps the config it was started with
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   tx, schedule = make_optimizer(cfg)
+  lrs = np.asarray(jax.vmap(schedule)(jnp.arange(cfg.steps)))  # read on the host, never per step
   opt_sharding = offload_sharding(run.opt_state) if cfg.offload_optimizer else None
   if opt_sharding is not None:
     run.opt_state = jax.device_put(run.opt_state, opt_sharding)
   step_fn = make_train_step(run.graphdef, tx, opt_sharding)
   eval_step = make_eval_step(run.eval_graphdef)
   log = MetricsLog(run_dir)
+  log.drop_after(run.step)  # records a killed run wrote past its last checkpoint
   fresh = run.step == 0
   before = evaluate(run, eval_step) if fresh else None
   samples_before = sample(run) if fresh else []
@@ -202,11 +225,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
     print(f"eval loss before training: {before:.4f}")
   start, tokens, last = time.time(), 0, {}
   try:
-    last, tokens = _loop(run, step_fn, eval_step, ckpt, log, schedule)
+    last, tokens = _loop(run, step_fn, eval_step, ckpt, log, lrs)
+    after = evaluate(run, eval_step)
+    log.write({"step": run.step, "eval_loss": after})
   finally:
     log.close()
-  after = evaluate(run, eval_step)
-  log.write({"step": run.step, "eval_loss": after})
   if ckpt.latest_step() != run.step:
     _save(run, ckpt)
   ckpt.close()
@@ -218,7 +241,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
   return summary
 
 
-def _loop(run: Run, step_fn, eval_step, ckpt: Checkpointer, log: MetricsLog, schedule) -> tuple[dict, int]:
+def _loop(run: Run, step_fn, eval_step, ckpt: Checkpointer, log: MetricsLog, lrs) -> tuple[dict, int]:
   """The steps; metrics of step N are read after step N+1 is dispatched (no per-step stall)."""
   cfg = run.cfg
   bar = tqdm(total=cfg.steps, initial=run.step, desc="training", unit="step")
@@ -228,11 +251,11 @@ def _loop(run: Run, step_fn, eval_step, ckpt: Checkpointer, log: MetricsLog, sch
     run.lora, run.rng, run.opt_state, metrics = step_fn(run.lora, run.rng, run.opt_state, run.frozen, batch)
     run.step += 1
     if pending is not None:
-      last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, schedule)
+      last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, lrs)
     pending = (run.step, metrics)
     boundary = run.step % cfg.save_every == 0 or run.step % cfg.eval_every == 0 or run.step == cfg.steps
     if boundary:  # settle the metrics before saving: a NaN step must not be checkpointed
-      last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, schedule)
+      last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, lrs)
       pending = None
     if run.step % cfg.eval_every == 0 and run.step < cfg.steps:
       loss = evaluate(run, eval_step)
@@ -241,13 +264,13 @@ def _loop(run: Run, step_fn, eval_step, ckpt: Checkpointer, log: MetricsLog, sch
     if run.step % cfg.save_every == 0:
       _save(run, ckpt)
   if pending is not None:
-    last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, schedule)
+    last, tokens = _report(pending, log, bar, tokens, t0, cfg.log_every, lrs)
   bar.close()
   return last, tokens
 
 
 def _report(pending, log: MetricsLog, bar, tokens: int, t0: float, log_every: int,
-            schedule) -> tuple[dict, int]:
+            lrs) -> tuple[dict, int]:
   step, metrics = pending
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"]):
@@ -256,7 +279,7 @@ def _report(pending, log: MetricsLog, bar, tokens: int, t0: float, log_every: in
                         "learning rate or check the data.")
   tokens += int(values["tokens"])
   rate = tokens / max(time.time() - t0, 1e-9)
-  record = {"step": step, **values, "lr": float(schedule(step - 1)), "tokens_per_s": rate}
+  record = {"step": step, **values, "lr": float(lrs[step - 1]), "tokens_per_s": rate}
   if step % log_every == 0:
     log.write(record)
   bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:.0f}")

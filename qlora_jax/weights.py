@@ -185,6 +185,9 @@ def load_model(path, dtype=jnp.bfloat16, options: ModelOptions | None = None, *,
   model = _build(config, options, TensorIndex.from_folder(folder), seed)
   tok = None
   if tokenizer:
+    if not meta.get("tokenizer", True):
+      raise ValueError(f"{folder} was converted from a source without a tokenizer; copy the "
+                       "tokenizer files into it (or pass tokenizer=False)")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(folder))
   return model, tok

@@ -74,7 +74,7 @@ def test_truncation_is_counted_and_keeps_the_prompt_end(tmp_path):
 
 
 def test_missing_field_and_bad_files_are_named(tmp_path):
-  with pytest.raises(ValueError, match="lacks the field 'output'"):
+  with pytest.raises(ValueError, match="lacks or mistypes a field.*'output'"):
     D.tokenize(D.load_rows(_write(tmp_path, [{"instruction": "x"}])), "alpaca", TOK, 64, 64, False)
   with pytest.raises(ValueError, match="does not exist"):
     D.load_rows(str(tmp_path / "missing.jsonl"))

@@ -162,8 +162,15 @@ def test_resume_flags(tiny_model_dir, tmp_path):
   with pytest.raises(ValueError, match="holds no checkpoint"):
     trainer.train(cfg, resume=True)
   trainer.train(cfg)
+  before = (tmp_path / "run" / "config.json").read_text()
   with pytest.raises(ValueError, match="already holds checkpoints"):
-    trainer.train(cfg, resume=False)
+    trainer.train(apply_overrides(cfg, ["lora_rank=8"]), resume=False)
+  assert (tmp_path / "run" / "config.json").read_text() == before  # refused runs change nothing
+
+
+def test_multi_device_mesh_is_refused_clearly(tiny_model_dir, tmp_path):
+  with pytest.raises(ValueError, match="trains on one device"):
+    trainer.train(_tiny(tiny_model_dir, tmp_path / "run", "mesh=data:1,fsdp:8"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
