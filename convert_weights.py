@@ -33,6 +33,8 @@ def convert_from_args(args) -> str:
   from qlora_jax.sources import default_gguf
 
   src, out = args.src, args.out
+  if args.default and out is not None:
+    raise ValueError("--default takes only OUT (it converts the embedded model)")
   if args.default or src is None:
     if src is not None and out is None:
       src, out = None, src  # `--default OUT`

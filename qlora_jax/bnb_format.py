@@ -14,6 +14,7 @@ Both directions move bytes only: reading a bnb checkpoint never requantizes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -23,6 +24,8 @@ from qlora_jax import codebooks
 from qlora_jax.quantization import QuantizedArray
 
 BNB_QUANT_TYPES = ("nf4", "fp4")  # what bitsandbytes itself reads; our format also stores int4
+# The tensors stored beside a 4-bit weight's codes (they belong to that weight).
+SIDE_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$")
 
 
 def quant_state_key(prefix: str, quant_type: str) -> str:

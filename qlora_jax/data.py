@@ -26,7 +26,8 @@ def load_rows(spec: str):
   path = pathlib.Path(spec)
   if path.suffix in FILE_BUILDERS or path.exists():
     if not path.is_file():
-      raise ValueError(f"dataset file {spec} does not exist")
+      raise ValueError(f"dataset file {spec} does not exist" if not path.exists()
+                       else f"dataset {spec} is a folder; give a json/jsonl/parquet/csv file")
     if path.suffix not in FILE_BUILDERS:
       raise ValueError(f"dataset file {spec}: unsupported type; use {sorted(FILE_BUILDERS)}")
     try:

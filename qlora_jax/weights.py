@@ -27,7 +27,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from qlora_jax.bnb_format import from_bnb_state
+from qlora_jax.bnb_format import SIDE_KEY, from_bnb_state
 from qlora_jax.lora import lora_a_init
 from qlora_jax.model import CausalLM, ModelOptions, variable_names
 from qlora_jax.model_config import ModelConfig
@@ -242,7 +242,7 @@ def _ignored(name: str) -> bool:
 
 def _owner(key: str) -> str:
   """The variable a stored key belongs to (bnb side tensors belong to their weight)."""
-  return re.sub(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$", "", key)
+  return SIDE_KEY.sub("", key)
 
 
 def _load_one(tensors: Mapping, name: str, var, stacked: bool, dtype, used: set):
@@ -279,10 +279,10 @@ def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0) -> C
   make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
   graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
   key = jax.random.key(seed)
+  make_one = jax.jit(random_quantized, static_argnums=(1, 2))
   for i, (path, var) in enumerate(nnx.to_flat_state(base)):
     spec, k = var.get_value(), jax.random.fold_in(key, i)
     if isinstance(var, QuantWeight):
-      make_one = jax.jit(random_quantized, static_argnums=(1, 2))
       layers = [n for _, n in variable_names(path, config, options)]
       values = [make_one(jax.random.fold_in(k, j), spec.shape, options.quant) for j in range(len(layers))]
       var.set_value(values[0] if layers[0] is None else _stack(values))
