@@ -184,7 +184,10 @@ def _quantize_4bit(x_N: jax.Array, quant_type: str, blocksize: int) -> tuple[jax
   # bitsandbytes multiplies full blocks by the reciprocal but divides the partial last block.
   scaled = x_BxS * (1.0 / safe_B1)
   if n % blocksize:
-    scaled = scaled.at[-1].set(x_BxS[-1] / safe_B1[-1])
+    # A true division: the barrier stops XLA from rewriting x / broadcast(a) as x * (1 / a),
+    # which rounds differently (and flips a code now and then).
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe_B1[-1], (blocksize,)))
+    scaled = scaled.at[-1].set(x_BxS[-1] / divisor)
   # An odd tail is paired with a scaled 0.0 (the codebook's zero code), as bitsandbytes pads.
   scaled_N = jnp.clip(scaled, -1.0, 1.0).reshape(-1)[: n + n % 2]
   bounds, order = codebooks.sorted_bounds(quant_type)
