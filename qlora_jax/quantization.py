@@ -120,10 +120,7 @@ def zeros_quantized(shape: tuple[int, ...], quant: QuantConfig = QuantConfig(),
 
 def _validate(w, quant_type: str, blocksize: int) -> None:
   """Raise ValueError naming what is wrong with a quantize() call."""
-  if quant_type not in codebooks.QUANT_TYPES:
-    raise ValueError(f"quant_type must be one of {codebooks.QUANT_TYPES}, got {quant_type!r}")
-  if blocksize not in codebooks.BLOCKSIZES:
-    raise ValueError(f"blocksize must be one of {codebooks.BLOCKSIZES}, got {blocksize!r}")
+  QuantConfig(quant_type=quant_type, blocksize=blocksize)  # the one check of the settings
   if not hasattr(w, "dtype") or not hasattr(w, "shape"):
     raise ValueError(f"weight must be an array, got {type(w).__name__}")
   if jnp.dtype(w.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:

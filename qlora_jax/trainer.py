@@ -74,6 +74,8 @@ class Run:
   rng: nnx.State
   frozen: nnx.State
   opt_state: object
+  tx: object  # the optax transformation behind opt_state
+  schedule: object  # its learning-rate schedule
   tokenizer: object
   batches: data_lib.Batches
   eval_set: list
@@ -114,20 +116,19 @@ def setup(cfg: TrainConfig, run_dir: pathlib.Path) -> Run:
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
-  tx, _ = make_optimizer(cfg)
+  tx, schedule = make_optimizer(cfg)
   return Run(cfg=cfg, run_dir=run_dir, graphdef=graphdef, eval_graphdef=eval_graphdef, lora=lora,
-             rng=rng, frozen=frozen, opt_state=tx.init(lora), tokenizer=tokenizer, batches=batches,
+             rng=rng, frozen=frozen, opt_state=tx.init(lora), tx=tx, schedule=schedule,
+             tokenizer=tokenizer, batches=batches,
              eval_set=data_lib.eval_batches(eval_data, cfg.batch_size, cfg.max_seq_len),
              truncated=train_data.truncated + eval_data.truncated)
 
 
 def evaluate(run: Run, eval_step) -> float:
   """Mean token loss over the whole evaluation set (dropout off)."""
-  total, count = 0.0, 0
-  for batch in run.eval_set:
-    t, c = eval_step(run.lora, run.rng, run.frozen, to_device_batch(batch))
-    total, count = total + float(t), count + int(c)
-  return total / max(count, 1)
+  sums = [eval_step(run.lora, run.rng, run.frozen, to_device_batch(b)) for b in run.eval_set]
+  total, count = jax.device_get((sum(t for t, _ in sums), sum(c for _, c in sums)))  # one read
+  return float(total) / max(int(count), 1)
 
 
 def sample(run: Run) -> list[tuple[str, str]]:
@@ -208,12 +209,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
   _restore(run, ckpt)
   if run.step == 0:  # a resumed run keeps the config it was started with
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-  tx, schedule = make_optimizer(cfg)
-  lrs = np.asarray(jax.vmap(schedule)(jnp.arange(cfg.steps)))  # read on the host, never per step
+  lrs = np.asarray(jax.vmap(run.schedule)(jnp.arange(cfg.steps)))  # read on the host, never per step
   opt_sharding = offload_sharding(run.opt_state) if cfg.offload_optimizer else None
   if opt_sharding is not None:
     run.opt_state = jax.device_put(run.opt_state, opt_sharding)
-  step_fn = make_train_step(run.graphdef, tx, opt_sharding)
+  step_fn = make_train_step(run.graphdef, run.tx, opt_sharding)
   eval_step = make_eval_step(run.eval_graphdef)
   log = MetricsLog(run_dir)
   log.drop_after(run.step)  # records a killed run wrote past its last checkpoint
