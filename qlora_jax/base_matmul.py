@@ -52,10 +52,15 @@ def register_backend(name: str, backend: Backend) -> None:
 
 
 def available_backends() -> tuple[str, ...]:
-  return tuple(_BACKENDS)
+  return tuple(dict.fromkeys((*_BACKENDS, *_PALLAS_BACKENDS)))
+
+
+_PALLAS_BACKENDS = ("auto", "pallas")  # registered by pallas_kernels.dispatch on first use
 
 
 def get_backend(name: str) -> Backend:
+  if name in _PALLAS_BACKENDS and name not in _BACKENDS:
+    import pallas_kernels.dispatch  # noqa: F401  (registers them; imports this module)
   if name not in _BACKENDS:
     raise ValueError(f"unknown qmatmul backend {name!r}; available: {available_backends()}")
   return _BACKENDS[name]

@@ -49,7 +49,7 @@ class ModelOptions:
   lora_targets: tuple[str, ...] = LINEAR_NAMES
   remat: str = "none"  # none | full | save_dots
   attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
-  backend: str = "xla"  # 4-bit matmul backend (qmatmul)
+  backend: str = "auto"  # 4-bit matmul backend (qmatmul): auto | pallas | xla
   scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
 
   def __post_init__(self):

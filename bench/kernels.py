@@ -1,0 +1,195 @@
+"""Benchmark the fused 4-bit kernels on one GPU and print one table.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/kernels.py [--quick] [--json out.json]
+
+Training shapes (M = 8192 rows): TFLOP/s of our forward (Y = X W^T) and backward (dX = dY W)
+kernels, with and without the per-call operand preparation (split codes + decoded scales, see
+pallas_kernels/layout.py), against a bf16 jnp.dot of the same shape (cuBLAS) and the XLA
+dequantize-then-matmul path. Decode shapes (M = 1..16): effective GB/s, counting the bytes a fused
+kernel must read (4-bit codes, 8-bit absmax codes, nested absmax, activations) and write (the
+float32 output), against the device's measured copy bandwidth and bitsandbytes' 4-bit matmul
+(when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
+of the GPU kernels a call launches, median of repeated calls); every result is checked against
+the XLA path first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import gpu, layout
+from qlora_jax import codebooks
+from qlora_jax.base_matmul import get_backend
+from qlora_jax.quantization import QuantConfig, dequantize
+from qlora_jax.weights import random_quantized
+
+TRAIN_SHAPES = [  # (N, K): llama3-1b/8b, llama-65b and a 70B-sized MLP
+    (2048, 2048), (8192, 2048), (2048, 8192), (4096, 4096), (1024, 4096), (14336, 4096),
+    (4096, 14336), (8192, 8192), (22016, 8192), (8192, 22016), (28672, 8192)]
+DECODE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (22016, 8192)]
+TABLE = tuple(float(v) for v in codebooks.NF4)
+
+
+def gpu_ms(fn, *args, iterations: int = 20) -> float:
+  """Median over `iterations` calls of the summed GPU kernel time of one call (CUPTI)."""
+  from jax.experimental.mosaic.gpu import profiler
+  jax.block_until_ready(fn(*args))
+  _, times = profiler.measure(fn, iterations=iterations)(*args)
+  return statistics.median(times)
+
+
+def rel_err(out, ref) -> float:
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def ceilings() -> dict:
+  x = jax.random.bits(jax.random.key(0), (1 << 29,), jnp.uint32)  # 2 GiB
+  copy_ms = gpu_ms(jax.jit(lambda v: v ^ 1), x)
+  a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+  mm_ms = gpu_ms(jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32)), a, a.T)
+  return {"copy_GBps": 2 * x.nbytes / copy_ms / 1e6, "matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def weight(n: int, k: int, seed: int):
+  return random_quantized(jax.random.key(seed), (n, k), QuantConfig())
+
+
+def train_rows(m: int, shapes) -> list[dict]:
+  xla = get_backend("xla")
+  rows = []
+  for n, k in shapes:
+    qw = weight(n, k, n + k)
+    w = jax.jit(lambda q: dequantize(q, jnp.bfloat16))(qw)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
+    ops = {
+        "fwd": (x, lambda a, q: gpu.forward(a, *layout.kernel_operands(q, True), table=TABLE),
+                lambda a, q: xla.forward(a, q, jnp.bfloat16),
+                lambda a, wd: jnp.dot(a, wd.T, preferred_element_type=jnp.float32),
+                layout.kernel_operands(qw, True), gpu.forward),
+        "bwd": (dy, lambda a, q: gpu.backward(a, *layout.kernel_operands(q, False), table=TABLE),
+                lambda a, q: xla.backward(a, q, jnp.bfloat16),
+                lambda a, wd: jnp.dot(a, wd, preferred_element_type=jnp.float32),
+                layout.kernel_operands(qw, False), gpu.backward),
+    }
+    for name, (a, ours, ref, cublas, operands, kernel) in ops.items():
+      ours, ref, cublas = jax.jit(ours), jax.jit(ref), jax.jit(cublas)
+      err = rel_err(ours(a, qw), ref(a, qw))
+      flops = 2 * m * n * k
+      t = {"ours": gpu_ms(ours, a, qw),
+           "kernel": gpu_ms(jax.jit(lambda a_, c, s: kernel(a_, c, s, table=TABLE)), a, *operands),
+           "cublas": gpu_ms(cublas, a, w), "xla": gpu_ms(ref, a, qw)}
+      rows.append({"op": name, "M": m, "N": n, "K": k, "rel_err": err,
+                   **{f"{key}_ms": v for key, v in t.items()},
+                   **{f"{key}_TFLOPs": flops / v / 1e9 for key, v in t.items()}})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def bnb_decode_ms(m: int, n: int, k: int, copies: int) -> float | None:
+  try:
+    import bitsandbytes as bnb
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  g = torch.Generator(device="cuda").manual_seed(0)
+  ws = [bnb.functional.quantize_4bit(
+      torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+      quant_type="nf4", compress_statistics=True) for _ in range(copies)]
+  x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+
+  def run():
+    for qw, state in ws:
+      bnb.matmul_4bit(x, qw.t(), quant_state=state)
+
+  for _ in range(3):
+    run()
+  graph = torch.cuda.CUDAGraph()
+  with torch.cuda.graph(graph):
+    run()
+  times = []
+  for _ in range(10):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end) / copies)
+  return statistics.median(times)
+
+
+def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
+  xla = get_backend("xla")
+  rows = []
+  for n, k in shapes:
+    # Several weights per call, more bytes than the 50 MB L2, so nothing is re-read from cache.
+    copies = max(2, -(-256 * 2**20 // (n * k // 2)))
+    qws = [weight(n, k, s) for s in range(copies)]
+    for m in ms:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      ours = jax.jit(lambda a, qs: [gpu.decode(a, *layout.kernel_operands(q, False), table=TABLE)
+                                    for q in qs])
+      ref = jax.jit(lambda a, qs: [xla.forward(a, q, jnp.bfloat16) for q in qs])
+      err = rel_err(ours(x, qws[:1])[0], ref(x, qws[:1])[0])
+      operands = [layout.kernel_operands(q, False) for q in qws]
+      kernel = jax.jit(lambda a, ops: [gpu.decode(a, c, s, table=TABLE) for c, s in ops])
+      nbytes = n * k // 2 + n * k // 64 + 4 * -(-n * k // 64 // 256) + 2 * m * k + 4 * m * n
+      t = {"ours": gpu_ms(ours, x, qws) / copies, "kernel": gpu_ms(kernel, x, operands) / copies,
+           "xla": gpu_ms(ref, x, qws) / copies}
+      bnb_ms = bnb_decode_ms(m, n, k, copies)
+      if bnb_ms is not None:
+        t["bnb"] = bnb_ms
+      row = {"op": "decode", "M": m, "N": n, "K": k, "rel_err": err,
+             **{f"{key}_us": v * 1e3 for key, v in t.items()},
+             **{f"{key}_GBps": nbytes / v / 1e6 for key, v in t.items()}}
+      row["ours_of_copy"] = row["ours_GBps"] / copy_gbps
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="three training and two decode shapes")
+  p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
+  p.add_argument("--json", help="write all rows here")
+  args = p.parse_args()
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+  ceil = ceilings()
+  print(json.dumps(ceil), flush=True)
+  train = TRAIN_SHAPES[3:6] if args.quick else TRAIN_SHAPES
+  decode = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
+  rows = train_rows(args.m, train) + decode_rows((1, 4, 16), decode, ceil["copy_GBps"])
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": dev.device_kind, "jax": jax.__version__, **ceil, "rows": rows}, f, indent=1)
+  print(f"\ncopy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
+  print(f"{'op':6} {'M':>5} {'N':>6} {'K':>6} {'err':>8} | {'ours':>7} {'kernel':>7} {'cuBLAS':>7} "
+        f"{'xla':>7} {'ours/cuBLAS':>11}  (TFLOP/s)")
+  for r in rows:
+    if r["op"] != "decode":
+      print(f"{r['op']:6} {r['M']:5} {r['N']:6} {r['K']:6} {r['rel_err']:8.1e} | "
+            f"{r['ours_TFLOPs']:7.0f} {r['kernel_TFLOPs']:7.0f} {r['cublas_TFLOPs']:7.0f} "
+            f"{r['xla_TFLOPs']:7.0f} {r['ours_TFLOPs'] / r['cublas_TFLOPs']:11.0%}")
+  print(f"{'op':6} {'M':>5} {'N':>6} {'K':>6} {'err':>8} | {'ours':>7} {'kernel':>7} {'bnb':>7} "
+        f"{'xla':>7} {'of copy':>8}  (GB/s)")
+  for r in rows:
+    if r["op"] == "decode":
+      bnb = f"{r['bnb_GBps']:7.0f}" if "bnb_GBps" in r else "      -"
+      print(f"{r['op']:6} {r['M']:5} {r['N']:6} {r['K']:6} {r['rel_err']:8.1e} | "
+            f"{r['ours_GBps']:7.0f} {r['kernel_GBps']:7.0f} {bnb} {r['xla_GBps']:7.0f} "
+            f"{r['ours_of_copy']:8.0%}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,80 @@
+"""The qmatmul backends 'pallas' and 'auto': pick a kernel per platform and shape at trace time.
+
+  pallas  the Pallas kernel wherever the platform has one and the shape suits it, else XLA.
+  auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the decode
+          kernel for M <= 64 rows and XLA's dequantize + cuBLAS for training shapes, where our
+          fused wgmma kernels measured 19% of cuBLAS (docs/BENCHMARKS.md: the 15-select code
+          lookup makes them ALU-bound); on CPU, XLA.
+
+Shapes are static under jit, so the choice happens once per traced shape; which backend a run
+uses is printed once, at the first trace, never per call.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import gpu, layout, tpu
+from qlora_jax.base_matmul import Backend, get_backend, register_backend
+from qlora_jax.quantization import QuantizedArray
+
+DECODE_MAX_ROWS = gpu.DECODE_ROWS
+INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU)
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _table(qw: QuantizedArray) -> tuple[float, ...]:
+  from qlora_jax.codebooks import CODEBOOKS
+  return tuple(float(v) for v in CODEBOOKS[qw.quant_type])
+
+
+def _announce(policy: str, platform: str) -> None:
+  if (policy, platform) in _ANNOUNCED:
+    return
+  _ANNOUNCED.add((policy, platform))
+  what = {
+      ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows, XLA dequantize + cuBLAS "
+                       "for training shapes",
+      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (wgmma) where the shape suits them, else XLA",
+      ("auto", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
+      ("pallas", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
+  }.get((policy, platform), f"XLA dequantize + dot (no Pallas kernels on {platform})")
+  print(f"qlora_jax: 4-bit matmul backend {policy!r} on {platform}: {what}", file=sys.stderr,
+        flush=True)
+
+
+def _gpu_shape_ok(qw: QuantizedArray, tile: int) -> bool:
+  return layout.unsupported_reason(qw) is None and qw.shape[0] % tile == 0
+
+
+def _product(policy: str, product: str):
+  xla = get_backend("xla")
+
+  def run(a, qw: QuantizedArray, compute_dtype):
+    platform = jax.default_backend()
+    _announce(policy, platform)
+    if jnp.dtype(compute_dtype) != jnp.bfloat16:
+      return getattr(xla, product)(a, qw, compute_dtype)
+    a = a.astype(jnp.bfloat16)
+    m = a.shape[0]
+    if platform == "gpu":
+      if product == "forward" and m <= DECODE_MAX_ROWS and _gpu_shape_ok(qw, gpu.DECODE_TILE_N):
+        n, k = qw.shape
+        return gpu.decode(a, qw.codes.reshape(n, k // 2), layout.half_block_scales(qw),
+                          table=_table(qw), interpret=INTERPRET)
+      if policy == "pallas" and _gpu_shape_ok(qw, gpu.Tiles().n):
+        codes, scales_T = layout.kernel_operands(qw, transposed=product == "forward")
+        return getattr(gpu, product)(a, codes, scales_T, table=_table(qw), interpret=INTERPRET)
+    if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):
+      codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
+      return getattr(tpu, product)(a, codes_T, scales_T, table=_table(qw), interpret=INTERPRET)
+    return getattr(xla, product)(a, qw, compute_dtype)
+
+  return run
+
+
+for _policy in ("pallas", "auto"):
+  register_backend(_policy, Backend(_product(_policy, "forward"), _product(_policy, "backward")))

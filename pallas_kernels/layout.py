@@ -1,0 +1,69 @@
+"""The kernels' operand layout, made from a bitsandbytes-layout QuantizedArray on the fly.
+
+bitsandbytes packs elements (2j, 2j+1) into byte j. A kernel that widened such bytes on chip would
+have to interleave even and odd columns, which neither Mosaic GPU nor Mosaic TPU register layouts
+do. The kernels read a *split* packing instead: the row is cut into groups of 128 elements and byte
+j of a group holds element j (high nibble) and element j + 64 (low nibble), so the two nibbles of a
+[rows, 64] byte tile widen into two contiguous [rows, 64] halves. Each half is exactly one 64-wide
+slice of one quantization block, so it takes one scale per row.
+
+`kernel_operands` makes both from the stored weight in one XLA fusion per call: it reads the 4-bit
+codes and the double-quantized absmax codes once and writes the split codes (same size) and the
+float32 scale per 64 elements (1/16 byte per weight). The double-quantized absmax is decoded here,
+not in the kernels: that decode is a gather through a 256-entry table, which neither Mosaic GPU nor
+Mosaic TPU can do on register arrays.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.quantization import QuantizedArray, scales, unpack
+
+GROUP = 128  # elements per split group
+HALF = GROUP // 2  # elements per nibble half == bytes per group
+
+
+def unsupported_reason(qw: QuantizedArray) -> str | None:
+  """Why the kernels cannot take this weight (None if they can)."""
+  if len(qw.shape) != 2:
+    return f"weight of rank {len(qw.shape)} (kernels take [out, in])"
+  n_rows, k = qw.shape
+  if k % GROUP:
+    return f"in_features {k} is not a multiple of {GROUP}"
+  if qw.blocksize % HALF:
+    return f"blocksize {qw.blocksize} is not a multiple of {HALF}"
+  return None
+
+
+def split_codes(qw: QuantizedArray) -> jax.Array:
+  """uint8 [N, K/2] in the split packing (see module docstring)."""
+  n_rows, k = qw.shape
+  codes_NxGx2xH = unpack(qw.codes, qw.size).reshape(n_rows, k // GROUP, 2, HALF)
+  packed = (codes_NxGx2xH[:, :, 0] << 4) | codes_NxGx2xH[:, :, 1]
+  return packed.reshape(n_rows, k // 2)
+
+
+def half_block_scales(qw: QuantizedArray) -> jax.Array:
+  """float32 [K/64, N]: the scale of elements [64 j, 64 j + 64) of row n at [j, n]."""
+  n_rows, k = qw.shape
+  per_block = scales(qw).reshape(n_rows, k // qw.blocksize)
+  return jnp.repeat(per_block, qw.blocksize // HALF, axis=1).T
+
+
+def kernel_operands(qw: QuantizedArray, transposed: bool) -> tuple[jax.Array, jax.Array]:
+  """(split codes, [K/64, N] scales); codes as [K/2, N] when `transposed`, else [N, K/2]."""
+  codes = split_codes(qw)
+  return (codes.T if transposed else codes), half_block_scales(qw)
+
+
+def decode_codes(codes_i32: jax.Array, table) -> jax.Array:
+  """float32 value of each 4-bit code: a 15-select tree over the code's bits (no gather)."""
+  low = ((codes_i32 & 1) != 0)
+  level = [jnp.where(low, jnp.float32(table[2 * j + 1]), jnp.float32(table[2 * j]))
+           for j in range(8)]
+  for bit in range(1, 4):
+    set_ = ((codes_i32 >> bit) & 1) != 0
+    level = [jnp.where(set_, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
+  return level[0]

@@ -1,0 +1,136 @@
+"""Fused 4-bit dequantize-matmul on TPU through Mosaic TPU (pltpu).
+
+Both products read the transposed split codes [K/2, N] (layout.py) and the [K/64, N] scales:
+
+  forward   Y  [M, N] = X  [M, K] @ W^T      grid (M/tm, N/tn, K/tk), K innermost
+  backward  dX [M, K] = dY [M, N] @ W        grid (M/tm, K/tk, N/tn), N innermost
+
+A grid step copies a [tk/2, tn] code block and its [tk/64, tn] scales into VMEM, widens them into
+the bf16 tile W^T [tk, tn] there (15-select tree per code, times the scale: the two nibble halves of
+each 64-row byte slab are the two 64-row halves of a 128-row group), and feeds it to the MXU with a
+float32 accumulator in VMEM. Tiles are multiples of 128 (the v5e MXU); the defaults (256 x 256 x
+512) keep every double-buffered block plus the accumulator under 2 MiB of VMEM, well inside v5e's
+16 MiB and v4/v5p's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.layout import GROUP, HALF, decode_codes
+
+TILE_M, TILE_N, TILE_K = 256, 256, 512
+
+
+def pick(dim: int, preferred: int, smallest: int = GROUP) -> int | None:
+  """The largest of preferred, preferred/2, ... (down to smallest) dividing dim."""
+  t = preferred
+  while t >= smallest:
+    if dim % t == 0:
+      return t
+    t //= 2
+  return None
+
+
+def _widen(codes_ref, scales_ref, table, dtype):
+  """W^T tile [tk, tn] in `dtype` from codes [tk/2, tn] (split packing) and scales [tk/64, tn]."""
+  codes = codes_ref[...].astype(jnp.int32)
+  rows, tn = codes.shape
+  groups = rows // HALF
+  halves = jnp.stack([(codes >> 4).reshape(groups, HALF, tn), (codes & 0xF).reshape(groups, HALF, tn)],
+                     axis=1)  # [groups, 2, 64, tn]: row order of W^T within each 128-row group
+  values = decode_codes(halves.reshape(groups * 2, HALF, tn), table)
+  values = values * scales_ref[...][:, None, :]
+  return values.reshape(groups * GROUP, tn).astype(dtype)
+
+
+def _forward_kernel(x_ref, codes_ref, scales_ref, y_ref, acc_ref, *, table):
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  w_T = _widen(codes_ref, scales_ref, table, x_ref.dtype)
+  acc_ref[...] += jnp.dot(x_ref[...], w_T, preferred_element_type=jnp.float32)
+
+  @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+  def _():
+    y_ref[...] = acc_ref[...]
+
+
+def _backward_kernel(dy_ref, codes_ref, scales_ref, dx_ref, acc_ref, *, table):
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  w_T = _widen(codes_ref, scales_ref, table, dy_ref.dtype)  # [tk, tn]
+  acc_ref[...] += jax.lax.dot_general(dy_ref[...], w_T, (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+
+  @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+  def _():
+    dx_ref[...] = acc_ref[...]
+
+
+def _interpret(interpret: bool):
+  return pltpu.InterpretParams(uninitialized_memory="nan") if interpret else False
+
+
+def supported(n: int, k: int) -> bool:
+  """N a multiple of 128; K of 512, so a scale block has the 8 sublanes of an f32 tile."""
+  return pick(n, TILE_N) is not None and k % TILE_K == 0
+
+
+def _pad_rows(x, multiple: int):
+  pad = -x.shape[0] % multiple
+  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+
+
+@functools.partial(jax.jit, static_argnames=("table", "interpret"))
+def forward(x_MxK, codes_T, scales_T, *, table, interpret: bool = False):
+  """Y [M, N] f32 = x @ W^T; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
+  m, k = x_MxK.shape
+  n = codes_T.shape[1]
+  tm, tn, tk = min(TILE_M, -(-m // 32) * 32), pick(n, TILE_N), TILE_K
+  x = _pad_rows(x_MxK, tm)
+  y = pl.pallas_call(
+      functools.partial(_forward_kernel, table=table),
+      grid=(x.shape[0] // tm, n // tn, k // tk),
+      in_specs=[pl.BlockSpec((tm, tk), lambda i, j, s: (i, s)),
+                pl.BlockSpec((tk // 2, tn), lambda i, j, s: (s, j)),
+                pl.BlockSpec((tk // HALF, tn), lambda i, j, s: (s, j))],
+      out_specs=pl.BlockSpec((tm, tn), lambda i, j, s: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=_interpret(interpret),
+  )(x, codes_T, scales_T)
+  return y[:m]
+
+
+@functools.partial(jax.jit, static_argnames=("table", "interpret"))
+def backward(dy_MxN, codes_T, scales_T, *, table, interpret: bool = False):
+  """dX [M, K] f32 = dy @ W; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
+  m, n = dy_MxN.shape
+  k = codes_T.shape[0] * 2
+  tm, tn, tk = min(TILE_M, -(-m // 32) * 32), pick(n, TILE_N), TILE_K
+  dy = _pad_rows(dy_MxN, tm)
+  dx = pl.pallas_call(
+      functools.partial(_backward_kernel, table=table),
+      grid=(dy.shape[0] // tm, k // tk, n // tn),
+      in_specs=[pl.BlockSpec((tm, tn), lambda i, j, s: (i, s)),
+                pl.BlockSpec((tk // 2, tn), lambda i, j, s: (j, s)),
+                pl.BlockSpec((tk // HALF, tn), lambda i, j, s: (j, s))],
+      out_specs=pl.BlockSpec((tm, tk), lambda i, j, s: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((dy.shape[0], k), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((tm, tk), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=_interpret(interpret),
+  )(dy, codes_T, scales_T)
+  return dx[:m]

@@ -1,0 +1,136 @@
+"""The Pallas kernels against the XLA reference path, on fresh random inputs.
+
+On CPU every kernel runs in interpret mode (Mosaic GPU's interpreter; pltpu.InterpretParams for
+TPU), with unwritten output memory poisoned to NaN by the interpreter. On a GPU the same GPU
+checks run on the hardware, at larger shapes. Reference: the XLA backend (dequantize, then a bf16
+dot with float32 accumulation), itself checked against bitsandbytes and float64 in
+test_quantization.py / test_lora.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch, gpu, layout, tpu
+from qlora_jax import codebooks
+from qlora_jax.base_matmul import get_backend, qmatmul
+from qlora_jax.quantization import quantize
+
+ON_GPU = jax.default_backend() == "gpu"
+XLA = get_backend("xla")
+TOL = 1e-5  # same bf16 operands and f32 accumulation as the reference: only summation order differs
+
+
+def _fresh(shape_mn_k, quant_type):
+  """Fresh random inputs each run (the seed is printed when a check fails)."""
+  seed = int(np.random.default_rng().integers(2**31))
+  rng = np.random.default_rng(seed)
+  m, n, k = shape_mn_k
+  w = rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05, (n, 1))
+  qw = quantize(jnp.asarray(w, jnp.float32), quant_type)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+  return seed, qw, x, dy
+
+
+def _check(out, ref, seed):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  assert out.shape == ref.shape
+  assert np.isfinite(out).all(), f"unwritten or non-finite output (seed {seed})"
+  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  assert err < TOL, f"relative error {err:.2e} (seed {seed})"
+
+
+def _table(qw):
+  return tuple(float(v) for v in codebooks.CODEBOOKS[qw.quant_type])
+
+
+CPU_SHAPES = [(128, 128, 256), (37, 256, 384), (200, 128, 128)]  # ragged M: 37, 200
+GPU_SHAPES = [(1024, 1024, 2048), (1000, 2048, 1024), (4096, 1536, 4096)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("shape", GPU_SHAPES if ON_GPU else CPU_SHAPES)
+def test_gpu_forward_backward(shape, quant_type):
+  seed, qw, x, dy = _fresh(shape, quant_type)
+  interpret = not ON_GPU
+  codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
+  y = gpu.forward(x, codes_T, scales_T, table=_table(qw), interpret=interpret)
+  _check(y, XLA.forward(x, qw, jnp.bfloat16), seed)
+  codes, scales_T = layout.kernel_operands(qw, transposed=False)
+  dx = gpu.backward(dy, codes, scales_T, table=_table(qw), interpret=interpret)
+  _check(dx, XLA.backward(dy, qw, jnp.bfloat16), seed)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 64])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (192, 256)])
+def test_gpu_decode(rows, nk):
+  n, k = nk
+  seed, qw, x, _ = _fresh((rows, n, k), "nf4")
+  y = gpu.decode(x, qw.codes.reshape(n, k // 2), layout.half_block_scales(qw), table=_table(qw),
+                 interpret=not ON_GPU)
+  _check(y, XLA.forward(x, qw, jnp.bfloat16), seed)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(64, 256, 512), (45, 384, 1024)])
+def test_tpu_forward_backward_interpret(shape, quant_type):
+  seed, qw, x, dy = _fresh(shape, quant_type)
+  codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
+  _check(tpu.forward(x, codes_T, scales_T, table=_table(qw), interpret=True),
+         XLA.forward(x, qw, jnp.bfloat16), seed)
+  _check(tpu.backward(dy, codes_T, scales_T, table=_table(qw), interpret=True),
+         XLA.backward(dy, qw, jnp.bfloat16), seed)
+
+
+def test_split_layout_round_trip():
+  """The split packing holds the same codes as bitsandbytes' packing, moved."""
+  _, qw, _, _ = _fresh((1, 64, 384), "nf4")
+  split = np.asarray(layout.split_codes(qw))
+  codes = np.stack([split >> 4, split & 15], 1)  # [N, 2, K/2]
+  codes = codes.reshape(64, 2, 3, 64).transpose(0, 2, 1, 3).reshape(64, 384)
+  bnb = np.asarray(qw.codes).reshape(64, 192)
+  np.testing.assert_array_equal(codes, np.stack([bnb >> 4, bnb & 15], -1).reshape(64, 384))
+
+
+def test_unsupported_shapes_are_named():
+  _, qw, _, _ = _fresh((1, 64, 576), "nf4")
+  assert "not a multiple of 128" in layout.unsupported_reason(qw)
+  assert not tpu.supported(128, 576) and tpu.supported(384, 1024)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
+  """qmatmul with backend 'pallas' runs the platform's kernels (interpreted here) in forward and
+  backward and matches the XLA backend's value and gradient; it says which once, not per call."""
+  if ON_GPU and platform == "tpu":
+    pytest.skip("TPU kernels are interpreted on CPU only")
+  monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: platform)
+  monkeypatch.setattr(dispatch, "_ANNOUNCED", set())
+  seed, qw, x, _ = _fresh((130, 256, 512), "nf4")
+  x = x.astype(jnp.float32)
+
+  def loss(x_, backend):
+    return jnp.sum(jnp.sin(qmatmul(x_, qw, backend)))
+
+  for rows in (130, 3):  # training kernel, then (GPU) the decode kernel
+    xs = x[:rows]
+    val, grad = jax.value_and_grad(loss)(xs, "pallas")
+    ref_val, ref_grad = jax.value_and_grad(loss)(xs, "xla")
+    assert abs(float(val) - float(ref_val)) <= 1e-4 * abs(float(ref_val)) + 1e-3, seed
+    _check(grad, ref_grad, seed)
+  announced = capsys.readouterr().err
+  assert announced.count("4-bit matmul backend 'pallas'") == 1, announced
+
+
+def test_auto_on_cpu_is_xla(capsys, monkeypatch):
+  monkeypatch.setattr(dispatch, "_ANNOUNCED", set())
+  _, qw, x, _ = _fresh((8, 128, 256), "nf4")
+  if ON_GPU:
+    pytest.skip("CPU dispatch")
+  np.testing.assert_array_equal(qmatmul(x, qw, "auto"), qmatmul(x, qw, "xla"))
+  assert "XLA dequantize + dot" in capsys.readouterr().err
