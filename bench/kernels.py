@@ -162,15 +162,43 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
   return rows
 
 
+def tune(m: int) -> None:
+  """TFLOP/s of the training kernels for a few tile configurations (kernel only)."""
+  configs = [gpu.Tiles(stages=2, overlap=False), gpu.Tiles(stages=3, overlap=False),
+             gpu.Tiles(stages=2, overlap=True), gpu.Tiles(stages=3, overlap=True),
+             gpu.Tiles(n=256, stages=2, overlap=False)]
+  for n, k in [(4096, 4096), (14336, 4096)]:
+    qw = weight(n, k, 0)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
+    for tiles in configs:
+      res = []
+      for name, a, transposed in (("forward", x, True), ("backward", dy, False)):
+        if name == "backward" and tiles.n != 128:
+          continue
+        fn = getattr(gpu, name)
+        ops = layout.kernel_operands(qw, transposed)
+        try:
+          ms = gpu_ms(jax.jit(lambda a_, c, s: fn(a_, c, s, table=TABLE, tiles=tiles)), a, *ops)
+          res.append(f"{name} {2 * m * n * k / ms / 1e9:.0f}")
+        except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
+          res.append(f"{name} failed: {str(e).splitlines()[0][:80]}")
+      print(f"N={n} K={k} {tiles}: " + ", ".join(res), flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="three training and two decode shapes")
   p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
   p.add_argument("--decode-only", action="store_true", help="skip the training shapes")
+  p.add_argument("--tune", action="store_true", help="only compare tile configurations")
   p.add_argument("--json", help="write all rows here")
   args = p.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+  if args.tune:
+    tune(args.m)
+    return
   ceil = ceilings()
   print(json.dumps(ceil), flush=True)
   train = TRAIN_SHAPES[3:6] if args.quick else TRAIN_SHAPES

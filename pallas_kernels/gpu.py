@@ -5,13 +5,14 @@ One kernel body serves the three products, all as out = lhs @ rhs with float32 a
   forward   Y  [M, N] = X  [M, K] @ W^T     rhs = W^T tile [128 (k), 128 (n)], dequantized on chip
   backward  dX [M, K] = dY [M, N] @ W       rhs = W   tile [128 (n), 128 (k)], dequantized on chip
   decode    Y^T[N, m] = W [N, K] @ X^T      lhs = W   tile [64 (n), 128 (k)], dequantized on chip
-                                            (m = 1..16 rows padded to 16: wgmma's n may be 16)
+                                            (m = 1..64 rows padded to 64, K split across CTAs)
 
 Each CTA owns one output tile and pipelines over the contraction with TMA: the activation tile,
 the split 4-bit code tile (see layout.py) and its scales land in shared memory; one warpgroup
-widens the codes in registers (15-select tree on the code bits, times the scale), stores the bf16
-tile into swizzled shared memory and issues wgmma on it. The dequantized weight exists only tile by
-tile in shared memory, never in device memory.
+widens the codes in registers (a byte-permute table lookup, times the scale), stores the bf16 tile
+into one half of a double-buffered swizzled shared-memory tile and issues an asynchronous wgmma on
+it, which runs while the next step widens into the other half. The dequantized weight exists only
+tile by tile in shared memory, never in device memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -30,7 +33,8 @@ from pallas_kernels.layout import GROUP, HALF, decode_codes
 DECODE_ROWS = 64  # decode: activations padded to wgmma's n = 64 (Mosaic GPU's layout inference
                   # finds no layout for n = 16 or 32 in JAX 0.10-0.11)
 DECODE_TILE_N = 64  # decode: weight rows per CTA
-MIN_CTAS = 264  # decode: split K until about 2 CTAs per SM of an H100
+MIN_CTAS = 264
+EPILOGUE_COLS = 64  # the f32 output leaves through shared memory 64 columns at a time  # decode: split K until about 2 CTAs per SM of an H100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Tiles:
 
   m: int = 128
   n: int = 128
-  stages: int = 2
+  stages: int = 3
+  overlap: bool = True  # double-buffer the widened W tile so wgmma runs under the next widening
 
 
 def _interpret_params():
@@ -53,6 +58,63 @@ def _swizzled(cols: int, dtype) -> tuple:
           plgpu.SwizzleTransform(swizzle))
 
 
+def _byte_plane_words(table) -> tuple[list[int], list[int]]:
+  """The bf16 codebook as two 16-byte tables (low bytes, high bytes), four 32-bit words each."""
+  bits = np.asarray(table, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.int64)
+  words = lambda plane: [int(sum(int(plane[4 * w + i]) << (8 * i) for i in range(4)))
+                         for w in range(4)]
+  return words(bits & 0xFF), words(bits >> 8)
+
+
+def _lut_bf16(codes, table):
+  """(high-nibble values, low-nibble values) as bf16 arrays in codes' WGMMA layout, by byte permutes.
+
+  Each register of `codes` holds two bytes (two columns). Their four nibbles index two 16-byte
+  tables (the low and the high bytes of the bf16 codebook) through `prmt`, 3 permutes per table
+  for all four nibbles (as CUTLASS's int4 converters do), and two more permutes interleave the
+  bytes into one bf16x2 register per nibble half: 11 instructions for 4 values, against ~30 per
+  value for the select tree.
+  """
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  low_words, high_words = _byte_plane_words(table)
+  out_type = plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=(out_type, out_type))
+  def widen(_, codes_fa):
+    i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+    bf16x2 = ir.VectorType.get([2], ir.BF16Type.get())
+    c = lambda v: arith.constant(i32, v)
+    asm = f"""{{
+      .reg .b32 p, n, lo, hi;
+      prmt.b32 p, {low_words[0]}, {low_words[1]}, $2;
+      prmt.b32 n, {low_words[2]}, {low_words[3]}, $2;
+      prmt.b32 lo, p, n, $3;
+      prmt.b32 p, {high_words[0]}, {high_words[1]}, $2;
+      prmt.b32 n, {high_words[2]}, {high_words[3]}, $2;
+      prmt.b32 hi, p, n, $3;
+      prmt.b32 $0, lo, hi, 0x7351;
+      prmt.b32 $1, lo, hi, 0x6240;
+    }}"""
+    struct = llvm.StructType.get_literal([i32, i32])
+    high_regs = np.empty_like(codes_fa.registers)
+    low_regs = np.empty_like(codes_fa.registers)
+    for idx, reg in np.ndenumerate(codes_fa.registers):
+      x = arith.extui(i32, mgpu_utils.bitcast(reg, i16))  # nibbles: lo(b0) hi(b0) lo(b1) hi(b1)
+      index = arith.andi(x, c(0x7777))
+      select = arith.ori(arith.shrui(arith.andi(x, c(0x8888)), c(1)), c(0x3210))
+      out = llvm.inline_asm(struct, [index, select], asm, "=r,=r,r,r")
+      high_regs[idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, out, [0]), bf16x2)
+      low_regs[idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, out, [1]), bf16x2)
+    make = lambda regs: mgpu.FragmentedArray(_registers=regs, _layout=codes_fa.layout,
+                                             _is_signed=None)
+    return make(high_regs), make(low_regs)
+
+  return widen(codes)
+
+
 def _dequantize_tile(codes_smem, scales_smem, w_smem, *, table, scale_axis: int, bnb_order: bool,
                      layout_hints: bool):
   """w_smem (bf16) <- table[codes] * scale, the two nibble halves side by side along 1 - scale_axis.
@@ -63,21 +125,29 @@ def _dequantize_tile(codes_smem, scales_smem, w_smem, *, table, scale_axis: int,
   blocks, bytes [0, 32) the first, so the scale changes at column 32 for both nibbles.
   """
   hint = plgpu.layout_cast if layout_hints else (lambda x, _: x)
-  codes = hint(codes_smem[...], plgpu.Layout.WGMMA).astype(jnp.int32)
-  row_scales = [lax.broadcast_in_dim(hint(scales_smem[h], plgpu.Layout.WGMMA.reduce(1 - scale_axis)),
-                                     codes.shape, [scale_axis]) for h in range(2)]
+  codes_u8 = hint(codes_smem[...], plgpu.Layout.WGMMA)
+  scale_dtype = jnp.bfloat16 if layout_hints else jnp.float32
+  row_scales = [lax.broadcast_in_dim(
+      hint(scales_smem[h], plgpu.Layout.WGMMA.reduce(1 - scale_axis)).astype(scale_dtype),
+      codes_u8.shape, [scale_axis]) for h in range(2)]
   if bnb_order:
-    iota = (plgpu.broadcasted_iota(jnp.int32, codes.shape, 1, layout=plgpu.Layout.WGMMA)
-            if layout_hints else lax.broadcasted_iota(jnp.int32, codes.shape, 1))
+    iota = (plgpu.broadcasted_iota(jnp.int32, codes_u8.shape, 1, layout=plgpu.Layout.WGMMA)
+            if layout_hints else lax.broadcasted_iota(jnp.int32, codes_u8.shape, 1))
     first_block = iota < HALF // 2
     row_scales = [jnp.where(first_block, row_scales[0], row_scales[1])] * 2
-  for half, nibbles in enumerate((codes >> 4, codes & 0xF)):
-    values = (decode_codes(nibbles, table) * row_scales[half]).astype(w_smem.dtype)
+  if layout_hints:  # the GPU: byte-permute lookup, bf16 scale multiply (1 rounding more than XLA)
+    halves = _lut_bf16(codes_u8, table)
+    values = [v * s for v, s in zip(halves, row_scales)]
+  else:  # the interpreter runs no inline PTX: the select tree, exact float32 products
+    codes = codes_u8.astype(jnp.int32)
+    values = [(decode_codes(nibbles, table) * s).astype(w_smem.dtype)
+              for nibbles, s in zip((codes >> 4, codes & 0xF), row_scales)]
+  for half in range(2):
     part = pl.ds(half * HALF, HALF)
     if scale_axis == 1:
-      w_smem[part, :] = values
+      w_smem[part, :] = values[half]
     else:
-      w_smem[:, part] = values
+      w_smem[:, part] = values[half]
   plgpu.commit_smem()
 
 
@@ -126,32 +196,41 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
       specs = [((GROUP, m), lambda s: (s, 0)), ((tiles.n, HALF), lambda s: (0, s)),
                ((2, tiles.n), lambda s: (s, 0))]
     a_spec, codes_spec, scales_spec = specs
+    # The activation tile stays one step longer: wgmma of step s still reads it while step s + 1
+    # widens its codes into the other half of the double-buffered w_smem.
     in_specs = [
-        plgpu.BlockSpec(a_spec[0], a_spec[1], transforms=_swizzled(a_spec[0][1], dtype)),
+        plgpu.BlockSpec(a_spec[0], a_spec[1], transforms=_swizzled(a_spec[0][1], dtype),
+                        delay_release=int(tiles.overlap)),
         plgpu.BlockSpec(*codes_spec), plgpu.BlockSpec(*scales_spec)]
 
     def with_acc(acc_ref):
-      def step(_, a_smem, codes_smem, scales_smem):
-        _dequantize_tile(codes_smem, scales_smem, w_smem, table=table, scale_axis=scale_axis,
+      def step(idx, a_smem, codes_smem, scales_smem):
+        w = w_smem.at[idx[0] % 2 if tiles.overlap else 0]
+        _dequantize_tile(codes_smem, scales_smem, w, table=table, scale_axis=scale_axis,
                          bnb_order=mode == "decode", layout_hints=not interpret)
         if mode == "decode":
-          plgpu.wgmma(acc_ref, w_smem, a_smem)
+          plgpu.wgmma(acc_ref, w, a_smem)
         else:
-          plgpu.wgmma(acc_ref, a_smem, w_smem)
-        plgpu.wgmma_wait(0)
+          plgpu.wgmma(acc_ref, a_smem, w)
+        plgpu.wgmma_wait(int(tiles.overlap))  # overlap: the previous step's wgmma is done
 
       plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs,
                           max_concurrent_steps=tiles.stages)(a_ref, codes_ref, scales_ref)
-      out_smem[...] = acc_ref[...]
+      plgpu.wgmma_wait(0)
+      acc = acc_ref[...]
+      rows, cols = acc_shape
+      for c in range(cols // EPILOGUE_COLS):  # f32 output, 64 columns at a time
+        part = slice(c * EPILOGUE_COLS, (c + 1) * EPILOGUE_COLS)
+        out_smem[...] = acc[:, part]
+        plgpu.commit_smem()
+        if mode == "decode":  # output tile (i, split j) of [splits * N, m]
+          dst = out_gmem.at[pl.ds(j * n + i * rows, rows), :]
+        else:
+          dst = out_gmem.at[pl.ds(i * rows, rows), pl.ds(j * cols + c * EPILOGUE_COLS, EPILOGUE_COLS)]
+        plgpu.copy_smem_to_gmem(out_smem, dst)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(with_acc, plgpu.ACC(acc_shape, jnp.float32))
-    plgpu.commit_smem()
-    rows, cols = acc_shape
-    if mode == "decode":  # output tile (i, split j) of [splits * N, m]
-      dst = out_gmem.at[pl.ds(j * n + i * rows, rows), :]
-    else:
-      dst = out_gmem.at[pl.ds(i * rows, rows), pl.ds(j * cols, cols)]
-    plgpu.copy_smem_to_gmem(out_smem, dst)
     plgpu.wait_smem_to_gmem(0)
 
   del lhs_shape
@@ -159,8 +238,9 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
       kernel,
       out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=grid, grid_names=("i", "j"),
-      scratch_types=[plgpu.SMEM(w_shape, dtype, transforms=_swizzled(w_shape[1], dtype)),
-                     plgpu.SMEM(acc_shape, jnp.float32)],
+      scratch_types=[plgpu.SMEM((1 + tiles.overlap, *w_shape), dtype,
+                                transforms=_swizzled(w_shape[1], dtype)),
+                     plgpu.SMEM((acc_shape[0], EPILOGUE_COLS), jnp.float32)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_interpret_params() if interpret else None,
   )
@@ -191,7 +271,7 @@ def backward(dy_MxN, codes, scales_T, *, table, tiles: Tiles = Tiles(), interpre
 
 
 @functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
-def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_N, stages=3),
+def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_N, stages=3, overlap=True),
            interpret: bool = False):
   """Y [M, N] f32 = x @ W^T for M <= 64, reading the stored codes as they are.
 

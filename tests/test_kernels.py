@@ -21,7 +21,10 @@ from qlora_jax.quantization import quantize
 
 ON_GPU = jax.default_backend() == "gpu"
 XLA = get_backend("xla")
-TOL = 1e-5  # same bf16 operands and f32 accumulation as the reference: only summation order differs
+# Interpreted (CPU): the same bf16 operands and f32 accumulation as the reference, only the
+# summation order differs. GPU: the byte-permute lookup multiplies by the scale in bf16, one
+# rounding more per weight than the reference (<= 1 bf16 ulp), so bf16-operand tolerance.
+TOL = 5e-3 if ON_GPU else 1e-5
 
 
 def _fresh(shape_mn_k, quant_type):
@@ -36,12 +39,12 @@ def _fresh(shape_mn_k, quant_type):
   return seed, qw, x, dy
 
 
-def _check(out, ref, seed):
+def _check(out, ref, seed, tol=TOL):
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
   assert out.shape == ref.shape
   assert np.isfinite(out).all(), f"unwritten or non-finite output (seed {seed})"
   err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert err < TOL, f"relative error {err:.2e} (seed {seed})"
+  assert err < tol, f"relative error {err:.2e} (seed {seed})"
 
 
 def _table(qw):
@@ -117,12 +120,11 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
   def loss(x_, backend):
     return jnp.sum(jnp.sin(qmatmul(x_, qw, backend)))
 
-  for rows in (130, 3):  # training kernel, then (GPU) the decode kernel
+  for rows in (130, 3):  # training kernels, then (GPU) the decode kernel
     xs = x[:rows]
-    val, grad = jax.value_and_grad(loss)(xs, "pallas")
-    ref_val, ref_grad = jax.value_and_grad(loss)(xs, "xla")
-    assert abs(float(val) - float(ref_val)) <= 1e-4 * abs(float(ref_val)) + 1e-3, seed
-    _check(grad, ref_grad, seed)
+    _check(qmatmul(xs, qw, "pallas"), qmatmul(xs, qw, "xla"), seed)
+    # two products and a cos in between: twice the products' tolerance
+    _check(jax.grad(loss)(xs, "pallas"), jax.grad(loss)(xs, "xla"), seed, tol=2 * TOL)
   announced = capsys.readouterr().err
   assert announced.count("4-bit matmul backend 'pallas'") == 1, announced
 
