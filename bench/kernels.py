@@ -162,6 +162,24 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
   return rows
 
 
+def tune_decode() -> None:
+  """GB/s of the decode kernel (kernel only) for a few tile configurations, M = 1."""
+  for n, k in [(4096, 4096), (14336, 4096), (8192, 8192)]:
+    copies = max(2, -(-256 * 2**20 // (n * k // 2)))
+    ops = [decode_operands(weight(n, k, s)) for s in range(copies)]
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
+    res = []
+    for tn, stages in [(64, 3), (128, 3), (128, 4), (256, 3), (256, 4)]:
+      tiles = gpu.Tiles(n=tn, stages=stages, overlap=True)
+      fn = jax.jit(lambda a, o: [gpu.decode(a, c, s, table=TABLE, tiles=tiles) for c, s in o])
+      try:
+        res.append(f"n={tn} s={stages}: {nbytes / (gpu_ms(fn, x, ops) / copies) / 1e6:.0f}")
+      except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
+        res.append(f"n={tn} s={stages}: failed {str(e).splitlines()[0][:60]}")
+    print(f"decode N={n} K={k}: " + ", ".join(res), flush=True)
+
+
 def tune(m: int) -> None:
   """TFLOP/s of the training kernels for a few tile configurations (kernel only)."""
   configs = [gpu.Tiles(stages=2, overlap=False), gpu.Tiles(stages=3, overlap=False),
@@ -191,13 +209,13 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="three training and two decode shapes")
   p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
   p.add_argument("--decode-only", action="store_true", help="skip the training shapes")
-  p.add_argument("--tune", action="store_true", help="only compare tile configurations")
+  p.add_argument("--tune", choices=["train", "decode"], help="only compare tile configurations")
   p.add_argument("--json", help="write all rows here")
   args = p.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
   if args.tune:
-    tune(args.m)
+    tune_decode() if args.tune == "decode" else tune(args.m)
     return
   ceil = ceilings()
   print(json.dumps(ceil), flush=True)
