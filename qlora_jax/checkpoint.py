@@ -1,6 +1,9 @@
 """Checkpoints of the trainable state with orbax: LoRA params, optimizer state, RNG state, step
 and the data position. orbax writes each step to a temporary folder and renames it when
-complete, so a run killed mid-save resumes from the previous complete checkpoint."""
+complete, so a run killed mid-save resumes from the previous complete checkpoint.
+
+Arrays are written as they are laid out (each device's, or each host's, shards) and read back
+into the layout of the template, whatever the device count that wrote them."""
 
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
-    flat = {k: np.asarray(v) for k, v in to_flat(state).items()}
+    flat = {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in to_flat(state).items()}
     args = ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta))
     if os.environ.get(KILL_DURING_SAVE) == str(step):
       _save_then_die(self.manager, self.folder, step, args)
@@ -73,9 +76,10 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, template) -> tuple[object, dict]:
-    """(state shaped like template, meta) of the latest checkpoint."""
+    """(state shaped and laid out like template, meta) of the latest checkpoint."""
     step = self.latest_step()
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in to_flat(template).items()}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+                for k, v in to_flat(template).items()}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return from_flat(template, dict(restored["state"])), dict(restored["meta"])

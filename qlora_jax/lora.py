@@ -1,7 +1,7 @@
 """The QLoRA linear layer (frozen 4-bit base + trainable LoRA) and the helper that installs it.
 
 y = x @ dequant(W)^T + scaling * dropout(x) @ A @ B (+ bias), operands in the compute dtype
-(bf16) with float32 accumulation. A [in, r] and B [r, out] are `nnx.LoRAParam` in float32
+(bf16) with float32 accumulation. A [in, r] and B [r, out] are `nnx.LoRAParam`s (LoRAWeight) in float32
 (master weights), initialised as PEFT does: A kaiming-uniform (a = sqrt(5), i.e. U(±1/sqrt(in))),
 B zeros, so a fresh layer computes exactly the base layer.
 """
@@ -18,7 +18,7 @@ from flax import nnx
 
 from qlora_jax.base_matmul import get_backend, qmatmul
 from qlora_jax.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
-from qlora_jax.variables import FrozenParam, QuantWeight
+from qlora_jax.variables import FrozenParam, LoRAWeight, QuantWeight
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,8 +72,8 @@ class QLoRALinear(nnx.Module):
     self.lora = lora
     if lora is None:
       return
-    self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), in_features, lora.rank, lora.param_dtype))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), lora.param_dtype))
+    self.lora_a = LoRAWeight(lora_a_init(rngs.params(), in_features, lora.rank, lora.param_dtype))
+    self.lora_b = LoRAWeight(jnp.zeros((lora.rank, out_features), lora.param_dtype))
     self.dropout = nnx.Dropout(lora.dropout, rngs=rngs)
 
   @classmethod

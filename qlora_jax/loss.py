@@ -36,8 +36,17 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
   return total, count
 
 
-def batch_loss(model, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """(summed loss, token count) of a batch dict (input_ids, labels, positions, segment_ids)."""
+def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Array]:
+  """(summed loss, token count) of a batch dict (input_ids, labels, positions, segment_ids).
+
+  shards: the number of devices the batch rows are split over. Each device's rows are chunked
+  on their own (a chunk never spans two devices, so no device computes another's logits).
+  """
   h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"])
-  return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), model.head_weight(), batch["labels"].reshape(-1))
+  w, labels = model.head_weight(), batch["labels"]
+  if shards == 1:
+    return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
+  totals, counts = jax.vmap(chunked_cross_entropy, in_axes=(0, None, 0))(
+      h.reshape(shards, -1, h.shape[-1]), w, labels.reshape(shards, -1))
+  return jnp.sum(totals), jnp.sum(counts)

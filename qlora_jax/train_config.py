@@ -10,6 +10,7 @@ import typing
 
 from qlora_jax.codebooks import BLOCKSIZES, QUANT_TYPES
 from qlora_jax.model import ATTENTION_IMPLEMENTATIONS, LINEAR_NAMES, REMAT_POLICIES
+from qlora_jax.sharding import LORA_SHARDINGS, MESH_AXES
 
 DATA_FORMATS = ("alpaca", "oasst1", "chat", "text")
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -59,8 +60,12 @@ class TrainConfig:
   remat: str = "full"  # gradient checkpointing per layer: none | full | save_dots
   scan_layers: bool = True  # scan over one stacked layer: compile time independent of depth
   attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
-  backend: str = "xla"
-  mesh: tuple[tuple[str, int], ...] = (("data", -1),)  # axis name and size; -1: all devices
+  backend: str = "auto"
+  # Devices (sharding.py): axes data | fsdp | tensor with sizes, -1 = the devices left; a mesh of
+  # one device runs unsharded. lora_sharding: LoRA params and AdamW moments split over fsdp or not.
+  mesh: tuple[tuple[str, int], ...] = (("data", -1),)
+  lora_sharding: str = "fsdp"
+  device_memory_gib: float = 0.0  # the per-device budget checked at start-up; 0: the device's own
   # Loop, evaluation, checkpoints, output
   output_dir: str = "runs/run"
   seed: int = 0
@@ -94,6 +99,11 @@ class TrainConfig:
         (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
         (self.eval_size >= 1, "eval_size must be >= 1"),
         (all(size == -1 or size >= 1 for _, size in self.mesh), "mesh sizes must be >= 1 or -1"),
+        (all(axis in MESH_AXES for axis, _ in self.mesh), f"mesh axes must be among {MESH_AXES}"),
+        (len({axis for axis, _ in self.mesh}) == len(self.mesh), "mesh axes must be distinct"),
+        (sum(size == -1 for _, size in self.mesh) <= 1, "at most one mesh axis may be -1"),
+        (self.lora_sharding in LORA_SHARDINGS, f"lora_sharding must be one of {LORA_SHARDINGS}"),
+        (self.device_memory_gib >= 0, "device_memory_gib must be >= 0"),
     ]
     for ok, message in checks:
       if not ok:

@@ -1,7 +1,9 @@
 """The pure, jitted training step and its optimizer.
 
 The step is a function of (LoRA params, RNG state, optimizer state, frozen base, batch): only the
-first three change, and they are donated; the frozen 4-bit base is never differentiated.
+first three change, and they are donated; the frozen 4-bit base is never differentiated. With a
+Layout (sharding.py) the same step is jitted with the layout's shardings and traced under its
+mesh; without one it runs on the default device exactly as it always has.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import optax
 from flax import nnx
 
 from qlora_jax.loss import batch_loss
+from qlora_jax.sharding import Layout
 from qlora_jax.train_config import TrainConfig
 
 
@@ -33,14 +36,21 @@ def to_device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx, opt_sharding=None):
-  """The jitted step: accumulate gradients over the leading micro-batch axis, one update."""
+def make_train_step(graphdef, tx, opt_sharding=None, layout: Layout | None = None, like=None):
+  """The jitted step: accumulate gradients over the leading micro-batch axis, one update.
+
+  Args:
+    opt_sharding: pinned-host shardings of the optimizer state (offload), or None.
+    layout: the device layout (None: one device). With it, `like` = (lora, rng, opt_state,
+      frozen), arrays or abstract, whose layout shardings the step takes and keeps.
+  """
+  shards = layout.batch_shards if layout is not None else 1
 
   def loss_fn(lora, rng, frozen, micro):
     # Rebuild the Variables at this trace level (tree.map re-creates them), so dropout may
     # advance the RNG count here; Variables made at an outer level refuse mutation.
     model = nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in (lora, rng, frozen)))
-    total, count = batch_loss(model, micro)
+    total, count = batch_loss(model, micro, shards)
     return total, (count, nnx.state(model, nnx.RngState))
 
   def micro_grads(lora, rng, frozen, micro):
@@ -64,6 +74,13 @@ def make_train_step(graphdef, tx, opt_sharding=None):
     metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
     return lora, rng, opt_state, metrics
 
+  if layout is not None:
+    lora_s, rng_s, opt_s, frozen_s = layout.shardings(like)
+    opt_s = opt_s if opt_sharding is None else opt_sharding
+    donate = (0, 1, 2) if opt_sharding is None else (0, 1)
+    return jax.jit(in_mesh(step, layout), donate_argnums=donate,
+                   in_shardings=(lora_s, rng_s, opt_s, frozen_s, layout.batch_sharding(3, leading=1)),
+                   out_shardings=(lora_s, rng_s, opt_s, layout.replicated()))
   if opt_sharding is None:
     return jax.jit(step, donate_argnums=(0, 1, 2))
   # Donation does not alias across memory kinds: the host-resident state is not donated.
@@ -71,15 +88,35 @@ def make_train_step(graphdef, tx, opt_sharding=None):
                  out_shardings=(None, None, opt_sharding, None))
 
 
-def make_eval_step(graphdef):
-  @jax.jit
+def in_mesh(fn, layout: Layout):
+  """fn traced under the layout's mesh: its 4-bit weights are gathered where they are used."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
+def make_eval_step(graphdef, layout: Layout | None = None):
+  """(summed loss, token count) of a batch, dropout off; traced under the layout's mesh if any."""
+  shards = layout.batch_shards if layout is not None else 1
+
   def eval_step(lora, rng, frozen, batch):
-    return batch_loss(nnx.merge(graphdef, lora, rng, frozen), batch)
-  return eval_step
+    return batch_loss(nnx.merge(graphdef, lora, rng, frozen), batch, shards)
+  return jax.jit(eval_step if layout is None else in_mesh(eval_step, layout))
 
 
-def offload_sharding(opt_state):
-  """pinned_host shardings for the optimizer state (the design's paged-optimizer replacement)."""
+def init_optimizer(tx, lora, layout: Layout | None = None):
+  """The optimizer state of lora, created in the layout (its moments laid out as the params)."""
+  if layout is None:
+    return tx.init(lora)
+  return jax.jit(tx.init, out_shardings=layout.shardings(jax.eval_shape(tx.init, lora)))(lora)
+
+
+def offload_sharding(opt_state, layout: Layout | None = None):
+  """pinned_host shardings for the optimizer state (the design's paged-optimizer replacement),
+  split as the layout splits it on the devices."""
+  if layout is not None:
+    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), layout.shardings(opt_state))
   device = jax.devices()[0]
   host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
   return jax.tree.map(lambda _: host, opt_state)

@@ -1,7 +1,8 @@
 """The training loop: set-up, evaluation, samples, checkpoints, metrics (the step: train_step.py).
 
 The model is split once into (graphdef, LoRA params, RNG state, frozen base); the loop carries
-those and the optimizer state from step to step.
+those and the optimizer state from step to step. With a mesh of several devices every piece is
+created already split as sharding.py lays it out; with one device nothing changes.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from flax import nnx
 from tqdm import tqdm
 
 from qlora_jax import data as data_lib
+from qlora_jax import memory
 from qlora_jax.checkpoint import Checkpointer
 from qlora_jax.convert import convert
 from qlora_jax.generate import SamplingConfig, complete
 from qlora_jax.lora import LoraConfig
 from qlora_jax.metrics import MetricsLog, plot_loss
 from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
 from qlora_jax.quantization import QuantConfig
+from qlora_jax.sharding import Layout, initialize_distributed, make_layout, mesh_shape
 from qlora_jax.sources import default_gguf
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.train_step import (make_eval_step, make_optimizer, make_train_step, offload_sharding,
-                                  to_device_batch)
-from qlora_jax.weights import META_FILE, load_model
+from qlora_jax.train_step import (init_optimizer, make_eval_step, make_optimizer, make_train_step,
+                                  offload_sharding, to_device_batch)
+from qlora_jax.weights import META_FILE, load_model, read_meta
 
 
 class TrainingError(ValueError):
@@ -80,6 +84,7 @@ class Run:
   batches: data_lib.Batches
   eval_set: list
   truncated: int
+  layout: Layout | None = None  # None: one device
   step: int = 0
 
   def train_state(self) -> dict:
@@ -88,6 +93,10 @@ class Run:
   def model(self):
     """The model for inference (dropout off) with the current adapters."""
     return nnx.merge(self.eval_graphdef, self.lora, self.rng, self.frozen)
+
+  def put_batch(self, batch: dict[str, np.ndarray], leading: int = 0) -> dict[str, jax.Array]:
+    """A host batch on the devices: split over data x fsdp, or whole on the one device."""
+    return to_device_batch(batch) if self.layout is None else self.layout.put_batch(batch, leading)
 
 
 def _load_rows(cfg: TrainConfig):
@@ -102,11 +111,25 @@ def _load_rows(cfg: TrainConfig):
   return split["train"], split["test"]
 
 
-def setup(cfg: TrainConfig, run_dir: pathlib.Path) -> Run:
-  """Data, model (converted if needed), optimizer: a Run at step 0."""
+def check_memory(cfg: TrainConfig, folder: pathlib.Path, layout: Layout | None) -> memory.Estimate:
+  """Print the per-device memory estimate; ValueError naming the fix if it cannot fit."""
+  options = dataclasses.replace(model_options(cfg), quant=QuantConfig(**read_meta(folder)["quant"]))
+  sizes = layout.sizes if layout is not None else {"data": 1}
+  est = memory.estimate(ModelConfig.from_file(folder / "config.json"), options, cfg, sizes)
+  limit, device = memory.device_memory(cfg)
+  memory.check_fits(est, limit, device, cfg, sizes)
+  print(est.text(limit, device) if limit else est.text() + f"\n  ({device}: no memory limit known, not checked)")
+  return est
+
+
+def setup(cfg: TrainConfig, run_dir: pathlib.Path, layout: Layout | None = None) -> Run:
+  """Data, model (converted if needed), optimizer: a Run at step 0, laid out over the layout's
+  devices (None: one device)."""
   train_rows, eval_rows = _load_rows(cfg)
   folder = ensure_converted(cfg)
-  model, tokenizer = load_model(folder, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed)
+  check_memory(cfg, folder, layout)
+  model, tokenizer = load_model(folder, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed,
+                                layout=layout)
   train_data, eval_data = (data_lib.tokenize(rows, cfg.dataset_format, tokenizer, cfg.source_max_len,
                                              cfg.target_max_len, cfg.train_on_source)
                            for rows in (train_rows, eval_rows))
@@ -118,15 +141,15 @@ def setup(cfg: TrainConfig, run_dir: pathlib.Path) -> Run:
   eval_graphdef = nnx.graphdef(model)
   tx, schedule = make_optimizer(cfg)
   return Run(cfg=cfg, run_dir=run_dir, graphdef=graphdef, eval_graphdef=eval_graphdef, lora=lora,
-             rng=rng, frozen=frozen, opt_state=tx.init(lora), tx=tx, schedule=schedule,
-             tokenizer=tokenizer, batches=batches,
+             rng=rng, frozen=frozen, opt_state=init_optimizer(tx, lora, layout), tx=tx,
+             schedule=schedule, tokenizer=tokenizer, batches=batches,
              eval_set=data_lib.eval_batches(eval_data, cfg.batch_size, cfg.max_seq_len),
-             truncated=train_data.truncated + eval_data.truncated)
+             truncated=train_data.truncated + eval_data.truncated, layout=layout)
 
 
 def evaluate(run: Run, eval_step) -> float:
   """Mean token loss over the whole evaluation set (dropout off)."""
-  sums = [eval_step(run.lora, run.rng, run.frozen, to_device_batch(b)) for b in run.eval_set]
+  sums = [eval_step(run.lora, run.rng, run.frozen, run.put_batch(b)) for b in run.eval_set]
   total, count = jax.device_get((sum(t for t, _ in sums), sum(c for _, c in sums)))  # one read
   return float(total) / max(int(count), 1)
 
@@ -149,10 +172,19 @@ def _check_resume_choice(ckpt: Checkpointer, resume: bool | None) -> None:
                      "choose another output_dir or remove it")
 
 
-def _check_single_device(cfg: TrainConfig) -> None:
-  if any(size not in (1, -1) for axis, size in cfg.mesh if axis != "data"):
-    raise ValueError(f"mesh {cfg.mesh}: this version trains on one device; sharding the model over "
-                     "several needs the multi-device support that is not in this release. Use mesh=data:-1")
+def _devices(cfg: TrainConfig) -> Layout | None:
+  """The run's layout (None: one device), after joining a multi-host job if there is one;
+  a mesh that does not fit the devices or splits the batch unevenly is refused here."""
+  initialize_distributed()
+  sizes = mesh_shape(cfg.mesh, jax.device_count())
+  shards = math.prod(sizes.get(a, 1) for a in ("data", "fsdp"))
+  if cfg.batch_size % shards:
+    raise ValueError(f"batch_size {cfg.batch_size} does not split over the {shards} batch shards of "
+                     f"mesh {sizes} (data x fsdp); make batch_size a multiple of {shards}")
+  layout = make_layout(cfg.mesh, cfg.lora_sharding)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {sizes}"
+        + ("" if layout is None else f"; LoRA {cfg.lora_sharding}"))
+  return layout
 
 
 def _restore(run: Run, ckpt: Checkpointer) -> None:
@@ -199,23 +231,35 @@ class Summary:
     return "\n".join(lines)
 
 
+def _log_dir(run_dir: pathlib.Path) -> pathlib.Path:
+  """Where this process writes config, metrics, plot and summary: the run folder for process 0
+  of a multi-host job (or the only process), a process_<i> folder inside it for the others.
+  Checkpoints are written by all processes together (orbax)."""
+  if jax.process_index() == 0:
+    return run_dir
+  (run_dir / f"process_{jax.process_index()}").mkdir(parents=True, exist_ok=True)
+  return run_dir / f"process_{jax.process_index()}"
+
+
 def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
   """Run (or resume) a training run in cfg.output_dir; returns its summary."""
   run_dir = pathlib.Path(cfg.output_dir)
-  _check_single_device(cfg)
+  layout = _devices(cfg)
   ckpt = Checkpointer(run_dir, cfg.keep_checkpoints)
   _check_resume_choice(ckpt, resume)
-  run = setup(cfg, run_dir)
+  run = setup(cfg, run_dir, layout)
   _restore(run, ckpt)
+  log_dir = _log_dir(run_dir)
   if run.step == 0:  # a resumed run keeps the config it was started with
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (log_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   lrs = np.asarray(jax.vmap(run.schedule)(jnp.arange(cfg.steps)))  # read on the host, never per step
-  opt_sharding = offload_sharding(run.opt_state) if cfg.offload_optimizer else None
+  opt_sharding = offload_sharding(run.opt_state, layout) if cfg.offload_optimizer else None
+  like = (run.lora, run.rng, run.opt_state, run.frozen)
   if opt_sharding is not None:
     run.opt_state = jax.device_put(run.opt_state, opt_sharding)
-  step_fn = make_train_step(run.graphdef, run.tx, opt_sharding)
-  eval_step = make_eval_step(run.eval_graphdef)
-  log = MetricsLog(run_dir)
+  step_fn = make_train_step(run.graphdef, run.tx, opt_sharding, layout, like)
+  eval_step = make_eval_step(run.eval_graphdef, layout)
+  log = MetricsLog(log_dir)
   log.drop_after(run.step)  # records a killed run wrote past its last checkpoint
   fresh = run.step == 0
   before = evaluate(run, eval_step) if fresh else None
@@ -236,8 +280,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
   seconds = time.time() - start
   summary = Summary(run.step, seconds, tokens / max(seconds, 1e-9), last.get("loss"),
                     before, after, run.truncated, samples_before, sample(run))
-  plot_loss(log.records(), run_dir / "loss.png")
-  (run_dir / "summary.txt").write_text(summary.text() + "\n")
+  plot_loss(log.records(), log_dir / "loss.png")
+  (log_dir / "summary.txt").write_text(summary.text() + "\n")
   return summary
 
 
@@ -247,7 +291,7 @@ def _loop(run: Run, step_fn, eval_step, ckpt: Checkpointer, log: MetricsLog, lrs
   bar = tqdm(total=cfg.steps, initial=run.step, desc="training", unit="step")
   pending, last, tokens, t0 = None, {}, 0, time.time()
   while run.step < cfg.steps:
-    batch = to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
+    batch = run.put_batch(run.batches.next_accumulated(cfg.grad_accum), leading=1)
     run.lora, run.rng, run.opt_state, metrics = step_fn(run.lora, run.rng, run.opt_state, run.frozen, batch)
     run.step += 1
     if pending is not None:

@@ -167,7 +167,7 @@ def read_meta(folder: pathlib.Path) -> dict:
 
 
 def load_model(path, dtype=jnp.bfloat16, options: ModelOptions | None = None, *, seed: int = 0,
-               tokenizer: bool = True):
+               tokenizer: bool = True, layout=None):
   """(model, tokenizer) from a converted folder.
 
   Args:
@@ -176,13 +176,15 @@ def load_model(path, dtype=jnp.bfloat16, options: ModelOptions | None = None, *,
     options: model options (LoRA, remat, ...); its dtype and quant are taken from `dtype` and
       the checkpoint. Default: no adapters.
     seed: initialises the LoRA adapters (A random, B zero), if any.
+    layout: a sharding.Layout: each variable goes straight to its devices, split as the layout
+      says (stacked on the host first, so no device ever holds a whole stacked weight).
   """
   folder = pathlib.Path(path)
   meta = read_meta(folder)
   config = ModelConfig.from_file(folder / "config.json")
   options = dataclasses.replace(options or ModelOptions(), dtype=jnp.dtype(dtype).name,
                                 quant=QuantConfig(**meta["quant"]))
-  model = _build(config, options, TensorIndex.from_folder(folder), seed)
+  model = _build(config, options, TensorIndex.from_folder(folder), seed, layout)
   tok = None
   if tokenizer:
     if not meta.get("tokenizer", True):
@@ -193,29 +195,43 @@ def load_model(path, dtype=jnp.bfloat16, options: ModelOptions | None = None, *,
   return model, tok
 
 
-def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, seed: int) -> CausalLM:
+def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, seed: int,
+           layout=None) -> CausalLM:
   """The model with base weights from `tensors` and freshly initialised adapters."""
   make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
   graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
+  place = _placer(layout, base)
   used = set()
   for path, var in nnx.to_flat_state(base):
     names = variable_names(path, config, options)
-    values = [_load_one(tensors, name, var, i is not None, jnp.dtype(options.dtype), used)
+    # With a layout each layer goes to the host as it is read and the stack to the devices, split.
+    to = (lambda v: v) if layout is None else (lambda v: jax.tree.map(np.asarray, v))  # noqa: E731
+    values = [to(_load_one(tensors, name, var, i is not None, jnp.dtype(options.dtype), used))
               for name, i in names]
-    var.set_value(values[0] if names[0][1] is None else _stack(values))
+    value = values[0] if names[0][1] is None else _stack(values, jnp if layout is None else np)
+    var.set_value(place(path, value))
   leftovers = sorted(k for k in tensors if _owner(k) not in used and not _ignored(k))
   if leftovers:
     raise ValueError(f"checkpoint tensors the model has no place for: {leftovers[:8]}"
                      f"{' ...' if len(leftovers) > 8 else ''} (config.json does not match the weights?)")
-  return nnx.merge(graphdef, base, _init_trainable(rest, seed))
+  return nnx.merge(graphdef, base, _init_trainable(rest, seed, _placer(layout, rest)))
 
 
-def _stack(values: list):
+def _stack(values: list, xp=jnp):
   """Per-layer values (arrays or QuantizedArrays) as one with a leading layer axis."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+  return jax.tree.map(lambda *xs: xp.stack(xs), *values)
 
 
-def _init_trainable(rest: nnx.State, seed: int) -> nnx.State:
+def _placer(layout, abstract: nnx.State):
+  """place(path, value): the value on its devices as the layout splits that variable (as it is
+  without a layout)."""
+  if layout is None:
+    return lambda path, value: value
+  variables = dict(nnx.to_flat_state(abstract))
+  return lambda path, value: jax.device_put(value, layout.value_shardings(variables[path], path, value))
+
+
+def _init_trainable(rest: nnx.State, seed: int, place=lambda path, value: value) -> nnx.State:
   """Adapters (A as PEFT initialises it, B = 0) and one dropout RNG stream per layer, filled
   into the abstract state directly: no compile of the whole model's constructor. Variables of
   stacked layers ([L, ...]) get one independent draw per layer."""
@@ -232,7 +248,7 @@ def _init_trainable(rest: nnx.State, seed: int) -> nnx.State:
       value = jax.random.split(jax.random.fold_in(rng_key, i), math.prod(spec.shape)).reshape(spec.shape)
     else:
       raise ValueError(f"cannot initialise {'.'.join(map(str, path))} ({type(var).__name__})")
-    var.set_value(value)
+    var.set_value(place(path, value))
   return rest
 
 
@@ -274,20 +290,24 @@ def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig)
   return like.replace(codes=codes, absmax=jax.random.uniform(k2, like.absmax.shape, jnp.float32, 0.02, 0.03))
 
 
-def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0) -> CausalLM:
-  """A model with random base weights created on the default device, 4-bit from the start."""
+def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0, layout=None) -> CausalLM:
+  """A model with random base weights, 4-bit from the start, each variable made by one jitted
+  call straight into its layout (on the default device without one)."""
   make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
   graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
   key = jax.random.key(seed)
-  make_one = jax.jit(random_quantized, static_argnums=(1, 2))
   for i, (path, var) in enumerate(nnx.to_flat_state(base)):
-    spec, k = var.get_value(), jax.random.fold_in(key, i)
+    spec, k = var.get_raw_value(), jax.random.fold_in(key, i)
     if isinstance(var, QuantWeight):
       layers = [n for _, n in variable_names(path, config, options)]
-      values = [make_one(jax.random.fold_in(k, j), spec.shape, options.quant) for j in range(len(layers))]
-      var.set_value(values[0] if layers[0] is None else _stack(values))
+      # layer j from fold_in(k, j), vmapped over the layers of a stacked weight
+      one = lambda k, j, shape=spec.shape: random_quantized(jax.random.fold_in(k, j), shape, options.quant)  # noqa: E731
+      fn = (lambda k, one=one: one(k, 0)) if layers[0] is None else (
+          lambda k, one=one, n=len(layers): jax.vmap(one, in_axes=(None, 0))(k, jnp.arange(n)))
     elif path[-2].endswith("norm"):
-      var.set_value(jnp.ones(spec.shape, spec.dtype))
+      fn = lambda k, spec=spec: jnp.ones(spec.shape, spec.dtype)  # noqa: E731
     else:
-      var.set_value((0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype))
-  return nnx.merge(graphdef, base, _init_trainable(rest, seed))
+      fn = lambda k, spec=spec: (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype)  # noqa: E731
+    out = None if layout is None else layout.value_shardings(var, path, jax.eval_shape(fn, k))
+    var.set_value(jax.jit(fn, out_shardings=out)(k))
+  return nnx.merge(graphdef, base, _init_trainable(rest, seed, _placer(layout, rest)))

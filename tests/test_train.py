@@ -168,9 +168,10 @@ def test_resume_flags(tiny_model_dir, tmp_path):
   assert (tmp_path / "run" / "config.json").read_text() == before  # refused runs change nothing
 
 
-def test_multi_device_mesh_is_refused_clearly(tiny_model_dir, tmp_path):
-  with pytest.raises(ValueError, match="trains on one device"):
+def test_mesh_beyond_the_devices_is_refused_clearly(tiny_model_dir, tmp_path):
+  with pytest.raises(ValueError, match="needs 8 devices; 1 cpu device"):
     trainer.train(_tiny(tiny_model_dir, tmp_path / "run", "mesh=data:1,fsdp:8"))
+  assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):

@@ -1,0 +1,117 @@
+"""Time the QLoRA training step sharded over N local devices (random 4-bit weights made straight
+into their layout): tokens/s, per-device peak memory, compile time, and the start-up memory
+estimate beside the measured peak. Each device count runs in its own process (peaks are
+per process), one JSON line each.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/multi_gpu.py --model llama3-8b \
+      --devices 1,2 --axis fsdp --per-device-batch 4 --seq 2048 --attention cudnn
+
+--devices 1 is the unsharded single-device step (the baseline). The per-device batch is fixed
+(weak scaling) unless --global-batch is given (strong scaling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench.train_step import SHAPES
+from qlora_jax.lora import LoraConfig
+from qlora_jax.memory import estimate
+from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.sharding import make_layout
+from qlora_jax.train_config import TrainConfig
+from qlora_jax.train_step import init_optimizer, make_optimizer, make_train_step, to_device_batch
+from qlora_jax.weights import random_model
+
+
+def _peaks(devices) -> list[float | None]:
+  out = []
+  for d in devices:
+    stats = d.memory_stats() or {}
+    out.append(round(stats["peak_bytes_in_use"] / 2**30, 3) if "peak_bytes_in_use" in stats else None)
+  return out
+
+
+def bench(args, n: int) -> dict:
+  mesh = ((args.axis, n),)
+  layout = make_layout(mesh, args.lora_sharding)
+  shards = layout.batch_shards if layout is not None else 1
+  batch = args.global_batch or args.per_device_batch * shards
+  model_cfg = ModelConfig(model_type="llama", **SHAPES[args.model])
+  options = ModelOptions(lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0), remat=args.remat,
+                         scan_layers=True, attention=args.attention)
+  train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0, batch_size=batch,
+                          source_max_len=1, target_max_len=args.seq - 1, remat=args.remat,
+                          attention=args.attention, lora_rank=args.rank, mesh=mesh,
+                          lora_sharding=args.lora_sharding)
+  est = estimate(model_cfg, options, train_cfg, {args.axis: n})
+  model = random_model(model_cfg, options, layout=layout)
+  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+  tx, _ = make_optimizer(train_cfg)
+  opt_state = init_optimizer(tx, lora, layout)
+  step = make_train_step(graphdef, tx, None, layout, (lora, rng, opt_state, frozen))
+  ids = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (1, batch, args.seq + 1)).astype(np.int32)
+  host = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+          "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (1, batch, args.seq)).copy(),
+          "segment_ids": np.ones((1, batch, args.seq), np.int32)}
+  data = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
+  t0 = time.perf_counter()
+  compiled = step.lower(lora, rng, opt_state, frozen, data).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(args.steps + 2):
+    t0 = time.perf_counter()
+    lora, rng, opt_state, metrics = compiled(lora, rng, opt_state, frozen, data)
+    jax.block_until_ready((lora, metrics))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  devices = list(layout.mesh.devices.flat) if layout is not None else [jax.devices()[0]]
+  peaks = _peaks(devices)
+  return {"model": args.model, "devices": n, "mesh": dict(mesh), "lora_sharding": args.lora_sharding,
+          "global_batch": batch, "per_device_batch": batch / shards, "seq": args.seq, "remat": args.remat,
+          "attention": args.attention, "rank": args.rank, "step_s": round(med, 4),
+          "tokens_per_s": round(batch * args.seq / med, 1),
+          "tokens_per_s_per_device": round(batch * args.seq / med / n, 1),
+          "peak_gib_per_device": peaks, "peak_gib_max": max((p for p in peaks if p is not None), default=None),
+          "estimate_gib": round(est.total / 2**30, 3), "compile_s": round(compile_s, 2),
+          "loss": float(metrics["loss"]), "device": devices[0].device_kind, "jax": jax.__version__}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+  p.add_argument("--devices", default="1,2", help="comma-separated device counts, one process each")
+  p.add_argument("--axis", default="fsdp", choices=["fsdp", "data"], help="the mesh axis over the devices")
+  p.add_argument("--per-device-batch", type=int, default=4)
+  p.add_argument("--global-batch", type=int, default=0, help="fixed global batch (strong scaling)")
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--remat", default="full")
+  p.add_argument("--rank", type=int, default=64)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--lora-sharding", default="fsdp", choices=["fsdp", "replicated"])
+  args = p.parse_args()
+  counts = [int(c) for c in args.devices.split(",")]
+  if len(counts) == 1:
+    if counts[0] > jax.device_count():
+      sys.exit(f"--devices {counts[0]}: only {jax.device_count()} device(s) visible")
+    print(json.dumps(bench(args, counts[0])), flush=True)
+    return
+  for n in counts:  # a fresh process per count: peak memory is per process
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "devices"]
+    subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--devices={n}"], check=True)
+
+if __name__ == "__main__":
+  main()

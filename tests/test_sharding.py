@@ -1,0 +1,325 @@
+"""Several devices: the mesh, the layout rules, the memory estimate, and, in subprocesses with 8
+simulated CPU devices (the flag must be set before jax starts), the sharded step against one
+device, checkpoints restored onto other device counts, the v5e config's code path and the
+multi-GPU benchmark."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from qlora_jax import memory, sharding, trainer
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.quantization import QuantConfig, zeros_quantized
+from qlora_jax.train_config import TrainConfig, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LLAMA_65B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=22016,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64, head_dim=128)
+TINY = dict(model_type="llama", vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+def _on_devices(n: int, code: str, *args, timeout: int = 600) -> str:
+  """Run `code` in a fresh python with n simulated CPU devices; its stdout (fails on error)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", PYTHONPATH=str(ROOT))
+  r = subprocess.run([sys.executable, *(["-c", code] if code else []), *map(str, args)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=timeout)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+  return r.stdout
+
+
+# --- the mesh and the layout rules (one process, no devices needed) ---
+
+
+def test_mesh_shape_resolves_and_refuses():
+  assert sharding.mesh_shape((("data", -1),), 8) == {"data": 8}
+  assert sharding.mesh_shape((("data", 2), ("fsdp", -1)), 8) == {"data": 2, "fsdp": 4}
+  assert sharding.mesh_shape((("fsdp", 2),), 8) == {"fsdp": 2}  # the first 2 of 8 devices
+  with pytest.raises(ValueError, match="needs 16 devices; 8"):
+    sharding.mesh_shape((("data", 2), ("fsdp", 8)), 8)
+  with pytest.raises(ValueError, match="a multiple of 3"):
+    sharding.mesh_shape((("data", 3), ("fsdp", -1)), 8)
+  for bad, match in [((("model", 2),), "mesh axes must be among"), ((("data", -1), ("fsdp", -1)), "at most one"),
+                     ((("data", 2), ("data", 2)), "distinct")]:
+    with pytest.raises(ValueError, match=match):
+      TrainConfig(model_dir="m", dataset="d", mesh=bad)
+  with pytest.raises(ValueError, match="lora_sharding"):
+    TrainConfig(model_dir="m", dataset="d", lora_sharding="zero3")
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (96, 200), (4096, 14336), (3, 37), (64, 96)])
+@pytest.mark.parametrize("sizes", [{"fsdp": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 2, "tensor": 4}, {"data": 8}])
+def test_4bit_layout_keeps_blocks_whole(shape, sizes):
+  qa = zeros_quantized(shape, QuantConfig())
+  spec = sharding.quant_specs(qa, sizes)
+  axes = spec.codes[-1] if spec.codes != P() else None
+  assert spec.absmax == spec.codes  # codes and their scales are split alike
+  assert all(s == P() for s in (spec.quant_map, spec.nested_absmax, spec.nested_quant_map, spec.offset))
+  if axes is None:
+    return
+  shards = int(np.prod([sizes[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+  assert shards > 1 and qa.size % qa.blocksize == 0 and qa.num_blocks % shards == 0
+  chunk = qa.size // shards  # elements per device: whole blocks, matching its slice of scales
+  assert chunk % qa.blocksize == 0 and chunk // qa.blocksize == qa.num_blocks // shards
+  assert chunk == 2 * (qa.codes.shape[0] // shards)
+  if "tensor" in sizes:  # the tensor axis splits whole output rows
+    assert shape[0] % sizes["tensor"] == 0
+  used = sharding.quant_specs(qa, sizes, in_use=True).codes
+  assert used == (P("tensor") if "tensor" in sizes else P())  # gathered over fsdp at use
+
+
+def test_unaligned_weights_stay_whole():
+  for shape in [(3, 37), (12, 64)]:  # a partial last block; 12 blocks on 8 devices
+    assert sharding.quant_specs(zeros_quantized(shape, QuantConfig()), {"fsdp": 8}).codes == P()
+
+
+def test_roles_of_a_model_and_its_optimizer_state():
+  from qlora_jax.model import CausalLM
+  from qlora_jax.train_step import make_optimizer
+
+  options = ModelOptions(lora=LoraConfig(rank=8), scan_layers=True)
+  model = nnx.eval_shape(lambda: CausalLM(ModelConfig(**TINY), options, rngs=nnx.Rngs(0)))
+  _, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  sizes = {"data": 2, "fsdp": 4}
+  flat = lambda tree: {".".join(map(str, k)): v.get_raw_value() for k, v in nnx.to_flat_state(tree)}  # noqa: E731
+  base = flat(sharding.specs(rest, sizes))
+  assert base["model.embed_tokens.weight"] == P("fsdp", None)
+  assert base["model.layers.input_layernorm.weight"] == P()
+  assert base["model.layers.self_attn.q_proj.weight"].codes == P(None, "fsdp")
+  adapters = flat(sharding.specs(lora, sizes))
+  assert adapters["model.layers.self_attn.q_proj.lora_a"] == P(None, "fsdp", None)
+  assert adapters["model.layers.self_attn.q_proj.lora_b"] == P(None, None, "fsdp")
+  assert set(jax.tree.leaves(sharding.specs(lora, sizes, "replicated"))) == {P()}
+  tx, _ = make_optimizer(TrainConfig(model_dir="m", dataset="d"))
+  moments = jax.tree.leaves(sharding.specs(jax.eval_shape(tx.init, lora), sizes))
+  assert moments.count(P(None, "fsdp", None)) == 2 * 7 and moments.count(P(None, None, "fsdp")) == 2 * 7
+
+
+def test_distributed_start_only_when_the_environment_asks():
+  assert sharding.distributed_settings({}) is None
+  assert sharding.distributed_settings({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # one host
+  assert sharding.distributed_settings({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}
+  assert sharding.distributed_settings({"SLURM_NTASKS": "4"}) == {}
+  assert sharding.distributed_settings({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+  assert sharding.distributed_settings({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+                                        "JAX_PROCESS_ID": "1"}) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+
+
+# --- the memory estimate ---
+
+
+def _estimate(model: ModelConfig, attention: str, batch: int, sizes=None, **overrides):
+  cfg = TrainConfig(model_dir="-", dataset="-", batch_size=batch, source_max_len=1, target_max_len=2047,
+                    remat="full", attention=attention, **overrides)
+  options = ModelOptions(lora=LoraConfig(rank=64), remat="full", scan_layers=True, attention=attention)
+  return memory.estimate(model, options, cfg, sizes or {"data": 1}), cfg
+
+
+@pytest.mark.parametrize("shape, batch, attention, measured_gib", [
+    (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+          num_key_value_heads=8, head_dim=64, tie_word_embeddings=True), 4, "xla", 8.90),
+    (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+          num_key_value_heads=8, head_dim=64, tie_word_embeddings=True), 4, "cudnn", 5.06),
+    (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+          num_key_value_heads=8, head_dim=128), 4, "xla", 17.47),
+    (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+          num_key_value_heads=8, head_dim=128), 4, "cudnn", 13.59),
+    (None, 1, "cudnn", 49.39),
+], ids=["llama3-1b-xla", "llama3-1b-cudnn", "llama3-8b-xla", "llama3-8b-cudnn", "llama-65b-cudnn"])
+def test_estimate_tracks_measured_h100_peaks(shape, batch, attention, measured_gib):
+  """docs/BENCHMARKS.md's peaks (one H100, r=64 on all layers, 2048 tokens a row, full remat)."""
+  model = LLAMA_65B if shape is None else ModelConfig(model_type="llama", **shape)
+  est, _ = _estimate(model, attention, batch)
+  assert abs(est.total / 2**30 / measured_gib - 1) < 0.06, est.text()
+
+
+def test_65b_on_a_v5e_host_fits_only_when_split():
+  cfg = load_config("llama65b_v5e")
+  sizes = sharding.mesh_shape(cfg.mesh, 8)
+  est, _ = _estimate(LLAMA_65B, "xla", cfg.batch_size, sizes, mesh=cfg.mesh)
+  assert est.total < 16 * 2**30 and est.terms["4-bit base weights (stored)"] < 4 * 2**30
+  memory.check_fits(est, 16 * 2**30, "TPU v5 lite", cfg, sizes)
+  replicated, cfg_r = _estimate(LLAMA_65B, "xla", cfg.batch_size, sizes, mesh=cfg.mesh, lora_sharding="replicated")
+  with pytest.raises(ValueError, match=r"needs about 2\d\.\d GiB per device.*Fix: lora_sharding=fsdp"):
+    memory.check_fits(replicated, 16 * 2**30, "TPU v5 lite", cfg_r, sizes)
+  data, cfg_d = _estimate(LLAMA_65B, "xla", cfg.batch_size, {"data": 8}, mesh=(("data", 8),))
+  with pytest.raises(ValueError, match=r"split the base and LoRA over all 8 devices \(mesh=fsdp:8\)"):
+    memory.check_fits(data, 16 * 2**30, "TPU v5 lite", cfg_d, {"data": 8})
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+  cfg = load_config("tiny_test", [f"model_dir={tiny_model_dir}", "model_source=", f"output_dir={tmp_path / 'run'}",
+                                  "device_memory_gib=0.001"])
+  with pytest.raises(ValueError, match=r"more than the 0\.0 GiB of one cpu, device_memory_gib.*Fix:"):
+    trainer.train(cfg)
+  assert not list((tmp_path / "run").glob("config.json"))
+
+
+# --- several devices (subprocesses) ---
+
+STEP_WORKER = """
+import jax, numpy as np, optax
+from flax import nnx
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.sharding import make_layout
+from qlora_jax.train_step import init_optimizer, make_train_step, offload_sharding, to_device_batch
+from qlora_jax.weights import random_model
+
+assert jax.device_count() == 8
+config = ModelConfig(**{tiny})
+options = ModelOptions(lora=LoraConfig(rank=8, alpha=16.0, dropout=0.1), remat="full", scan_layers=True,
+                       dtype="float32", attention="xla")
+graphdef, lora0, rng0, frozen0 = nnx.split(random_model(config, options), nnx.LoRAParam, nnx.RngState, ...)
+lora0 = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), lora0)  # B != 0
+ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 8, 65)).astype(np.int32)
+host = {{"input_ids": ids[..., :-1], "labels": ids[..., 1:], "segment_ids": np.ones((2, 8, 64), np.int32),
+        "positions": np.broadcast_to(np.arange(64, dtype=np.int32), (2, 8, 64)).copy()}}
+# SGD with momentum, lr 1: after one step the update and the momentum are exactly the gradient.
+tx = optax.sgd(1.0, momentum=0.9)
+
+def run(mesh, offload=False):
+  layout = None if mesh is None else make_layout(mesh)
+  lora, rng = jax.tree.map(lambda x: x.copy(), (lora0, rng0))  # the step donates them
+  lora, rng, frozen = (lora, rng, frozen0) if layout is None else layout.put((lora, rng, frozen0))
+  opt = init_optimizer(tx, lora, layout)
+  like = (lora, rng, opt, frozen)
+  off = offload_sharding(opt, layout) if offload else None
+  opt = opt if off is None else jax.device_put(opt, off)
+  step = make_train_step(graphdef, tx, off, layout, like)
+  batch = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
+  lora, rng, opt, metrics = step(lora, rng, opt, frozen, batch)
+  lora, _, opt, _ = step(lora, rng, opt, frozen, batch)  # again: compiled once, shardings kept
+  assert step._cache_size() == 1
+  return frozen, lora, jax.device_get(metrics), jax.device_get((lora, opt))
+
+_, _, ref_m, ref = run(None)
+for mesh, offload in [((("fsdp", 8),), False), ((("data", 2), ("fsdp", 2), ("tensor", 2)), True)]:
+  frozen, lora, m, got = run(mesh, offload)
+  np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m["grad_norm"], ref_m["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):  # LoRA after 2 updates, momentum
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(frozen0)),
+                                                  jax.tree.leaves(jax.device_get(frozen))))
+  codes = frozen["model"]["layers"]["mlp"]["down_proj"]["weight"].get_raw_value().codes
+  lora_a = lora["model"]["layers"]["mlp"]["down_proj"]["lora_a"].get_raw_value()
+  split = tuple(a for a in ("tensor", "fsdp") if dict(mesh).get(a, 1) > 1)
+  assert codes.sharding.spec == jax.sharding.PartitionSpec(None, split if len(split) > 1 else split[0])
+  assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None), lora_a.sharding
+  print("equal", mesh, "offload" if offload else "", m["loss"], flush=True)
+"""
+
+
+def test_sharded_step_matches_one_device():
+  """On 8 devices, FSDP, and data x FSDP x tensor with the optimizer state offloaded: loss,
+  gradient norm, LoRA after two updates and the optimizer state equal one device's in float32
+  (dropout on); each step compiled once; the base untouched and laid out as declared."""
+  out = _on_devices(8, STEP_WORKER.format(tiny=TINY))
+  assert out.count("equal (") == 2, out
+
+
+CKPT_WRITER = """
+import sys, jax, numpy as np
+from flax import nnx
+from qlora_jax.checkpoint import Checkpointer, to_flat
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.sharding import make_layout
+from qlora_jax.train_config import TrainConfig
+from qlora_jax.train_step import init_optimizer, make_optimizer
+from qlora_jax.weights import random_model
+
+layout = make_layout((("data", 2), ("fsdp", 4)))
+model = random_model(ModelConfig(**{tiny}), ModelOptions(lora=LoraConfig(rank=8), scan_layers=True), seed=1,
+                     layout=layout)
+_, lora, rng, _ = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+tx = make_optimizer(TrainConfig(model_dir="-", dataset="-"))[0]
+opt = init_optimizer(tx, lora, layout)
+grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), lora)
+_, opt = tx.update(grads, opt, lora)  # moments that are not zero
+state = {{"lora": lora, "rng": rng, "opt_state": opt}}
+assert "fsdp" in str(lora["model"]["layers"]["mlp"]["up_proj"]["lora_b"].get_raw_value().sharding.spec)
+ckpt = Checkpointer(sys.argv[1], 2)
+ckpt.save(7, state, {{"step": 7}})
+ckpt.close()
+np.savez(sys.argv[1] + "/expected.npz", **{{k: np.asarray(v) for k, v in to_flat(state).items()}})
+"""
+
+CKPT_READER = """
+import sys, jax, numpy as np
+from flax import nnx
+from qlora_jax.checkpoint import Checkpointer, to_flat
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import ModelOptions
+from qlora_jax.model_config import ModelConfig
+from qlora_jax.sharding import make_layout
+from qlora_jax.train_config import TrainConfig
+from qlora_jax.train_step import init_optimizer, make_optimizer
+from qlora_jax.weights import random_model
+
+expected = dict(np.load(sys.argv[1] + "/expected.npz"))
+model = random_model(ModelConfig(**{tiny}), ModelOptions(lora=LoraConfig(rank=8), scan_layers=True), seed=2)
+_, lora0, rng0, _ = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)  # other values, same structure
+tx = make_optimizer(TrainConfig(model_dir="-", dataset="-"))[0]
+for mesh in [(("fsdp", jax.device_count()),), (("data", 1),)]:
+  layout = make_layout(mesh)
+  lora, rng = (lora0, rng0) if layout is None else layout.put((lora0, rng0))
+  template = {{"lora": lora, "rng": rng, "opt_state": init_optimizer(tx, lora, layout)}}
+  ckpt = Checkpointer(sys.argv[1], 2)
+  state, meta = ckpt.restore(template)
+  ckpt.close()
+  flat = to_flat(state)
+  assert meta["step"] == 7 and sorted(flat) == sorted(expected)
+  for k, v in flat.items():
+    assert v.sharding == to_flat(template)[k].sharding, k
+    np.testing.assert_array_equal(np.asarray(v), expected[k], err_msg=k)
+  print("restored", jax.device_count(), mesh, flush=True)
+"""
+
+
+def test_checkpoint_written_sharded_restores_onto_other_device_counts(tmp_path):
+  """Written from 8 devices (data 2 x fsdp 4), read bit for bit into 2 devices split over fsdp and
+  into one device, each in the layout of its template."""
+  _on_devices(8, CKPT_WRITER.format(tiny=TINY), tmp_path)
+  out = _on_devices(2, CKPT_READER.format(tiny=TINY), tmp_path)
+  assert out.count("restored 2") == 2, out
+
+
+def test_v5e_config_path_on_8_simulated_devices_then_resumed_on_one(tiny_model_dir, tmp_path, capsys):
+  """configs/llama65b_v5e.py as it is (data 1 x fsdp 8, LoRA split) with a tiny model: the
+  estimate is printed and checked, two steps train and are checkpointed; the run then resumes
+  on one device from the 8-device checkpoint."""
+  run = tmp_path / "run"
+  common = [f"model_dir={tiny_model_dir}", "model_source=", "dataset=data/answer_reason.jsonl",
+            "dataset_format=chat", "eval_size=8", "source_max_len=48", "target_max_len=16",
+            "grad_accum=1", "eval_every=100", "save_every=2", f"output_dir={run}"]
+  out = _on_devices(8, "", ROOT / "train.py", "--config", "llama65b_v5e", *common, "steps=2",
+                    "device_memory_gib=16")
+  assert "mesh {'data': 1, 'fsdp': 8}; LoRA fsdp" in out
+  assert "memory per device (estimate, 8 device(s))" in out and "device memory (cpu, device_memory_gib)" in out
+  assert (run / "checkpoints" / "2").is_dir()
+  summary = trainer.train(load_config("llama65b_v5e", [*common, "steps=3", "mesh=data:-1"]))
+  assert "resumed from" in capsys.readouterr().out and summary.steps == 3
+  assert np.isfinite(summary.eval_loss_after)
+
+
+def test_multi_gpu_bench_on_8_simulated_devices():
+  out = _on_devices(8, "", ROOT / "bench" / "multi_gpu.py", "--model", "tiny", "--devices", "8",
+                    "--per-device-batch", "1", "--seq", "32", "--steps", "1", "--rank", "4")
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["devices"] == 8 and result["global_batch"] == 8 and result["mesh"] == {"fsdp": 8}
+  assert result["tokens_per_s"] > 0 and len(result["peak_gib_per_device"]) == 8 and result["compile_s"] > 0
