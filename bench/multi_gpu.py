@@ -48,6 +48,8 @@ def bench(args, n: int) -> dict:
   layout = make_layout(mesh, args.lora_sharding)
   shards = layout.batch_shards if layout is not None else 1
   batch = args.global_batch or args.per_device_batch * shards
+  if batch % shards:
+    sys.exit(f"--global-batch {batch} does not split over {shards} devices")
   model_cfg = ModelConfig(model_type="llama", **SHAPES[args.model])
   options = ModelOptions(lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0), remat=args.remat,
                          scan_layers=True, attention=args.attention)
