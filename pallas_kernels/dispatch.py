@@ -7,7 +7,9 @@
           (docs/BENCHMARKS.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
-uses is printed once, at the first trace, never per call.
+uses is printed once, at the first trace, never per call. Under a mesh of several devices (a
+sharded step) both take XLA's path: a Pallas call is one device's program, and GSPMD would
+replicate its operands (a whole 4-bit weight per device) rather than split it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def _product(policy: str, product: str):
     platform = jax.default_backend()
     _announce(policy, platform)
     if jnp.dtype(compute_dtype) != jnp.bfloat16:
+      return getattr(xla, product)(a, qw, compute_dtype)
+    if jax.sharding.get_abstract_mesh().size > 1:
       return getattr(xla, product)(a, qw, compute_dtype)
     a = a.astype(jnp.bfloat16)
     m = a.shape[0]

@@ -28,7 +28,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.layout import GROUP, HALF, decode_codes
+from pallas_kernels.layout import GROUP, HALF, decode_codes, pad_rows
 
 DECODE_ROWS = 64  # decode: activations padded to wgmma's n = 64 (Mosaic GPU's layout inference
                   # finds no layout for n = 16 or 32 in JAX 0.10-0.11)
@@ -247,27 +247,22 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
   return call(a, codes, scales_T)
 
 
-def _pad_rows(x, multiple: int):
-  pad = -x.shape[0] % multiple
-  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+def _training(mode: str, a, codes, scales_T, table, tiles: Tiles, interpret: bool):
+  m = a.shape[0]
+  return _call(pad_rows(a, tiles.m), codes, scales_T, mode=mode, table=table, tiles=tiles,
+               interpret=interpret)[:m]
 
 
 @functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
 def forward(x_MxK, codes_T, scales_T, *, table, tiles: Tiles = Tiles(), interpret: bool = False):
   """Y [M, N] f32 = x @ W^T; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
-  m = x_MxK.shape[0]
-  y = _call(_pad_rows(x_MxK, tiles.m), codes_T, scales_T, mode="forward", table=table,
-            tiles=tiles, interpret=interpret)
-  return y[:m]
+  return _training("forward", x_MxK, codes_T, scales_T, table, tiles, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
 def backward(dy_MxN, codes, scales_T, *, table, tiles: Tiles = Tiles(), interpret: bool = False):
   """dX [M, K] f32 = dy @ W; codes [N, K/2] split packing, scales_T [K/64, N]."""
-  m = dy_MxN.shape[0]
-  dx = _call(_pad_rows(dy_MxN, tiles.m), codes, scales_T, mode="backward", table=table,
-             tiles=tiles, interpret=interpret)
-  return dx[:m]
+  return _training("backward", dy_MxN, codes, scales_T, table, tiles, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
@@ -282,7 +277,7 @@ def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_
   m, k = x_MxK.shape
   n = codes.shape[0]
   x_perm = x_MxK.reshape(m, k // GROUP, HALF, 2).swapaxes(2, 3).reshape(m, k)
-  x_T = _pad_rows(x_perm, DECODE_ROWS).T
+  x_T = pad_rows(x_perm, DECODE_ROWS).T
   splits = decode_splits(n, k, tiles.n)
   y_T = _call(x_T, codes, scales_T, mode="decode", table=table, tiles=tiles, interpret=interpret,
               splits=splits)

@@ -67,3 +67,9 @@ def decode_codes(codes_i32: jax.Array, table) -> jax.Array:
     set_ = ((codes_i32 >> bit) & 1) != 0
     level = [jnp.where(set_, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
   return level[0]
+
+
+def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+  """x [M, C] with zero rows appended up to a multiple of `multiple` (kernels tile M whole)."""
+  pad = -x.shape[0] % multiple
+  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x

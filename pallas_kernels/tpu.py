@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.layout import GROUP, HALF, decode_codes
+from pallas_kernels.layout import GROUP, HALF, decode_codes, pad_rows
 
 TILE_M, TILE_N, TILE_K = 256, 256, 512
 
@@ -85,52 +85,48 @@ def supported(n: int, k: int) -> bool:
   return pick(n, TILE_N) is not None and k % TILE_K == 0
 
 
-def _pad_rows(x, multiple: int):
-  pad = -x.shape[0] % multiple
-  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+def _call(product: str, a, codes_T, scales_T, *, table, out_cols: int, steps: int, tn: int,
+          tk: int, interpret: bool):
+  """The pallas_call shared by both products: grid (M/tm, out_cols/tile, steps), steps innermost.
+
+  forward: a = x, output tile (tm, tn), step s walks K; backward: a = dy, output tile (tm, tk),
+  step s walks N. The code block of a grid point is at (k block, n block) either way.
+  """
+  forward_ = product == "forward"
+  kernel = functools.partial(_forward_kernel if forward_ else _backward_kernel, table=table)
+  m = a.shape[0]
+  tm = min(TILE_M, -(-m // 32) * 32)
+  a = pad_rows(a, tm)
+  kn = (lambda i, j, s: (s, j)) if forward_ else (lambda i, j, s: (j, s))
+  out_tile = tn if forward_ else tk
+  out = pl.pallas_call(
+      kernel,
+      grid=(a.shape[0] // tm, out_cols // out_tile, steps),
+      in_specs=[pl.BlockSpec((tm, tk if forward_ else tn), lambda i, j, s: (i, s)),
+                pl.BlockSpec((tk // 2, tn), kn),
+                pl.BlockSpec((tk // HALF, tn), kn)],
+      out_specs=pl.BlockSpec((tm, out_tile), lambda i, j, s: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((a.shape[0], out_cols), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((tm, out_tile), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=_interpret(interpret),
+  )(a, codes_T, scales_T)
+  return out[:m]
 
 
 @functools.partial(jax.jit, static_argnames=("table", "interpret"))
 def forward(x_MxK, codes_T, scales_T, *, table, interpret: bool = False):
   """Y [M, N] f32 = x @ W^T; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
-  m, k = x_MxK.shape
-  n = codes_T.shape[1]
-  tm, tn, tk = min(TILE_M, -(-m // 32) * 32), pick(n, TILE_N), TILE_K
-  x = _pad_rows(x_MxK, tm)
-  y = pl.pallas_call(
-      functools.partial(_forward_kernel, table=table),
-      grid=(x.shape[0] // tm, n // tn, k // tk),
-      in_specs=[pl.BlockSpec((tm, tk), lambda i, j, s: (i, s)),
-                pl.BlockSpec((tk // 2, tn), lambda i, j, s: (s, j)),
-                pl.BlockSpec((tk // HALF, tn), lambda i, j, s: (s, j))],
-      out_specs=pl.BlockSpec((tm, tn), lambda i, j, s: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
-      scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=_interpret(interpret),
-  )(x, codes_T, scales_T)
-  return y[:m]
+  k, n = x_MxK.shape[1], codes_T.shape[1]
+  return _call("forward", x_MxK, codes_T, scales_T, table=table, out_cols=n, steps=k // TILE_K,
+               tn=pick(n, TILE_N), tk=TILE_K, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("table", "interpret"))
 def backward(dy_MxN, codes_T, scales_T, *, table, interpret: bool = False):
   """dX [M, K] f32 = dy @ W; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
-  m, n = dy_MxN.shape
-  k = codes_T.shape[0] * 2
-  tm, tn, tk = min(TILE_M, -(-m // 32) * 32), pick(n, TILE_N), TILE_K
-  dy = _pad_rows(dy_MxN, tm)
-  dx = pl.pallas_call(
-      functools.partial(_backward_kernel, table=table),
-      grid=(dy.shape[0] // tm, k // tk, n // tn),
-      in_specs=[pl.BlockSpec((tm, tn), lambda i, j, s: (i, s)),
-                pl.BlockSpec((tk // 2, tn), lambda i, j, s: (j, s)),
-                pl.BlockSpec((tk // HALF, tn), lambda i, j, s: (j, s))],
-      out_specs=pl.BlockSpec((tm, tk), lambda i, j, s: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((dy.shape[0], k), jnp.float32),
-      scratch_shapes=[pltpu.VMEM((tm, tk), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=_interpret(interpret),
-  )(dy, codes_T, scales_T)
-  return dx[:m]
+  n, k = dy_MxN.shape[1], codes_T.shape[0] * 2
+  tn = pick(n, TILE_N)
+  return _call("backward", dy_MxN, codes_T, scales_T, table=table, out_cols=k, steps=n // tn,
+               tn=tn, tk=TILE_K, interpret=interpret)
