@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from bench.train_step import SHAPES
+from bench.train_step import SHAPES, time_step
 from qlora_jax.lora import LoraConfig
 from qlora_jax.memory import estimate
 from qlora_jax.model import ModelOptions
@@ -68,17 +66,7 @@ def bench(args, n: int) -> dict:
           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (1, batch, args.seq)).copy(),
           "segment_ids": np.ones((1, batch, args.seq), np.int32)}
   data = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
-  t0 = time.perf_counter()
-  compiled = step.lower(lora, rng, opt_state, frozen, data).compile()
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(args.steps + 2):
-    t0 = time.perf_counter()
-    lora, rng, opt_state, metrics = compiled(lora, rng, opt_state, frozen, data)
-    jax.block_until_ready((lora, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
+  compile_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, args.steps)
   devices = list(layout.mesh.devices.flat) if layout is not None else [jax.devices()[0]]
   peaks = _peaks(devices)
   return {"model": args.model, "devices": n, "mesh": dict(mesh), "lora_sharding": args.lora_sharding,

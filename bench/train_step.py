@@ -42,6 +42,22 @@ def peak_gib() -> float:
   return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
+def time_step(step, state: tuple, data, steps: int) -> tuple[float, float, dict]:
+  """(compile seconds, median step seconds over `steps` after 2 warm-up steps, last metrics)."""
+  lora, rng, opt_state, frozen = state
+  t0 = time.perf_counter()
+  compiled = step.lower(lora, rng, opt_state, frozen, data).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(steps + 2):
+    t0 = time.perf_counter()
+    lora, rng, opt_state, metrics = compiled(lora, rng, opt_state, frozen, data)
+    jax.block_until_ready((lora, metrics))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return compile_s, statistics.median(times), metrics
+
+
 def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int,
           scan: bool, attention: str) -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
@@ -61,17 +77,7 @@ def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, step
   data = {"input_ids": jnp.asarray(ids[..., :-1]), "labels": jnp.asarray(ids[..., 1:]),
           "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, batch, seq)),
           "segment_ids": jnp.ones((1, batch, seq), jnp.int32)}
-  t0 = time.perf_counter()
-  compiled = step.lower(lora, rng, opt_state, frozen, data).compile()
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(steps + 2):
-    t0 = time.perf_counter()
-    lora, rng, opt_state, metrics = compiled(lora, rng, opt_state, frozen, data)
-    jax.block_until_ready((lora, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
+  compile_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, steps)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat, "scan": scan,
           "attention": attention,
           "rank": rank, "step_s": med, "tokens_per_s": batch * seq / med, "peak_gib": peak_gib(),
