@@ -153,6 +153,8 @@ def _dequantize_tile(codes_smem, scales_smem, w_smem, *, table, scale_axis: int,
 
 def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool, splits: int = 1):
   """The pallas call for one of 'forward', 'backward', 'decode' (see module docstring)."""
+  if interpret:  # JAX 0.10's Mosaic GPU interpreter can deadlock on delayed buffer release; it
+    tiles = dataclasses.replace(tiles, overlap=False)  # runs wgmma synchronously anyway
   dtype = a.dtype
   if mode == "forward":
     (m, k), n = a.shape, codes.shape[1]
