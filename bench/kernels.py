@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import gpu, layout
-from qlora_jax import codebooks
 from qlora_jax.base_matmul import get_backend
 from qlora_jax.quantization import QuantConfig, dequantize
 from qlora_jax.weights import random_quantized
@@ -33,7 +32,7 @@ TRAIN_SHAPES = [  # (N, K): llama3-1b/8b, llama-65b and a 70B-sized MLP
     (2048, 2048), (8192, 2048), (2048, 8192), (4096, 4096), (1024, 4096), (14336, 4096),
     (4096, 14336), (8192, 8192), (22016, 8192), (8192, 22016), (28672, 8192)]
 DECODE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (22016, 8192)]
-TABLE = tuple(float(v) for v in codebooks.NF4)
+TABLE = layout.codebook("nf4")
 
 
 def gpu_ms(fn, *args, iterations: int = 20) -> float:
@@ -62,41 +61,33 @@ def weight(n: int, k: int, seed: int):
 
 
 def train_rows(m: int, shapes) -> list[dict]:
-  xla = get_backend("xla")
+  """"ours" is the `pallas` qmatmul backend, the path a model takes (operand preparation + kernel)."""
+  xla, ours = get_backend("xla"), get_backend("pallas")
   rows = []
   for n, k in shapes:
     qw = weight(n, k, n + k)
     w = jax.jit(lambda q: dequantize(q, jnp.bfloat16))(qw)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
-    ops = {
-        "fwd": (x, lambda a, q: gpu.forward(a, *layout.kernel_operands(q, True), table=TABLE),
-                lambda a, q: xla.forward(a, q, jnp.bfloat16),
-                lambda a, wd: jnp.dot(a, wd.T, preferred_element_type=jnp.float32),
+    ops = {  # name: (activation, product, cuBLAS equivalent, kernel operands, kernel)
+        "fwd": (x, "forward", lambda a, wd: jnp.dot(a, wd.T, preferred_element_type=jnp.float32),
                 layout.kernel_operands(qw, True), gpu.forward),
-        "bwd": (dy, lambda a, q: gpu.backward(a, *layout.kernel_operands(q, False), table=TABLE),
-                lambda a, q: xla.backward(a, q, jnp.bfloat16),
-                lambda a, wd: jnp.dot(a, wd, preferred_element_type=jnp.float32),
+        "bwd": (dy, "backward", lambda a, wd: jnp.dot(a, wd, preferred_element_type=jnp.float32),
                 layout.kernel_operands(qw, False), gpu.backward),
     }
-    for name, (a, ours, ref, cublas, operands, kernel) in ops.items():
-      ours, ref, cublas = jax.jit(ours), jax.jit(ref), jax.jit(cublas)
-      err = rel_err(ours(a, qw), ref(a, qw))
+    for name, (a, product, cublas, operands, kernel) in ops.items():
+      fused = jax.jit(lambda a_, q, p=product: getattr(ours, p)(a_, q, jnp.bfloat16))
+      ref = jax.jit(lambda a_, q, p=product: getattr(xla, p)(a_, q, jnp.bfloat16))
+      err = rel_err(fused(a, qw), ref(a, qw))
       flops = 2 * m * n * k
-      t = {"ours": gpu_ms(ours, a, qw),
+      t = {"ours": gpu_ms(fused, a, qw),
            "kernel": gpu_ms(jax.jit(lambda a_, c, s: kernel(a_, c, s, table=TABLE)), a, *operands),
-           "cublas": gpu_ms(cublas, a, w), "xla": gpu_ms(ref, a, qw)}
+           "cublas": gpu_ms(jax.jit(cublas), a, w), "xla": gpu_ms(ref, a, qw)}
       rows.append({"op": name, "M": m, "N": n, "K": k, "rel_err": err,
                    **{f"{key}_ms": v for key, v in t.items()},
                    **{f"{key}_TFLOPs": flops / v / 1e9 for key, v in t.items()}})
       print(json.dumps(rows[-1]), flush=True)
   return rows
-
-
-def decode_operands(qw):
-  """The decode kernel reads the stored codes as they are, plus the decoded scales."""
-  n, k = qw.shape
-  return qw.codes.reshape(n, k // 2), layout.half_block_scales(qw)
 
 
 def bnb_decode_ms(m: int, n: int, k: int, copies: int) -> float | None:
@@ -134,7 +125,7 @@ def bnb_decode_ms(m: int, n: int, k: int, copies: int) -> float | None:
 
 
 def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
-  xla = get_backend("xla")
+  xla, pallas = get_backend("xla"), get_backend("pallas")
   rows = []
   for n, k in shapes:
     # Several weights per call, more bytes than the 50 MB L2, so nothing is re-read from cache.
@@ -142,10 +133,10 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
     qws = [weight(n, k, s) for s in range(copies)]
     for m in ms:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-      ours = jax.jit(lambda a, qs: [gpu.decode(a, *decode_operands(q), table=TABLE) for q in qs])
+      ours = jax.jit(lambda a, qs: [pallas.forward(a, q, jnp.bfloat16) for q in qs])
       ref = jax.jit(lambda a, qs: [xla.forward(a, q, jnp.bfloat16) for q in qs])
       err = rel_err(ours(x, qws[:1])[0], ref(x, qws[:1])[0])
-      operands = [decode_operands(q) for q in qws]
+      operands = [layout.decode_operands(q) for q in qws]
       kernel = jax.jit(lambda a, ops: [gpu.decode(a, c, s, table=TABLE) for c, s in ops])
       nbytes = n * k // 2 + n * k // 64 + 4 * -(-n * k // 64 // 256) + 2 * m * k + 4 * m * n
       t = {"ours": gpu_ms(ours, x, qws) / copies, "kernel": gpu_ms(kernel, x, operands) / copies,
@@ -166,7 +157,7 @@ def tune_decode() -> None:
   """GB/s of the decode kernel (kernel only) for a few tile configurations, M = 1."""
   for n, k in [(4096, 4096), (14336, 4096), (8192, 8192)]:
     copies = max(2, -(-256 * 2**20 // (n * k // 2)))
-    ops = [decode_operands(weight(n, k, s)) for s in range(copies)]
+    ops = [layout.decode_operands(weight(n, k, s)) for s in range(copies)]
     x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
     res = []

@@ -28,11 +28,6 @@ INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU)
 _ANNOUNCED: set[tuple[str, str]] = set()
 
 
-def _table(qw: QuantizedArray) -> tuple[float, ...]:
-  from qlora_jax.codebooks import CODEBOOKS
-  return tuple(float(v) for v in CODEBOOKS[qw.quant_type])
-
-
 def _announce(policy: str, platform: str) -> None:
   if (policy, platform) in _ANNOUNCED:
     return
@@ -58,23 +53,18 @@ def _product(policy: str, product: str):
   def run(a, qw: QuantizedArray, compute_dtype):
     platform = jax.default_backend()
     _announce(policy, platform)
-    if jnp.dtype(compute_dtype) != jnp.bfloat16:
+    if jnp.dtype(compute_dtype) != jnp.bfloat16 or jax.sharding.get_abstract_mesh().size > 1:
       return getattr(xla, product)(a, qw, compute_dtype)
-    if jax.sharding.get_abstract_mesh().size > 1:
-      return getattr(xla, product)(a, qw, compute_dtype)
-    a = a.astype(jnp.bfloat16)
-    m = a.shape[0]
+    a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     if platform == "gpu":
-      if product == "forward" and m <= DECODE_MAX_ROWS and _gpu_shape_ok(qw, gpu.DECODE_TILE_N):
-        n, k = qw.shape
-        return gpu.decode(a, qw.codes.reshape(n, k // 2), layout.half_block_scales(qw),
-                          table=_table(qw), interpret=INTERPRET)
+      if product == "forward" and a.shape[0] <= DECODE_MAX_ROWS and _gpu_shape_ok(qw, gpu.DECODE_TILE_N):
+        return gpu.decode(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
       if policy == "pallas" and _gpu_shape_ok(qw, gpu.Tiles().n):
-        codes, scales_T = layout.kernel_operands(qw, transposed=product == "forward")
-        return getattr(gpu, product)(a, codes, scales_T, table=_table(qw), interpret=INTERPRET)
+        operands = layout.kernel_operands(qw, transposed=product == "forward")
+        return getattr(gpu, product)(a, *operands, table=table, interpret=INTERPRET)
     if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):
-      codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
-      return getattr(tpu, product)(a, codes_T, scales_T, table=_table(qw), interpret=INTERPRET)
+      operands = layout.kernel_operands(qw, transposed=True)
+      return getattr(tpu, product)(a, *operands, table=table, interpret=INTERPRET)
     return getattr(xla, product)(a, qw, compute_dtype)
 
   return run

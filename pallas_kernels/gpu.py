@@ -33,8 +33,8 @@ from pallas_kernels.layout import GROUP, HALF, decode_codes, pad_rows
 DECODE_ROWS = 64  # decode: activations padded to wgmma's n = 64 (Mosaic GPU's layout inference
                   # finds no layout for n = 16 or 32 in JAX 0.10-0.11)
 DECODE_TILE_N = 64  # decode: weight rows per CTA
-MIN_CTAS = 264
-EPILOGUE_COLS = 64  # the f32 output leaves through shared memory 64 columns at a time  # decode: split K until about 2 CTAs per SM of an H100
+MIN_CTAS = 264  # decode: split K until about 2 CTAs per SM of an H100
+EPILOGUE_COLS = 64  # the f32 output leaves through shared memory 64 columns at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,20 +159,20 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
   if mode == "forward":
     (m, k), n = a.shape, codes.shape[1]
     out_shape, steps = (m, n), k // GROUP
-    w_shape, lhs_shape, acc_shape = (GROUP, tiles.n), (tiles.m, GROUP), (tiles.m, tiles.n)
+    w_shape, acc_shape = (GROUP, tiles.n), (tiles.m, tiles.n)
     grid = (m // tiles.m, n // tiles.n)
     scale_axis = 1
   elif mode == "backward":
     (m, n), k = a.shape, codes.shape[1] * 2
     out_shape, steps = (m, k), n // tiles.n
-    w_shape, lhs_shape, acc_shape = (tiles.n, GROUP), (tiles.m, tiles.n), (tiles.m, GROUP)
+    w_shape, acc_shape = (tiles.n, GROUP), (tiles.m, GROUP)
     grid = (m // tiles.m, k // GROUP)
     scale_axis = 0
   else:  # decode: a is X^T [K, DECODE_ROWS]; K is cut into `splits` parts, summed by the caller
     (k, m), n = a.shape, codes.shape[0]
     k_part = k // splits
     out_shape, steps = (splits * n, m), k_part // GROUP
-    w_shape, lhs_shape, acc_shape = (tiles.n, GROUP), (GROUP, m), (tiles.n, m)
+    w_shape, acc_shape = (tiles.n, GROUP), (tiles.n, m)
     grid = (n // tiles.n, splits)
     scale_axis = 0
 
@@ -235,7 +235,6 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
     pl.run_scoped(with_acc, plgpu.ACC(acc_shape, jnp.float32))
     plgpu.wait_smem_to_gmem(0)
 
-  del lhs_shape
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -268,7 +267,7 @@ def backward(dy_MxN, codes, scales_T, *, table, tiles: Tiles = Tiles(), interpre
 
 
 @functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
-def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_N, stages=3, overlap=True),
+def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_N),
            interpret: bool = False):
   """Y [M, N] f32 = x @ W^T for M <= 64, reading the stored codes as they are.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qlora_jax.codebooks import CODEBOOKS
 from qlora_jax.quantization import QuantizedArray, scales, unpack
 
 GROUP = 128  # elements per split group
@@ -50,6 +51,17 @@ def half_block_scales(qw: QuantizedArray) -> jax.Array:
   n_rows, k = qw.shape
   per_block = scales(qw).reshape(n_rows, k // qw.blocksize)
   return jnp.repeat(per_block, qw.blocksize // HALF, axis=1).T
+
+
+def codebook(quant_type: str) -> tuple[float, ...]:
+  """The 16 code values, as the static (hashable) table the kernels bake in."""
+  return tuple(float(v) for v in CODEBOOKS[quant_type])
+
+
+def decode_operands(qw: QuantizedArray) -> tuple[jax.Array, jax.Array]:
+  """(stored codes as [N, K/2], [K/64, N] scales): the decode kernel reads bnb's packing as is."""
+  n_rows, k = qw.shape
+  return qw.codes.reshape(n_rows, k // 2), half_block_scales(qw)
 
 
 def kernel_operands(qw: QuantizedArray, transposed: bool) -> tuple[jax.Array, jax.Array]:

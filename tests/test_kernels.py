@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch, gpu, layout, tpu
-from qlora_jax import codebooks
 from qlora_jax.base_matmul import get_backend, qmatmul
 from qlora_jax.quantization import quantize
 
@@ -47,10 +46,6 @@ def _check(out, ref, seed, tol=TOL):
   assert err < tol, f"relative error {err:.2e} (seed {seed})"
 
 
-def _table(qw):
-  return tuple(float(v) for v in codebooks.CODEBOOKS[qw.quant_type])
-
-
 CPU_SHAPES = [(128, 128, 256), (37, 256, 384), (200, 128, 128)]  # ragged M: 37, 200
 GPU_SHAPES = [(1024, 1024, 2048), (1000, 2048, 1024), (4096, 1536, 4096)]
 
@@ -61,10 +56,10 @@ def test_gpu_forward_backward(shape, quant_type):
   seed, qw, x, dy = _fresh(shape, quant_type)
   interpret = not ON_GPU
   codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
-  y = gpu.forward(x, codes_T, scales_T, table=_table(qw), interpret=interpret)
+  y = gpu.forward(x, codes_T, scales_T, table=layout.codebook(qw.quant_type), interpret=interpret)
   _check(y, XLA.forward(x, qw, jnp.bfloat16), seed)
   codes, scales_T = layout.kernel_operands(qw, transposed=False)
-  dx = gpu.backward(dy, codes, scales_T, table=_table(qw), interpret=interpret)
+  dx = gpu.backward(dy, codes, scales_T, table=layout.codebook(qw.quant_type), interpret=interpret)
   _check(dx, XLA.backward(dy, qw, jnp.bfloat16), seed)
 
 
@@ -73,7 +68,7 @@ def test_gpu_forward_backward(shape, quant_type):
 def test_gpu_decode(rows, nk):
   n, k = nk
   seed, qw, x, _ = _fresh((rows, n, k), "nf4")
-  y = gpu.decode(x, qw.codes.reshape(n, k // 2), layout.half_block_scales(qw), table=_table(qw),
+  y = gpu.decode(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type),
                  interpret=not ON_GPU)
   _check(y, XLA.forward(x, qw, jnp.bfloat16), seed)
 
@@ -83,9 +78,9 @@ def test_gpu_decode(rows, nk):
 def test_tpu_forward_backward_interpret(shape, quant_type):
   seed, qw, x, dy = _fresh(shape, quant_type)
   codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
-  _check(tpu.forward(x, codes_T, scales_T, table=_table(qw), interpret=True),
+  _check(tpu.forward(x, codes_T, scales_T, table=layout.codebook(qw.quant_type), interpret=True),
          XLA.forward(x, qw, jnp.bfloat16), seed)
-  _check(tpu.backward(dy, codes_T, scales_T, table=_table(qw), interpret=True),
+  _check(tpu.backward(dy, codes_T, scales_T, table=layout.codebook(qw.quant_type), interpret=True),
          XLA.backward(dy, qw, jnp.bfloat16), seed)
 
 
