@@ -53,16 +53,12 @@ def _bnb_model(shape: dict, checkpointing: bool):
                                        quant_type="nf4").to(DEVICE)
           setattr(parent, name, q)
   for module in model.modules():  # the rest (embeddings, norms, head): bf16 on the GPU
+    is_norm = "norm" in type(module).__name__.lower()
     for pname, p in list(module.named_parameters(recurse=False)):
       if p.device.type == "meta":
-        new = torch.nn.Parameter(torch.randn(p.shape, device=DEVICE) * 0.02, requires_grad=False)
-        if "norm" in type(module).__name__.lower():
-          new = torch.nn.Parameter(torch.ones(p.shape, device=DEVICE), requires_grad=False)
-        setattr(module, pname, new)
-    for bname, b in list(module.named_buffers(recurse=False)):
-      if b.device.type == "meta":
-        module.register_buffer(bname, torch.empty(b.shape, dtype=b.dtype, device=DEVICE),
-                               persistent=False)
+        value = (torch.ones(p.shape, device=DEVICE) if is_norm
+                 else torch.randn(p.shape, device=DEVICE) * 0.02)
+        setattr(module, pname, torch.nn.Parameter(value, requires_grad=False))
   with torch.device(DEVICE):  # the rotary table was made on meta: make it again, for real
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
   if cfg.tie_word_embeddings:
