@@ -53,7 +53,8 @@ def _product(policy: str, product: str):
   def run(a, qw: QuantizedArray, compute_dtype):
     platform = jax.default_backend()
     _announce(policy, platform)
-    if jnp.dtype(compute_dtype) != jnp.bfloat16 or jax.sharding.get_abstract_mesh().size > 1:
+    if (not isinstance(qw, QuantizedArray) or jnp.dtype(compute_dtype) != jnp.bfloat16
+        or jax.sharding.get_abstract_mesh().size > 1):
       return getattr(xla, product)(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     if platform == "gpu":

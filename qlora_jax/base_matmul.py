@@ -31,14 +31,25 @@ class Backend:
   backward: MatmulFn
 
 
+def frozen_weight(qw: QuantizedArray | jax.Array, compute_dtype) -> jax.Array:
+  """The base weight [out, in] in the compute dtype: dequantized, or a dense (bf16) base as is.
+
+  A dense array is the unquantized baseline (a bf16 base with the same layers, LoRA and step:
+  scripts/quality.py's parity run); the Pallas backends hand it to this path too.
+  """
+  if isinstance(qw, QuantizedArray):
+    return dequantize(qw, compute_dtype)
+  return qw.astype(compute_dtype)
+
+
 def _xla_forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
-  w_NxK = dequantize(qw, compute_dtype)
+  w_NxK = frozen_weight(qw, compute_dtype)
   return jnp.einsum("mk,nk->mn", x_MxK.astype(compute_dtype), w_NxK,
                     preferred_element_type=jnp.float32)
 
 
 def _xla_backward(dy_MxN: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
-  w_NxK = dequantize(qw, compute_dtype)
+  w_NxK = frozen_weight(qw, compute_dtype)
   return jnp.einsum("mn,nk->mk", dy_MxN.astype(compute_dtype), w_NxK,
                     preferred_element_type=jnp.float32)
 

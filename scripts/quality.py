@@ -36,7 +36,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_jax import data as data_lib  # noqa: E402
-from qlora_jax.base_matmul import Backend, available_backends, register_backend  # noqa: E402
 from qlora_jax.loss import chunked_cross_entropy  # noqa: E402
 from qlora_jax.model import LINEAR_NAMES, ModelOptions, variable_names  # noqa: E402
 from qlora_jax.quantization import QuantConfig, dequantize, quantize  # noqa: E402
@@ -48,32 +47,10 @@ from qlora_jax.weights import load_model  # noqa: E402
 
 PARTS = ("weights", "ppl", "finetune", "placement")
 QUANTS = tuple(QuantConfig(quant_type=t, double_quant=dq) for t in ("nf4", "fp4", "int4") for dq in (True, False))
-DENSE = "dense"  # the matmul backend of a bf16 (unquantized) base
 LINEAR_SUFFIXES = tuple(f"{n}.weight" for n in LINEAR_NAMES)
 
 
 # --- base weights ------------------------------------------------------------------------------
-
-def _dense_forward(x_MxK, w_NxK, compute_dtype):
-  return jnp.einsum("mk,nk->mn", x_MxK.astype(compute_dtype), w_NxK.astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
-
-
-def _dense_backward(dy_MxN, w_NxK, compute_dtype):
-  return jnp.einsum("mn,nk->mk", dy_MxN.astype(compute_dtype), w_NxK.astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
-
-
-def register_dense_backend() -> None:
-  """A qmatmul backend whose "quantized weight" is a plain [out, in] array.
-
-  It lets the library's own QLoRALinear, model, loss and train step run on an unquantized base:
-  the same products as the "xla" backend (compute-dtype operands, float32 accumulation, no
-  gradient for the frozen weight), minus the dequantization.
-  """
-  if DENSE not in available_backends():
-    register_backend(DENSE, Backend(_dense_forward, _dense_backward))
-
 
 def reference_tensors(src: str) -> dict[str, np.ndarray]:
   """Every tensor of SRC (.gguf or model folder) as float32 numpy: the full-precision reference."""
@@ -89,13 +66,12 @@ def base_model(folder, tensors: dict[str, np.ndarray], quant: QuantConfig | None
                options: ModelOptions, seed: int = 0):
   """The model of a converted folder with its linear weights replaced from `tensors`.
 
-  quant=None: a bf16 base (the weights rounded to the compute dtype, DENSE backend); otherwise
+  quant=None: a bf16 base (the weights rounded to the compute dtype; qmatmul multiplies a dense
+  frozen weight as it is, base_matmul.frozen_weight); otherwise
   the weights quantized with `quant` by the library's quantize(). Embeddings, norms and the LoRA
   initialisation come from load_model(folder, seed=seed), so two bases built with the same seed
   start from bit-identical adapters.
   """
-  register_dense_backend()
-  options = dataclasses.replace(options, backend=DENSE if quant is None else "xla")
   model, _ = load_model(folder, jnp.dtype(options.dtype), options, seed=seed, tokenizer=False)
   for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):
     names = variable_names(path, model.config, options)
@@ -120,21 +96,22 @@ def quant_name(quant: QuantConfig | None) -> str:
 # --- 1a. weight error ----------------------------------------------------------------------------
 
 @jax.jit
-def _sq_err(w, w_hat):
-  return jnp.sum(jnp.square(w_hat.astype(jnp.float32) - w))
+def _errors(w, qw):
+  """(sum of squared dequantization errors, sum of squares) of one tensor, on the device."""
+  return jnp.sum(jnp.square(dequantize(qw, jnp.float32) - w)), jnp.sum(jnp.square(w))
 
 
 def weight_error(weights: list[np.ndarray], quant: QuantConfig) -> dict:
   """MSE of dequantize(quantize(w)) (float32) against w over all given tensors, and the bits per
   parameter of the stored form."""
-  err, sq, n, bits = 0.0, 0.0, 0, 0.0
+  sums, n, bits = [], 0, 0.0
   for w in weights:
     w = jnp.asarray(w, jnp.float32)
     qw = quantize(w, quant.quant_type, quant.blocksize, quant.double_quant)
-    err += float(_sq_err(w, dequantize(qw, jnp.float32)))
-    sq += float(jnp.sum(jnp.square(w)))
+    sums.append(_errors(w, qw))
     n += w.size
     bits += qw.bits_per_param * w.size
+  err, sq = (float(np.sum(v, dtype=np.float64)) for v in zip(*jax.device_get(sums)))
   return {"mse": err / n, "relative_mse": err / sq, "bits_per_param": bits / n, "elements": n}
 
 
@@ -700,9 +677,9 @@ def _section_finetune(results: dict, plot_name: str) -> list[str]:
           f"tokens, {cfg['steps']} steps. Per seed, both bases get the same data order, dropout masks and "
           "bit-identical initial adapters; only the frozen base differs. The held-out split is the one "
           f"train.py makes with seed {cfg['seed']}, for every seed. The bf16 base is the library's own model "
-          "with each QLoRALinear's frozen weight holding the bf16 [out, in] matrix and a `dense` matmul "
-          "backend (registered by the script through `register_backend`, the hook the Pallas kernels "
-          "use), so model, LoRA layer, loss, optimizer and jitted train step are the same code for both.", "",
+          "with each QLoRALinear's frozen weight holding the bf16 [out, in] matrix, which the 4-bit "
+          "matmul multiplies as it is (`base_matmul.frozen_weight`), so model, LoRA layer, loss, "
+          "optimizer and jitted train step are the same code for both.", "",
           *render_finetune(r), "", f"![fine-tuning curves]({plot_name})", ""]
 
 

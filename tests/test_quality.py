@@ -148,7 +148,9 @@ def test_finetune_bases_share_adapters_and_learn(tiny):
     assert c.eval_steps == [0, 3, 6] and len(c.train_loss) == 6
     assert c.eval_loss[-1] < 0.8 * c.eval_loss[0], (c.eval_loss, c.train_loss)
   assert curves[0].eval_loss[0] != curves[1].eval_loss[0]  # the bases differ
-  assert cache["fns"][0]._cache_size() == 1  # the second NF4 seed reused the compiled step
+  # One jitted step for both bases (same model graph): compiled once for the bf16 weights and once
+  # for the 4-bit ones; the second NF4 seed reused the latter.
+  assert cache["fns"][0]._cache_size() == 2
 
 
 def _fake_results(ppl_order=("NF4", "FP4", "INT4")):
