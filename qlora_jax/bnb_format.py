@@ -78,8 +78,10 @@ def _need(tensors: Mapping, key: str, dtype, length: int) -> np.ndarray:
   return arr.reshape(-1).astype(dtype, copy=False)
 
 
-def from_bnb_state(tensors: Mapping, prefix: str) -> QuantizedArray:
-  """The QuantizedArray stored under `prefix` in a bitsandbytes checkpoint (bytes kept as is)."""
+def from_bnb_state(tensors: Mapping, prefix: str, on_host: bool = False) -> QuantizedArray:
+  """The QuantizedArray stored under `prefix` in a bitsandbytes checkpoint (bytes kept as is);
+  with numpy leaves when `on_host` (for a loader that places the arrays itself)."""
+  xp = np if on_host else jnp
   meta = _read_meta(tensors, prefix)
   quant_type, blocksize = meta.get("quant_type"), meta.get("blocksize")
   if quant_type not in codebooks.QUANT_TYPES or not isinstance(blocksize, int) or blocksize <= 0:
@@ -91,16 +93,16 @@ def from_bnb_state(tensors: Mapping, prefix: str) -> QuantizedArray:
   nb = -(-n // blocksize)
   double_quant = "nested_offset" in meta
   fields = dict(
-      codes=jnp.asarray(_need(tensors, prefix, np.uint8, (n + 1) // 2)),
-      absmax=jnp.asarray(_need(tensors, f"{prefix}.absmax",
-                               np.uint8 if double_quant else np.float32, nb)),
-      quant_map=jnp.asarray(_need(tensors, f"{prefix}.quant_map", np.float32, 16)),
+      codes=xp.asarray(_need(tensors, prefix, np.uint8, (n + 1) // 2)),
+      absmax=xp.asarray(_need(tensors, f"{prefix}.absmax",
+                              np.uint8 if double_quant else np.float32, nb)),
+      quant_map=xp.asarray(_need(tensors, f"{prefix}.quant_map", np.float32, 16)),
       shape=shape, dtype=str(meta.get("dtype", "bfloat16")), quant_type=quant_type,
       blocksize=blocksize)
   if double_quant:
     nbs = int(meta.get("nested_blocksize", codebooks.NESTED_BLOCKSIZE))
     fields.update(
-        nested_absmax=jnp.asarray(_need(tensors, f"{prefix}.nested_absmax", np.float32, -(-nb // nbs))),
-        nested_quant_map=jnp.asarray(_need(tensors, f"{prefix}.nested_quant_map", np.float32, 256)),
-        offset=jnp.float32(meta["nested_offset"]), nested_blocksize=nbs)
+        nested_absmax=xp.asarray(_need(tensors, f"{prefix}.nested_absmax", np.float32, -(-nb // nbs))),
+        nested_quant_map=xp.asarray(_need(tensors, f"{prefix}.nested_quant_map", np.float32, 256)),
+        offset=xp.float32(meta["nested_offset"]), nested_blocksize=nbs)
   return QuantizedArray(**fields)

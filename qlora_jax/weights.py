@@ -204,11 +204,10 @@ def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, see
   used = set()
   for path, var in nnx.to_flat_state(base):
     names = variable_names(path, config, options)
-    # With a layout each layer goes to the host as it is read and the stack to the devices, split.
-    to = (lambda v: v) if layout is None else (lambda v: jax.tree.map(np.asarray, v))  # noqa: E731
-    values = [to(_load_one(tensors, name, var, i is not None, jnp.dtype(options.dtype), used))
+    # Each layer is read on the host, the stack goes to its device(s) in one transfer.
+    values = [_load_one(tensors, name, var, i is not None, jnp.dtype(options.dtype), used)
               for name, i in names]
-    value = values[0] if names[0][1] is None else _stack(values, jnp if layout is None else np)
+    value = values[0] if names[0][1] is None else _stack(values)
     var.set_value(place(path, value))
   leftovers = sorted(k for k in tensors if _owner(k) not in used and not _ignored(k))
   if leftovers:
@@ -217,16 +216,16 @@ def _build(config: ModelConfig, options: ModelOptions, tensors: TensorIndex, see
   return nnx.merge(graphdef, base, _init_trainable(rest, seed, _placer(layout, rest)))
 
 
-def _stack(values: list, xp=jnp):
-  """Per-layer values (arrays or QuantizedArrays) as one with a leading layer axis."""
-  return jax.tree.map(lambda *xs: xp.stack(xs), *values)
+def _stack(values: list):
+  """Per-layer host values (arrays or QuantizedArrays) as one with a leading layer axis."""
+  return jax.tree.map(lambda *xs: np.stack(xs), *values)
 
 
 def _placer(layout, abstract: nnx.State):
   """place(path, value): the value on its devices as the layout splits that variable (as it is
   without a layout)."""
   if layout is None:
-    return lambda path, value: value
+    return lambda path, value: jax.device_put(value)
   variables = dict(nnx.to_flat_state(abstract))
   return lambda path, value: jax.device_put(value, layout.value_shardings(variables[path], path, value))
 
@@ -271,10 +270,10 @@ def _load_one(tensors: Mapping, name: str, var, stacked: bool, dtype, used: set)
   if name not in tensors:
     raise ValueError(f"checkpoint is missing tensor {name!r} (shape {tuple(shape)})")
   used.add(name)
-  value = from_bnb_state(tensors, name) if isinstance(var, QuantWeight) else tensors[name]
+  value = from_bnb_state(tensors, name, on_host=True) if isinstance(var, QuantWeight) else tensors[name]
   if tuple(value.shape) != tuple(shape):
     raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(shape)}")
-  return value if isinstance(var, QuantWeight) else jnp.asarray(value, dtype)
+  return value if isinstance(var, QuantWeight) else np.asarray(value).astype(dtype)
 
 
 def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig) -> QuantizedArray:
