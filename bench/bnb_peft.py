@@ -133,6 +133,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--offload", default="no", choices=["no", "yes"], help="ours: optimizer on host")
   p.add_argument("--remat", default="full", help="ours: remat policy (full | save_dots | none)")
+  p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="ours: LoRA weights and gradients (bnb+PEFT's recipe casts LoRA to bf16)")
   p.add_argument("--systems", default="ours,bnb-ckpt,bnb")
   p.add_argument("--worker", choices=["bnb-ckpt", "bnb"], help=argparse.SUPPRESS)
   p.add_argument("--json")
@@ -148,7 +150,8 @@ def main() -> None:
     if system == "ours":
       cmd = [sys.executable, os.path.join(HERE, "train_step.py"), "--model", args.model,
              "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-             "--attention", "cudnn", "--offload", args.offload, "--remat", args.remat]
+             "--attention", "cudnn", "--offload", args.offload, "--remat", args.remat,
+             "--lora-dtype", args.lora_dtype]
     else:
       cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
              "--seq", str(args.seq), "--steps", str(args.steps), "--worker", system]

@@ -29,7 +29,8 @@ from qlora_jax.model import ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.sharding import make_layout
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.train_step import init_optimizer, make_optimizer, make_train_step, to_device_batch
+from qlora_jax.optimizer import init_optimizer, make_optimizer
+from qlora_jax.train_step import make_train_step, to_device_batch
 from qlora_jax.weights import random_model
 
 

@@ -22,7 +22,8 @@ from qlora_jax.lora import LoraConfig
 from qlora_jax.model import ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.train_step import make_optimizer, make_train_step, offload_sharding
+from qlora_jax.optimizer import init_optimizer, make_optimizer, offload_sharding
+from qlora_jax.train_step import make_train_step
 from qlora_jax.weights import random_model
 
 SHAPES = {
@@ -59,15 +60,15 @@ def time_step(step, state: tuple, data, steps: int) -> tuple[float, float, dict]
 
 
 def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int,
-          scan: bool, attention: str) -> dict:
+          scan: bool, attention: str, lora_dtype: str = "float32") -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
-  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0), remat=remat,
+  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype), remat=remat,
                          scan_layers=scan, attention=attention)
   model = random_model(cfg, options)
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
   tx, _ = make_optimizer(train_cfg)
-  opt_state = tx.init(lora)
+  opt_state = init_optimizer(tx, lora)
   sharding = offload_sharding(opt_state) if offload else None
   if sharding is not None:
     opt_state = jax.device_put(opt_state, sharding)
@@ -79,7 +80,7 @@ def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, step
           "segment_ids": jnp.ones((1, batch, seq), jnp.int32)}
   compile_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, steps)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat, "scan": scan,
-          "attention": attention,
+          "attention": attention, "lora_dtype": lora_dtype,
           "rank": rank, "step_s": med, "tokens_per_s": batch * seq / med, "peak_gib": peak_gib(),
           "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}
@@ -96,11 +97,13 @@ def main() -> None:
   p.add_argument("--offload", default="no", choices=["no", "yes", "both"])
   p.add_argument("--no-scan", dest="scan", action="store_false", help="unroll the layers")
   p.add_argument("--attention", default="xla", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="LoRA weights and gradients (moments are float32 either way)")
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offload in modes:
     print(json.dumps(bench(args.model, args.batch, args.seq, offload, args.remat, args.steps, args.rank,
-                           args.scan, args.attention)), flush=True)
+                           args.scan, args.attention, args.lora_dtype)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""QLoRA of LLaMA-65B aimed at one H100 80 GB (Guanaco-65B recipe): batch 1 x 2048, optimizer
-state offloaded to pinned host memory, full rematerialization. Not yet measured at 65B."""
+"""QLoRA of LLaMA-65B aimed at one H100 80 GB (Guanaco-65B recipe): batch 1 x 2048, bf16 LoRA,
+optimizer state in pinned host memory (streamed through the device a layer at a time), full
+rematerialization. Its training step is measured in docs/BENCHMARKS.md (bench/train_step.py)."""
 
 from qlora_jax.train_config import TrainConfig
 
@@ -14,6 +15,7 @@ config = TrainConfig(
     lora_rank=64,
     lora_alpha=16.0,
     lora_dropout=0.05,
+    lora_dtype="bfloat16",  # qlora.py's recipe: bf16 adapters and gradients, float32 AdamW moments
     batch_size=1,
     grad_accum=16,
     steps=1875,

@@ -52,7 +52,7 @@ def run_config(run_dir: pathlib.Path) -> TrainConfig:
 def load_run(run_dir, model_dir=None) -> tuple[TrainConfig, object, object]:
   """(config, model with the run's latest LoRA weights, tokenizer); model_dir overrides the
   base model folder the run recorded."""
-  from qlora_jax.train_step import make_optimizer
+  from qlora_jax.optimizer import init_optimizer, make_optimizer
   from qlora_jax.trainer import model_options
 
   cfg = run_config(run_dir)
@@ -62,7 +62,7 @@ def load_run(run_dir, model_dir=None) -> tuple[TrainConfig, object, object]:
   model, tokenizer = load_model(model_dir or cfg.model_dir, jnp.dtype(cfg.dtype), model_options(cfg),
                                 seed=cfg.seed)
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-  template = {"lora": lora, "rng": rng, "opt_state": make_optimizer(cfg)[0].init(lora)}
+  template = {"lora": lora, "rng": rng, "opt_state": init_optimizer(make_optimizer(cfg)[0], lora)}
   state, _ = ckpt.restore(template)
   ckpt.close()
   model = nnx.merge(graphdef, state["lora"], rng, frozen)

@@ -84,9 +84,16 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
       quant, is_leaf=lambda x: isinstance(x, nnx.Variable)))
   terms["dequantized weight (widest matrix)"] = widest * cb // tensor
   terms["embeddings, lm_head, norms"] = stored(dense)
-  terms["LoRA parameters (float32)"] = lora_bytes
-  terms["LoRA gradients (accumulated + micro-batch)"] = 2 * lora_bytes
-  terms["AdamW moments"] = 2 * lora_bytes  # on the device for the update even when offloaded
+  terms[f"LoRA parameters ({cfg.lora_dtype})"] = lora_bytes
+  if cfg.grad_accum > 1:
+    terms["LoRA gradients (accumulated + micro-batch)"] = 2 * lora_bytes
+  else:
+    terms["LoRA gradients"] = lora_bytes
+  moments = 2 * lora_bytes * 4 // np.dtype(cfg.lora_dtype).itemsize  # float32 whatever the LoRA dtype
+  if cfg.offload_optimizer and options.scan_layers:  # streamed: one layer's on the device at a time
+    terms["AdamW moments (one layer; rest on host)"] = moments // model.num_hidden_layers
+  else:  # offloaded unstacked state still comes to the device whole for the update
+    terms["AdamW moments"] = moments
   terms["activations kept for backward"] = _saved_activations(model, options, rows, cfg.max_seq_len, cb)
   terms["one layer recomputed + differentiated"] = _layer_working_set(model, options, rows, cfg.max_seq_len,
                                                                      cb, tensor)

@@ -34,6 +34,7 @@ class TrainConfig:
   lora_dropout: float = 0.1
   lora_targets: tuple[str, ...] = LINEAR_NAMES
   use_rslora: bool = False
+  lora_dtype: str = "float32"  # bfloat16: LoRA weights and gradients in bf16 (qlora.py), moments float32
   # Data: a hub name or a local json/jsonl/parquet/csv file
   dataset: str
   dataset_format: str = "alpaca"
@@ -82,6 +83,7 @@ class TrainConfig:
         (self.quant_type in QUANT_TYPES, f"quant_type must be one of {QUANT_TYPES}"),
         (self.blocksize in BLOCKSIZES, f"blocksize must be one of {BLOCKSIZES}"),
         (self.dtype in ("bfloat16", "float32"), "dtype must be bfloat16 or float32"),
+        (self.lora_dtype in ("bfloat16", "float32"), "lora_dtype must be bfloat16 or float32"),
         (self.lora_rank >= 1, "lora_rank must be >= 1"),
         (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (set(self.lora_targets) <= set(LINEAR_NAMES), f"lora_targets must be among {LINEAR_NAMES}"),

@@ -1,4 +1,4 @@
-"""The pure, jitted training step and its optimizer.
+"""The pure, jitted training step (its optimizer: optimizer.py).
 
 The step is a function of (LoRA params, RNG state, optimizer state, frozen base, batch): only the
 first three change, and they are donated; the frozen 4-bit base is never differentiated. With a
@@ -11,32 +11,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from qlora_jax.loss import batch_loss
+from qlora_jax.optimizer import Optimizer, apply_update, global_norm
 from qlora_jax.sharding import Layout
-from qlora_jax.train_config import TrainConfig
-
-
-def make_optimizer(cfg: TrainConfig):
-  """AdamW with clipping; constant (or decaying) learning rate after a linear warmup."""
-  warmup = int(cfg.warmup_ratio * cfg.steps)
-  after = {"constant": optax.constant_schedule(cfg.learning_rate),
-           "linear": optax.linear_schedule(cfg.learning_rate, 0.0, max(1, cfg.steps - warmup)),
-           "cosine": optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.steps - warmup))}[cfg.lr_schedule]
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(1, warmup)), after],
-                                  [warmup]) if warmup else after
-  tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                   optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, weight_decay=cfg.weight_decay))
-  return tx, schedule
 
 
 def to_device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx, opt_sharding=None, layout: Layout | None = None, like=None):
+def make_train_step(graphdef, tx: Optimizer, opt_sharding=None, layout: Layout | None = None, like=None):
   """The jitted step: accumulate gradients over the leading micro-batch axis, one update.
 
   Args:
@@ -63,15 +49,15 @@ def make_train_step(graphdef, tx, opt_sharding=None, layout: Layout | None = Non
       t, c, g, rng = micro_grads(lora, rng, frozen, micro)
       return (jax.tree.map(jnp.add, grads, g), rng, total + t, count + c), None
 
-    zeros = jax.tree.map(jnp.zeros_like, lora)
-    (grads, rng, total, count), _ = jax.lax.scan(accumulate, (zeros, rng, 0.0, 0), batch)
+    if batch["input_ids"].shape[0] == 1:  # one micro-batch: no accumulator to hold
+      total, count, grads, rng = micro_grads(lora, rng, frozen, jax.tree.map(lambda x: x[0], batch))
+    else:  # gradients accumulate in the LoRA dtype, as PyTorch's .grad does
+      zeros = jax.tree.map(jnp.zeros_like, lora)
+      (grads, rng, total, count), _ = jax.lax.scan(accumulate, (zeros, rng, 0.0, 0), batch)
     denom = jnp.maximum(count, 1).astype(jnp.float32)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    if opt_sharding is not None:  # offloaded moments: bring them in for the update only
-      opt_state = jax.device_put(opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), opt_sharding))
-    updates, opt_state = tx.update(grads, opt_state, lora)
-    lora = optax.apply_updates(lora, updates)
-    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+    lora, opt_state = apply_update(tx, grads, opt_state, lora, opt_sharding)
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": global_norm(grads)}
     return lora, rng, opt_state, metrics
 
   if layout is not None:
@@ -103,20 +89,3 @@ def make_eval_step(graphdef, layout: Layout | None = None):
   def eval_step(lora, rng, frozen, batch):
     return batch_loss(nnx.merge(graphdef, lora, rng, frozen), batch, shards)
   return jax.jit(eval_step if layout is None else in_mesh(eval_step, layout))
-
-
-def init_optimizer(tx, lora, layout: Layout | None = None):
-  """The optimizer state of lora, created in the layout (its moments laid out as the params)."""
-  if layout is None:
-    return tx.init(lora)
-  return jax.jit(tx.init, out_shardings=layout.shardings(jax.eval_shape(tx.init, lora)))(lora)
-
-
-def offload_sharding(opt_state, layout: Layout | None = None):
-  """pinned_host shardings for the optimizer state (the design's paged-optimizer replacement),
-  split as the layout splits it on the devices."""
-  if layout is not None:
-    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), layout.shardings(opt_state))
-  device = jax.devices()[0]
-  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-  return jax.tree.map(lambda _: host, opt_state)

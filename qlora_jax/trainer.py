@@ -32,8 +32,8 @@ from qlora_jax.quantization import QuantConfig
 from qlora_jax.sharding import Layout, initialize_distributed, make_layout, mesh_shape
 from qlora_jax.sources import default_gguf
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.train_step import (init_optimizer, make_eval_step, make_optimizer, make_train_step,
-                                  offload_sharding, to_device_batch)
+from qlora_jax.optimizer import init_optimizer, make_optimizer, offload_sharding
+from qlora_jax.train_step import make_eval_step, make_train_step, to_device_batch
 from qlora_jax.weights import META_FILE, load_model, read_meta
 
 
@@ -43,7 +43,7 @@ class TrainingError(ValueError):
 
 def model_options(cfg: TrainConfig) -> ModelOptions:
   lora = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    use_rslora=cfg.use_rslora)
+                    use_rslora=cfg.use_rslora, param_dtype=cfg.lora_dtype)
   return ModelOptions(dtype=cfg.dtype, lora=lora, lora_targets=cfg.lora_targets, remat=cfg.remat,
                       attention=cfg.attention, backend=cfg.backend, scan_layers=cfg.scan_layers)
 

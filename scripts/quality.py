@@ -41,7 +41,8 @@ from qlora_jax.model import LINEAR_NAMES, ModelOptions, variable_names  # noqa: 
 from qlora_jax.quantization import QuantConfig, dequantize, quantize  # noqa: E402
 from qlora_jax.sources import open_source  # noqa: E402
 from qlora_jax.train_config import TrainConfig, load_config  # noqa: E402
-from qlora_jax.train_step import make_eval_step, make_optimizer, make_train_step, to_device_batch  # noqa: E402
+from qlora_jax.optimizer import make_optimizer  # noqa: E402
+from qlora_jax.train_step import make_eval_step, make_train_step, to_device_batch  # noqa: E402
 from qlora_jax.variables import QuantWeight  # noqa: E402
 from qlora_jax.weights import load_model  # noqa: E402
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from qlora_jax import train_step, trainer
+from qlora_jax.optimizer import make_optimizer
 from qlora_jax.train_config import CONFIG_DIR, TrainConfig, apply_overrides, load_config
 from tests.conftest import needs_smollm2
 
@@ -29,12 +30,16 @@ def _cli(*args, timeout=600, **kw):
                         capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def _lora_bytes(run_dir) -> dict:
+def _lora_arrays(run_dir) -> dict:
   from qlora_jax.export import linear_modules, load_run
 
   _, model, _ = load_run(run_dir)
-  return {name: (np.asarray(m.lora_a[...]).tobytes(), np.asarray(m.lora_b[...]).tobytes())
+  return {name: (np.asarray(m.lora_a[...]), np.asarray(m.lora_b[...]))
           for name, m, _ in linear_modules(model) if m.lora is not None}
+
+
+def _lora_bytes(run_dir) -> dict:
+  return {name: tuple(x.tobytes() for x in ab) for name, ab in _lora_arrays(run_dir).items()}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)
@@ -81,7 +86,7 @@ def test_only_lora_changes_and_step_compiles_once(tiny_model_dir, tmp_path):
   run = trainer.setup(cfg, tmp_path / "run")
   frozen_before = [np.asarray(x).tobytes() for x in jax.tree.leaves(run.frozen)]
   lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(run.lora)]
-  tx, _ = train_step.make_optimizer(cfg)
+  tx, _ = make_optimizer(cfg)
   step = train_step.make_train_step(run.graphdef, tx)
   for _ in range(4):
     batch = train_step.to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
@@ -101,8 +106,12 @@ def test_offloaded_optimizer_matches_on_device(tiny_model_dir, tmp_path):
   for offload in (False, True):
     cfg = _tiny(tiny_model_dir, tmp_path / f"run{offload}", "steps=3", f"offload_optimizer={offload}")
     trainer.train(cfg)
-    results.append(_lora_bytes(tmp_path / f"run{offload}"))
-  assert results[0] == results[1]
+    results.append(_lora_arrays(tmp_path / f"run{offload}"))
+  # The offloaded state is updated layer by layer (another XLA program): equal to float32 rounding.
+  assert results[0].keys() == results[1].keys()
+  for name, pair in results[0].items():
+    for want, got in zip(pair, results[1][name]):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=name)
 
 
 def _resume_args(tiny_model_dir):
