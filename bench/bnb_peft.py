@@ -79,7 +79,7 @@ def _bnb_model(shape: dict, checkpointing: bool):
   return model
 
 
-def bnb_step(shape: dict, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
+def bnb_step(shape: dict, batch: int, seq: int, steps: int, checkpointing: bool, grad_accum: int = 1) -> dict:
   import bitsandbytes as bnb
   import torch
 
@@ -89,8 +89,8 @@ def bnb_step(shape: dict, batch: int, seq: int, steps: int, checkpointing: bool)
   opt = (bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0) if DEVICE == "cuda"
          else torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0))
   g = torch.Generator(device=DEVICE).manual_seed(0)
-  ids = torch.randint(0, shape["vocab_size"], (batch, seq + 1), device=DEVICE, generator=g)
-  x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+  ids = torch.randint(0, shape["vocab_size"], (grad_accum, batch, seq + 1), device=DEVICE, generator=g)
+  xs, ys = ids[..., :-1].contiguous(), ids[..., 1:].contiguous()
   on_gpu = DEVICE == "cuda"
   sync = torch.cuda.synchronize if on_gpu else (lambda: None)
   if on_gpu:
@@ -99,10 +99,11 @@ def bnb_step(shape: dict, batch: int, seq: int, steps: int, checkpointing: bool)
   for i in range(steps + 2):
     sync()
     t0 = time.perf_counter()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # as HF Trainer with bf16=True
-      logits = model(input_ids=x).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
-    loss.backward()
+    for x, y in zip(xs, ys):  # HF Trainer's gradient accumulation: backward per micro-batch
+      with torch.autocast(DEVICE, dtype=torch.bfloat16):  # as HF Trainer with bf16=True
+        logits = model(input_ids=x).logits
+      loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+      (loss / grad_accum).backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -111,7 +112,7 @@ def bnb_step(shape: dict, batch: int, seq: int, steps: int, checkpointing: bool)
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   return {"system": "bnb+peft" + (" ckpt" if checkpointing else ""), "step_s": med,
-          "tokens_per_s": batch * seq / med, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
+          "tokens_per_s": grad_accum * batch * seq / med, "grad_accum": grad_accum, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
           "loss": float(loss), "trainable": sum(p.numel() for p in params)}
 
 
@@ -131,6 +132,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both systems)")
   p.add_argument("--offload", default="no", choices=["no", "yes"], help="ours: optimizer on host")
   p.add_argument("--remat", default="full", help="ours: remat policy (full | save_dots | none)")
   p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -143,7 +145,8 @@ def main() -> None:
   from train_step import SHAPES  # noqa: E402  (bench/ is not a package)
   shape = SHAPES[args.model]
   if args.worker:
-    print(json.dumps(bnb_step(shape, args.batch, args.seq, args.steps, args.worker == "bnb-ckpt")))
+    print(json.dumps(bnb_step(shape, args.batch, args.seq, args.steps, args.worker == "bnb-ckpt",
+                              args.grad_accum)))
     return
   rows = {}
   for system in args.systems.split(","):
@@ -151,10 +154,11 @@ def main() -> None:
       cmd = [sys.executable, os.path.join(HERE, "train_step.py"), "--model", args.model,
              "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
              "--attention", "cudnn", "--offload", args.offload, "--remat", args.remat,
-             "--lora-dtype", args.lora_dtype]
+             "--lora-dtype", args.lora_dtype, "--grad-accum", str(args.grad_accum)]
     else:
       cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-             "--seq", str(args.seq), "--steps", str(args.steps), "--worker", system]
+             "--seq", str(args.seq), "--steps", str(args.steps), "--worker", system,
+             "--grad-accum", str(args.grad_accum)]
     rows[system] = _run(cmd)
     print(system, json.dumps(rows[system]), flush=True)
   if args.json:

@@ -60,7 +60,7 @@ def time_step(step, state: tuple, data, steps: int) -> tuple[float, float, dict]
 
 
 def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, steps: int, rank: int,
-          scan: bool, attention: str, lora_dtype: str = "float32") -> dict:
+          scan: bool, attention: str, lora_dtype: str = "float32", grad_accum: int = 1) -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
   options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype), remat=remat,
                          scan_layers=scan, attention=attention)
@@ -74,14 +74,14 @@ def bench(model_name: str, batch: int, seq: int, offload: bool, remat: str, step
     opt_state = jax.device_put(opt_state, sharding)
   step = make_train_step(graphdef, tx, sharding)
   rs = np.random.default_rng(0)
-  ids = rs.integers(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
+  ids = rs.integers(0, cfg.vocab_size, (grad_accum, batch, seq + 1)).astype(np.int32)
   data = {"input_ids": jnp.asarray(ids[..., :-1]), "labels": jnp.asarray(ids[..., 1:]),
-          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, batch, seq)),
-          "segment_ids": jnp.ones((1, batch, seq), jnp.int32)}
+          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (grad_accum, batch, seq)),
+          "segment_ids": jnp.ones((grad_accum, batch, seq), jnp.int32)}
   compile_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, steps)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offload, "remat": remat, "scan": scan,
           "attention": attention, "lora_dtype": lora_dtype,
-          "rank": rank, "step_s": med, "tokens_per_s": batch * seq / med, "peak_gib": peak_gib(),
+          "rank": rank, "grad_accum": grad_accum, "step_s": med, "tokens_per_s": grad_accum * batch * seq / med, "peak_gib": peak_gib(),
           "compile_s": compile_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}
 
@@ -97,13 +97,14 @@ def main() -> None:
   p.add_argument("--offload", default="no", choices=["no", "yes", "both"])
   p.add_argument("--no-scan", dest="scan", action="store_false", help="unroll the layers")
   p.add_argument("--attention", default="xla", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
   p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
                  help="LoRA weights and gradients (moments are float32 either way)")
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offload in modes:
     print(json.dumps(bench(args.model, args.batch, args.seq, offload, args.remat, args.steps, args.rank,
-                           args.scan, args.attention, args.lora_dtype)), flush=True)
+                           args.scan, args.attention, args.lora_dtype, args.grad_accum)), flush=True)
 
 
 if __name__ == "__main__":
