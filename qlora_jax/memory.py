@@ -22,7 +22,7 @@ from flax import nnx
 from qlora_jax import cli
 from qlora_jax.model import CausalLM, ModelOptions, attention_implementation
 from qlora_jax.model_config import ModelConfig
-from qlora_jax.sharding import BATCH_AXES, per_device_bytes, specs
+from qlora_jax.sharding import batch_shards, per_device_bytes, specs
 from qlora_jax.train_config import TrainConfig
 from qlora_jax.variables import FrozenParam, QuantWeight
 
@@ -72,7 +72,7 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
   quant, dense, lora = _abstract_state(model, options)
   stored = lambda tree: per_device_bytes(tree, specs(tree, sizes, cfg.lora_sharding), sizes)  # noqa: E731
   tensor = sizes.get("tensor", 1)
-  rows = cfg.batch_size // math.prod(sizes.get(a, 1) for a in BATCH_AXES)  # per device
+  rows = cfg.batch_size // batch_shards(sizes)  # per device
   tokens = rows * cfg.max_seq_len
   cb = np.dtype(options.dtype).itemsize
   lora_bytes = stored(lora)

@@ -211,7 +211,7 @@ class Layout:
 
   @property
   def batch_shards(self) -> int:
-    return math.prod(self.sizes.get(a, 1) for a in BATCH_AXES)
+    return batch_shards(self.sizes)
 
   def shardings(self, tree):
     """NamedShardings for every leaf of tree (same structure)."""
@@ -237,6 +237,11 @@ class Layout:
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
+
+
+def batch_shards(sizes: dict[str, int]) -> int:
+  """How many ways a mesh of `sizes` ({axis: size}) splits a batch: over data x fsdp."""
+  return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
 
 
 def make_layout(mesh: tuple[tuple[str, int], ...], lora_sharding: str = "fsdp") -> Layout | None:

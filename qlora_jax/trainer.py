@@ -29,7 +29,7 @@ from qlora_jax.metrics import MetricsLog, plot_loss
 from qlora_jax.model import ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.quantization import QuantConfig
-from qlora_jax.sharding import Layout, initialize_distributed, make_layout, mesh_shape
+from qlora_jax.sharding import Layout, batch_shards, initialize_distributed, make_layout, mesh_shape
 from qlora_jax.sources import default_gguf
 from qlora_jax.train_config import TrainConfig
 from qlora_jax.optimizer import init_optimizer, make_optimizer, offload_sharding
@@ -99,8 +99,9 @@ class Run:
     return to_device_batch(batch) if self.layout is None else self.layout.put_batch(batch, leading)
 
 
-def _load_rows(cfg: TrainConfig):
-  """(train rows, eval rows): read before the model, so bad data fails fast."""
+def load_rows(cfg: TrainConfig):
+  """(train rows, eval rows) of cfg: eval_dataset, or eval_size examples held out with cfg.seed
+  (read before the model, so bad data fails fast)."""
   rows = data_lib.load_rows(cfg.dataset)
   if cfg.eval_dataset:
     return rows, data_lib.load_rows(cfg.eval_dataset)
@@ -125,7 +126,7 @@ def check_memory(cfg: TrainConfig, folder: pathlib.Path, layout: Layout | None) 
 def setup(cfg: TrainConfig, run_dir: pathlib.Path, layout: Layout | None = None) -> Run:
   """Data, model (converted if needed), optimizer: a Run at step 0, laid out over the layout's
   devices (None: one device)."""
-  train_rows, eval_rows = _load_rows(cfg)
+  train_rows, eval_rows = load_rows(cfg)
   folder = ensure_converted(cfg)
   check_memory(cfg, folder, layout)
   model, tokenizer = load_model(folder, jnp.dtype(cfg.dtype), model_options(cfg), seed=cfg.seed,
@@ -177,7 +178,7 @@ def _devices(cfg: TrainConfig) -> Layout | None:
   a mesh that does not fit the devices or splits the batch unevenly is refused here."""
   initialize_distributed()
   sizes = mesh_shape(cfg.mesh, jax.device_count())
-  shards = math.prod(sizes.get(a, 1) for a in ("data", "fsdp"))
+  shards = batch_shards(sizes)
   if cfg.batch_size % shards:
     raise ValueError(f"batch_size {cfg.batch_size} does not split over the {shards} batch shards of "
                      f"mesh {sizes} (data x fsdp); make batch_size a multiple of {shards}")
