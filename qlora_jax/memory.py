@@ -103,11 +103,8 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
 
 def _lora_outputs(model: ModelConfig, options: ModelOptions) -> int:
   """Features of the LoRA dot outputs a layer computes: [tokens, r] and [tokens, out] a target."""
-  out = {"q_proj": model.q_dim, "k_proj": model.kv_dim, "v_proj": model.kv_dim, "o_proj": model.hidden_size,
-         "gate_proj": model.intermediate_size, "up_proj": model.intermediate_size,
-         "down_proj": model.hidden_size}
   rank = options.lora.rank if options.lora else 0
-  return sum(out[t] + rank for t in options.lora_targets) if options.lora else 0
+  return sum(model.linear_shapes[t][1] + rank for t in options.lora_targets) if options.lora else 0
 
 
 def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int) -> int:

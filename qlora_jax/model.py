@@ -110,11 +110,11 @@ class Attention(nnx.Module):
   """Grouped-query attention with rotary embeddings."""
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
-    d = cfg.hidden_size
-    self.q_proj = _linear("q_proj", d, cfg.q_dim, cfg.qkv_bias, opts, rngs)
-    self.k_proj = _linear("k_proj", d, cfg.kv_dim, cfg.qkv_bias, opts, rngs)
-    self.v_proj = _linear("v_proj", d, cfg.kv_dim, cfg.qkv_bias, opts, rngs)
-    self.o_proj = _linear("o_proj", cfg.q_dim, d, cfg.o_bias, opts, rngs)
+    shapes = cfg.linear_shapes
+    self.q_proj = _linear("q_proj", *shapes["q_proj"], cfg.qkv_bias, opts, rngs)
+    self.k_proj = _linear("k_proj", *shapes["k_proj"], cfg.qkv_bias, opts, rngs)
+    self.v_proj = _linear("v_proj", *shapes["v_proj"], cfg.qkv_bias, opts, rngs)
+    self.o_proj = _linear("o_proj", *shapes["o_proj"], cfg.o_bias, opts, rngs)
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim)
 
@@ -139,10 +139,10 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = _linear("gate_proj", d, f, cfg.mlp_bias, opts, rngs)
-    self.up_proj = _linear("up_proj", d, f, cfg.mlp_bias, opts, rngs)
-    self.down_proj = _linear("down_proj", f, d, cfg.mlp_bias, opts, rngs)
+    shapes = cfg.linear_shapes
+    self.gate_proj = _linear("gate_proj", *shapes["gate_proj"], cfg.mlp_bias, opts, rngs)
+    self.up_proj = _linear("up_proj", *shapes["up_proj"], cfg.mlp_bias, opts, rngs)
+    self.down_proj = _linear("down_proj", *shapes["down_proj"], cfg.mlp_bias, opts, rngs)
 
   def __call__(self, x_BxTxD):
     return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))

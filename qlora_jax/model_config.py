@@ -67,6 +67,13 @@ class ModelConfig:
   def kv_dim(self) -> int:
     return self.num_key_value_heads * self.head_dim
 
+  @property
+  def linear_shapes(self) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each of a decoder layer's seven linear layers, by name."""
+    h, f = self.hidden_size, self.intermediate_size
+    return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h), "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
     """Build from a transformers config dict (v4 `rope_scaling` or v5 `rope_parameters`)."""

@@ -226,10 +226,7 @@ def _compiled(graphdef, eval_graphdef, cfg: TrainConfig, cache: dict):
 
 def lora_params_per_layer(config, targets: tuple[str, ...], rank: int) -> int:
   """Trainable LoRA parameters of one decoder layer: rank * (in + out) per targeted linear."""
-  h, f = config.hidden_size, config.intermediate_size
-  shapes = {"q_proj": (h, config.q_dim), "k_proj": (h, config.kv_dim), "v_proj": (h, config.kv_dim),
-            "o_proj": (config.q_dim, h), "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
-  return sum(rank * sum(shapes[t]) for t in targets)
+  return sum(rank * sum(config.linear_shapes[t]) for t in targets)
 
 
 def equal_budget_ranks(config, few: tuple[str, ...], many: tuple[str, ...]) -> tuple[int, int]:
