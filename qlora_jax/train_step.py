@@ -60,18 +60,16 @@ def make_train_step(graphdef, tx: Optimizer, opt_sharding=None, layout: Layout |
     metrics = {"loss": total / denom, "tokens": count, "grad_norm": global_norm(grads)}
     return lora, rng, opt_state, metrics
 
-  if layout is not None:
-    lora_s, rng_s, opt_s, frozen_s = layout.shardings(like)
-    opt_s = opt_s if opt_sharding is None else opt_sharding
-    donate = (0, 1, 2) if opt_sharding is None else (0, 1)
-    return jax.jit(in_mesh(step, layout), donate_argnums=donate,
-                   in_shardings=(lora_s, rng_s, opt_s, frozen_s, layout.batch_sharding(3, leading=1)),
-                   out_shardings=(lora_s, rng_s, opt_s, layout.replicated()))
-  if opt_sharding is None:
-    return jax.jit(step, donate_argnums=(0, 1, 2))
-  # Donation does not alias across memory kinds: the host-resident state is not donated.
-  return jax.jit(step, donate_argnums=(0, 1), in_shardings=(None, None, opt_sharding, None, None),
-                 out_shardings=(None, None, opt_sharding, None))
+  # Donation does not alias across memory kinds: host-resident optimizer state is not donated.
+  donate = (0, 1, 2) if opt_sharding is None else (0, 1)
+  if layout is None:  # one device: only an offloaded state's placement is spelled out
+    return jax.jit(step, donate_argnums=donate, in_shardings=(None, None, opt_sharding, None, None),
+                   out_shardings=(None, None, opt_sharding, None))
+  lora_s, rng_s, opt_s, frozen_s = layout.shardings(like)
+  opt_s = opt_s if opt_sharding is None else opt_sharding
+  return jax.jit(in_mesh(step, layout), donate_argnums=donate,
+                 in_shardings=(lora_s, rng_s, opt_s, frozen_s, layout.batch_sharding(3, leading=1)),
+                 out_shardings=(lora_s, rng_s, opt_s, layout.replicated()))
 
 
 def in_mesh(fn, layout: Layout):
