@@ -161,13 +161,15 @@ def tune_decode() -> None:
     x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
     res = []
-    for tn, stages in [(64, 3), (128, 3), (128, 4), (256, 3), (256, 4)]:
+    for tn, stages, ctas in [(64, 3, 264), (64, 4, 264), (64, 3, 528), (64, 4, 528), (64, 3, 1056),
+                             (128, 3, 528)]:
       tiles = gpu.Tiles(n=tn, stages=stages, overlap=True)
-      fn = jax.jit(lambda a, o: [gpu.decode(a, c, s, table=TABLE, tiles=tiles) for c, s in o])
+      fn = jax.jit(lambda a, o: [gpu.decode(a, c, s, table=TABLE, tiles=tiles, min_ctas=ctas) for c, s in o])
+      name = f"n={tn} s={stages} ctas={ctas}"
       try:
-        res.append(f"n={tn} s={stages}: {nbytes / (gpu_ms(fn, x, ops) / copies) / 1e6:.0f}")
+        res.append(f"{name}: {nbytes / (gpu_ms(fn, x, ops) / copies) / 1e6:.0f}")
       except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
-        res.append(f"n={tn} s={stages}: failed {str(e).splitlines()[0][:60]}")
+        res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
     print(f"decode N={n} K={k}: " + ", ".join(res), flush=True)
 
 

@@ -151,8 +151,13 @@ def _dequantize_tile(codes_smem, scales_smem, w_smem, *, table, scale_axis: int,
   plgpu.commit_smem()
 
 
-def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool, splits: int = 1):
-  """The pallas call for one of 'forward', 'backward', 'decode' (see module docstring)."""
+def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool, splits: int = 1,
+          out_cols: int = EPILOGUE_COLS):
+  """The pallas call for one of 'forward', 'backward', 'decode' (see module docstring).
+
+  out_cols (decode): the columns of each [64, 64] output tile written out (the real rows of x,
+  rounded up to 8): a split-K partial sum is written and read back once more, so M = 1 must not
+  pay for 64 columns of it."""
   if interpret:  # JAX 0.10's Mosaic GPU interpreter can deadlock on delayed buffer release; it
     tiles = dataclasses.replace(tiles, overlap=False)  # runs wgmma synchronously anyway
   dtype = a.dtype
@@ -171,7 +176,7 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
   else:  # decode: a is X^T [K, DECODE_ROWS]; K is cut into `splits` parts, summed by the caller
     (k, m), n = a.shape, codes.shape[0]
     k_part = k // splits
-    out_shape, steps = (splits * n, m), k_part // GROUP
+    out_shape, steps = (splits * n, out_cols), k_part // GROUP
     w_shape, acc_shape = (tiles.n, GROUP), (tiles.n, m)
     grid = (n // tiles.n, splits)
     scale_axis = 0
@@ -221,14 +226,15 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
       plgpu.wgmma_wait(0)
       acc = acc_ref[...]
       rows, cols = acc_shape
-      for c in range(cols // EPILOGUE_COLS):  # f32 output, 64 columns at a time
-        part = slice(c * EPILOGUE_COLS, (c + 1) * EPILOGUE_COLS)
+      width = out_smem.shape[1]
+      for c in range(max(1, cols // EPILOGUE_COLS) if mode != "decode" else 1):  # f32, in 64 columns
+        part = slice(c * width, (c + 1) * width)
         out_smem[...] = acc[:, part]
         plgpu.commit_smem()
         if mode == "decode":  # output tile (i, split j) of [splits * N, m]
           dst = out_gmem.at[pl.ds(j * n + i * rows, rows), :]
         else:
-          dst = out_gmem.at[pl.ds(i * rows, rows), pl.ds(j * cols + c * EPILOGUE_COLS, EPILOGUE_COLS)]
+          dst = out_gmem.at[pl.ds(i * rows, rows), pl.ds(j * cols + c * width, width)]
         plgpu.copy_smem_to_gmem(out_smem, dst)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -241,7 +247,8 @@ def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool
       grid=grid, grid_names=("i", "j"),
       scratch_types=[plgpu.SMEM((1 + tiles.overlap, *w_shape), dtype,
                                 transforms=_swizzled(w_shape[1], dtype)),
-                     plgpu.SMEM((acc_shape[0], EPILOGUE_COLS), jnp.float32)],
+                     plgpu.SMEM((acc_shape[0], out_cols if mode == "decode" else EPILOGUE_COLS),
+                                jnp.float32)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_interpret_params() if interpret else None,
   )
@@ -266,9 +273,9 @@ def backward(dy_MxN, codes, scales_T, *, table, tiles: Tiles = Tiles(), interpre
   return _training("backward", dy_MxN, codes, scales_T, table, tiles, interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret", "min_ctas"))
 def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_N),
-           interpret: bool = False):
+           interpret: bool = False, min_ctas: int = MIN_CTAS):
   """Y [M, N] f32 = x @ W^T for M <= 64, reading the stored codes as they are.
 
   codes: uint8 [N, K/2] in bitsandbytes' packing (even element in the high nibble); scales_T
@@ -279,14 +286,15 @@ def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_
   n = codes.shape[0]
   x_perm = x_MxK.reshape(m, k // GROUP, HALF, 2).swapaxes(2, 3).reshape(m, k)
   x_T = pad_rows(x_perm, DECODE_ROWS).T
-  splits = decode_splits(n, k, tiles.n)
+  splits = decode_splits(n, k, tiles.n, min_ctas)
+  cols = min(DECODE_ROWS, -(-m // 8) * 8)
   y_T = _call(x_T, codes, scales_T, mode="decode", table=table, tiles=tiles, interpret=interpret,
-              splits=splits)
-  return y_T.reshape(splits, n, DECODE_ROWS).sum(0)[:, :m].T
+              splits=splits, out_cols=cols)
+  return y_T.reshape(splits, n, cols).sum(0)[:, :m].T
 
 
-def decode_splits(n: int, k: int, tile_n: int) -> int:
-  """How many parts to cut K into so that the grid has about MIN_CTAS CTAs."""
+def decode_splits(n: int, k: int, tile_n: int, min_ctas: int = MIN_CTAS) -> int:
+  """How many parts to cut K into so that the grid has about min_ctas CTAs."""
   steps = k // GROUP
-  want = max(1, -(-MIN_CTAS // (n // tile_n)))
+  want = max(1, -(-min_ctas // (n // tile_n)))
   return max(d for d in range(1, steps + 1) if steps % d == 0 and d <= want)
