@@ -141,6 +141,9 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
       nbytes = n * k // 2 + n * k // 64 + 4 * -(-n * k // 64 // 256) + 2 * m * k + 4 * m * n
       t = {"ours": gpu_ms(ours, x, qws) / copies, "kernel": gpu_ms(kernel, x, operands) / copies,
            "xla": gpu_ms(ref, x, qws) / copies}
+      if m <= gpu.GEMV_MAX_ROWS:
+        gemv = jax.jit(lambda a, ops: [gpu.gemv(a, c, s, table=TABLE) for c, s in ops])
+        t["gemv"] = gpu_ms(gemv, x, operands) / copies
       bnb_ms = bnb_decode_ms(m, n, k, copies)
       if bnb_ms is not None:
         t["bnb"] = bnb_ms
@@ -171,6 +174,17 @@ def tune_decode() -> None:
       except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
         res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
     print(f"decode N={n} K={k}: " + ", ".join(res), flush=True)
+    res = []
+    for tn, stages, ctas in [(64, 3, 264), (64, 2, 264), (64, 4, 264), (64, 3, 528), (128, 3, 264),
+                             (128, 4, 528)]:
+      fn = jax.jit(lambda a, o: [gpu.gemv(a, c, s, table=TABLE, tile_n=tn, stages=stages, min_ctas=ctas)
+                                 for c, s in o])
+      name = f"n={tn} s={stages} ctas={ctas}"
+      try:
+        res.append(f"{name}: {nbytes / (gpu_ms(fn, x, ops) / copies) / 1e6:.0f}")
+      except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
+        res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
+    print(f"gemv N={n} K={k}: " + ", ".join(res), flush=True)
 
 
 def tune(m: int) -> None:

@@ -1,9 +1,9 @@
 """The qmatmul backends 'pallas' and 'auto': pick a kernel per platform and shape at trace time.
 
   pallas  the Pallas kernel wherever the platform has one and the shape suits it, else XLA.
-  auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the decode
-          kernel for M <= 64 rows (2.6-3.5x XLA's path) and XLA's dequantize + cuBLAS for training
-          shapes, where the fused wgmma kernels measured 44-61% of cuBLAS against XLA's 86-100%
+  auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the gemv
+          kernel for one row, the decode kernel for 2..64 rows (2.6-3.5x XLA's path) and XLA's
+          dequantize + cuBLAS for training shapes, where the fused wgmma kernels measured 44-61% of cuBLAS against XLA's 86-100%
           (docs/BENCHMARKS.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
@@ -33,8 +33,8 @@ def _announce(policy: str, platform: str) -> None:
     return
   _ANNOUNCED.add((policy, platform))
   what = {
-      ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows, XLA dequantize + cuBLAS "
-                       "for training shapes",
+      ("auto", "gpu"): "Pallas Mosaic GPU gemv for 1 row, decode kernel for <= 64 rows, XLA "
+                       "dequantize + cuBLAS for training shapes",
       ("pallas", "gpu"): "Pallas Mosaic GPU kernels (wgmma) where the shape suits them, else XLA",
       ("auto", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
       ("pallas", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
@@ -58,6 +58,8 @@ def _product(policy: str, product: str):
       return getattr(xla, product)(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     if platform == "gpu":
+      if product == "forward" and a.shape[0] == 1 and _gpu_shape_ok(qw, gpu.GEMV_TILE_N):
+        return gpu.gemv(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
       if product == "forward" and a.shape[0] <= DECODE_MAX_ROWS and _gpu_shape_ok(qw, gpu.DECODE_TILE_N):
         return gpu.decode(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
       if policy == "pallas" and _gpu_shape_ok(qw, gpu.Tiles().n):

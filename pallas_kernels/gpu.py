@@ -7,6 +7,8 @@ One kernel body serves the three products, all as out = lhs @ rhs with float32 a
   decode    Y^T[N, m] = W [N, K] @ X^T      lhs = W   tile [64 (n), 128 (k)], dequantized on chip
                                             (m = 1..64 rows padded to 64, K split across CTAs)
 
+and gemv(), M = 1..4 on the CUDA cores: the widened tile times x's slice, summed per row.
+
 Each CTA owns one output tile and pipelines over the contraction with TMA: the activation tile,
 the split 4-bit code tile (see layout.py) and its scales land in shared memory; one warpgroup
 widens the codes in registers (a byte-permute table lookup, times the scale), stores the bf16 tile
@@ -33,6 +35,8 @@ from pallas_kernels.layout import GROUP, HALF, decode_codes, pad_rows
 DECODE_ROWS = 64  # decode: activations padded to wgmma's n = 64 (Mosaic GPU's layout inference
                   # finds no layout for n = 16 or 32 in JAX 0.10-0.11)
 DECODE_TILE_N = 64  # decode: weight rows per CTA
+GEMV_MAX_ROWS = 4  # gemv (no tensor cores): one float32 [tile, 64] accumulator per row of x
+GEMV_TILE_N, GEMV_STAGES, GEMV_CTAS = 128, 4, 528  # the fastest of `bench/kernels.py --tune decode`
 MIN_CTAS = 264  # decode: split K until about 2 CTAs per SM of an H100
 EPILOGUE_COLS = 64  # the f32 output leaves through shared memory 64 columns at a time
 
@@ -115,14 +119,15 @@ def _lut_bf16(codes, table):
   return widen(codes)
 
 
-def _dequantize_tile(codes_smem, scales_smem, w_smem, *, table, scale_axis: int, bnb_order: bool,
-                     layout_hints: bool):
-  """w_smem (bf16) <- table[codes] * scale, the two nibble halves side by side along 1 - scale_axis.
+def _widen(codes_smem, scales_smem, *, table, scale_axis: int, bnb_order: bool, layout_hints: bool,
+           dtype=jnp.bfloat16) -> list:
+  """[high-nibble values, low-nibble values], each table[code] * scale in the codes tile's shape
+  (WGMMA layout on the GPU).
 
-  scale_axis=1: codes [64, C] (halves stacked along rows, one scale per column: forward);
-  scale_axis=0: codes [R, 64] (halves side by side along columns, one scale per row).
-  bnb_order: the codes are bitsandbytes' packing (decode): a 64-byte row holds two whole quant
-  blocks, bytes [0, 32) the first, so the scale changes at column 32 for both nibbles.
+  scale_axis=1: codes [64, C] (one scale per column: forward); scale_axis=0: codes [R, 64] (one
+  scale per row). bnb_order: the codes are bitsandbytes' packing (decode): a 64-byte row holds
+  two whole quant blocks, bytes [0, 32) the first, so the scale changes at column 32 for both
+  nibbles.
   """
   hint = plgpu.layout_cast if layout_hints else (lambda x, _: x)
   codes_u8 = hint(codes_smem[...], plgpu.Layout.WGMMA)
@@ -136,12 +141,15 @@ def _dequantize_tile(codes_smem, scales_smem, w_smem, *, table, scale_axis: int,
     first_block = iota < HALF // 2
     row_scales = [jnp.where(first_block, row_scales[0], row_scales[1])] * 2
   if layout_hints:  # the GPU: byte-permute lookup, bf16 scale multiply (1 rounding more than XLA)
-    halves = _lut_bf16(codes_u8, table)
-    values = [v * s for v, s in zip(halves, row_scales)]
-  else:  # the interpreter runs no inline PTX: the select tree, exact float32 products
-    codes = codes_u8.astype(jnp.int32)
-    values = [(decode_codes(nibbles, table) * s).astype(w_smem.dtype)
-              for nibbles, s in zip((codes >> 4, codes & 0xF), row_scales)]
+    return [v * s for v, s in zip(_lut_bf16(codes_u8, table), row_scales)]
+  codes = codes_u8.astype(jnp.int32)  # the interpreter runs no inline PTX: the select tree, exact
+  return [(decode_codes(nibbles, table) * s).astype(dtype)  # float32 products
+          for nibbles, s in zip((codes >> 4, codes & 0xF), row_scales)]
+
+
+def _dequantize_tile(codes_smem, scales_smem, w_smem, *, scale_axis: int, **widen):
+  """w_smem (bf16) <- table[codes] * scale, the two nibble halves side by side along 1 - scale_axis."""
+  values = _widen(codes_smem, scales_smem, scale_axis=scale_axis, dtype=w_smem.dtype, **widen)
   for half in range(2):
     part = pl.ds(half * HALF, HALF)
     if scale_axis == 1:
@@ -298,3 +306,67 @@ def decode_splits(n: int, k: int, tile_n: int, min_ctas: int = MIN_CTAS) -> int:
   steps = k // GROUP
   want = max(1, -(-min_ctas // (n // tile_n)))
   return max(d for d in range(1, steps + 1) if steps % d == 0 and d <= want)
+
+
+@functools.partial(jax.jit, static_argnames=("table", "tile_n", "stages", "min_ctas", "interpret"))
+def gemv(x_MxK, codes, scales_T, *, table, tile_n: int = GEMV_TILE_N, stages: int = GEMV_STAGES,
+         min_ctas: int = GEMV_CTAS, interpret: bool = False):
+  """Y [M, N] f32 = x @ W^T for M <= GEMV_MAX_ROWS, on the CUDA cores (no wgmma, no padding).
+
+  Operands as decode()'s (stored bnb codes, x's columns permuted to the nibble order). Each step
+  widens a [tile_n, 128] weight tile in registers and multiplies it by x's [128] slice broadcast
+  over the rows, into a float32 accumulator of the tile's shape; the row sums leave at the end.
+  x costs 256 bytes a step per row, where decode()'s wgmma reads a 64-row padded [128, 64] tile.
+  """
+  m, k = x_MxK.shape
+  n = codes.shape[0]
+  if m > GEMV_MAX_ROWS or n % tile_n:
+    raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows and N divisible by {tile_n}; got "
+                     f"{m} rows, N = {n}")
+  x_perm = x_MxK.reshape(m, k // GROUP, HALF, 2).swapaxes(2, 3).reshape(m, k)
+  splits = decode_splits(n, k, tile_n, min_ctas)
+  k_part = k // splits
+  hints = not interpret
+  hint = plgpu.layout_cast if hints else (lambda v, _: v)
+
+  def kernel(x_gmem, codes_gmem, scales_gmem, out_gmem, out_smem):
+    i, j = lax.axis_index("i"), lax.axis_index("j")
+
+    def step(_, x_smem, codes_smem, scales_smem, accs):
+      halves = _widen(codes_smem, scales_smem, table=table, scale_axis=0, bnb_order=True,
+                      layout_hints=hints)
+      out = []
+      for r, acc in enumerate(accs):
+        for h, values in enumerate(halves):
+          part = (r, pl.ds(h * HALF, HALF))
+          xv = (plgpu.load(x_smem, part, layout=plgpu.Layout.WGMMA.reduce(0)) if hints
+                else x_smem[part])
+          acc = acc + values.astype(jnp.float32) * lax.broadcast_in_dim(
+              xv.astype(jnp.float32), values.shape, [1])
+        out.append(acc)
+      return tuple(out)
+
+    zeros = tuple(hint(jnp.zeros((tile_n, HALF), jnp.float32), plgpu.Layout.WGMMA) for _ in range(m))
+    accs = plgpu.emit_pipeline(
+        step, grid=(k_part // GROUP,), max_concurrent_steps=stages, init_carry=zeros,
+        in_specs=[plgpu.BlockSpec((m, GROUP), lambda s: (0, s)),
+                  plgpu.BlockSpec((tile_n, HALF), lambda s: (0, s)),
+                  plgpu.BlockSpec((2, tile_n), lambda s: (s, 0))],
+    )(x_gmem.at[:, pl.ds(j * k_part, k_part)],
+      codes_gmem.at[pl.ds(i * tile_n, tile_n), pl.ds(j * (k_part // 2), k_part // 2)],
+      scales_gmem.at[pl.ds(j * (k_part // HALF), k_part // HALF), pl.ds(i * tile_n, tile_n)])
+    for r, acc in enumerate(accs):
+      out_smem.at[r][...] = acc.sum(axis=1)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[:, pl.ds(j * n + i * tile_n, tile_n)])
+    plgpu.wait_smem_to_gmem(0)
+
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, splits * n), jnp.float32),
+      grid=(n // tile_n, splits), grid_names=("i", "j"),
+      scratch_types=[plgpu.SMEM((m, tile_n), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=_interpret_params() if interpret else None,
+  )
+  return call(x_perm, codes, scales_T).reshape(m, splits, n).sum(1)

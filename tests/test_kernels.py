@@ -73,6 +73,22 @@ def test_gpu_decode(rows, nk):
   _check(y, XLA.forward(x, qw, jnp.bfloat16), seed)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (256, 256)])
+def test_gpu_gemv(rows, nk):
+  n, k = nk
+  seed, qw, x, _ = _fresh((rows, n, k), "nf4")
+  y = gpu.gemv(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type), interpret=not ON_GPU)
+  _check(y, XLA.forward(x, qw, jnp.bfloat16), seed)
+
+
+def test_gpu_gemv_refuses_what_it_cannot_cover():
+  _, qw, x, _ = _fresh((5, 192, 256), "nf4")
+  for rows in (x, x[:1]):  # 5 rows; N = 192 not a multiple of the 128-row tile
+    with pytest.raises(ValueError, match="at most 4 rows and N divisible by 128"):
+      gpu.gemv(rows, *layout.decode_operands(qw), table=layout.codebook("nf4"), interpret=True)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", [(64, 256, 512), (45, 384, 1024)])
 def test_tpu_forward_backward_interpret(shape, quant_type):
@@ -120,7 +136,7 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
     y = qmatmul(x_, qw, backend)
     return jnp.sum(y * g[: y.shape[0]].astype(jnp.float32))
 
-  for rows in (130, 3):  # training kernels, then (GPU) the decode kernel
+  for rows in (130, 3, 1):  # training kernels, then (GPU) the decode kernel and the gemv
     xs = x[:rows]
     _check(qmatmul(xs, qw, "pallas"), qmatmul(xs, qw, "xla"), seed)
     _check(jax.grad(loss)(xs, "pallas"), jax.grad(loss)(xs, "xla"), seed)

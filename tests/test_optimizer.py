@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from qlora_jax.optimizer import (_stacked_layers, apply_update, init_optimizer, make_optimizer,
