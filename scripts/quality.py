@@ -485,7 +485,9 @@ def render_finetune(r: dict) -> list[str]:
   lines += ["", f"Before training the {names[1]} base's eval loss is {start[names[1]] - start[names[0]]:+.4f} "
             f"nats ({100 * (start[names[1]] / start[names[0]] - 1):+.1f}%) from bf16's; after the run the mean "
             f"final eval loss differs by {np.mean(final[names[1]]) - np.mean(final[names[0]]):+.4f} nats "
-            f"({100 * rel:+.2f}%). Seed-to-seed s.d. of one base: up to {100 * spread:.1f}% of its mean. "
+            f"({100 * rel:+.2f}%): the LoRA run closed "
+            f"{100 * (1 - (np.mean(final[names[1]]) - np.mean(final[names[0]])) / (start[names[1]] - start[names[0]])):.0f}% "
+            f"of the gap the quantization opened. Seed-to-seed s.d. of one base: up to {100 * spread:.1f}% of its mean. "
             f"Within 1%: **{'yes' if abs(rel) <= 0.01 else 'no'}**. {_curve_line(r['runs'])}"]
   return lines
 
