@@ -47,7 +47,7 @@ from qlora_jax.train_step import make_eval_step, make_train_step, to_device_batc
 from qlora_jax.variables import QuantWeight  # noqa: E402
 from qlora_jax.weights import load_model  # noqa: E402
 
-PARTS = ("weights", "ppl", "finetune", "textparity", "placement")
+PARTS = ("weights", "ppl", "finetune", "textparity", "placement", "textplacement")
 QUANTS = tuple(QuantConfig(quant_type=t, double_quant=dq) for t in ("nf4", "fp4", "int4") for dq in (True, False))
 LINEAR_SUFFIXES = tuple(f"{n}.weight" for n in LINEAR_NAMES)
 
@@ -341,9 +341,9 @@ def text_chunks(ids: np.ndarray, length: int) -> data_lib.Tokenized:
   return data_lib.Tokenized([r[:-1].astype(np.int32) for r in rows], [r[1:].astype(np.int32) for r in rows], 0)
 
 
-def run_textparity(setup: Setup, args) -> dict:
-  """Part 2b: the same comparison as part 2 on a language-modelling task with a large held-out
-  set: LoRA on the first 80% of the pydoc text, eval loss on windows of the last 20%."""
+def _text_task(setup: Setup, args):
+  """(recipe for the text task, (train rows, held-out windows), facts for the report): LoRA on the
+  first 80% of the pydoc text, eval loss on windows of the last 20%."""
   ids = np.asarray(setup.tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"])
   cut = int(0.8 * len(ids))
   windows = text_windows(ids[cut:], args.text_eval_windows, args.text_length + 1)
@@ -352,28 +352,42 @@ def run_textparity(setup: Setup, args) -> dict:
   half = args.text_length // 2
   cfg = dataclasses.replace(setup.cfg, steps=args.text_steps, source_max_len=half,
                             target_max_len=args.text_length - half, packing=False, group_by_length=False)
+  facts = {"text_tokens": int(len(ids)), "train_tokens": int(cut), "length": args.text_length,
+           "steps": args.text_steps}
+  return cfg, (train, held_out), facts
+
+
+def run_textparity(setup: Setup, args) -> dict:
+  """Part 2b: the same comparison as part 2 on a language-modelling task with a large held-out set."""
+  cfg, data, facts = _text_task(setup, args)
   out = _train_runs(setup, args, {"bf16": (cfg, None), quant_name(_nf4_dq(cfg)): (cfg, _nf4_dq(cfg))},
-                    data=(train, held_out), eval_every=args.text_eval_every)
-  return {**out, "text_tokens": int(len(ids)), "train_tokens": int(cut), "length": args.text_length,
-          "steps": args.text_steps}
+                    data=data, eval_every=args.text_eval_every)
+  return {**out, **facts}
 
 
 QV = ("q_proj", "v_proj")
 
 
-def run_placement(setup: Setup, args) -> dict:
-  """Part 3: LoRA on q,v vs on all linear layers (NF4 + DQ base), equal trainable parameters."""
-  cfg = setup.cfg
+def run_placement(setup: Setup, args, cfg: TrainConfig | None = None, data=None, eval_every: int = 0) -> dict:
+  """Part 3: LoRA on q,v vs on all linear layers (NF4 + DQ base), equal trainable parameters, on
+  the recipe's data (or `data` with `cfg`)."""
+  cfg = cfg or setup.cfg
   r_qv, r_all = equal_budget_ranks(setup.model_config, QV, LINEAR_NAMES)
   scale = cfg.lora_alpha / cfg.lora_rank  # alpha / r of the recipe, kept for both ranks
   variants = {f"q,v r={r_qv}": (dataclasses.replace(cfg, lora_targets=QV, lora_rank=r_qv, lora_alpha=scale * r_qv),
                                 _nf4_dq(cfg)),
               f"all linear r={r_all}": (dataclasses.replace(cfg, lora_targets=LINEAR_NAMES, lora_rank=r_all,
                                                             lora_alpha=scale * r_all), _nf4_dq(cfg))}
-  out = _train_runs(setup, args, variants)
+  out = _train_runs(setup, args, variants, data=data, eval_every=eval_every)
   counts = {name: {c["trainable"] for c in seeds.values()} for name, seeds in out["runs"].items()}
   assert len(set().union(*counts.values())) == 1, f"unequal trainable parameter counts: {counts}"
   return {**out, "ranks": {"qv": r_qv, "all": r_all}, "alpha_over_r": scale}
+
+
+def run_textplacement(setup: Setup, args) -> dict:
+  """Part 3b: part 3's comparison on part 2b's text task."""
+  cfg, data, facts = _text_task(setup, args)
+  return {**run_placement(setup, args, cfg, data, args.text_eval_every), **facts}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -382,6 +396,8 @@ PART_ARGS = {"weights": ("config", "gaussian_elements"),
              "ppl": ("config", "ppl_windows", "ppl_length", "ppl_batch"),
              "finetune": ("config", "steps", "seeds", "eval_every"),
              "textparity": ("config", "text_steps", "seeds", "text_eval_every", "text_length", "text_eval_windows"),
+             "textplacement": ("config", "text_steps", "seeds", "text_eval_every", "text_length",
+                               "text_eval_windows"),
              "placement": ("config", "steps", "seeds", "eval_every")}
 
 
@@ -485,11 +501,17 @@ def render_finetune(r: dict) -> list[str]:
   lines += ["", f"Before training the {names[1]} base's eval loss is {start[names[1]] - start[names[0]]:+.4f} "
             f"nats ({100 * (start[names[1]] / start[names[0]] - 1):+.1f}%) from bf16's; after the run the mean "
             f"final eval loss differs by {np.mean(final[names[1]]) - np.mean(final[names[0]]):+.4f} nats "
-            f"({100 * rel:+.2f}%): the LoRA run closed "
-            f"{100 * (1 - (np.mean(final[names[1]]) - np.mean(final[names[0]])) / (start[names[1]] - start[names[0]])):.0f}% "
-            f"of the gap the quantization opened. Seed-to-seed s.d. of one base: up to {100 * spread:.1f}% of its mean. "
+            f"({100 * rel:+.2f}%){_closed(start, final, names)}. Seed-to-seed s.d. of one base: up to "
+            f"{100 * spread:.1f}% of its mean. "
             f"Within 1%: **{'yes' if abs(rel) <= 0.01 else 'no'}**. {_curve_line(r['runs'])}"]
   return lines
+
+
+def _closed(start: dict, final: dict, names: list) -> str:
+  """How much of the quantization's eval-loss gap the LoRA run closed ('' without a gap)."""
+  before = start[names[1]] - start[names[0]]
+  after = np.mean(final[names[1]]) - np.mean(final[names[0]])
+  return f": the LoRA run closed {100 * (1 - after / before):.0f}% of the gap the quantization opened" if before else ""
 
 
 def curve_means(runs: dict) -> dict[str, float]:
@@ -558,7 +580,8 @@ def plot_runs(results: dict, out: pathlib.Path) -> None:
 
   panels = [(p, t) for p, t in (("finetune", "bf16 base vs NF4 + DQ base (same LoRA run)"),
                                 ("textparity", "the same on held-out text (language modelling)"),
-                                ("placement", "LoRA placement at equal trainable parameters"))
+                                ("placement", "LoRA placement at equal trainable parameters"),
+                                ("textplacement", "the same on held-out text"))
             if p in results]
   fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
   for ax, (part, title) in zip(axes[0], panels):
@@ -615,13 +638,14 @@ def verdicts(results: dict) -> list[tuple[str, str, str, str]]:
       rows.append((f"NF4 + DQ base matches bf16 base after the same LoRA run (final eval loss within 1%; {task})",
                    f"{nf4:.4f} vs {bf16:.4f} ({100 * (nf4 / bf16 - 1):+.1f}%)",
                    "holds" if abs(nf4 / bf16 - 1) <= 0.01 else "does not hold", results[part]["command"]))
-  if "placement" in results:
-    (qv_name, qv), (all_name, every) = final_losses(results["placement"]["runs"]).items()
-    wins = sum(a < q for a, q in zip(every, qv))
-    verdict = ("holds" if wins == len(qv) else "does not hold" if wins == 0 else "not resolved (seeds disagree)")
-    rows.append(("LoRA on all linear layers beats q,v only at an equal parameter budget",
-                 f"{all_name}: {np.mean(every):.4f}, {qv_name}: {np.mean(qv):.4f} (lower in {wins} of "
-                 f"{len(qv)} seeds)", verdict, results["placement"]["command"]))
+  for part, task in (("placement", "demo replies"), ("textplacement", "held-out text")):
+    if part in results:
+      (qv_name, qv), (all_name, every) = final_losses(results[part]["runs"]).items()
+      wins = sum(a < q for a, q in zip(every, qv))
+      verdict = ("holds" if wins == len(qv) else "does not hold" if wins == 0 else "not resolved (seeds disagree)")
+      rows.append((f"LoRA on all linear layers beats q,v only at an equal parameter budget ({task})",
+                   f"{all_name}: {np.mean(every):.4f}, {qv_name}: {np.mean(qv):.4f} (lower in {wins} of "
+                   f"{len(qv)} seeds)", verdict, results[part]["command"]))
   return rows
 
 
@@ -738,8 +762,17 @@ def _section_placement(results: dict) -> list[str]:
           "The paper found LoRA on all linear layers necessary to match full fine-tuning. Here: the same "
           "run as in part 2 on the NF4 + DQ base, with LoRA either on q_proj and v_proj only or "
           "on all seven linear layers; the ranks are the smallest pair giving exactly equal trainable "
-          "parameter counts, and alpha scales with the rank so alpha/r stays the recipe's. Curves: right "
-          "panel of the plot above.", "", *render_placement(r), ""]
+          "parameter counts, and alpha scales with the rank so alpha/r stays the recipe's. Curves: the "
+          "placement panel of the plot above.", "", *render_placement(r), ""]
+
+
+def _section_textplacement(results: dict) -> list[str]:
+  r = results["textplacement"]
+  return ["## 3b. Adapter placement on held-out text", "",
+          f"`{r['command']}` ({_seconds(results, 'textplacement')})", "",
+          f"Part 3's comparison on part 2b's task ({r['steps']} steps on the first 80% of the pydoc text, "
+          f"eval over {r['eval_examples']} held-out windows, {r['eval_target_tokens']:,} scored tokens), "
+          "NF4 + DQ base.", "", *render_placement(r), ""]
 
 
 def _section_runtime(results: dict) -> list[str]:
@@ -759,7 +792,8 @@ def _section_runtime(results: dict) -> list[str]:
 def render(results: dict, plot_name: str) -> str:
   """docs/QUALITY.md from the results of every part measured so far."""
   sections = {"weights": _section_weights, "ppl": _section_ppl, "placement": _section_placement,
-              "finetune": lambda r: _section_finetune(r, plot_name), "textparity": _section_textparity}
+              "finetune": lambda r: _section_finetune(r, plot_name), "textparity": _section_textparity,
+              "textplacement": _section_textplacement}
   out = _intro(results["meta"]) + _verdict_table(results)
   for part in PARTS:
     if part in results:
@@ -803,7 +837,7 @@ def _summary(results: dict, parts: list[str]) -> str:
   if "ppl" in parts:
     nll = results["ppl"]["nll"]
     lines.append("perplexity: " + ", ".join(f"{k} {math.exp(np.mean(v)):.3f}" for k, v in nll.items()))
-  for part in ("finetune", "textparity", "placement"):
+  for part in ("finetune", "textparity", "placement", "textplacement"):
     if part in parts:
       lines.append(f"{part} final eval loss: " + ", ".join(
           f"{k} {np.mean(v):.4f}" for k, v in final_losses(results[part]["runs"]).items()))
@@ -841,7 +875,7 @@ def main(argv=None) -> int:
   setup = make_setup(args)
   results["meta"] = _meta(args, setup, time.time() - start)
   runners = {"weights": run_weights, "ppl": run_ppl, "finetune": run_finetune, "textparity": run_textparity,
-             "placement": run_placement}
+             "placement": run_placement, "textplacement": run_textplacement}
   for part in args.parts:
     t0, cpu0 = time.time(), time.process_time()
     results[part] = runners[part](setup, args)

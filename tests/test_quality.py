@@ -179,6 +179,12 @@ def _fake_results(ppl_order=("NF4", "FP4", "INT4")):
                      "train_examples": 353, "eval_examples": 48, "eval_target_tokens": 12240,
                      "text_tokens": 113108, "train_tokens": 90486, "length": 256, "steps": 5,
                      "command": "python scripts/quality.py --parts textparity", "seconds": 1.0},
+      "textplacement": {"runs": {"q,v r=53": {"0": curve(2.30), "1": curve(2.31)},
+                                 "all linear r=10": {"0": curve(2.25), "1": curve(2.26)}},
+                        "train_examples": 353, "eval_examples": 48, "eval_target_tokens": 12240,
+                        "ranks": {"qv": 53, "all": 10}, "alpha_over_r": 2.0, "text_tokens": 113108,
+                        "train_tokens": 90486, "length": 256, "steps": 5,
+                        "command": "python scripts/quality.py --parts textplacement", "seconds": 1.0},
       "placement": {"runs": {"q,v r=53": {"0": curve(0.12), "1": curve(0.11)},
                              "all linear r=10": {"0": curve(0.11), "1": curve(0.115)}},
                     "train_examples": 1, "eval_examples": 1, "eval_target_tokens": 1,
@@ -200,7 +206,10 @@ def test_report_states_what_was_measured(tmp_path):
   assert claims["NF4 + DQ base matches bf16 base after the same LoRA run (final eval loss within 1%; "
                 "held-out text)"] == "does not hold"  # +4.7%
   assert "## 2b. Fine-tuning parity on held-out text" in text and "353 consecutive 256-token rows" in text
-  assert claims["LoRA on all linear layers beats q,v only at an equal parameter budget"].startswith("not resolved")
+  assert claims["LoRA on all linear layers beats q,v only at an equal parameter budget (held-out text)"] == "holds"
+  assert "## 3b. Adapter placement on held-out text" in text
+  assert claims["LoRA on all linear layers beats q,v only at an equal parameter budget (demo replies)"].startswith(
+      "not resolved")
   swapped = _fake_results(("INT4", "FP4", "NF4"))
   assert "NF4 < FP4 and NF4 < INT4 and FP4 < INT4 are reversed" in quality.render(swapped, "plot.png")
   swapped_claims = {c: v for c, _, v, _ in quality.verdicts(swapped)}
