@@ -157,34 +157,28 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 
 
 def tune_decode() -> None:
-  """GB/s of the decode kernel (kernel only) for a few tile configurations, M = 1."""
+  """GB/s of the decode and gemv kernels (kernel only) for a few tile configurations, M = 1."""
   for n, k in [(4096, 4096), (14336, 4096), (8192, 8192)]:
     copies = max(2, -(-256 * 2**20 // (n * k // 2)))
     ops = [layout.decode_operands(weight(n, k, s)) for s in range(copies)]
     x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
-    res = []
-    for tn, stages, ctas in [(64, 3, 264), (64, 4, 264), (64, 3, 528), (64, 4, 528), (64, 3, 1056),
-                             (128, 3, 528)]:
-      tiles = gpu.Tiles(n=tn, stages=stages, overlap=True)
-      fn = jax.jit(lambda a, o: [gpu.decode(a, c, s, table=TABLE, tiles=tiles, min_ctas=ctas) for c, s in o])
-      name = f"n={tn} s={stages} ctas={ctas}"
-      try:
-        res.append(f"{name}: {nbytes / (gpu_ms(fn, x, ops) / copies) / 1e6:.0f}")
-      except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
-        res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
-    print(f"decode N={n} K={k}: " + ", ".join(res), flush=True)
-    res = []
-    for tn, stages, ctas in [(64, 3, 264), (64, 2, 264), (64, 4, 264), (64, 3, 528), (128, 3, 264),
-                             (128, 4, 528)]:
-      fn = jax.jit(lambda a, o: [gpu.gemv(a, c, s, table=TABLE, tile_n=tn, stages=stages, min_ctas=ctas)
-                                 for c, s in o])
-      name = f"n={tn} s={stages} ctas={ctas}"
-      try:
-        res.append(f"{name}: {nbytes / (gpu_ms(fn, x, ops) / copies) / 1e6:.0f}")
-      except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
-        res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
-    print(f"gemv N={n} K={k}: " + ", ".join(res), flush=True)
+    decode = lambda tn, st, ctas: (lambda a, o: [  # noqa: E731
+        gpu.decode(a, c, s, table=TABLE, tiles=gpu.Tiles(n=tn, stages=st), min_ctas=ctas) for c, s in o])
+    gemv = lambda tn, st, ctas: (lambda a, o: [  # noqa: E731
+        gpu.gemv(a, c, s, table=TABLE, tile_n=tn, stages=st, min_ctas=ctas) for c, s in o])
+    for label, make, configs in (
+        ("decode", decode, [(64, 3, 264), (64, 4, 264), (64, 3, 528), (64, 4, 528), (64, 3, 1056), (128, 3, 528)]),
+        ("gemv", gemv, [(64, 3, 264), (64, 2, 264), (64, 4, 264), (64, 3, 528), (128, 3, 264), (128, 4, 528)])):
+      res = []
+      for tn, stages, ctas in configs:
+        name = f"n={tn} s={stages} ctas={ctas}"
+        try:
+          ms = gpu_ms(jax.jit(make(tn, stages, ctas)), x, ops) / copies
+          res.append(f"{name}: {nbytes / ms / 1e6:.0f}")
+        except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
+          res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
+      print(f"{label} N={n} K={k}: " + ", ".join(res), flush=True)
 
 
 def tune(m: int) -> None:
