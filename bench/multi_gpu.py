@@ -1,5 +1,5 @@
 """Time the QLoRA training step sharded over N local devices (random 4-bit weights made straight
-into their layout): tokens/s, per-device peak memory, compile time, and the start-up memory
+into their layout): tokens/s, per-device peak memory, first-step (compile) time, and the start-up memory
 estimate beside the measured peak. Each device count runs in its own process (peaks are
 per process), one JSON line each.
 
@@ -67,7 +67,7 @@ def bench(args, n: int) -> dict:
           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (1, batch, args.seq)).copy(),
           "segment_ids": np.ones((1, batch, args.seq), np.int32)}
   data = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
-  compile_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, args.steps)
+  first_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, args.steps)
   devices = list(layout.mesh.devices.flat) if layout is not None else [jax.devices()[0]]
   peaks = _peaks(devices)
   return {"model": args.model, "devices": n, "mesh": dict(mesh), "lora_sharding": args.lora_sharding,
@@ -76,7 +76,7 @@ def bench(args, n: int) -> dict:
           "tokens_per_s": round(batch * args.seq / med, 1),
           "tokens_per_s_per_device": round(batch * args.seq / med / n, 1),
           "peak_gib_per_device": peaks, "peak_gib_max": max((p for p in peaks if p is not None), default=None),
-          "estimate_gib": round(est.total / 2**30, 3), "compile_s": round(compile_s, 2),
+          "estimate_gib": round(est.total / 2**30, 3), "first_step_s": round(first_s, 2),
           "loss": float(metrics["loss"]), "device": devices[0].device_kind, "jax": jax.__version__}
 
 

@@ -1,5 +1,5 @@
 """QLoRA of LLaMA-65B aimed at one H100 80 GB (Guanaco-65B recipe): batch 1 x 2048, bf16 LoRA,
-optimizer state in pinned host memory (streamed through the device a layer at a time), full
+optimizer state in pinned host memory (streamed through the device in chunks of layers), full
 rematerialization. Its training step is measured in docs/BENCHMARKS.md (bench/train_step.py)."""
 
 from qlora_jax.train_config import TrainConfig

@@ -1,9 +1,10 @@
 """The QLoRA linear layer (frozen 4-bit base + trainable LoRA) and the helper that installs it.
 
-y = x @ dequant(W)^T + scaling * dropout(x) @ A @ B (+ bias), operands in the compute dtype
-(bf16) with float32 accumulation. A [in, r] and B [r, out] are `nnx.LoRAParam`s (LoRAWeight) in float32
-(master weights), initialised as PEFT does: A kaiming-uniform (a = sqrt(5), i.e. U(±1/sqrt(in))),
-B zeros, so a fresh layer computes exactly the base layer.
+y = x @ dequant(W)^T + scaling * dropout(x) @ A @ B (+ bias), as PEFT computes it: each product
+with compute-dtype (bf16) operands and float32 accumulation, rounded to bf16, summed in bf16.
+A [in, r] and B [r, out] are `nnx.LoRAParam`s (LoRAWeight), float32 master weights by default,
+initialised as PEFT does: A kaiming-uniform (a = sqrt(5), i.e. U(±1/sqrt(in))), B zeros, so a
+fresh layer computes exactly the base layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.base_matmul import get_backend, qmatmul
+from qlora_jax.base_matmul import compute_dot, get_backend, qmatmul
 from qlora_jax.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
 from qlora_jax.variables import FrozenParam, LoRAWeight, QuantWeight
 
@@ -98,12 +99,10 @@ class QLoRALinear(nnx.Module):
     cd = jnp.dtype(self.compute_dtype)
     y = qmatmul(x_BxK, self.weight.get_value(), self.backend, cd)
     if self.lora is not None:
-      h = jnp.dot(self.dropout(x_BxK).astype(cd), self.lora_a[...].astype(cd),
-                  preferred_element_type=jnp.float32)
-      y = y + self.lora.scaling * jnp.dot(h.astype(cd), self.lora_b[...].astype(cd),
-                                          preferred_element_type=jnp.float32)
+      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
+      y = y + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling
     if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
+      y = y + self.bias[...].astype(cd)
     return y.astype(x_BxK.dtype)
 
 

@@ -90,8 +90,8 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
   else:
     terms["LoRA gradients"] = lora_bytes
   moments = 2 * lora_bytes * 4 // np.dtype(cfg.lora_dtype).itemsize  # float32 whatever the LoRA dtype
-  if cfg.offload_optimizer and options.scan_layers:  # streamed: one layer's on the device at a time
-    terms["AdamW moments (one layer; rest on host)"] = moments // model.num_hidden_layers
+  if cfg.offload_optimizer and options.scan_layers:  # streamed in chunks after the backward pass
+    terms["AdamW moments (about a layer's worth; rest on host)"] = moments // model.num_hidden_layers
   else:  # offloaded unstacked state still comes to the device whole for the update
     terms["AdamW moments"] = moments
   terms["activations kept for backward"] = _saved_activations(model, options, rows, cfg.max_seq_len, cb)

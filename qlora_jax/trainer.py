@@ -32,7 +32,7 @@ from qlora_jax.quantization import QuantConfig
 from qlora_jax.sharding import Layout, batch_shards, initialize_distributed, make_layout, mesh_shape
 from qlora_jax.sources import default_gguf
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.optimizer import init_optimizer, make_optimizer, offload_sharding
+from qlora_jax.optimizer import HostState, init_optimizer, make_optimizer, offload, offload_sharding
 from qlora_jax.train_step import make_eval_step, make_train_step, to_device_batch
 from qlora_jax.weights import META_FILE, load_model, read_meta
 
@@ -88,7 +88,9 @@ class Run:
   step: int = 0
 
   def train_state(self) -> dict:
-    return {"lora": self.lora, "rng": self.rng, "opt_state": self.opt_state}
+    """What a checkpoint holds: an offloaded state in optax's own structure."""
+    opt_state = self.opt_state.stacked() if isinstance(self.opt_state, HostState) else self.opt_state
+    return {"lora": self.lora, "rng": self.rng, "opt_state": opt_state}
 
   def model(self):
     """The model for inference (dropout off) with the current adapters."""
@@ -257,7 +259,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> Summary:
   opt_sharding = offload_sharding(run.opt_state, layout) if cfg.offload_optimizer else None
   like = (run.lora, run.rng, run.opt_state, run.frozen)
   if opt_sharding is not None:
-    run.opt_state = jax.device_put(run.opt_state, opt_sharding)
+    run.opt_state = offload(run.opt_state, opt_sharding, run.lora)
   step_fn = make_train_step(run.graphdef, run.tx, opt_sharding, layout, like)
   eval_step = make_eval_step(run.eval_graphdef, layout)
   log = MetricsLog(log_dir)
