@@ -150,7 +150,7 @@ def test_finetune_bases_share_adapters_and_learn(tiny):
   assert curves[0].eval_loss[0] != curves[1].eval_loss[0]  # the bases differ
   # One jitted step for both bases (same model graph): compiled once for the bf16 weights and once
   # for the 4-bit ones; the second NF4 seed reused the latter.
-  assert cache["fns"][0]._cache_size() == 2
+  assert cache["fns"][0].programs["whole"]._cache_size() == 2
 
 
 def _fake_results(ppl_order=("NF4", "FP4", "INT4")):

@@ -192,26 +192,26 @@ host = {{"input_ids": ids[..., :-1], "labels": ids[..., 1:], "segment_ids": np.o
 # (clipped at a norm it never reaches; the offloaded state is streamed in chunks of layers).
 tx = clipped(optax.sgd(1.0, momentum=0.9), 1e9)
 
-def run(mesh, offload=False):
+def run(mesh, offloaded=False):
   layout = None if mesh is None else make_layout(mesh)
   lora, rng = jax.tree.map(lambda x: x.copy(), (lora0, rng0))  # the step donates them
   lora, rng, frozen = (lora, rng, frozen0) if layout is None else layout.put((lora, rng, frozen0))
   opt = init_optimizer(tx, lora, layout)
   like = (lora, rng, opt, frozen)
-  off = offload_sharding(opt, layout) if offload else None
+  off = offload_sharding(opt, layout) if offloaded else None
   opt = opt if off is None else offload(opt, off, lora, chunk_layers=1)
   step = make_train_step(graphdef, tx, off, layout, like)
   batch = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
   lora, rng, opt, metrics = step(lora, rng, opt, frozen, batch)
   lora, _, opt, _ = step(lora, rng, opt, frozen, batch)  # again: compiled once, shardings kept
-  assert sum(p._cache_size() for p in step.programs.values()) == (2 if offload else 1)
-  assert isinstance(opt, HostState) == offload
-  opt = opt.stacked() if offload else opt
+  assert sum(p._cache_size() for p in step.programs.values()) == (2 if offloaded else 1)
+  assert isinstance(opt, HostState) == offloaded
+  opt = opt.stacked() if offloaded else opt
   return frozen, lora, jax.device_get(metrics), jax.device_get((lora, opt))
 
 _, _, ref_m, ref = run(None)
-for mesh, offload in [((("fsdp", 8),), False), ((("data", 2), ("fsdp", 2), ("tensor", 2)), True)]:
-  frozen, lora, m, got = run(mesh, offload)
+for mesh, offloaded in [((("fsdp", 8),), False), ((("data", 2), ("fsdp", 2), ("tensor", 2)), True)]:
+  frozen, lora, m, got = run(mesh, offloaded)
   np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6)
   np.testing.assert_allclose(m["grad_norm"], ref_m["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):  # LoRA after 2 updates, momentum
@@ -223,7 +223,7 @@ for mesh, offload in [((("fsdp", 8),), False), ((("data", 2), ("fsdp", 2), ("ten
   split = tuple(a for a in ("tensor", "fsdp") if dict(mesh).get(a, 1) > 1)
   assert codes.sharding.spec == jax.sharding.PartitionSpec(None, split if len(split) > 1 else split[0])
   assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None), lora_a.sharding
-  print("equal", mesh, "offload" if offload else "", m["loss"], flush=True)
+  print("equal", mesh, "offload" if offloaded else "", m["loss"], flush=True)
 """
 
 
