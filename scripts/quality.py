@@ -609,6 +609,12 @@ def _seconds(results: dict, part: str) -> str:
   return f"{results[part]['seconds'] / 60:.1f} min"
 
 
+def _part_section(results: dict, part: str, title: str, prose: str, body: list[str]) -> list[str]:
+  """A part's report section: title, the command that measured it and its time, prose, body."""
+  return [f"## {title}", "", f"`{results[part]['command']}` ({_seconds(results, part)})", "", prose, "",
+          *body, ""]
+
+
 def _dq_effects(nll: dict) -> dict[str, tuple[float, float]]:
   """{type: (ΔNLL of DQ minus no DQ, its paired s.e.)}."""
   return {t: paired_difference(np.asarray(nll[f"{t} + DQ"]), np.asarray(nll[t])) for t in ("NF4", "FP4", "INT4")}
@@ -694,21 +700,19 @@ def _verdict_table(results: dict) -> list[str]:
 
 def _section_weights(results: dict) -> list[str]:
   r = results["weights"]
-  return ["## 1a. Weight error of NF4, FP4 and INT4, with and without double quantization", "",
-          f"`{r['command']}` ({_seconds(results, 'weights')})", "",
+  return _part_section(results, "weights", "1a. Weight error of NF4, FP4 and INT4, with and without double quantization",
           f"Over all {r['tensors']} linear weights of the model, blocksize 64 (DQ: the block scales "
           "quantized to 8 bits in blocks of 256, as bitsandbytes' `compress_statistics`). MSE = "
           "mean((dequantize(quantize(w)) − w)²) in float32. The control column repeats the measurement "
           f"on {r['gaussian_elements']:,} N(0, 1) samples, the distribution NF4 is designed for. The "
-          "paper's ordering claim is about model quality (perplexity, accuracy), not weight MSE: see 1b.", "",
-          *render_weights(r), ""]
+          "paper's ordering claim is about model quality (perplexity, accuracy), not weight MSE: see 1b.",
+                       render_weights(r))
 
 
 def _section_ppl(results: dict) -> list[str]:
   r = results["ppl"]
   n = len(next(iter(r["nll"].values())))
-  return ["## 1b. Perplexity with each 4-bit base", "",
-          f"`{r['command']}` ({_seconds(results, 'ppl')})", "",
+  return _part_section(results, "ppl", "1b. Perplexity with each 4-bit base",
           f"Text: the Python {r['python']} reference manual's topic texts (`pydoc_data/topics.py`, shipped "
           f"with CPython, PSF licence; {r['text_chars']:,} characters, {r['text_tokens']:,} SmolLM2 tokens), "
           "never used for fine-tuning here (it may overlap the model's pretraining data, which moves "
@@ -716,15 +720,14 @@ def _section_ppl(results: dict) -> list[str]:
           f"{r['scored_tokens'] // n + 1} tokens spread evenly over the text; each window's first token is "
           f"context only, so **{r['scored_tokens']:,} tokens are scored**. s.e. is the standard error of "
           "the per-window difference (every base sees the same windows, so differences are paired). "
-          "bf16 is the reference weights rounded to bf16 and multiplied densely.", "",
-          *render_ppl(r), ""]
+          "bf16 is the reference weights rounded to bf16 and multiplied densely.",
+                       render_ppl(r))
 
 
 def _section_finetune(results: dict, plot_name: str) -> list[str]:
   r, meta = results["finetune"], results["meta"]
   cfg = meta["recipe"]
-  return ["## 2. Fine-tuning parity: bf16 base vs NF4 + double-quant base", "",
-          f"`{r['command']}` ({_seconds(results, 'finetune')})", "",
+  return _part_section(results, "finetune", "2. Fine-tuning parity: bf16 base vs NF4 + double-quant base",
           f"The LoRA run of `python train.py` (`configs/{meta['config']}.py`): {cfg['dataset']} "
           f"({r['train_examples']} training examples, {r['eval_examples']} held out, "
           f"{r['eval_target_tokens']:,} scored reply tokens in the eval set), LoRA r={cfg['lora_rank']} "
@@ -735,15 +738,14 @@ def _section_finetune(results: dict, plot_name: str) -> list[str]:
           f"train.py makes with seed {cfg['seed']}, for every seed. The bf16 base is the library's own model "
           "with each QLoRALinear's frozen weight holding the bf16 [out, in] matrix, which the 4-bit "
           "matmul multiplies as it is (`base_matmul.frozen_weight`), so model, LoRA layer, loss, "
-          "optimizer and jitted train step are the same code for both.", "",
-          *render_finetune(r), "", f"![fine-tuning curves]({plot_name})", ""]
+          "optimizer and jitted train step are the same code for both.",
+                       [*render_finetune(r), "", f"![fine-tuning curves]({plot_name})"])
 
 
 def _section_textparity(results: dict) -> list[str]:
   r, cfg = results["textparity"], results["meta"]["recipe"]
   n_eval = r["eval_examples"]
-  return ["## 2b. Fine-tuning parity on held-out text", "",
-          f"`{r['command']}` ({_seconds(results, 'textparity')})", "",
+  return _part_section(results, "textparity", "2b. Fine-tuning parity on held-out text",
           "Part 2's eval set is small and memorised to ~0.07 nats, where a 1% band is far inside the "
           "seed-to-seed noise. Here the task is language modelling with a large held-out set: LoRA "
           f"(part 2's recipe: r={cfg['lora_rank']}, alpha={cfg['lora_alpha']:g}, dropout "
@@ -752,27 +754,25 @@ def _section_textparity(results: dict) -> list[str]:
           f"first 80% of part 1b's pydoc text ({r['train_tokens']:,} of {r['text_tokens']:,} tokens); the eval "
           f"loss is over {n_eval} windows spread over the last 20% ({r['eval_target_tokens']:,} scored "
           "tokens, never trained on). Same seeds, data order, dropout masks and initial adapters for "
-          "both bases.", "", *render_finetune(r), ""]
+          "both bases.", render_finetune(r))
 
 
 def _section_placement(results: dict) -> list[str]:
   r = results["placement"]
-  return ["## 3. Adapter placement: q,v only vs all linear layers, equal parameter budget", "",
-          f"`{r['command']}` ({_seconds(results, 'placement')})", "",
+  return _part_section(results, "placement", "3. Adapter placement: q,v only vs all linear layers, equal parameter budget",
           "The paper found LoRA on all linear layers necessary to match full fine-tuning. Here: the same "
           "run as in part 2 on the NF4 + DQ base, with LoRA either on q_proj and v_proj only or "
           "on all seven linear layers; the ranks are the smallest pair giving exactly equal trainable "
           "parameter counts, and alpha scales with the rank so alpha/r stays the recipe's. Curves: the "
-          "placement panel of the plot above.", "", *render_placement(r), ""]
+          "placement panel of the plot above.", render_placement(r))
 
 
 def _section_textplacement(results: dict) -> list[str]:
   r = results["textplacement"]
-  return ["## 3b. Adapter placement on held-out text", "",
-          f"`{r['command']}` ({_seconds(results, 'textplacement')})", "",
+  return _part_section(results, "textplacement", "3b. Adapter placement on held-out text",
           f"Part 3's comparison on part 2b's task ({r['steps']} steps on the first 80% of the pydoc text, "
           f"eval over {r['eval_examples']} held-out windows, {r['eval_target_tokens']:,} scored tokens), "
-          "NF4 + DQ base.", "", *render_placement(r), ""]
+          "NF4 + DQ base.", render_placement(r))
 
 
 def _section_runtime(results: dict) -> list[str]:
