@@ -1,8 +1,9 @@
 """How fast do the offloaded AdamW moments of a 65B step cross PCIe, and in what arrangement?
 
 Part 1, 6.4 GB (80 pieces of 80 MB, a 65B layer's float32 moments each): host -> device and
-device -> host through the runtime (jax.device_put), both directions at once, each direction as
-copies inside one XLA scan, and runtime transfers issued behind a 0.44 s matmul program.
+device -> host through the runtime (jax.device_put), both directions at once, each direction and
+both as copies inside one XLA scan, runtime transfers issued behind a 0.44 s matmul program, and
+in-scan copies beside that scan's matmuls (does XLA overlap them? it did not: issue 6's notes).
 Part 2, the whole update (80 layers of 10 M parameters, bf16 LoRA): chunks of 4/8/16 layers
 streamed with runtime transfers (the trainer's way) against a scan with in-program copies.
 Prints median seconds; docs/BENCHMARKS.md ("Streamed update") has the H100 figures.
@@ -43,6 +44,16 @@ def transfers(host, device) -> dict:
       out_shardings=host)
   w, x = jnp.full((12, 8192, 8192), 1e-3, jnp.bfloat16), jnp.ones((2048, 8192), jnp.bfloat16)
   matmuls = jax.jit(lambda x, w: jax.lax.scan(lambda x, _: (_twelve(x, w), None), x, None, length=LAYERS)[0])
+
+  def scan_copies(x, w, m, compute: bool):
+    """Per iteration: (twelve matmuls,) fetch the next piece, write the current one back."""
+    def body(carry, i):
+      x, cur = carry
+      ahead = jax.device_put(m[jnp.minimum(i + 1, LAYERS - 1)], device)
+      return ((_twelve(x, w) if compute else x), ahead), jax.device_put(cur * 0.9 + 0.1, host)
+    return jax.lax.scan(body, (x, jax.device_put(m[0], device)), jnp.arange(LAYERS))[1]
+  copies = jax.jit(lambda x, w, m: scan_copies(x, w, m, False), out_shardings=host)
+  both = jax.jit(lambda x, w, m: scan_copies(x, w, m, True), out_shardings=host)
   return {
       "host->device (runtime)": median_s(lambda: jax.block_until_ready(fetch())),
       "device->host (runtime)": median_s(lambda: jax.block_until_ready(write())),
@@ -51,6 +62,8 @@ def transfers(host, device) -> dict:
       "device->host (in-program scan)": median_s(lambda: jax.block_until_ready(scan_write(devices[0]))),
       "matmuls alone": median_s(lambda: jax.block_until_ready(matmuls(x, w))),
       "matmuls, then host->device behind them": median_s(lambda: jax.block_until_ready((matmuls(x, w), fetch()))),
+      "both directions (in-program scan)": median_s(lambda: jax.block_until_ready(copies(x, w, stacked))),
+      "matmuls + both directions (in-program scan)": median_s(lambda: jax.block_until_ready(both(x, w, stacked))),
   }
 
 

@@ -19,10 +19,9 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 from flax import nnx
 
-from bench.train_step import SHAPES, time_step
+from bench.train_step import SHAPES, random_batch, time_step
 from qlora_jax.lora import LoraConfig
 from qlora_jax.memory import estimate
 from qlora_jax.model import ModelOptions
@@ -62,10 +61,7 @@ def bench(args, n: int) -> dict:
   tx, _ = make_optimizer(train_cfg)
   opt_state = init_optimizer(tx, lora, layout)
   step = make_train_step(graphdef, tx, None, layout, (lora, rng, opt_state, frozen))
-  ids = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (1, batch, args.seq + 1)).astype(np.int32)
-  host = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-          "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (1, batch, args.seq)).copy(),
-          "segment_ids": np.ones((1, batch, args.seq), np.int32)}
+  host = random_batch(model_cfg.vocab_size, 1, batch, args.seq)
   data = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
   first_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, args.steps)
   devices = list(layout.mesh.devices.flat) if layout is not None else [jax.devices()[0]]

@@ -16,18 +16,16 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.experimental.mosaic.gpu import profiler
 
-from bench.train_step import SHAPES
+from bench.train_step import SHAPES, random_batch
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.optimizer import init_optimizer, make_optimizer
 from qlora_jax.train_config import TrainConfig
-from qlora_jax.train_step import make_train_step
+from qlora_jax.train_step import make_train_step, to_device_batch
 from qlora_jax.weights import random_model
 
 
@@ -47,10 +45,7 @@ def main() -> None:
   tx, _ = make_optimizer(TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0))
   opt = init_optimizer(tx, lora)
   step = make_train_step(graphdef, tx).programs["whole"]
-  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 1, args.seq + 1)).astype(np.int32)
-  data = {"input_ids": jnp.asarray(ids[..., :-1]), "labels": jnp.asarray(ids[..., 1:]),
-          "positions": jnp.arange(args.seq, dtype=jnp.int32)[None, None],
-          "segment_ids": jnp.ones((1, 1, args.seq), jnp.int32)}
+  data = to_device_batch(random_batch(cfg.vocab_size, 1, 1, args.seq))
 
   def run(lora, rng, opt, frozen, data):
     return step(lora, rng, opt, frozen, data)

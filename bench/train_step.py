@@ -14,7 +14,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,7 +22,7 @@ from qlora_jax.model import ModelOptions
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.train_config import TrainConfig
 from qlora_jax.optimizer import init_optimizer, make_optimizer, offload, offload_sharding
-from qlora_jax.train_step import make_train_step
+from qlora_jax.train_step import make_train_step, to_device_batch
 from qlora_jax.weights import random_model
 
 SHAPES = {
@@ -41,6 +40,14 @@ SHAPES = {
 def peak_gib() -> float:
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def random_batch(vocab: int, micro_batches: int, rows: int, seq: int) -> dict[str, np.ndarray]:
+  """Random tokens as the trainer's batches come: [micro_batches, rows, seq], one segment a row."""
+  ids = np.random.default_rng(0).integers(0, vocab, (micro_batches, rows, seq + 1)).astype(np.int32)
+  return {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (micro_batches, rows, seq)).copy(),
+          "segment_ids": np.ones((micro_batches, rows, seq), np.int32)}
 
 
 def time_step(step, state: tuple, data, steps: int) -> tuple[float, float, dict]:
@@ -70,11 +77,7 @@ def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, st
   if sharding is not None:
     opt_state = offload(opt_state, sharding, lora)
   step = make_train_step(graphdef, tx, sharding)
-  rs = np.random.default_rng(0)
-  ids = rs.integers(0, cfg.vocab_size, (grad_accum, batch, seq + 1)).astype(np.int32)
-  data = {"input_ids": jnp.asarray(ids[..., :-1]), "labels": jnp.asarray(ids[..., 1:]),
-          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (grad_accum, batch, seq)),
-          "segment_ids": jnp.ones((grad_accum, batch, seq), jnp.int32)}
+  data = to_device_batch(random_batch(cfg.vocab_size, grad_accum, batch, seq))
   first_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, steps)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offloaded, "remat": remat, "scan": scan,
           "attention": attention, "lora_dtype": lora_dtype,

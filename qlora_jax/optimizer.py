@@ -79,7 +79,7 @@ def apply_update(tx: Optimizer, grads, opt_state, lora, host=None):
 
   host: the state's pinned_host shardings when it is offloaded whole (None: on the device); the
   state comes to the device for the update. Offloaded moments of stacked layers take
-  `streamed_update` instead, outside the step (a HostState).
+  `make_streamed_update` instead, outside the jitted step (a HostState).
   """
   if host is not None:
     opt_state = jax.device_put(opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), host))
