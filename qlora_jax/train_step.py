@@ -91,6 +91,9 @@ def make_train_step(graphdef, tx: Optimizer, opt_sharding=None, layout: Layout |
   def step(lora, rng, opt_state, frozen, batch):
     if not isinstance(opt_state, HostState):
       return whole_step(lora, rng, opt_state, frozen, batch)
+    # Placed where they are: arrays a model was built with are uncommitted, the programs' outputs
+    # are committed, and each kind compiles its own program (two extra compiles otherwise).
+    lora, rng = jax.device_put((lora, rng), jax.tree.map(lambda x: x.sharding, (lora, rng)))
     grads, rng, metrics = grads_step(lora, rng, frozen, batch)
     lora, opt_state = streamed(lora, grads, metrics["grad_norm"], opt_state)
     return lora, rng, opt_state, metrics
