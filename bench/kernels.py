@@ -3,9 +3,9 @@
   XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/kernels.py [--quick] [--json out.json]
 
 Training shapes (M = 8192 rows): TFLOP/s of our forward (Y = X W^T) and backward (dX = dY W)
-kernels, with and without the per-call operand preparation (split codes + decoded scales, see
-pallas_kernels/layout.py), against a bf16 jnp.dot of the same shape (cuBLAS) and the XLA
-dequantize-then-matmul path. Decode shapes (M = 1..16): effective GB/s, counting the bytes a fused
+kernels (pallas_kernels/gpu_matmul.py, bf16 results), with and without the per-call operand
+preparation (block-split codes + decoded scales, see pallas_kernels/layout.py), against a bf16
+jnp.dot of the same shape with a bf16 result (cuBLAS) and the XLA dequantize-then-matmul path. Decode shapes (M = 1..16): effective GB/s, counting the bytes a fused
 kernel must read (4-bit codes, 8-bit absmax codes, nested absmax, activations) and write (the
 float32 output), against the device's measured copy bandwidth and bitsandbytes' 4-bit matmul
 (when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import gpu, layout
+from pallas_kernels import gpu, gpu_matmul, layout
 from qlora_jax.base_matmul import get_backend
 from qlora_jax.quantization import QuantConfig, dequantize
 from qlora_jax.weights import random_quantized
@@ -69,13 +69,12 @@ def train_rows(m: int, shapes) -> list[dict]:
     w = jax.jit(lambda q: dequantize(q, jnp.bfloat16))(qw)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
-    ops = {  # name: (activation, product, cuBLAS equivalent, kernel operands, kernel)
-        "fwd": (x, "forward", lambda a, wd: jnp.dot(a, wd.T, preferred_element_type=jnp.float32),
-                layout.kernel_operands(qw, True), gpu.forward),
-        "bwd": (dy, "backward", lambda a, wd: jnp.dot(a, wd, preferred_element_type=jnp.float32),
-                layout.kernel_operands(qw, False), gpu.backward),
+    ops = {  # name: (activation, product, cuBLAS equivalent with our output dtype)
+        "fwd": (x, "forward", lambda a, wd: jnp.dot(a, wd.T, preferred_element_type=jnp.bfloat16)),
+        "bwd": (dy, "backward", lambda a, wd: jnp.dot(a, wd, preferred_element_type=jnp.bfloat16)),
     }
-    for name, (a, product, cublas, operands, kernel) in ops.items():
+    for name, (a, product, cublas) in ops.items():
+      operands, kernel = layout.gpu_operands(qw, product), getattr(gpu_matmul, product)
       fused = jax.jit(lambda a_, q, p=product: getattr(ours, p)(a_, q, jnp.bfloat16))
       ref = jax.jit(lambda a_, q, p=product: getattr(xla, p)(a_, q, jnp.bfloat16))
       err = rel_err(fused(a, qw), ref(a, qw))
@@ -182,27 +181,23 @@ def tune_decode() -> None:
 
 
 def tune(m: int) -> None:
-  """TFLOP/s of the training kernels for a few tile configurations (kernel only)."""
-  configs = [gpu.Tiles(stages=2, overlap=False), gpu.Tiles(stages=3, overlap=False),
-             gpu.Tiles(stages=2, overlap=True), gpu.Tiles(stages=3, overlap=True),
-             gpu.Tiles(n=256, stages=2, overlap=False)]
-  for n, k in [(4096, 4096), (14336, 4096)]:
+  """TFLOP/s of the training kernels for a few configurations (kernel + output transpose)."""
+  C = gpu_matmul.Config
+  configs = [C(), C(persistent=False), C(stages=3), C(blocks=2, stages=2), C(cols=128)]
+  for n, k in [(4096, 4096), (8192, 8192), (2048, 2048)]:
     qw = weight(n, k, 0)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
-    for tiles in configs:
+    for config in configs:
       res = []
-      for name, a, transposed in (("forward", x, True), ("backward", dy, False)):
-        if name == "backward" and tiles.n != 128:
-          continue
-        fn = getattr(gpu, name)
-        ops = layout.kernel_operands(qw, transposed)
+      for name, a in (("forward", x), ("backward", dy)):
+        fn, ops = getattr(gpu_matmul, name), layout.gpu_operands(qw, name)
         try:
-          ms = gpu_ms(jax.jit(lambda a_, c, s: fn(a_, c, s, table=TABLE, tiles=tiles)), a, *ops)
+          ms = gpu_ms(jax.jit(lambda a_, c, s: fn(a_, c, s, table=TABLE, config=config)), a, *ops)
           res.append(f"{name} {2 * m * n * k / ms / 1e9:.0f}")
         except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
           res.append(f"{name} failed: {str(e).splitlines()[0][:80]}")
-      print(f"N={n} K={k} {tiles}: " + ", ".join(res), flush=True)
+      print(f"N={n} K={k} {config}: " + ", ".join(res), flush=True)
 
 
 def main() -> None:

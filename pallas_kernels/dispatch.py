@@ -19,7 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import gpu, layout, tpu
+from pallas_kernels import gpu, gpu_matmul, layout, tpu
 from qlora_jax.base_matmul import Backend, get_backend, register_backend
 from qlora_jax.quantization import QuantizedArray
 
@@ -62,9 +62,10 @@ def _product(policy: str, product: str):
         return gpu.gemv(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
       if product == "forward" and a.shape[0] <= DECODE_MAX_ROWS and _gpu_shape_ok(qw, gpu.DECODE_TILE_N):
         return gpu.decode(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
-      if policy == "pallas" and _gpu_shape_ok(qw, gpu.Tiles().n):
-        operands = layout.kernel_operands(qw, transposed=product == "forward")
-        return getattr(gpu, product)(a, *operands, table=table, interpret=INTERPRET)
+      if (policy == "pallas" and layout.unsupported_reason(qw) is None
+          and gpu_matmul.supported(*qw.shape)):
+        operands = layout.gpu_operands(qw, product)
+        return getattr(gpu_matmul, product)(a, *operands, table=table, interpret=INTERPRET)
     if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):
       operands = layout.kernel_operands(qw, transposed=True)
       return getattr(tpu, product)(a, *operands, table=table, interpret=INTERPRET)

@@ -1,20 +1,16 @@
-"""Fused 4-bit dequantize-matmul on Hopper GPUs through Mosaic GPU (wgmma, TMA pipelines).
+"""Fused 4-bit dequantize-matmul for decoding (M = 1..64) on Hopper GPUs through Mosaic GPU.
 
-One kernel body serves the three products, all as out = lhs @ rhs with float32 accumulation:
-
-  forward   Y  [M, N] = X  [M, K] @ W^T     rhs = W^T tile [128 (k), 128 (n)], dequantized on chip
-  backward  dX [M, K] = dY [M, N] @ W       rhs = W   tile [128 (n), 128 (k)], dequantized on chip
-  decode    Y^T[N, m] = W [N, K] @ X^T      lhs = W   tile [64 (n), 128 (k)], dequantized on chip
+  decode    Y^T[N, m] = W [N, K] @ X^T      lhs = W tile [64 (n), 128 (k)], dequantized on chip
                                             (m = 1..64 rows padded to 64, K split across CTAs)
+  gemv      M = 1..4 on the CUDA cores: the widened tile times x's slice, summed per row.
 
-and gemv(), M = 1..4 on the CUDA cores: the widened tile times x's slice, summed per row.
-
-Each CTA owns one output tile and pipelines over the contraction with TMA: the activation tile,
-the split 4-bit code tile (see layout.py) and its scales land in shared memory; one warpgroup
-widens the codes in registers (a byte-permute table lookup, times the scale), stores the bf16 tile
-into one half of a double-buffered swizzled shared-memory tile and issues an asynchronous wgmma on
-it, which runs while the next step widens into the other half. The dequantized weight exists only
-tile by tile in shared memory, never in device memory.
+Both read bitsandbytes' stored codes as they are. Each CTA owns one output tile and pipelines
+over the contraction with TMA: x's tile, the 4-bit code tile and its scales land in shared
+memory; one warpgroup widens the codes in registers (a byte-permute table lookup, times the
+scale), stores the bf16 tile into one half of a double-buffered swizzled shared-memory tile and
+issues an asynchronous wgmma on it, which runs while the next step widens into the other half.
+The dequantized weight exists only tile by tile on chip, never in device memory. The training
+shapes' kernels are in gpu_matmul.py (the weight as wgmma's register operand, warp-specialized).
 """
 
 from __future__ import annotations
@@ -38,15 +34,13 @@ DECODE_TILE_N = 64  # decode: weight rows per CTA
 GEMV_MAX_ROWS = 4  # gemv (no tensor cores): one float32 [tile, 64] accumulator per row of x
 GEMV_TILE_N, GEMV_STAGES, GEMV_CTAS = 128, 4, 528  # the fastest of `bench/kernels.py --tune decode`
 MIN_CTAS = 264  # decode: split K until about 2 CTAs per SM of an H100
-EPILOGUE_COLS = 64  # the f32 output leaves through shared memory 64 columns at a time
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """CTA tile of the output and pipeline depth."""
+  """The decode kernel's weight rows per CTA and pipeline depth."""
 
-  m: int = 128
-  n: int = 128
+  n: int = DECODE_TILE_N
   stages: int = 3
   overlap: bool = True  # double-buffer the widened W tile so wgmma runs under the next widening
 
@@ -159,130 +153,68 @@ def _dequantize_tile(codes_smem, scales_smem, w_smem, *, scale_axis: int, **wide
   plgpu.commit_smem()
 
 
-def _call(a, codes, scales_T, *, mode: str, table, tiles: Tiles, interpret: bool, splits: int = 1,
-          out_cols: int = EPILOGUE_COLS):
-  """The pallas call for one of 'forward', 'backward', 'decode' (see module docstring).
+def _call(x_T, codes, scales_T, *, table, tiles: Tiles, interpret: bool, splits: int,
+          out_cols: int):
+  """The decode kernel: Y^T partials [splits * N, out_cols] f32 = W @ x_T per part of K.
 
-  out_cols (decode): the columns of each [64, 64] output tile written out (the real rows of x,
-  rounded up to 8): a split-K partial sum is written and read back once more, so M = 1 must not
-  pay for 64 columns of it."""
+  out_cols: the columns of each [64, 64] output tile written out (the real rows of x, rounded up
+  to 8): a split-K partial sum is written and read back once more, so M = 1 must not pay for 64
+  columns of it."""
   if interpret:  # JAX 0.10's Mosaic GPU interpreter can deadlock on delayed buffer release; it
     tiles = dataclasses.replace(tiles, overlap=False)  # runs wgmma synchronously anyway
-  dtype = a.dtype
-  if mode == "forward":
-    (m, k), n = a.shape, codes.shape[1]
-    out_shape, steps = (m, n), k // GROUP
-    w_shape, acc_shape = (GROUP, tiles.n), (tiles.m, tiles.n)
-    grid = (m // tiles.m, n // tiles.n)
-    scale_axis = 1
-  elif mode == "backward":
-    (m, n), k = a.shape, codes.shape[1] * 2
-    out_shape, steps = (m, k), n // tiles.n
-    w_shape, acc_shape = (tiles.n, GROUP), (tiles.m, GROUP)
-    grid = (m // tiles.m, k // GROUP)
-    scale_axis = 0
-  else:  # decode: a is X^T [K, DECODE_ROWS]; K is cut into `splits` parts, summed by the caller
-    (k, m), n = a.shape, codes.shape[0]
-    k_part = k // splits
-    out_shape, steps = (splits * n, out_cols), k_part // GROUP
-    w_shape, acc_shape = (tiles.n, GROUP), (tiles.n, m)
-    grid = (n // tiles.n, splits)
-    scale_axis = 0
+  dtype = x_T.dtype
+  (k, m), n = x_T.shape, codes.shape[0]
+  k_part = k // splits
+  steps = k_part // GROUP
+  w_shape, acc_shape = (tiles.n, GROUP), (tiles.n, m)
 
   def kernel(a_gmem, codes_gmem, scales_gmem, out_gmem, w_smem, out_smem):
     i, j = lax.axis_index("i"), lax.axis_index("j")
-    if mode == "forward":
-      a_ref = a_gmem.at[pl.ds(i * tiles.m, tiles.m), :]
-      codes_ref = codes_gmem.at[:, pl.ds(j * tiles.n, tiles.n)]
-      scales_ref = scales_gmem.at[:, pl.ds(j * tiles.n, tiles.n)]
-      specs = [((tiles.m, GROUP), lambda s: (0, s)), ((HALF, tiles.n), lambda s: (s, 0)),
-               ((2, tiles.n), lambda s: (s, 0))]
-    elif mode == "backward":
-      a_ref = a_gmem.at[pl.ds(i * tiles.m, tiles.m), :]
-      codes_ref = codes_gmem.at[:, pl.ds(j * HALF, HALF)]
-      scales_ref = scales_gmem.at[pl.ds(j * 2, 2), :]
-      specs = [((tiles.m, tiles.n), lambda s: (0, s)), ((tiles.n, HALF), lambda s: (s, 0)),
-               ((2, tiles.n), lambda s: (0, s))]
-    else:
-      a_ref = a_gmem.at[pl.ds(j * k_part, k_part), :]
-      codes_ref = codes_gmem.at[pl.ds(i * tiles.n, tiles.n), pl.ds(j * (k_part // 2), k_part // 2)]
-      scales_ref = scales_gmem.at[pl.ds(j * (k_part // HALF), k_part // HALF),
-                                  pl.ds(i * tiles.n, tiles.n)]
-      specs = [((GROUP, m), lambda s: (s, 0)), ((tiles.n, HALF), lambda s: (0, s)),
-               ((2, tiles.n), lambda s: (s, 0))]
-    a_spec, codes_spec, scales_spec = specs
     # The activation tile stays one step longer: wgmma of step s still reads it while step s + 1
     # widens its codes into the other half of the double-buffered w_smem.
     in_specs = [
-        plgpu.BlockSpec(a_spec[0], a_spec[1], transforms=_swizzled(a_spec[0][1], dtype),
+        plgpu.BlockSpec((GROUP, m), lambda s: (s, 0), transforms=_swizzled(m, dtype),
                         delay_release=int(tiles.overlap)),
-        plgpu.BlockSpec(*codes_spec), plgpu.BlockSpec(*scales_spec)]
+        plgpu.BlockSpec((tiles.n, HALF), lambda s: (0, s)),
+        plgpu.BlockSpec((2, tiles.n), lambda s: (s, 0))]
 
     def with_acc(acc_ref):
       def step(idx, a_smem, codes_smem, scales_smem):
         w = w_smem.at[idx[0] % 2 if tiles.overlap else 0]
-        _dequantize_tile(codes_smem, scales_smem, w, table=table, scale_axis=scale_axis,
-                         bnb_order=mode == "decode", layout_hints=not interpret)
-        if mode == "decode":
-          plgpu.wgmma(acc_ref, w, a_smem)
-        else:
-          plgpu.wgmma(acc_ref, a_smem, w)
+        _dequantize_tile(codes_smem, scales_smem, w, table=table, scale_axis=0, bnb_order=True,
+                         layout_hints=not interpret)
+        plgpu.wgmma(acc_ref, w, a_smem)
         plgpu.wgmma_wait(int(tiles.overlap))  # overlap: the previous step's wgmma is done
 
       plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs,
-                          max_concurrent_steps=tiles.stages)(a_ref, codes_ref, scales_ref)
+                          max_concurrent_steps=tiles.stages)(
+          a_gmem.at[pl.ds(j * k_part, k_part), :],
+          codes_gmem.at[pl.ds(i * tiles.n, tiles.n), pl.ds(j * (k_part // 2), k_part // 2)],
+          scales_gmem.at[pl.ds(j * (k_part // HALF), k_part // HALF), pl.ds(i * tiles.n, tiles.n)])
       plgpu.wgmma_wait(0)
-      acc = acc_ref[...]
-      rows, cols = acc_shape
-      width = out_smem.shape[1]
-      for c in range(max(1, cols // EPILOGUE_COLS) if mode != "decode" else 1):  # f32, in 64 columns
-        part = slice(c * width, (c + 1) * width)
-        out_smem[...] = acc[:, part]
-        plgpu.commit_smem()
-        if mode == "decode":  # output tile (i, split j) of [splits * N, m]
-          dst = out_gmem.at[pl.ds(j * n + i * rows, rows), :]
-        else:
-          dst = out_gmem.at[pl.ds(i * rows, rows), pl.ds(j * cols + c * width, width)]
-        plgpu.copy_smem_to_gmem(out_smem, dst)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      out_smem[...] = acc_ref[...][:, :out_cols]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(j * n + i * acc_shape[0], acc_shape[0]), :])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(with_acc, plgpu.ACC(acc_shape, jnp.float32))
     plgpu.wait_smem_to_gmem(0)
 
   call = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
-      grid=grid, grid_names=("i", "j"),
+      out_type=jax.ShapeDtypeStruct((splits * n, out_cols), jnp.float32),
+      grid=(n // tiles.n, splits), grid_names=("i", "j"),
       scratch_types=[plgpu.SMEM((1 + tiles.overlap, *w_shape), dtype,
                                 transforms=_swizzled(w_shape[1], dtype)),
-                     plgpu.SMEM((acc_shape[0], out_cols if mode == "decode" else EPILOGUE_COLS),
-                                jnp.float32)],
+                     plgpu.SMEM((acc_shape[0], out_cols), jnp.float32)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_interpret_params() if interpret else None,
   )
-  return call(a, codes, scales_T)
-
-
-def _training(mode: str, a, codes, scales_T, table, tiles: Tiles, interpret: bool):
-  m = a.shape[0]
-  return _call(pad_rows(a, tiles.m), codes, scales_T, mode=mode, table=table, tiles=tiles,
-               interpret=interpret)[:m]
-
-
-@functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
-def forward(x_MxK, codes_T, scales_T, *, table, tiles: Tiles = Tiles(), interpret: bool = False):
-  """Y [M, N] f32 = x @ W^T; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
-  return _training("forward", x_MxK, codes_T, scales_T, table, tiles, interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret"))
-def backward(dy_MxN, codes, scales_T, *, table, tiles: Tiles = Tiles(), interpret: bool = False):
-  """dX [M, K] f32 = dy @ W; codes [N, K/2] split packing, scales_T [K/64, N]."""
-  return _training("backward", dy_MxN, codes, scales_T, table, tiles, interpret)
+  return call(x_T, codes, scales_T)
 
 
 @functools.partial(jax.jit, static_argnames=("table", "tiles", "interpret", "min_ctas"))
-def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_N),
+def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(),
            interpret: bool = False, min_ctas: int = MIN_CTAS):
   """Y [M, N] f32 = x @ W^T for M <= 64, reading the stored codes as they are.
 
@@ -296,8 +228,8 @@ def decode(x_MxK, codes, scales_T, *, table, tiles: Tiles = Tiles(n=DECODE_TILE_
   x_T = pad_rows(x_perm, DECODE_ROWS).T
   splits = decode_splits(n, k, tiles.n, min_ctas)
   cols = min(DECODE_ROWS, -(-m // 8) * 8)
-  y_T = _call(x_T, codes, scales_T, mode="decode", table=table, tiles=tiles, interpret=interpret,
-              splits=splits, out_cols=cols)
+  y_T = _call(x_T, codes, scales_T, table=table, tiles=tiles, interpret=interpret, splits=splits,
+              out_cols=cols)
   return y_T.reshape(splits, n, cols).sum(0)[:, :m].T
 
 

@@ -2,14 +2,16 @@
 
 bitsandbytes packs elements (2j, 2j+1) into byte j. A kernel that widened such bytes on chip would
 have to interleave even and odd columns, which neither Mosaic GPU nor Mosaic TPU register layouts
-do. The kernels read a *split* packing instead: the row is cut into groups of 128 elements and byte
-j of a group holds element j (high nibble) and element j + 64 (low nibble), so the two nibbles of a
-[rows, 64] byte tile widen into two contiguous [rows, 64] halves. Each half is exactly one 64-wide
-slice of one quantization block, so it takes one scale per row.
+do. The training kernels read a *split* packing instead, so that the two nibbles of a byte tile
+widen into two contiguous halves, each one 64-wide slice of one quantization block (one scale):
+  - TPU (`kernel_operands`): groups of 128 elements, byte j holding elements j and j + 64;
+  - GPU (`gpu_operands`): blocks of 64, byte c holding elements c and c + 32, for W (forward) or
+    W^T (backward), whose 64-row tiles are wgmma's register operand (gpu_matmul.py).
+The decode kernels read the stored codes as they are and permute x instead (x is tiny).
 
-`kernel_operands` makes both from the stored weight in one XLA fusion per call: it reads the 4-bit
-codes and the double-quantized absmax codes once and writes the split codes (same size) and the
-float32 scale per 64 elements (1/16 byte per weight). The double-quantized absmax is decoded here,
+Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
+double-quantized absmax codes once and writes the split codes (same size) and the float32 scale
+per 64 elements (1/16 byte per weight). The double-quantized absmax is decoded here,
 not in the kernels: that decode is a gather through a 256-entry table, which neither Mosaic GPU nor
 Mosaic TPU can do on register arrays.
 """
@@ -24,6 +26,7 @@ from qlora_jax.quantization import QuantizedArray, scales, unpack
 
 GROUP = 128  # elements per split group
 HALF = GROUP // 2  # elements per nibble half == bytes per group
+BLOCK = 64  # elements per block-split group (gpu_matmul): one quantization block of 64
 
 
 def unsupported_reason(qw: QuantizedArray) -> str | None:
@@ -46,6 +49,17 @@ def split_codes(qw: QuantizedArray) -> jax.Array:
   return packed.reshape(n_rows, k // 2)
 
 
+def block_split_codes(qw: QuantizedArray, transposed: bool) -> jax.Array:
+  """uint8 [N, K/2], or for `transposed` W^T's [K, N/2]: packed along the last axis in blocks of
+  64 elements, byte c of a block's 32 holding element c (high nibble) and c + 32 (low nibble)."""
+  n_rows, k = qw.shape
+  codes = unpack(qw.codes, qw.size).reshape(n_rows, k)
+  codes = codes.T if transposed else codes
+  rows, cols = codes.shape
+  halves = codes.reshape(rows, cols // BLOCK, 2, BLOCK // 2)
+  return ((halves[:, :, 0] << 4) | halves[:, :, 1]).reshape(rows, cols // 2)
+
+
 def half_block_scales(qw: QuantizedArray) -> jax.Array:
   """float32 [K/64, N]: the scale of elements [64 j, 64 j + 64) of row n at [j, n]."""
   n_rows, k = qw.shape
@@ -62,6 +76,11 @@ def decode_operands(qw: QuantizedArray) -> tuple[jax.Array, jax.Array]:
   """(stored codes as [N, K/2], [K/64, N] scales): the decode kernel reads bnb's packing as is."""
   n_rows, k = qw.shape
   return qw.codes.reshape(n_rows, k // 2), half_block_scales(qw)
+
+
+def gpu_operands(qw: QuantizedArray, product: str) -> tuple[jax.Array, jax.Array]:
+  """(block-split codes of W ('forward') or W^T ('backward'), [K/64, N] scales): gpu_matmul's."""
+  return block_split_codes(qw, transposed=product == "backward"), half_block_scales(qw)
 
 
 def kernel_operands(qw: QuantizedArray, transposed: bool) -> tuple[jax.Array, jax.Array]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, gpu, layout, tpu
+from pallas_kernels import dispatch, gpu, gpu_matmul, layout, tpu
 from qlora_jax.base_matmul import qmatmul
 from qlora_jax.quantization import dequantize, quantize
 
@@ -56,21 +56,21 @@ def _check(out, ref, seed, tol=TOL):
   assert err < tol, f"relative error {err:.2e} (seed {seed})"
 
 
-CPU_SHAPES = [(128, 128, 256), (37, 256, 384), (200, 128, 128)]  # ragged M: 37, 200
-GPU_SHAPES = [(1024, 1024, 2048), (1000, 2048, 1024), (4096, 1536, 4096)]
+CPU_SHAPES = [(128, 128, 256), (37, 256, 384), (300, 128, 128)]  # ragged M: 37, 300
+GPU_SHAPES = [(1024, 1024, 2048), (1000, 2048, 1024), (4096, 1536, 4096), (8192, 22016, 8192)]
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("shape", GPU_SHAPES if ON_GPU else CPU_SHAPES)
 def test_gpu_forward_backward(shape, quant_type):
+  """The training kernels (bf16 results: bf16 rounding on top of the kernels' own tolerance)."""
   seed, qw, x, dy = _fresh(shape, quant_type)
-  interpret = not ON_GPU
-  codes_T, scales_T = layout.kernel_operands(qw, transposed=True)
-  y = gpu.forward(x, codes_T, scales_T, table=layout.codebook(qw.quant_type), interpret=interpret)
-  _check(y, _ref_forward(x, qw), seed)
-  codes, scales_T = layout.kernel_operands(qw, transposed=False)
-  dx = gpu.backward(dy, codes, scales_T, table=layout.codebook(qw.quant_type), interpret=interpret)
-  _check(dx, _ref_backward(dy, qw), seed)
+  table, interpret = layout.codebook(qw.quant_type), not ON_GPU
+  y = gpu_matmul.forward(x, *layout.gpu_operands(qw, "forward"), table=table, interpret=interpret)
+  _check(y, _ref_forward(x, qw), seed, TOL + BF16_TOL)
+  dx = gpu_matmul.backward(dy, *layout.gpu_operands(qw, "backward"), table=table,
+                           interpret=interpret)
+  _check(dx, _ref_backward(dy, qw), seed, TOL + BF16_TOL)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 64])
@@ -118,6 +118,18 @@ def test_split_layout_round_trip():
   codes = codes.reshape(64, 2, 3, 64).transpose(0, 2, 1, 3).reshape(64, 384)
   bnb = np.asarray(qw.codes).reshape(64, 192)
   np.testing.assert_array_equal(codes, np.stack([bnb >> 4, bnb & 15], -1).reshape(64, 384))
+
+
+def test_block_split_layout_round_trip():
+  """gpu_matmul's packing holds W's (forward) and W^T's (backward) codes, moved within blocks."""
+  _, qw, _, _ = _fresh((1, 192, 256), "nf4")
+  bnb = np.asarray(qw.codes).reshape(192, 128)
+  codes = np.stack([bnb >> 4, bnb & 15], -1).reshape(192, 256)
+  for transposed, want in ((False, codes), (True, codes.T)):
+    packed = np.asarray(layout.block_split_codes(qw, transposed))
+    rows = want.shape[0]
+    unpacked = np.stack([packed >> 4, packed & 15], 1).reshape(rows, 2, -1, 32)
+    np.testing.assert_array_equal(unpacked.transpose(0, 2, 1, 3).reshape(want.shape), want)
 
 
 def test_unsupported_shapes_are_named():
