@@ -205,6 +205,7 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="three training and two decode shapes")
   p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
   p.add_argument("--decode-only", action="store_true", help="skip the training shapes")
+  p.add_argument("--train-only", action="store_true", help="skip the decode shapes")
   p.add_argument("--tune", choices=["train", "decode"], help="only compare tile configurations")
   p.add_argument("--json", help="write all rows here")
   args = p.parse_args()
@@ -219,6 +220,8 @@ def main() -> None:
   decode = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
   if args.decode_only:
     train = []
+  if args.train_only:
+    decode = []
   rows = train_rows(args.m, train) + decode_rows((1, 4, 16), decode, ceil["copy_GBps"])
   if args.json:
     with open(args.json, "w") as f:
