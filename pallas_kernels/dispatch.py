@@ -3,8 +3,8 @@
   pallas  the Pallas kernel wherever the platform has one and the shape suits it, else XLA.
   auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the gemv
           kernel for one row, the decode kernel for 2..64 rows (2.6-3.5x XLA's path) and XLA's
-          dequantize + cuBLAS for training shapes, where the fused wgmma kernels measured 44-61% of cuBLAS against XLA's 86-100%
-          (docs/BENCHMARKS.md); on CPU, XLA.
+          dequantize + cuBLAS for training shapes, where the fused kernels (gpu_matmul) measured
+          50-86% of cuBLAS against XLA's 91-101% (docs/BENCHMARKS.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call. Under a mesh of several devices (a
@@ -35,7 +35,8 @@ def _announce(policy: str, platform: str) -> None:
   what = {
       ("auto", "gpu"): "Pallas Mosaic GPU gemv for 1 row, decode kernel for <= 64 rows, XLA "
                        "dequantize + cuBLAS for training shapes",
-      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (wgmma) where the shape suits them, else XLA",
+      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (gemv, decode, warp-specialized wgmma for "
+                         "training shapes) where the shape suits them, else XLA",
       ("auto", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
       ("pallas", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
   }.get((policy, platform), f"XLA dequantize + dot (no Pallas kernels on {platform})")
