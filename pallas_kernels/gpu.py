@@ -113,43 +113,34 @@ def _lut_bf16(codes, table):
   return widen(codes)
 
 
-def _widen(codes_smem, scales_smem, *, table, scale_axis: int, bnb_order: bool, layout_hints: bool,
-           dtype=jnp.bfloat16) -> list:
-  """[high-nibble values, low-nibble values], each table[code] * scale in the codes tile's shape
-  (WGMMA layout on the GPU).
+def _widen(codes_smem, scales_smem, *, table, layout_hints: bool, dtype=jnp.bfloat16) -> list:
+  """[high-nibble values, low-nibble values] of a bitsandbytes-packed code tile [R, 64], each
+  table[code] * scale in the tile's shape (WGMMA layout on the GPU).
 
-  scale_axis=1: codes [64, C] (one scale per column: forward); scale_axis=0: codes [R, 64] (one
-  scale per row). bnb_order: the codes are bitsandbytes' packing (decode): a 64-byte row holds
-  two whole quant blocks, bytes [0, 32) the first, so the scale changes at column 32 for both
-  nibbles.
+  A 64-byte row holds two whole quant blocks of one weight row (bytes [0, 32) the first), so the
+  scale (scales_smem [2, R]) changes at column 32 for both nibbles.
   """
   hint = plgpu.layout_cast if layout_hints else (lambda x, _: x)
   codes_u8 = hint(codes_smem[...], plgpu.Layout.WGMMA)
   scale_dtype = jnp.bfloat16 if layout_hints else jnp.float32
   row_scales = [lax.broadcast_in_dim(
-      hint(scales_smem[h], plgpu.Layout.WGMMA.reduce(1 - scale_axis)).astype(scale_dtype),
-      codes_u8.shape, [scale_axis]) for h in range(2)]
-  if bnb_order:
-    iota = (plgpu.broadcasted_iota(jnp.int32, codes_u8.shape, 1, layout=plgpu.Layout.WGMMA)
-            if layout_hints else lax.broadcasted_iota(jnp.int32, codes_u8.shape, 1))
-    first_block = iota < HALF // 2
-    row_scales = [jnp.where(first_block, row_scales[0], row_scales[1])] * 2
+      hint(scales_smem[h], plgpu.Layout.WGMMA.reduce(1)).astype(scale_dtype),
+      codes_u8.shape, [0]) for h in range(2)]
+  iota = (plgpu.broadcasted_iota(jnp.int32, codes_u8.shape, 1, layout=plgpu.Layout.WGMMA)
+          if layout_hints else lax.broadcasted_iota(jnp.int32, codes_u8.shape, 1))
+  scale = jnp.where(iota < HALF // 2, row_scales[0], row_scales[1])
   if layout_hints:  # the GPU: byte-permute lookup, bf16 scale multiply (1 rounding more than XLA)
-    return [v * s for v, s in zip(_lut_bf16(codes_u8, table), row_scales)]
+    return [v * scale for v in _lut_bf16(codes_u8, table)]
   codes = codes_u8.astype(jnp.int32)  # the interpreter runs no inline PTX: the select tree, exact
-  return [(decode_codes(nibbles, table) * s).astype(dtype)  # float32 products
-          for nibbles, s in zip((codes >> 4, codes & 0xF), row_scales)]
+  return [(decode_codes(nibbles, table) * scale).astype(dtype)  # float32 products
+          for nibbles in (codes >> 4, codes & 0xF)]
 
 
-def _dequantize_tile(codes_smem, scales_smem, w_smem, *, scale_axis: int, **widen):
-  """w_smem (bf16) <- table[codes] * scale, the two nibble halves side by side along 1 - scale_axis."""
-  values = _widen(codes_smem, scales_smem, scale_axis=scale_axis, dtype=w_smem.dtype, **widen)
+def _dequantize_tile(codes_smem, scales_smem, w_smem, **widen):
+  """w_smem (bf16) <- table[codes] * scale, the two nibble halves side by side along columns."""
+  values = _widen(codes_smem, scales_smem, dtype=w_smem.dtype, **widen)
   for half in range(2):
-    part = pl.ds(half * HALF, HALF)
-    if scale_axis == 1:
-      w_smem[part, :] = values[half]
-    else:
-      w_smem[:, part] = values[half]
+    w_smem[:, pl.ds(half * HALF, HALF)] = values[half]
   plgpu.commit_smem()
 
 
@@ -181,8 +172,7 @@ def _call(x_T, codes, scales_T, *, table, tiles: Tiles, interpret: bool, splits:
     def with_acc(acc_ref):
       def step(idx, a_smem, codes_smem, scales_smem):
         w = w_smem.at[idx[0] % 2 if tiles.overlap else 0]
-        _dequantize_tile(codes_smem, scales_smem, w, table=table, scale_axis=0, bnb_order=True,
-                         layout_hints=not interpret)
+        _dequantize_tile(codes_smem, scales_smem, w, table=table, layout_hints=not interpret)
         plgpu.wgmma(acc_ref, w, a_smem)
         plgpu.wgmma_wait(int(tiles.overlap))  # overlap: the previous step's wgmma is done
 
@@ -265,8 +255,7 @@ def gemv(x_MxK, codes, scales_T, *, table, tile_n: int = GEMV_TILE_N, stages: in
     i, j = lax.axis_index("i"), lax.axis_index("j")
 
     def step(_, x_smem, codes_smem, scales_smem, accs):
-      halves = _widen(codes_smem, scales_smem, table=table, scale_axis=0, bnb_order=True,
-                      layout_hints=hints)
+      halves = _widen(codes_smem, scales_smem, table=table, layout_hints=hints)
       out = []
       for r, acc in enumerate(accs):
         for h, values in enumerate(halves):
