@@ -162,7 +162,10 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
   # run could starve a 2-core CPU client's threads (a hang seen once under load).
   value = jax.jit(qmatmul, static_argnums=2)
   grad = jax.jit(jax.grad(loss), static_argnums=1)
-  for rows in (130, 3, 1):  # training kernels, then (GPU) the decode kernel and the gemv
+  # Training kernels, then (GPU) the decode kernel and the gemv. Interpreted, the GPU training
+  # kernels (warp-specialized: a thread per warpgroup) can hang inside a larger program on a
+  # 2-core machine (seen twice); test_gpu_forward_backward checks them interpreted on their own.
+  for rows in ((3, 1) if platform == "gpu" and not ON_GPU else (130, 3, 1)):
     xs = x[:rows]
     _check(value(xs, qw, "pallas"), value(xs, qw, "xla"), seed, max(TOL, BF16_TOL))
     _check(grad(xs, "pallas"), grad(xs, "xla"), seed, max(TOL, BF16_TOL))
