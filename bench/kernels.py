@@ -5,7 +5,8 @@
 Training shapes (M = 8192 rows): TFLOP/s of our forward (Y = X W^T) and backward (dX = dY W)
 kernels (pallas_kernels/gpu_matmul.py, bf16 results), with and without the per-call operand
 preparation (block-split codes + decoded scales, see pallas_kernels/layout.py), against a bf16
-jnp.dot of the same shape with a bf16 result (cuBLAS) and the XLA dequantize-then-matmul path. Decode shapes (M = 1..16): effective GB/s, counting the bytes a fused
+jnp.dot of the same shape with a bf16 result (cuBLAS) and the XLA dequantize-then-matmul path.
+Decode shapes (M = 1..16): effective GB/s, counting the bytes a fused
 kernel must read (4-bit codes, 8-bit absmax codes, nested absmax, activations) and write (the
 float32 output), against the device's measured copy bandwidth and bitsandbytes' 4-bit matmul
 (when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
@@ -183,7 +184,7 @@ def tune_decode() -> None:
 def tune(m: int) -> None:
   """TFLOP/s of the training kernels for a few configurations (kernel + output transpose)."""
   C = gpu_matmul.Config
-  configs = [C(), C(persistent=False), C(stages=3), C(blocks=2, stages=2), C(cols=128)]
+  configs = [C(), C(persistent=False), C(stages=3), C(cols=128)]
   for n, k in [(4096, 4096), (8192, 8192), (2048, 2048)]:
     qw = weight(n, k, 0)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)

@@ -18,15 +18,20 @@ activation rows (the single-warpgroup kernel of gpu.py: 128), which halves the w
 FLOP.
 
 One pipeline step is one quantization block of 64 contraction elements: the codes are packed
-*block-split* (layout.block_split_codes: byte c of a block's 32 holds element c in the high and
-element c + 32 in the low nibble), so a [64, 32] byte tile widens into the two 32-column halves of
-the [64, 64] operand, one scale per weight row (forward) or per weight column (backward).
+*block-split* (layout.split_codes in blocks of 64: byte c of a block's 32 holds element c in the
+high and element c + 32 in the low nibble), so a [64, 32] byte tile widens into the two 32-column
+halves of the [64, 64] operand, one scale per weight row (forward) or per weight column (backward).
+
+Interpreted (CPU tests) the kernels need XLA:CPU's plain scheduler (SERIAL_XLA_CPU), and since the
+interpreter takes wgmma operands from shared memory only, that path stages the widened tile and
+the transposed activations there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +44,11 @@ from pallas_kernels.gpu import _interpret_params, _lut_bf16, _swizzled
 from pallas_kernels.layout import BLOCK, decode_codes, pad_rows
 
 EPILOGUE = 64  # output columns per shared-memory store
+# Interpreted, each warpgroup is a thread whose barrier waits sit in host callbacks. XLA:CPU's
+# concurrency-optimized scheduler runs independent callbacks at once on its few worker threads,
+# where the waiting ones can starve the warpgroups that would release them (a reliable hang on 2
+# cores); its plain schedule runs them on their warpgroups' own threads.
+SERIAL_XLA_CPU = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +60,6 @@ class Config:
   cols: int = 256
   stages: int = 4
   compute_wgs: int = 2
-  blocks: int = 1  # quantization blocks per pipeline step: block b + 1 widens under b's wgmma
   persistent: bool = True  # one CTA per SM loops over output tiles: the next tile's copies
                            # start while this one's epilogue stores
 
@@ -93,28 +102,26 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
   """
   (m, c), r = a.shape, codes.shape[0]
   cta_rows = config.compute_wgs * config.rows
-  nb = config.blocks
   if per_row:
-    scale_block, scale_index = (nb, cta_rows), lambda s: (s, 0)
+    scale_block, scale_index = (1, cta_rows), lambda s: (s, 0)
   else:  # one scale row per compute warpgroup: its 64 weight rows are one block
     assert config.rows == BLOCK
-    scale_block, scale_index = (config.compute_wgs, nb * BLOCK), lambda s: (0, s)
-  in_specs = [  # the activation tile of each block in the step, the codes, the scales
-      *[plgpu.BlockSpec((config.cols, BLOCK), lambda s, b=b: (0, nb * s + b),
-                        transforms=_swizzled(BLOCK, a.dtype)) for b in range(nb)],
-      plgpu.BlockSpec((cta_rows, nb * BLOCK // 2), lambda s: (0, s)),
+    scale_block, scale_index = (config.compute_wgs, BLOCK), lambda s: (0, s)
+  in_specs = [  # one quantization block a step: the activation tile, the codes, the scales
+      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, s), transforms=_swizzled(BLOCK, a.dtype)),
+      plgpu.BlockSpec((cta_rows, BLOCK // 2), lambda s: (0, s)),
       plgpu.BlockSpec(scale_block, scale_index)]
 
   def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(c // (nb * BLOCK),), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+        body, grid=(c // BLOCK,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
         compute_context=compute_context)
 
   r_tiles, m_tiles = r // cta_rows, m // config.cols
 
   def operands(a_gmem, codes_gmem, scales_gmem, i, j):
-    return (*[a_gmem.at[pl.ds(j * config.cols, config.cols), :]] * nb,
+    return (a_gmem.at[pl.ds(j * config.cols, config.cols), :],
             codes_gmem.at[pl.ds(i * cta_rows, cta_rows), :],
             scales_gmem.at[:, pl.ds(i * cta_rows, cta_rows)] if per_row
             else scales_gmem.at[pl.ds(i * config.compute_wgs, config.compute_wgs), :])
@@ -146,23 +153,19 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
                   out_gmem.at[pl.ds(i * cta_rows + wg * config.rows, config.rows),
                               pl.ds(j * config.cols + e * EPILOGUE, EPILOGUE)])
 
-        def step(_, *refs):
-          *a_smems, codes_smem, scales_smem, acc_ref = refs
-          for b, a_smem in enumerate(a_smems):
-            cols = pl.ds(b * BLOCK // 2, BLOCK // 2)
-            scale = (scales_smem.at[b, my_rows] if per_row
-                     else scales_smem.at[wg, pl.ds(b * BLOCK, BLOCK)])
-            w = _weight_operand(codes_smem.at[my_rows, cols], scale, table=table, per_row=per_row,
-                                hints=not interpret)
-            a_T = a_smem.transpose((1, 0))
-            if interpret:  # JAX 0.10's interpreter takes neither register nor transposed operands
-              w_smem, a_T_smem = scratch
-              w_smem[wg] = w
-              a_T_smem[wg] = a_smem[...].T
-              plgpu.commit_smem()
-              w, a_T = w_smem.at[wg], a_T_smem.at[wg]
-            plgpu.wgmma(acc_ref, w, a_T)  # runs while the next block widens
-          plgpu.wgmma_wait(0)
+        def step(_, a_smem, codes_smem, scales_smem, acc_ref):
+          scale = scales_smem.at[0, my_rows] if per_row else scales_smem.at[wg]
+          w = _weight_operand(codes_smem.at[my_rows], scale, table=table, per_row=per_row,
+                              hints=not interpret)
+          a_T = a_smem.transpose((1, 0))
+          if interpret:  # JAX 0.10's interpreter takes neither register nor transposed operands
+            w_smem, a_T_smem = scratch
+            w_smem[wg] = w
+            a_T_smem[wg] = a_smem[...].T
+            plgpu.commit_smem()
+            w, a_T = w_smem.at[wg], a_T_smem.at[wg]
+          plgpu.wgmma(acc_ref, w, a_T)
+          plgpu.wgmma_wait(0)  # the register operand must stay intact until the wgmma is done
           return acc_ref
 
         pipeline(step, compute_context)(*operands(a_gmem, codes_gmem, scales_gmem, i, j),
@@ -205,10 +208,9 @@ def supported(n: int, k: int) -> bool:
 
 
 def _transposed_product(a, codes, scales, per_row, table, config, interpret):
-  if interpret:
-    # One compute warpgroup: JAX 0.10's interpreter runs each warpgroup as a thread whose barrier
-    # waits occupy XLA's callback threads; with three on a 2-core machine they can starve.
-    config = dataclasses.replace(config, compute_wgs=1)
+  if interpret and SERIAL_XLA_CPU not in os.environ.get("XLA_FLAGS", ""):
+    raise RuntimeError(f"interpreting the warp-specialized kernels needs XLA_FLAGS={SERIAL_XLA_CPU} "
+                       "set before JAX starts (tests/conftest.py sets it): otherwise they hang")
   m = a.shape[0]
   out = _call(pad_rows(a.astype(jnp.bfloat16), config.cols), codes, scales, per_row=per_row,
               table=table, config=config, interpret=interpret)

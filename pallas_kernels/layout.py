@@ -41,22 +41,15 @@ def unsupported_reason(qw: QuantizedArray) -> str | None:
   return None
 
 
-def split_codes(qw: QuantizedArray) -> jax.Array:
-  """uint8 [N, K/2] in the split packing (see module docstring)."""
-  n_rows, k = qw.shape
-  codes_NxGx2xH = unpack(qw.codes, qw.size).reshape(n_rows, k // GROUP, 2, HALF)
-  packed = (codes_NxGx2xH[:, :, 0] << 4) | codes_NxGx2xH[:, :, 1]
-  return packed.reshape(n_rows, k // 2)
-
-
-def block_split_codes(qw: QuantizedArray, transposed: bool) -> jax.Array:
-  """uint8 [N, K/2], or for `transposed` W^T's [K, N/2]: packed along the last axis in blocks of
-  64 elements, byte c of a block's 32 holding element c (high nibble) and c + 32 (low nibble)."""
+def split_codes(qw: QuantizedArray, group: int = GROUP, transposed: bool = False) -> jax.Array:
+  """uint8 [N, K/2] (for `transposed`, W^T's [K, N/2]) packed along the last axis in groups of
+  `group` elements, byte j of a group holding element j (high nibble) and j + group/2 (low):
+  groups of 128 for the TPU kernels, of 64 (one quantization block) for gpu_matmul."""
   n_rows, k = qw.shape
   codes = unpack(qw.codes, qw.size).reshape(n_rows, k)
   codes = codes.T if transposed else codes
   rows, cols = codes.shape
-  halves = codes.reshape(rows, cols // BLOCK, 2, BLOCK // 2)
+  halves = codes.reshape(rows, cols // group, 2, group // 2)
   return ((halves[:, :, 0] << 4) | halves[:, :, 1]).reshape(rows, cols // 2)
 
 
@@ -80,7 +73,7 @@ def decode_operands(qw: QuantizedArray) -> tuple[jax.Array, jax.Array]:
 
 def gpu_operands(qw: QuantizedArray, product: str) -> tuple[jax.Array, jax.Array]:
   """(block-split codes of W ('forward') or W^T ('backward'), [K/64, N] scales): gpu_matmul's."""
-  return block_split_codes(qw, transposed=product == "backward"), half_block_scales(qw)
+  return split_codes(qw, BLOCK, transposed=product == "backward"), half_block_scales(qw)
 
 
 def kernel_operands(qw: QuantizedArray, transposed: bool) -> tuple[jax.Array, jax.Array]:

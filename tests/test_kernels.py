@@ -120,13 +120,22 @@ def test_split_layout_round_trip():
   np.testing.assert_array_equal(codes, np.stack([bnb >> 4, bnb & 15], -1).reshape(64, 384))
 
 
+def test_interpreted_training_kernels_say_what_they_need(monkeypatch):
+  """Without XLA:CPU's plain scheduler the interpreted kernels would hang: they say so instead."""
+  _, qw, x, _ = _fresh((8, 128, 128), "nf4")  # a shape no other test traces (a fresh trace)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.raises(RuntimeError, match=gpu_matmul.SERIAL_XLA_CPU):
+    gpu_matmul.forward(x, *layout.gpu_operands(qw, "forward"), table=layout.codebook("nf4"),
+                       interpret=True)
+
+
 def test_block_split_layout_round_trip():
   """gpu_matmul's packing holds W's (forward) and W^T's (backward) codes, moved within blocks."""
   _, qw, _, _ = _fresh((1, 192, 256), "nf4")
   bnb = np.asarray(qw.codes).reshape(192, 128)
   codes = np.stack([bnb >> 4, bnb & 15], -1).reshape(192, 256)
   for transposed, want in ((False, codes), (True, codes.T)):
-    packed = np.asarray(layout.block_split_codes(qw, transposed))
+    packed = np.asarray(layout.split_codes(qw, layout.BLOCK, transposed))
     rows = want.shape[0]
     unpacked = np.stack([packed >> 4, packed & 15], 1).reshape(rows, 2, -1, 32)
     np.testing.assert_array_equal(unpacked.transpose(0, 2, 1, 3).reshape(want.shape), want)
@@ -162,10 +171,7 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
   # run could starve a 2-core CPU client's threads (a hang seen once under load).
   value = jax.jit(qmatmul, static_argnums=2)
   grad = jax.jit(jax.grad(loss), static_argnums=1)
-  # Training kernels, then (GPU) the decode kernel and the gemv. Interpreted, the GPU training
-  # kernels (warp-specialized: a thread per warpgroup) can hang inside a larger program on a
-  # 2-core machine (seen twice); test_gpu_forward_backward checks them interpreted on their own.
-  for rows in ((3, 1) if platform == "gpu" and not ON_GPU else (130, 3, 1)):
+  for rows in (130, 3, 1):  # training kernels, then (GPU) the decode kernel and the gemv
     xs = x[:rows]
     _check(value(xs, qw, "pallas"), value(xs, qw, "xla"), seed, max(TOL, BF16_TOL))
     _check(grad(xs, "pallas"), grad(xs, "xla"), seed, max(TOL, BF16_TOL))
