@@ -1,8 +1,8 @@
 """The qmatmul backends 'pallas' and 'auto': pick a kernel per platform and shape at trace time.
 
   pallas  the Pallas kernel wherever the platform has one and the shape suits it, else XLA.
-  auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the gemv
-          kernel for one row, the decode kernel for 2..64 rows (2.6-3.5x XLA's path) and XLA's
+  auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the
+          decode kernel (gpu_decode) for up to 64 rows, several times XLA's path, and XLA's
           dequantize + cuBLAS for training shapes, where the fused kernels (gpu_matmul) measured
           50-86% of cuBLAS against XLA's 91-101% (docs/BENCHMARKS.md); on CPU, XLA.
 
@@ -19,11 +19,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import gpu, gpu_matmul, layout, tpu
+from pallas_kernels import gpu_decode, gpu_matmul, layout, tpu
 from qlora_jax.base_matmul import Backend, get_backend, register_backend
 from qlora_jax.quantization import QuantizedArray
 
-DECODE_MAX_ROWS = gpu.DECODE_ROWS
 INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU)
 _ANNOUNCED: set[tuple[str, str]] = set()
 
@@ -33,19 +32,15 @@ def _announce(policy: str, platform: str) -> None:
     return
   _ANNOUNCED.add((policy, platform))
   what = {
-      ("auto", "gpu"): "Pallas Mosaic GPU gemv for 1 row, decode kernel for <= 64 rows, XLA "
-                       "dequantize + cuBLAS for training shapes",
-      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (gemv, decode, warp-specialized wgmma for "
-                         "training shapes) where the shape suits them, else XLA",
+      ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows, XLA dequantize + cuBLAS "
+                       "for training shapes",
+      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (decode for <= 64 rows, warp-specialized "
+                         "wgmma for training shapes) where the shape suits them, else XLA",
       ("auto", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
       ("pallas", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
   }.get((policy, platform), f"XLA dequantize + dot (no Pallas kernels on {platform})")
   print(f"qlora_jax: 4-bit matmul backend {policy!r} on {platform}: {what}", file=sys.stderr,
         flush=True)
-
-
-def _gpu_shape_ok(qw: QuantizedArray, tile: int) -> bool:
-  return layout.unsupported_reason(qw) is None and qw.shape[0] % tile == 0
 
 
 def _product(policy: str, product: str):
@@ -59,12 +54,10 @@ def _product(policy: str, product: str):
       return getattr(xla, product)(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     if platform == "gpu":
-      if product == "forward" and a.shape[0] == 1 and _gpu_shape_ok(qw, gpu.GEMV_TILE_N):
-        return gpu.gemv(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
-      if product == "forward" and a.shape[0] <= DECODE_MAX_ROWS and _gpu_shape_ok(qw, gpu.DECODE_TILE_N):
-        return gpu.decode(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
-      if (policy == "pallas" and layout.unsupported_reason(qw) is None
-          and gpu_matmul.supported(*qw.shape)):
+      fits = layout.unsupported_reason(qw) is None
+      if product == "forward" and fits and gpu_decode.supported(a.shape[0], *qw.shape):
+        return gpu_decode.decode(a, *layout.decode_operands(qw), table=table, interpret=INTERPRET)
+      if policy == "pallas" and fits and gpu_matmul.supported(*qw.shape):
         operands = layout.gpu_operands(qw, product)
         return getattr(gpu_matmul, product)(a, *operands, table=table, interpret=INTERPRET)
     if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):

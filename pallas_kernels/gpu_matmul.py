@@ -31,24 +31,76 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.gpu import _interpret_params, _lut_bf16, _swizzled
+from pallas_kernels.gpu import interpret_params, sm_count, swizzled
 from pallas_kernels.layout import BLOCK, decode_codes, pad_rows
 
 EPILOGUE = 64  # output columns per shared-memory store
-# Interpreted, each warpgroup is a thread whose barrier waits sit in host callbacks. XLA:CPU's
-# concurrency-optimized scheduler runs independent callbacks at once on its few worker threads,
-# where the waiting ones can starve the warpgroups that would release them (a reliable hang on 2
-# cores); its plain schedule runs them on their warpgroups' own threads.
-SERIAL_XLA_CPU = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _byte_plane_words(table) -> tuple[list[int], list[int]]:
+  """The bf16 codebook as two 16-byte tables (low bytes, high bytes), four 32-bit words each."""
+  bits = np.asarray(table, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.int64)
+  words = lambda plane: [int(sum(int(plane[4 * w + i]) << (8 * i) for i in range(4)))
+                         for w in range(4)]
+  return words(bits & 0xFF), words(bits >> 8)
+
+
+def _lut_bf16(codes, table):
+  """(high-nibble values, low-nibble values) as bf16 arrays in codes' WGMMA layout, by byte permutes.
+
+  Each register of `codes` holds two bytes (two columns). Their four nibbles index two 16-byte
+  tables (the low and the high bytes of the bf16 codebook) through `prmt`, 3 permutes per table
+  for all four nibbles (as CUTLASS's int4 converters do), and two more permutes interleave the
+  bytes into one bf16x2 register per nibble half: 11 instructions for 4 values, against ~30 per
+  value for the select tree.
+  """
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  low_words, high_words = _byte_plane_words(table)
+  out_type = plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=(out_type, out_type))
+  def widen(_, codes_fa):
+    i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+    bf16x2 = ir.VectorType.get([2], ir.BF16Type.get())
+    c = lambda v: arith.constant(i32, v)
+    asm = f"""{{
+      .reg .b32 p, n, lo, hi;
+      prmt.b32 p, {low_words[0]}, {low_words[1]}, $2;
+      prmt.b32 n, {low_words[2]}, {low_words[3]}, $2;
+      prmt.b32 lo, p, n, $3;
+      prmt.b32 p, {high_words[0]}, {high_words[1]}, $2;
+      prmt.b32 n, {high_words[2]}, {high_words[3]}, $2;
+      prmt.b32 hi, p, n, $3;
+      prmt.b32 $0, lo, hi, 0x7351;
+      prmt.b32 $1, lo, hi, 0x6240;
+    }}"""
+    struct = llvm.StructType.get_literal([i32, i32])
+    high_regs = np.empty_like(codes_fa.registers)
+    low_regs = np.empty_like(codes_fa.registers)
+    for idx, reg in np.ndenumerate(codes_fa.registers):
+      x = arith.extui(i32, mgpu_utils.bitcast(reg, i16))  # nibbles: lo(b0) hi(b0) lo(b1) hi(b1)
+      index = arith.andi(x, c(0x7777))
+      select = arith.ori(arith.shrui(arith.andi(x, c(0x8888)), c(1)), c(0x3210))
+      out = llvm.inline_asm(struct, [index, select], asm, "=r,=r,r,r")
+      high_regs[idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, out, [0]), bf16x2)
+      low_regs[idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, out, [1]), bf16x2)
+    make = lambda regs: mgpu.FragmentedArray(_registers=regs, _layout=codes_fa.layout,
+                                             _is_signed=None)
+    return make(high_regs), make(low_regs)
+
+  return widen(codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +160,7 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
     assert config.rows == BLOCK
     scale_block, scale_index = (config.compute_wgs, BLOCK), lambda s: (0, s)
   in_specs = [  # one quantization block a step: the activation tile, the codes, the scales
-      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, s), transforms=_swizzled(BLOCK, a.dtype)),
+      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, s), transforms=swizzled(BLOCK, a.dtype)),
       plgpu.BlockSpec((cta_rows, BLOCK // 2), lambda s: (0, s)),
       plgpu.BlockSpec(scale_block, scale_index)]
 
@@ -183,23 +235,19 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((r, m), a.dtype),
-      **(dict(grid=(min(_sm_count(interpret), r_tiles * m_tiles),), grid_names=("sm",))
+      **(dict(grid=(min(sm_count(interpret), r_tiles * m_tiles),), grid_names=("sm",))
          if config.persistent else dict(grid=(r_tiles, m_tiles), grid_names=("i", "j"))),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM((config.compute_wgs, 2, config.rows, EPILOGUE), a.dtype,
-                                transforms=_swizzled(EPILOGUE, a.dtype))]
+                                transforms=swizzled(EPILOGUE, a.dtype))]
                     + [plgpu.SMEM((config.compute_wgs, config.rows, BLOCK), a.dtype,
-                                  transforms=_swizzled(BLOCK, a.dtype)),
+                                  transforms=swizzled(BLOCK, a.dtype)),
                        plgpu.SMEM((config.compute_wgs, BLOCK, config.cols), a.dtype,
-                                  transforms=_swizzled(config.cols, a.dtype))] * interpret,
+                                  transforms=swizzled(config.cols, a.dtype))] * interpret,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=_interpret_params() if interpret else None,
+      interpret=interpret_params(interpret),
   )
   return call(a, codes, scales)
-
-
-def _sm_count(interpret: bool) -> int:
-  return 2 if interpret else jax.devices()[0].core_count
 
 
 def supported(n: int, k: int) -> bool:
@@ -208,9 +256,6 @@ def supported(n: int, k: int) -> bool:
 
 
 def _transposed_product(a, codes, scales, per_row, table, config, interpret):
-  if interpret and SERIAL_XLA_CPU not in os.environ.get("XLA_FLAGS", ""):
-    raise RuntimeError(f"interpreting the warp-specialized kernels needs XLA_FLAGS={SERIAL_XLA_CPU} "
-                       "set before JAX starts (tests/conftest.py sets it): otherwise they hang")
   m = a.shape[0]
   out = _call(pad_rows(a.astype(jnp.bfloat16), config.cols), codes, scales, per_row=per_row,
               table=table, config=config, interpret=interpret)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pallas_kernels.gpu_matmul import SERIAL_XLA_CPU
+from pallas_kernels.gpu import SERIAL_XLA_CPU
 
 # The interpreted Mosaic GPU kernels hang under XLA:CPU's concurrency-optimized scheduler (see
 # pallas_kernels/gpu_matmul.py); XLA reads its flags when JAX's first backend starts, after this.

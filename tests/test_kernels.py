@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, gpu, gpu_matmul, layout, tpu
+from pallas_kernels import dispatch, gpu, gpu_decode, gpu_matmul, layout, tpu
 from qlora_jax.base_matmul import qmatmul
 from qlora_jax.quantization import dequantize, quantize
 
@@ -23,7 +23,11 @@ ON_GPU = jax.default_backend() == "gpu"
 # summation order differs. GPU: the byte-permute lookup multiplies by the scale in bf16, one
 # rounding more per weight than the reference (<= 1 bf16 ulp), so bf16-operand tolerance.
 TOL = 5e-3 if ON_GPU else 1e-5
-BF16_TOL = 2**-8  # two bf16 results of the same float32 sums: a last-bit rounding flip at most
+BF16_TOL = 2**-7  # two bf16 roundings of nearly equal float32 sums: one ulp apart at most,
+                  # 2^-7 of the value at the bottom of a binade (2^-8 was too tight: 4.0e-3 seen)
+# The decode kernel multiplies each bf16 code value by the block scale rounded to bf16, in bf16,
+# interpreted as on the GPU: the scale's rounding (<= 2^-9, one per block) on top of TOL's.
+DECODE_TOL = 5e-3
 
 
 def _ref_forward(x_MxK, qw):
@@ -73,30 +77,31 @@ def test_gpu_forward_backward(shape, quant_type):
   _check(dx, _ref_backward(dy, qw), seed, TOL + BF16_TOL)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 64])
-@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (192, 256)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (256, 640)])
 def test_gpu_decode(rows, nk):
+  """The decode kernel, bitsandbytes' stored codes as they are (K = 640: two blocks a step)."""
   n, k = nk
   seed, qw, x, _ = _fresh((rows, n, k), "nf4")
-  y = gpu.decode(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type),
-                 interpret=not ON_GPU)
-  _check(y, _ref_forward(x, qw), seed)
+  y = gpu_decode.decode(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type),
+                        interpret=not ON_GPU)
+  _check(y, _ref_forward(x, qw), seed, DECODE_TOL)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4])
-@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (256, 256)])
-def test_gpu_gemv(rows, nk):
-  n, k = nk
-  seed, qw, x, _ = _fresh((rows, n, k), "nf4")
-  y = gpu.gemv(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type), interpret=not ON_GPU)
-  _check(y, _ref_forward(x, qw), seed)
+def test_gpu_decode_refuses_what_it_cannot_cover():
+  _, qw, x, _ = _fresh((65, 192, 256), "nf4")
+  for rows in (x, x[:1]):  # 65 rows; N = 192 not a multiple of the 128-row CTA tile
+    with pytest.raises(ValueError, match="at most 64 rows, N divisible by 128"):
+      gpu_decode.decode(rows, *layout.decode_operands(qw), table=layout.codebook("nf4"),
+                        interpret=True)
 
 
-def test_gpu_gemv_refuses_what_it_cannot_cover():
-  _, qw, x, _ = _fresh((5, 192, 256), "nf4")
-  for rows in (x, x[:1]):  # 5 rows; N = 192 not a multiple of the 128-row tile
-    with pytest.raises(ValueError, match="at most 4 rows and N divisible by 128"):
-      gpu.gemv(rows, *layout.decode_operands(qw), table=layout.codebook("nf4"), interpret=True)
+def test_decode_column_order_is_the_widened_tiles():
+  """x's permutation matches how a thread's code register widens (see gpu_decode's docstring)."""
+  order = np.asarray(gpu_decode.column_order(jnp.arange(64)))
+  for g, h, t, e in np.ndindex(4, 2, 4, 2):
+    byte = 8 * g + 2 * t + h  # the thread's byte h of 8-byte group g ...
+    assert order[16 * g + 8 * h + 2 * t + e] == 2 * byte + e  # ... holds elements 2 byte + e
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -124,7 +129,7 @@ def test_interpreted_training_kernels_say_what_they_need(monkeypatch):
   """Without XLA:CPU's plain scheduler the interpreted kernels would hang: they say so instead."""
   _, qw, x, _ = _fresh((8, 128, 128), "nf4")  # a shape no other test traces (a fresh trace)
   monkeypatch.setenv("XLA_FLAGS", "")
-  with pytest.raises(RuntimeError, match=gpu_matmul.SERIAL_XLA_CPU):
+  with pytest.raises(RuntimeError, match=gpu.SERIAL_XLA_CPU):
     gpu_matmul.forward(x, *layout.gpu_operands(qw, "forward"), table=layout.codebook("nf4"),
                        interpret=True)
 
@@ -171,9 +176,11 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
   # run could starve a 2-core CPU client's threads (a hang seen once under load).
   value = jax.jit(qmatmul, static_argnums=2)
   grad = jax.jit(jax.grad(loss), static_argnums=1)
-  for rows in (130, 3, 1):  # training kernels, then (GPU) the decode kernel and the gemv
+  for rows in (130, 3, 1):  # training kernels, then (GPU) the decode kernel
     xs = x[:rows]
-    _check(value(xs, qw, "pallas"), value(xs, qw, "xla"), seed, max(TOL, BF16_TOL))
+    decoding = platform == "gpu" and rows <= gpu_decode.MAX_ROWS
+    tol = DECODE_TOL + BF16_TOL if decoding else max(TOL, BF16_TOL)
+    _check(value(xs, qw, "pallas"), value(xs, qw, "xla"), seed, tol)
     _check(grad(xs, "pallas"), grad(xs, "xla"), seed, max(TOL, BF16_TOL))
   announced = capsys.readouterr().err
   assert announced.count("4-bit matmul backend 'pallas'") == 1, announced
