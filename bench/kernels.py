@@ -6,7 +6,7 @@ Training shapes (M = 8192 rows): TFLOP/s of our forward (Y = X W^T) and backward
 kernels (pallas_kernels/gpu_matmul.py, bf16 results), with and without the per-call operand
 preparation (block-split codes + decoded scales, see pallas_kernels/layout.py), against a bf16
 jnp.dot of the same shape with a bf16 result (cuBLAS) and the XLA dequantize-then-matmul path.
-Decode shapes (M = 1..16): effective GB/s, counting the bytes a fused
+Decode shapes (M = 1..64, pallas_kernels/gpu_decode.py): effective GB/s, counting the bytes a fused
 kernel must read (4-bit codes, 8-bit absmax codes, nested absmax, activations) and write (the
 float32 output), against the device's measured copy bandwidth and bitsandbytes' 4-bit matmul
 (when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
@@ -17,6 +17,7 @@ the XLA path first.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import gpu, gpu_matmul, layout
+from pallas_kernels import gpu_decode, gpu_matmul, layout
 from qlora_jax.base_matmul import get_backend
 from qlora_jax.quantization import QuantConfig, dequantize
 from qlora_jax.weights import random_quantized
@@ -128,8 +129,8 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
   xla, pallas = get_backend("xla"), get_backend("pallas")
   rows = []
   for n, k in shapes:
-    # Several weights per call, more bytes than the 50 MB L2, so nothing is re-read from cache.
-    copies = max(2, -(-256 * 2**20 // (n * k // 2)))
+    # Several weights per call, twice the 50 MB L2, so nothing is re-read from cache.
+    copies = max(2, -(-100 * 2**20 // (n * k // 2)))
     qws = [weight(n, k, s) for s in range(copies)]
     for m in ms:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -137,13 +138,10 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
       ref = jax.jit(lambda a, qs: [xla.forward(a, q, jnp.bfloat16) for q in qs])
       err = rel_err(ours(x, qws[:1])[0], ref(x, qws[:1])[0])
       operands = [layout.decode_operands(q) for q in qws]
-      kernel = jax.jit(lambda a, ops: [gpu.decode(a, c, s, table=TABLE) for c, s in ops])
+      kernel = jax.jit(lambda a, ops: [gpu_decode.decode(a, c, s, table=TABLE) for c, s in ops])
       nbytes = n * k // 2 + n * k // 64 + 4 * -(-n * k // 64 // 256) + 2 * m * k + 4 * m * n
       t = {"ours": gpu_ms(ours, x, qws) / copies, "kernel": gpu_ms(kernel, x, operands) / copies,
            "xla": gpu_ms(ref, x, qws) / copies}
-      if m <= gpu.GEMV_MAX_ROWS:
-        gemv = jax.jit(lambda a, ops: [gpu.gemv(a, c, s, table=TABLE) for c, s in ops])
-        t["gemv"] = gpu_ms(gemv, x, operands) / copies
       bnb_ms = bnb_decode_ms(m, n, k, copies)
       if bnb_ms is not None:
         t["bnb"] = bnb_ms
@@ -157,28 +155,25 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 
 
 def tune_decode() -> None:
-  """GB/s of the decode and gemv kernels (kernel only) for a few tile configurations, M = 1."""
-  for n, k in [(4096, 4096), (14336, 4096), (8192, 8192)]:
-    copies = max(2, -(-256 * 2**20 // (n * k // 2)))
-    ops = [layout.decode_operands(weight(n, k, s)) for s in range(copies)]
-    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+  """GB/s of the decode kernel alone (no scale decoding, no split-K sum) per configuration, M = 1."""
+  C = gpu_decode.Config
+  configs = [C(), C(blocks=2), C(blocks=8, stages=3), C(stages=6), C(widen_first=False)]
+  lut = jnp.asarray(gpu_decode.pair_table(TABLE))
+  for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
+    copies = max(2, -(-100 * 2**20 // (n * k // 2)))
+    codes = [jax.random.bits(jax.random.key(s), (n, k // 2), jnp.uint8) for s in range(copies)]
+    scales = [jax.random.uniform(jax.random.key(s), (k // 64, n), jnp.bfloat16) for s in range(copies)]
+    x = jax.random.normal(jax.random.key(0), (16, k), jnp.bfloat16)
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
-    decode = lambda tn, st, ctas: (lambda a, o: [  # noqa: E731
-        gpu.decode(a, c, s, table=TABLE, tiles=gpu.Tiles(n=tn, stages=st), min_ctas=ctas) for c, s in o])
-    gemv = lambda tn, st, ctas: (lambda a, o: [  # noqa: E731
-        gpu.gemv(a, c, s, table=TABLE, tile_n=tn, stages=st, min_ctas=ctas) for c, s in o])
-    for label, make, configs in (
-        ("decode", decode, [(64, 3, 264), (64, 4, 264), (64, 3, 528), (64, 4, 528), (64, 3, 1056), (128, 3, 528)]),
-        ("gemv", gemv, [(64, 3, 264), (64, 2, 264), (64, 4, 264), (64, 3, 528), (128, 3, 264), (128, 4, 528)])):
-      res = []
-      for tn, stages, ctas in configs:
-        name = f"n={tn} s={stages} ctas={ctas}"
-        try:
-          ms = gpu_ms(jax.jit(make(tn, stages, ctas)), x, ops) / copies
-          res.append(f"{name}: {nbytes / ms / 1e6:.0f}")
-        except Exception as e:  # noqa: BLE001  (a config that does not fit: say why, go on)
-          res.append(f"{name}: failed {str(e).splitlines()[0][:60]}")
-      print(f"{label} N={n} K={k}: " + ", ".join(res), flush=True)
+    res = []
+    for config in configs:
+      splits = gpu_decode.splits_for(n, k, config)
+      call = functools.partial(gpu_decode._call, table=TABLE, config=config, splits=splits,
+                               out_cols=8, interpret=False)
+      ms = gpu_ms(jax.jit(lambda a, cs, ss: [call(a, c, s, lut) for c, s in zip(cs, ss)]),
+                  x, codes, scales) / copies
+      res.append(f"{config}: {nbytes / ms / 1e6:.0f}")
+    print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)
 
 
 def tune(m: int) -> None:
@@ -223,7 +218,7 @@ def main() -> None:
     train = []
   if args.train_only:
     decode = []
-  rows = train_rows(args.m, train) + decode_rows((1, 4, 16), decode, ceil["copy_GBps"])
+  rows = train_rows(args.m, train) + decode_rows((1, 4, 16, 64), decode, ceil["copy_GBps"])
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": dev.device_kind, "jax": jax.__version__, **ceil, "rows": rows}, f, indent=1)
