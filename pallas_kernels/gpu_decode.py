@@ -1,25 +1,27 @@
 """Fused 4-bit dequantize-matmul for decoding (M = 1..64 rows) on Hopper: a shared-memory codebook.
 
-  Y^T [N, m] = W [N, K] @ x_perm^T [K, m]    (m padded to `cols`, K split across CTAs)
+  Y^T [N, m] = W [N, K] @ x_perm^T [K, m]    (m padded to `cols`: 16, 32 or 64; K split in parts)
 
-Decoding is memory-bound: the kernel must stream the 4-bit codes at the copy rate, and what
-limits it is the arithmetic per weight of widening the codes. Here each code *byte* (two weights)
-is widened by one shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4],
-table[b & 15]), replicated 32 times so that every lane of a warp reads its own bank (no
-conflicts whatever the codes): about one integer instruction and half a load per weight, where
-the byte-permute lookup of gpu_matmul takes over three integer instructions. The widened
-[64, 64] tile times the row's block scale is wgmma's register operand (no shared-memory store),
-x's tile [cols, 64] the shared-memory one, acc [64, cols] f32.
+Decoding is memory-bound: the kernel must stream the 4-bit codes at the copy rate, so what it can
+afford per weight is little arithmetic. Here each code *byte* (two weights) is widened by one
+shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4], table[b & 15]),
+replicated 32 times so that every lane of a warp reads its own bank (no conflicts whatever the
+codes): about one integer instruction and half a load per weight, where gpu_matmul's byte-permute
+lookup takes over three integer instructions. The widened [64, 64] tile times the row's block
+scale (bf16) is wgmma's register operand (no shared-memory store), x's [cols, 64] slice the
+shared-memory one, acc [64, cols] f32.
 
-The kernel reads the stored bitsandbytes codes as they are: a 64-byte row tile [64, 32] is one
+The kernel reads the stored bitsandbytes codes as they are: a [64, 32]-byte tile is one
 quantization block of 64 weights per row, and a thread's register holding bytes (2t, 2t+1) of an
-8-byte column group widens into its two registers of columns (2t, 2t+1) of two 8-column groups,
-so the widened tile's columns are the block's elements in the order ``column_order``; x's columns
+8-byte column group widens into its registers of columns (2t, 2t+1) of two 8-column groups, so
+the widened tile's columns are the block's elements in the order of `column_order`; x's columns
 are permuted the same way (x is tiny), not the weight.
 
-Warp-specialized: one warpgroup issues the TMA copies `stages` blocks ahead, `compute_wgs`
-warpgroups each own 64 weight rows. Each CTA owns one (row tile, part of K) pair; the wrapper
-sums the parts.
+Warp-specialized: one warpgroup issues the TMA copies (x's tile, a [128, 32 * blocks]-byte code
+tile, the scales) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step
+widens all its blocks, then issues their wgmmas. Persistent: one CTA per SM loads the table
+once and loops over (part of K, row tile) work items, the wrapper sums the parts. Measured in
+docs/BENCHMARKS.md: compute-bound at ~60% of the copy rate (kernel alone, large shapes).
 """
 
 from __future__ import annotations

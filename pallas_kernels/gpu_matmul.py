@@ -14,7 +14,7 @@ registers (byte-permute lookup of the codebook, times the block scale, in bf16) 
 wgmma(acc [64, 256] f32 += W_tile @ activation_tile^T) on it straight from registers. No widened
 weight is ever stored, not even to shared memory; while one warpgroup widens, the other's wgmma
 runs. Each 256-row activation tile is shared by 128 weight rows and each widened weight by 256
-activation rows (the single-warpgroup kernel of gpu.py: 128), which halves the widening work per
+activation rows (the single-warpgroup kernel it replaced: 128), which halves the widening work per
 FLOP.
 
 One pipeline step is one quantization block of 64 contraction elements: the codes are packed
@@ -22,7 +22,7 @@ One pipeline step is one quantization block of 64 contraction elements: the code
 high and element c + 32 in the low nibble), so a [64, 32] byte tile widens into the two 32-column
 halves of the [64, 64] operand, one scale per weight row (forward) or per weight column (backward).
 
-Interpreted (CPU tests) the kernels need XLA:CPU's plain scheduler (SERIAL_XLA_CPU), and since the
+Interpreted (CPU tests) the kernels need XLA:CPU's plain scheduler (gpu.SERIAL_XLA_CPU), and since the
 interpreter takes wgmma operands from shared memory only, that path stages the widened tile and
 the transposed activations there.
 """

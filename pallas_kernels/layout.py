@@ -7,7 +7,8 @@ widen into two contiguous halves, each one 64-wide slice of one quantization blo
   - TPU (`kernel_operands`): groups of 128 elements, byte j holding elements j and j + 64;
   - GPU (`gpu_operands`): blocks of 64, byte c holding elements c and c + 32, for W (forward) or
     W^T (backward), whose 64-row tiles are wgmma's register operand (gpu_matmul.py).
-The decode kernels read the stored codes as they are and permute x instead (x is tiny).
+The decode kernel (gpu_decode.py) reads the stored codes as they are and permutes x instead (x is
+tiny).
 
 Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
 double-quantized absmax codes once and writes the split codes (same size) and the float32 scale
