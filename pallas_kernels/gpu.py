@@ -37,3 +37,26 @@ def swizzled(cols: int, dtype) -> tuple:
 def sm_count(interpret: bool) -> int:
   """CTAs of a persistent kernel: one per SM (2 when interpreted)."""
   return 2 if interpret else jax.devices()[0].core_count
+
+
+def register_wgmma(acc_ref, w, rhs_smem, *, wg, staging, interpret: bool):
+  """acc_ref += w @ rhs_smem^T: w [64, C] bf16 in registers (wgmma's A), rhs_smem [M, C].
+
+  The interpreter (JAX 0.10) takes neither register nor transposed operands: interpreted, both go
+  through this warpgroup's slices of `staging` (from `interpret_staging`) in shared memory."""
+  rhs = rhs_smem.transpose((1, 0))
+  if interpret:
+    w_smem, rhs_T_smem = staging
+    w_smem[wg] = w
+    rhs_T_smem[wg] = rhs_smem[...].T
+    plgpu.commit_smem()
+    w, rhs = w_smem.at[wg], rhs_T_smem.at[wg]
+  plgpu.wgmma(acc_ref, w, rhs)
+
+
+def interpret_staging(warpgroups: int, rows: int, k: int, m: int, interpret: bool) -> list:
+  """register_wgmma's shared-memory staging when interpreted (nothing when compiled)."""
+  if not interpret:
+    return []
+  return [plgpu.SMEM((warpgroups, rows, k), jnp.bfloat16, transforms=swizzled(k, jnp.bfloat16)),
+          plgpu.SMEM((warpgroups, k, m), jnp.bfloat16, transforms=swizzled(m, jnp.bfloat16))]

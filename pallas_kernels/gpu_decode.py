@@ -37,7 +37,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.gpu import interpret_params, sm_count, swizzled
+from pallas_kernels.gpu import (interpret_params, interpret_staging, register_wgmma, sm_count,
+                                 swizzled)
 from pallas_kernels.layout import BLOCK, decode_codes, pad_rows
 
 LANES = 32  # table copies, one per shared-memory bank
@@ -160,7 +161,7 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
                            pl.ds(i * cta_rows, cta_rows)])
 
   def kernel(x_gmem, codes_gmem, scales_gmem, lut_gmem, out_gmem, lut_smem, lut_barrier,
-             out_smem, *scratch):
+             out_smem, *staging):
     wg = lax.axis_index("wg")
     my_rows = pl.ds(wg * ROWS, ROWS)
 
@@ -176,15 +177,8 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
                              hints=not interpret)
 
     def multiply(acc_ref, w, x_smem, b):
-      x_block = x_smem.at[:, pl.ds(b * BLOCK, BLOCK)]
-      x_ref = x_block.transpose((1, 0))
-      if interpret:  # JAX 0.10's interpreter takes neither register nor transposed operands
-        w_smem, x_T_smem = scratch
-        w_smem[wg] = w
-        x_T_smem[wg] = x_block[...].T
-        plgpu.commit_smem()
-        w, x_ref = w_smem.at[wg], x_T_smem.at[wg]
-      plgpu.wgmma(acc_ref, w, x_ref)
+      register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
+                     interpret=interpret)
 
     def step(_, x_smem, codes_smem, scales_smem, acc_ref):
       if config.widen_first:  # all the step's table loads independent: their latencies overlap
@@ -229,11 +223,8 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
       grid=(min(sm_count(interpret), splits * r_tiles),), grid_names=("sm",),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM(lut.shape, jnp.int32), plgpu.Barrier(num_arrivals=1),
-                     plgpu.SMEM((config.compute_wgs, ROWS, out_cols), jnp.float32)]
-                    + [plgpu.SMEM((config.compute_wgs, ROWS, BLOCK), jnp.bfloat16,
-                                  transforms=swizzled(BLOCK, jnp.bfloat16)),
-                       plgpu.SMEM((config.compute_wgs, BLOCK, cols), jnp.bfloat16,
-                                  transforms=swizzled(cols, jnp.bfloat16))] * interpret,
+                     plgpu.SMEM((config.compute_wgs, ROWS, out_cols), jnp.float32),
+                     *interpret_staging(config.compute_wgs, ROWS, BLOCK, cols, interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )

@@ -40,7 +40,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.gpu import interpret_params, sm_count, swizzled
+from pallas_kernels.gpu import (interpret_params, interpret_staging, register_wgmma, sm_count,
+                                 swizzled)
 from pallas_kernels.layout import BLOCK, decode_codes, pad_rows
 
 EPILOGUE = 64  # output columns per shared-memory store
@@ -178,7 +179,7 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
             scales_gmem.at[:, pl.ds(i * cta_rows, cta_rows)] if per_row
             else scales_gmem.at[pl.ds(i * config.compute_wgs, config.compute_wgs), :])
 
-  def kernel(a_gmem, codes_gmem, scales_gmem, out_gmem, out_smem, *scratch):
+  def kernel(a_gmem, codes_gmem, scales_gmem, out_gmem, out_smem, *staging):
     ignore = lambda *_, **__: None
     first = operands(a_gmem, codes_gmem, scales_gmem, 0, 0)
 
@@ -209,14 +210,7 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
           scale = scales_smem.at[0, my_rows] if per_row else scales_smem.at[wg]
           w = _weight_operand(codes_smem.at[my_rows], scale, table=table, per_row=per_row,
                               hints=not interpret)
-          a_T = a_smem.transpose((1, 0))
-          if interpret:  # JAX 0.10's interpreter takes neither register nor transposed operands
-            w_smem, a_T_smem = scratch
-            w_smem[wg] = w
-            a_T_smem[wg] = a_smem[...].T
-            plgpu.commit_smem()
-            w, a_T = w_smem.at[wg], a_T_smem.at[wg]
-          plgpu.wgmma(acc_ref, w, a_T)
+          register_wgmma(acc_ref, w, a_smem, wg=wg, staging=staging, interpret=interpret)
           plgpu.wgmma_wait(0)  # the register operand must stay intact until the wgmma is done
           return acc_ref
 
@@ -239,11 +233,9 @@ def _call(a, codes, scales, *, per_row: bool, table, config: Config, interpret: 
          if config.persistent else dict(grid=(r_tiles, m_tiles), grid_names=("i", "j"))),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM((config.compute_wgs, 2, config.rows, EPILOGUE), a.dtype,
-                                transforms=swizzled(EPILOGUE, a.dtype))]
-                    + [plgpu.SMEM((config.compute_wgs, config.rows, BLOCK), a.dtype,
-                                  transforms=swizzled(BLOCK, a.dtype)),
-                       plgpu.SMEM((config.compute_wgs, BLOCK, config.cols), a.dtype,
-                                  transforms=swizzled(config.cols, a.dtype))] * interpret,
+                                transforms=swizzled(EPILOGUE, a.dtype)),
+                     *interpret_staging(config.compute_wgs, config.rows, BLOCK, config.cols,
+                                        interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
