@@ -157,7 +157,7 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 def tune_decode() -> None:
   """GB/s of the decode kernel alone (no scale decoding, no split-K sum) per configuration, M = 1."""
   C = gpu_decode.Config
-  configs = [C(), C(blocks=2), C(blocks=8, stages=3), C(stages=6), C(widen_first=False)]
+  configs = [C(), C(blocks=2), C(blocks=8, stages=3), C(stages=6)]
   lut = jnp.asarray(gpu_decode.pair_table(TABLE))
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     copies = max(2, -(-100 * 2**20 // (n * k // 2)))

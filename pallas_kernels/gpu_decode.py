@@ -65,7 +65,6 @@ class Config:
   stages: int = 4
   blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
   item_cost: float = 2.0  # fixed cost of a work item (pipeline restart, epilogue), in steps
-  widen_first: bool = True  # widen all blocks of a step, then issue their wgmmas (more ILP)
 
 
 def pair_table(table) -> np.ndarray:
@@ -181,14 +180,11 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
                      interpret=interpret)
 
     def step(_, x_smem, codes_smem, scales_smem, acc_ref):
-      if config.widen_first:  # all the step's table loads independent: their latencies overlap
-        ws = [widen(codes_smem, scales_smem, b) for b in range(config.blocks)]
-        for b, w in enumerate(ws):
-          multiply(acc_ref, w, x_smem, b)
-      else:
-        for b in range(config.blocks):
-          multiply(acc_ref, widen(codes_smem, scales_smem, b), x_smem, b)
-          plgpu.wgmma_wait(1)  # a register operand must stay intact until its wgmma is done
+      # Widen all the step's blocks first (their table loads independent, latencies overlapped),
+      # then issue the wgmmas; their register operands stay intact until the wait.
+      ws = [widen(codes_smem, scales_smem, b) for b in range(config.blocks)]
+      for b, w in enumerate(ws):
+        multiply(acc_ref, w, x_smem, b)
       plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
       return acc_ref
 
