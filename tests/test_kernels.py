@@ -16,7 +16,7 @@ import pytest
 
 from pallas_kernels import dispatch, gpu, gpu_decode, gpu_matmul, layout, tpu
 from qlora_jax.base_matmul import qmatmul
-from qlora_jax.quantization import dequantize, quantize
+from qlora_jax.quantization import dequantize, quantize, scales, unpack
 
 ON_GPU = jax.default_backend() == "gpu"
 # Interpreted (CPU): the same bf16 operands and f32 accumulation as the reference, only the
@@ -28,10 +28,26 @@ BF16_TOL = 2**-7  # two bf16 roundings of nearly equal float32 sums: one ulp apa
 # The decode kernel multiplies each bf16 code value by the block scale rounded to bf16, in bf16,
 # interpreted as on the GPU: the scale's rounding (<= 2^-9, one per block) on top of TOL's.
 DECODE_TOL = 5e-3
+# The same bf16 products and float32 sums in another order. On the GPU (wgmma's float32
+# accumulation, split-K partial sums) with headroom; that GPU check has not been run yet.
+EXACT_TOL = 1e-4 if ON_GPU else 1e-5
 
 
 def _ref_forward(x_MxK, qw):
   return jnp.einsum("mk,nk->mn", x_MxK.astype(jnp.bfloat16), dequantize(qw, jnp.bfloat16),
+                    preferred_element_type=jnp.float32)
+
+
+def _ref_forward_bf16_scales(x_MxK, qw):
+  """x @ W^T where each weight is bf16(code value) * bf16(block scale), rounded to bf16: the
+  decode kernel's specified numerics, from quantization's codes and scales (checked against
+  bitsandbytes in test_quantization.py), not from the kernels' layout helpers."""
+  n, k = qw.shape
+  bf16 = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  values_NxK = bf16(qw.quant_map[unpack(qw.codes, qw.size)]).reshape(n, k)
+  scales_NxB = bf16(scales(qw)).reshape(n, k // qw.blocksize)
+  w_NxK = (values_NxK * jnp.repeat(scales_NxB, qw.blocksize, axis=1)).astype(jnp.bfloat16)
+  return jnp.einsum("mk,nk->mn", x_MxK.astype(jnp.bfloat16), w_NxK,
                     preferred_element_type=jnp.float32)
 
 
@@ -86,6 +102,7 @@ def test_gpu_decode(rows, nk):
   y = gpu_decode.decode(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type),
                         interpret=not ON_GPU)
   _check(y, _ref_forward(x, qw), seed, DECODE_TOL)
+  _check(y, _ref_forward_bf16_scales(x, qw), seed, EXACT_TOL)  # the same products: order only
 
 
 def test_gpu_decode_refuses_what_it_cannot_cover():
