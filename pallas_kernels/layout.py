@@ -11,10 +11,11 @@ The decode kernel (gpu_decode.py) reads the stored codes as they are and permute
 tiny).
 
 Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
-double-quantized absmax codes once and writes the split codes (same size) and the float32 scale
-per 64 elements (1/16 byte per weight). The double-quantized absmax is decoded here,
-not in the kernels: that decode is a gather through a 256-entry table, which neither Mosaic GPU nor
-Mosaic TPU can do on register arrays.
+double-quantized absmax codes once and writes the split codes (same size; none for decoding) and
+the float32 scale per 64 elements (1/16 byte per weight). The double-quantized absmax is decoded
+here, not in the kernels: that decode is a gather through a 256-entry table, which neither
+Mosaic GPU nor Mosaic TPU can do on register arrays (gpu_decode's shared-memory table could:
+docs/BENCHMARKS.md lists it as its next step).
 """
 
 from __future__ import annotations
