@@ -137,10 +137,9 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
       ours = jax.jit(lambda a, qs: [pallas.forward(a, q, jnp.bfloat16) for q in qs])
       ref = jax.jit(lambda a, qs: [xla.forward(a, q, jnp.bfloat16) for q in qs])
       err = rel_err(ours(x, qws[:1])[0], ref(x, qws[:1])[0])
-      operands = [layout.decode_operands(q) for q in qws]
-      kernel = jax.jit(lambda a, ops: [gpu_decode.decode(a, c, s, table=TABLE) for c, s in ops])
+      kernel = jax.jit(lambda a, qs: [gpu_decode.decode(a, q) for q in qs])
       nbytes = n * k // 2 + n * k // 64 + 4 * -(-n * k // 64 // 256) + 2 * m * k + 4 * m * n
-      t = {"ours": gpu_ms(ours, x, qws) / copies, "kernel": gpu_ms(kernel, x, operands) / copies,
+      t = {"ours": gpu_ms(ours, x, qws) / copies, "kernel": gpu_ms(kernel, x, qws) / copies,
            "xla": gpu_ms(ref, x, qws) / copies}
       bnb_ms = bnb_decode_ms(m, n, k, copies)
       if bnb_ms is not None:
@@ -155,14 +154,13 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 
 
 def tune_decode() -> None:
-  """GB/s of the decode kernel alone (no scale decoding, no split-K sum) per configuration, M = 1."""
+  """GB/s of the decode kernel alone (no x permutation, no split-K sum) per configuration, M = 1."""
   C = gpu_decode.Config
-  configs = [C(), C(blocks=2), C(blocks=8, stages=3), C(stages=6)]
+  configs = [C(), C(blocks=2), C(stages=3), C(cols=8)]
   lut = jnp.asarray(gpu_decode.pair_table(TABLE))
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     copies = max(2, -(-100 * 2**20 // (n * k // 2)))
-    codes = [jax.random.bits(jax.random.key(s), (n, k // 2), jnp.uint8) for s in range(copies)]
-    scales = [jax.random.uniform(jax.random.key(s), (k // 64, n), jnp.bfloat16) for s in range(copies)]
+    qws = [weight(n, k, s) for s in range(copies)]
     x = jax.random.normal(jax.random.key(0), (16, k), jnp.bfloat16)
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
     res = []
@@ -170,8 +168,10 @@ def tune_decode() -> None:
       splits = gpu_decode.splits_for(n, k, config)
       call = functools.partial(gpu_decode._call, table=TABLE, config=config, splits=splits,
                                out_cols=8, interpret=False)
-      ms = gpu_ms(jax.jit(lambda a, cs, ss: [call(a, c, s, lut) for c, s in zip(cs, ss)]),
-                  x, codes, scales) / copies
+      dq = lambda q: (q.nested_quant_map, q.nested_absmax, q.offset.reshape(1))  # noqa: E731
+      fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2), q.absmax, lut,
+                                       dq(q)) for q in qs])
+      ms = gpu_ms(fn, x, qws) / copies
       res.append(f"{config}: {nbytes / ms / 1e6:.0f}")
     print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)
 

@@ -39,20 +39,23 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import (interpret_params, interpret_staging, register_wgmma, sm_count,
                                  swizzled)
-from pallas_kernels.layout import BLOCK, decode_codes, pad_rows
+from pallas_kernels.layout import BLOCK, codebook, decode_codes, pad_rows
+from qlora_jax.codebooks import NESTED_BLOCKSIZE as NESTED
+from qlora_jax.quantization import QuantizedArray
 
 LANES = 32  # table copies, one per shared-memory bank
 ROWS = 64  # weight rows per compute warpgroup (wgmma M)
 MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 
 
+
 def column_order(a: jax.Array) -> jax.Array:
   """a with its last axis permuted as the widened tile's columns hold a block's elements.
 
-  Per 16 columns (one register of codes, 8 bytes wide, per thread quad): column
-  16 g + 8 h + 2 t + e holds element 16 g + 4 t + 2 h + e (byte 8 g + 2 t + h, nibble e)."""
+  Per 32 columns (16 code bytes, a 4-byte word per lane t of a thread quad): column
+  32 g + 8 j + 2 t + e holds element 32 g + 8 t + 2 j + e (byte 16 g + 4 t + j, nibble e)."""
   *lead, k = a.shape
-  return a.reshape(*lead, k // 16, 4, 2, 2).swapaxes(-3, -2).reshape(*lead, k)
+  return a.reshape(*lead, k // 32, 4, 4, 2).swapaxes(-3, -2).reshape(*lead, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,77 +78,211 @@ def pair_table(table) -> np.ndarray:
   return np.repeat(pairs[:, None], LANES, axis=1)
 
 
-def _widen_pairs(codes, lut_smem):
-  """bf16 [R, 2C] (WGMMA layout) from uint8 codes [R, C]: one table load per code byte."""
+def _widen(codes_ref, lut_smem, block: int):
+  """bf16 [64, 64] (WGMMA layout) of quantization block `block` of this warpgroup's code rows.
+
+  codes_ref: uint8 [64, 32 * blocks], swizzled with its row width (one 4-byte load per thread,
+  row and half block: a warp's 8 rows land in 8 different 16-byte bank groups). The bytes
+  4t..4t+3 of half h (t: the lane's column pair) widen into 8-column groups 4h..4h+3, one table
+  load each (the lane's copy of the table: no bank conflicts whatever the codes).
+  """
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm
-  rows, cols = codes.shape
-  out_type = plgpu.ShapeDtypeStruct((rows, 2 * cols), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+  from jax._src.lib.mlir.dialects import llvm
+  row_bytes = codes_ref.shape[1]
+  layout = plgpu.Layout.WGMMA
+  out_type = plgpu.ShapeDtypeStruct((ROWS, BLOCK), jnp.bfloat16, layout=layout)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=out_type)
-  def widen(_, codes_fa, lut):
-    i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(swizzled(row_bytes, jnp.uint8)), plgpu.RefType()),
+                     return_type=out_type)
+  def widen(_, codes, lut):
+    i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get([2], ir.BF16Type.get())
-    base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(lut))
-    lane_base = llvm.inline_asm(i32, [base], "{ .reg .b32 l; mov.u32 l, %laneid; "
-                                "mad.lo.u32 $0, l, 4, $1; }", "=r,r")
-    struct = llvm.StructType.get_literal([i32, i32])
-    asm = f"""{{
-      .reg .b32 a, b;
-      and.b32 a, $2, 255;
-      shr.u32 b, $2, 8;
-      mad.lo.u32 a, a, {4 * LANES}, $3;
-      mad.lo.u32 b, b, {4 * LANES}, $3;
-      ld.shared.b32 $0, [a];
-      ld.shared.b32 $1, [b];
-    }}"""
-    regs = codes_fa.registers  # axis 1: 8-column groups
-    out_shape = list(regs.shape)
-    out_shape[1] *= 2
-    out = np.empty(out_shape, dtype=object)
+    ptr = lambda ref: llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))  # noqa: E731
+    # Per thread: the lane's table copy, its first row's address (+ 4 t), the row's swizzle.
+    thread = llvm.StructType.get_literal([i32, i32, i32])
+    consts = llvm.inline_asm(thread, [ptr(lut), ptr(codes)], f"""{{
+      .reg .b32 l, w, q;
+      mov.u32 l, %laneid;
+      mad.lo.u32 $0, l, 4, $3;
+      mov.u32 w, %tid.x;
+      bfe.u32 w, w, 5, 2;
+      shr.u32 q, l, 2;
+      mad.lo.u32 w, w, 16, q;
+      mad.lo.u32 w, w, {row_bytes}, $4;
+      and.b32 l, l, 3;
+      mad.lo.u32 $1, l, 4, w;
+      mul.lo.u32 q, q, {row_bytes};
+      bfe.u32 q, q, 7, {(row_bytes // 16).bit_length() - 1};
+      shl.b32 $2, q, 4;
+    }}""", "=r,=r,=r,r,r")
+    lane_lut, row_addr, swizzle = (llvm.extractvalue(i32, consts, [i]) for i in range(3))
+    quad = llvm.StructType.get_literal([i32] * 4)
+    lookups = "".join(f"bfe.u32 i, u, {8 * j}, 8; mad.lo.u32 i, i, {4 * LANES}, $4; "
+                      f"ld.shared.b32 ${j}, [i]; " for j in range(4))
+    out = np.empty(layout.to_mgpu().registers_shape((ROWS, BLOCK)), dtype=object)
+    for rh, h in np.ndindex(2, 2):  # row half (rows + 8), half block (16 bytes)
+      column = 32 * block + 16 * h
+      words = llvm.inline_asm(quad, [lane_lut, row_addr, swizzle], f"""{{
+        .reg .b32 a, u, i;
+        xor.b32 a, $6, {column};
+        add.u32 a, a, $5;
+        ld.shared.b32 u, [a+{8 * rh * row_bytes}];
+        {lookups}
+      }}""", "=r,=r,=r,=r,r,r,r")
+      for j in range(4):
+        word = llvm.extractvalue(i32, words, [j])
+        out[0, 4 * h + j, 0, 0, rh, 0, 0, 0, 0] = mgpu_utils.bitcast(word, bf16x2)
+    return mgpu.FragmentedArray(_registers=out, _layout=layout.to_mgpu(), _is_signed=None)
+
+  return widen(codes_ref, lut_smem)
+
+
+def _block_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool):
+  """bf16 [64] per block of a step (WGMMA row layout): the absmax of elements first + b of the
+  bitsandbytes absmax array (absmax_gmem: [N * K/64] as uint8 codes, or float32 without double
+  quantization), decoded as bitsandbytes does: qmap[code] * nested[index // 256] (rounded to
+  float32), + offset, rounded to bf16. first: int32 [64] (WGMMA row layout), index of the step's
+  first block of each row. dq: (qmap in shared memory, nested and offset in device memory) or ().
+
+  The loads go straight to device memory (L2 mostly: the item's rows were prefetched), a few
+  per thread a step; they are in flight while the step widens its codes."""
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  if not hints:  # interpreted: the same arithmetic on whole arrays (it indexes refs by scalars)
+    codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
+    if not dq:
+      return [v.astype(jnp.bfloat16) for v in codes]
+    qmap, nested, offset = (ref[...] for ref in dq)
+    values = [jnp.take(qmap, c.astype(jnp.int32)) * jnp.take(nested, first // NESTED)
+              for c in codes]
+    return [(v + offset[0]).astype(jnp.bfloat16) for v in values]
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm, vector
+  out_type = tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=row_layout)
+                   for _ in range(blocks))
+  arg_types = (row_layout, plgpu.RefType(), *(plgpu.RefType() for _ in dq))
+
+  @plgpu.inline_mgpu(arg_types=arg_types, return_type=out_type)
+  def scales(_, first_fa, absmax, *dq_refs):
+    i16, i32, i64 = (ir.IntegerType.get_signless(w) for w in (16, 32, 64))
+    bf16 = ir.BF16Type.get()
+    ptr = lambda ref, t: llvm.ptrtoint(t, mgpu_utils.memref_ptr(ref))  # noqa: E731
+    operands = [ptr(absmax, i64)]
+    if dq_refs:
+      qmap, nested, offset = dq_refs
+      operands += [ptr(nested, i64), ptr(offset, i64), ptr(qmap, i32)]
+      load = {1: "u8", 2: "u16", 4: "u32"}[blocks]
+      decode = "".join(
+          f"bfe.u32 v, c, {8 * b}, 8; mad.lo.u32 v, v, 4, $%d; ld.shared.f32 f, [v]; "
+          f"mul.rn.f32 f, f, nst; add.rn.f32 f, f, off; cvt.rn.bf16.f32 ${b}, f; "
+          for b in range(blocks))
+      body = f"""
+        cvt.u64.u32 pa, $%e; add.u64 pa, pa, $%a; ld.global.nc.{load} c, [pa];
+        shr.u32 v, $%e, {NESTED.bit_length() - 1}; mul.wide.u32 pn, v, 4; add.u64 pn, pn, $%n;
+        ld.global.nc.f32 nst, [pn]; ld.global.nc.f32 off, [$%o];
+        {decode}"""
+    else:
+      vec = {1: "", 2: ".v2", 4: ".v4"}[blocks]
+      fs = ", ".join(f"f{b}" for b in range(blocks))
+      body = f"""
+        mul.wide.u32 pa, $%e, 4; add.u64 pa, pa, $%a; ld.global.nc{vec}.f32 {"{" + fs + "}" if vec else fs}, [pa];
+        {"".join(f"cvt.rn.bf16.f32 ${b}, f{b}; " for b in range(blocks))}"""
+    names = {"e": blocks, "a": blocks + 1, "n": blocks + 2, "o": blocks + 3, "d": blocks + 4}
+    body = body.replace("$%d", f"${names['d']}")
+    for key, index in names.items():
+      body = body.replace(f"$%{key}", f"${index}")
+    asm = ("{ .reg .b64 pa, pn; .reg .b32 c, v; .reg .f32 f, nst, off, "
+           + ", ".join(f"f{b}" for b in range(blocks)) + ";" + body + "}")
+    constraints = ",".join(["=h"] * blocks + ["r", "l"] + (["l", "l", "r"] if dq_refs else []))
+    struct = llvm.StructType.get_literal([i16] * blocks)
+    regs = first_fa.registers
+    outs = [np.empty(regs.shape, dtype=object) for _ in range(blocks)]
     for idx, reg in np.ndenumerate(regs):
-      x = arith.extui(i32, mgpu_utils.bitcast(reg, i16))
-      pair = llvm.inline_asm(struct, [x, lane_base], asm, "=r,=r,r,r")
-      for h in range(2):
-        out_idx = (idx[0], 2 * idx[1] + h, *idx[2:])
-        out[out_idx] = mgpu_utils.bitcast(llvm.extractvalue(i32, pair, [h]), bf16x2)
-    assert out.shape == codes_fa.layout.registers_shape((rows, 2 * cols)), out.shape
-    return mgpu.FragmentedArray(_registers=out, _layout=codes_fa.layout, _is_signed=None)
+      e = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
+      res = llvm.inline_asm(struct, [e, *operands], asm, constraints)
+      for b in range(blocks):
+        h = mgpu_utils.bitcast(llvm.extractvalue(i16, res, [b]), bf16)
+        outs[b][idx] = vector.broadcast(ir.VectorType.get([1], bf16), h)
+    return tuple(mgpu.FragmentedArray(_registers=o, _layout=row_layout.to_mgpu(), _is_signed=None)
+                 for o in outs)
 
-  return widen(codes, lut_smem)
+  return list(scales(plgpu.layout_cast(first, row_layout), absmax_gmem, *dq))
 
 
-def _weight_operand(codes_smem, scale_smem, lut_smem, *, table, hints: bool):
-  """bf16 [64, 64] = table[code] * scale of one stored code tile [64, 32], columns in
+def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
+  """Prefetch into L2 the absmax (and nested absmax) of `count` blocks from each row's index in
+  `firsts` (int32 [64] arrays, WGMMA row layout): one lane of four (they share rows) asks for
+  each 128-byte line, so that the steps' loads (_block_scales) hit L2."""
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm, vector
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  item_bytes = count * absmax_gmem.dtype.itemsize
+  lines = [min(128 * i, item_bytes - 1) // absmax_gmem.dtype.itemsize
+           for i in range(-(-item_bytes // 128))] + [count - 1]
+  fetch = "mul.wide.u32 a, v, {size}; add.u64 a, a, {base}; @p prefetch.global.L2 [a]; "
+  asm = ("{ .reg .pred p; .reg .b32 l, v; .reg .b64 a; mov.u32 l, %laneid; and.b32 l, l, 3; "
+         "setp.eq.u32 p, l, 0; "
+         + "".join(f"add.u32 v, $0, {i}; " + fetch.format(size=absmax_gmem.dtype.itemsize, base="$1")
+                   for i in lines)
+         + ("".join(f"add.u32 v, $0, {i}; shr.u32 v, v, {NESTED.bit_length() - 1}; "
+                    + fetch.format(size=4, base="$2") for i in (0, count - 1)) if dq else "")
+         + "}")
+
+  @plgpu.inline_mgpu(arg_types=((row_layout,) * len(firsts), plgpu.RefType(),
+                                *(plgpu.RefType() for _ in dq[1:2])))
+  def prefetch(_, firsts_fa, absmax, *nested):
+    i64 = ir.IntegerType.get_signless(64)
+    bases = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(ref)) for ref in (absmax, *nested)]
+    for fa in firsts_fa:
+      for reg in fa.registers.flat:
+        e = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [e, *bases], asm,
+                        ",".join(["r"] + ["l"] * len(bases)), has_side_effects=True)
+
+  prefetch(tuple(plgpu.layout_cast(f, row_layout) for f in firsts), absmax_gmem, *dq[1:2])
+
+
+def _code_values(codes_smem, lut_smem, *, block: int, table, hints: bool):
+  """bf16 [64, 64]: table[code] of block `block` of a code tile [64, 32 * blocks], columns in
   `column_order`."""
   if hints:
-    values = _widen_pairs(plgpu.layout_cast(codes_smem[...], plgpu.Layout.WGMMA), lut_smem)
-    scale = plgpu.layout_cast(scale_smem[...], plgpu.Layout.WGMMA.reduce(1))
-    return values * lax.broadcast_in_dim(scale, values.shape, [0])
-  codes = codes_smem[...].astype(jnp.int32)  # the interpreter runs no inline PTX: select tree
+    return _widen(codes_smem, lut_smem, block)
+  codes = codes_smem[:, pl.ds(block * BLOCK // 2, BLOCK // 2)].astype(jnp.int32)  # the
+  # interpreter runs no inline PTX: a select tree
   natural = jnp.stack([decode_codes(codes >> 4, table), decode_codes(codes & 0xF, table)], -1)
-  natural = natural.reshape(codes.shape[0], BLOCK).astype(jnp.bfloat16).astype(jnp.float32)
-  values = column_order(natural) * scale_smem[...].astype(jnp.float32)[:, None]
-  return values.astype(jnp.bfloat16)
+  return column_order(natural.reshape(codes.shape[0], BLOCK)).astype(jnp.bfloat16)
 
 
-def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols: int,
+def _scaled(values, scale, *, hints: bool):
+  """bf16 values [64, 64] * scale (bf16 [64], one per row), rounded to bf16."""
+  if hints:
+    scale = plgpu.layout_cast(scale, plgpu.Layout.WGMMA.reduce(1))
+    return values * lax.broadcast_in_dim(scale, values.shape, [0])
+  return (values.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]).astype(jnp.bfloat16)
+
+
+def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, out_cols: int,
           interpret: bool):
   """Partials [splits * N, out_cols] f32: part j = W[:, part j of K] @ x[:, part j of K]^T.
 
-  Persistent: one CTA per SM loads the table once, then loops over (part of K, row tile) work
-  items; the copy warpgroup runs on into the next item while the compute warpgroups finish one.
+  absmax: bitsandbytes' flat absmax array (uint8 codes with dq = (qmap [256], nested, offset
+  [1]), or float32 with dq = ()). Persistent: one CTA per SM loads the table once, then loops
+  over (part of K, row tile) work items; the copy warpgroup runs on into the next item while
+  the compute warpgroups finish one.
   """
   (cols, k), n = x.shape, codes.shape[0]
   cta_rows = config.compute_wgs * ROWS
   k_part, step_k = k // splits, BLOCK * config.blocks
   r_tiles = n // cta_rows
-  in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile, the block scales
+  grid = min(sm_count(interpret), splits * r_tiles)
+  in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
       plgpu.BlockSpec((cols, step_k), lambda s: (0, s), transforms=swizzled(BLOCK, x.dtype)),
-      plgpu.BlockSpec((cta_rows, step_k // 2), lambda s: (0, s)),
-      plgpu.BlockSpec((config.blocks, cta_rows), lambda s: (s, 0))]
+      plgpu.BlockSpec((cta_rows, step_k // 2), lambda s: (0, s),
+                      transforms=swizzled(step_k // 2, codes.dtype))]
 
   def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -153,43 +290,37 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
         compute_context=compute_context)
 
-  def operands(x_gmem, codes_gmem, scales_gmem, i, j):
+  def operands(x_gmem, codes_gmem, i, j):
     return (x_gmem.at[:, pl.ds(j * k_part, k_part)],
-            codes_gmem.at[pl.ds(i * cta_rows, cta_rows), pl.ds(j * (k_part // 2), k_part // 2)],
-            scales_gmem.at[pl.ds(j * (k_part // BLOCK), k_part // BLOCK),
-                           pl.ds(i * cta_rows, cta_rows)])
+            codes_gmem.at[pl.ds(i * cta_rows, cta_rows), pl.ds(j * (k_part // 2), k_part // 2)])
 
-  def kernel(x_gmem, codes_gmem, scales_gmem, lut_gmem, out_gmem, lut_smem, lut_barrier,
-             out_smem, *staging):
+  def kernel(x_gmem, codes_gmem, absmax_gmem, lut_gmem, *rest):
+    if dq:
+      qmap_gmem, nested_gmem, offset_gmem, out_gmem, lut_smem, qmap_smem, *rest = rest
+      dq_refs = (qmap_smem, nested_gmem, offset_gmem)
+    else:
+      out_gmem, lut_smem, *rest = rest
+      dq_refs = ()
+    lut_barrier, qmap_barrier, out_smem, *staging = rest
     wg = lax.axis_index("wg")
-    my_rows = pl.ds(wg * ROWS, ROWS)
+    my_rows = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
 
     @pl.when(wg == 0)
     def _():
       plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, lut_barrier)
+      if dq:
+        plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
 
     plgpu.barrier_wait(lut_barrier)
-
-    def widen(codes_smem, scales_smem, b):
-      return _weight_operand(codes_smem.at[my_rows, pl.ds(b * BLOCK // 2, BLOCK // 2)],
-                             scales_smem.at[b, my_rows], lut_smem, table=table,
-                             hints=not interpret)
+    if dq:
+      plgpu.barrier_wait(qmap_barrier)
 
     def multiply(acc_ref, w, x_smem, b):
       register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
                      interpret=interpret)
 
-    def step(_, x_smem, codes_smem, scales_smem, acc_ref):
-      # Widen all the step's blocks first (their table loads independent, latencies overlapped),
-      # then issue the wgmmas; their register operands stay intact until the wait.
-      ws = [widen(codes_smem, scales_smem, b) for b in range(config.blocks)]
-      for b, w in enumerate(ws):
-        multiply(acc_ref, w, x_smem, b)
-      plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
-      return acc_ref
-
     ignore = lambda *_, **__: None
-    first = operands(x_gmem, codes_gmem, scales_gmem, 0, 0)
+    first = operands(x_gmem, codes_gmem, 0, 0)
 
     @functools.partial(pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(*first),
                        collective_axes="wg")
@@ -197,10 +328,33 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
       @plgpu.nd_loop((splits, r_tiles), collective_axes="sm")
       def _(loop):
         j, i = loop.index
+        rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
+                                      layout=None if interpret else plgpu.Layout.WGMMA.reduce(1))
+        first_block = lambda j_, i_: ((rows + (i_ * cta_rows + wg * ROWS)) * (k // BLOCK)  # noqa: E731
+                                      + j_ * (k_part // BLOCK))
+        row_first = first_block(j, i)
+
+        def step(indices, x_smem, codes_smem, acc_ref):
+          # The scale loads first, then all the step's blocks widened (their table loads
+          # independent, the scale loads in flight meanwhile), then scaled and multiplied; the
+          # wgmmas' register operands stay intact until the wait.
+          scales = _block_scales(row_first + indices[0] * config.blocks, absmax_gmem, dq_refs,
+                                 config.blocks, hints=not interpret)
+          values = [_code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
+                                 hints=not interpret) for b in range(config.blocks)]
+          for b, (v, scale) in enumerate(zip(values, scales)):
+            multiply(acc_ref, _scaled(v, scale, hints=not interpret), x_smem, b)
+          plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
+          return acc_ref
 
         def compute_context(run_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
           def _(acc_ref):
+            if not interpret:  # this item's scales and the next one's (this CTA's) into L2
+              later = j * r_tiles + i + grid
+              later = jnp.where(later < splits * r_tiles, later, later - grid)
+              _prefetch_scales([row_first, first_block(later // r_tiles, later % r_tiles)],
+                               absmax_gmem, dq_refs, k_part // BLOCK)
             run_pipeline(acc_ref)
             out = acc_ref[...][:, :out_cols]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's store has read it
@@ -209,22 +363,24 @@ def _call(x, codes, scales, lut, *, table, config: Config, splits: int, out_cols
             plgpu.copy_smem_to_gmem(
                 out_smem.at[wg], out_gmem.at[pl.ds(j * n + i * cta_rows + wg * ROWS, ROWS), :])
 
-        pipeline(step, compute_context)(*operands(x_gmem, codes_gmem, scales_gmem, i, j),
+        pipeline(step, compute_context)(*operands(x_gmem, codes_gmem, i, j),
                                         allocations=allocations)
     plgpu.wait_smem_to_gmem(0)
 
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((splits * n, out_cols), jnp.float32),
-      grid=(min(sm_count(interpret), splits * r_tiles),), grid_names=("sm",),
+      grid=(grid,), grid_names=("sm",),
       num_threads=config.compute_wgs + 1, thread_name="wg",
-      scratch_types=[plgpu.SMEM(lut.shape, jnp.int32), plgpu.Barrier(num_arrivals=1),
+      scratch_types=[plgpu.SMEM(lut.shape, jnp.int32),
+                     *([plgpu.SMEM((256,), jnp.float32)] if dq else []),
+                     plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                      plgpu.SMEM((config.compute_wgs, ROWS, out_cols), jnp.float32),
                      *interpret_staging(config.compute_wgs, ROWS, BLOCK, cols, interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  return call(x, codes, scales, lut)
+  return call(x, codes, absmax, lut, *dq)
 
 
 def splits_for(n: int, k: int, config: Config, ctas: int | None = None) -> int:
@@ -244,28 +400,41 @@ def config_for(m: int, k: int) -> Config:
   return Config(cols=cols, blocks=blocks)
 
 
-def supported(m: int, n: int, k: int) -> bool:
-  return m <= MAX_ROWS and n % (Config.compute_wgs * ROWS) == 0 and k % BLOCK == 0
+def unsupported_reason(m: int, qw: QuantizedArray) -> str | None:
+  """Why decode cannot take x [m, K] @ qw^T (None if it can)."""
+  if len(qw.shape) != 2:
+    return f"weight of rank {len(qw.shape)} (decode takes [N, K])"
+  n, k = qw.shape
+  if m > MAX_ROWS or n % (Config.compute_wgs * ROWS) or k % BLOCK:
+    return (f"decode takes at most {MAX_ROWS} rows, N divisible by {Config.compute_wgs * ROWS} "
+            f"and K by {BLOCK}; got x [{m}, {k}], W [{n}, {k}]")
+  if qw.blocksize != BLOCK or (qw.double_quant and qw.nested_blocksize != NESTED):
+    return (f"decode takes blocks of {BLOCK} (nested blocks of {NESTED}); got "
+            f"{qw.blocksize} ({qw.nested_blocksize})")
+  return None
 
 
-@functools.partial(jax.jit, static_argnames=("table", "config", "interpret"))
-def decode(x_MxK, codes, scales_T, *, table, config: Config | None = None,
-           interpret: bool = False):
-  """Y [M, N] f32 = x @ W^T for M <= MAX_ROWS, reading bitsandbytes' stored codes as they are.
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode(x_MxK, qw: QuantizedArray, *, config: Config | None = None, interpret: bool = False):
+  """Y [M, N] f32 = x @ dequant(qw)^T for M <= MAX_ROWS, reading bitsandbytes' stored arrays as
+  they are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the kernel.
 
-  codes: uint8 [N, K/2] (even element in the high nibble); scales_T [K/64, N] (cast to bf16).
   config: None picks config_for(M, K)."""
   m, k = x_MxK.shape
-  n = codes.shape[0]
-  if not supported(m, n, k):
-    raise ValueError(f"decode takes at most {MAX_ROWS} rows, N divisible by "
-                     f"{Config.compute_wgs * ROWS} and K by {BLOCK}; got x [{m}, {k}], W [{n}, {k}]")
+  n = qw.shape[0]
+  if (reason := unsupported_reason(m, qw)) is not None:
+    raise ValueError(reason)
   config = config or config_for(m, k)
   if m > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
   splits, out_cols = splits_for(n, k, config, sm_count(interpret)), -(-m // 8) * 8
-  parts = _call(x, codes, scales_T.astype(jnp.bfloat16), jnp.asarray(pair_table(table)),
+  if qw.double_quant:
+    absmax, dq = qw.absmax, (qw.nested_quant_map, qw.nested_absmax, qw.offset.reshape(1))
+  else:
+    absmax, dq = qw.absmax.astype(jnp.float32), ()
+  table = codebook(qw.quant_type)
+  parts = _call(x, qw.codes.reshape(n, k // 2), absmax, jnp.asarray(pair_table(table)), dq,
                 table=table, config=config, splits=splits, out_cols=out_cols, interpret=interpret)
   return parts.reshape(splits, n, out_cols).sum(0)[:, :m].T

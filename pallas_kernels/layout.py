@@ -67,12 +67,6 @@ def codebook(quant_type: str) -> tuple[float, ...]:
   return tuple(float(v) for v in CODEBOOKS[quant_type])
 
 
-def decode_operands(qw: QuantizedArray) -> tuple[jax.Array, jax.Array]:
-  """(stored codes as [N, K/2], [K/64, N] scales): the decode kernel reads bnb's packing as is."""
-  n_rows, k = qw.shape
-  return qw.codes.reshape(n_rows, k // 2), half_block_scales(qw)
-
-
 def gpu_operands(qw: QuantizedArray, product: str) -> tuple[jax.Array, jax.Array]:
   """(block-split codes of W ('forward') or W^T ('backward'), [K/64, N] scales): gpu_matmul's."""
   return split_codes(qw, BLOCK, transposed=product == "backward"), half_block_scales(qw)

@@ -56,13 +56,13 @@ def _ref_backward(dy_MxN, qw):
                     preferred_element_type=jnp.float32)
 
 
-def _fresh(shape_mn_k, quant_type):
+def _fresh(shape_mn_k, quant_type, double_quant=True):
   """Fresh random inputs each run (the seed is printed when a check fails)."""
   seed = int(np.random.default_rng().integers(2**31))
   rng = np.random.default_rng(seed)
   m, n, k = shape_mn_k
   w = rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05, (n, 1))
-  qw = quantize(jnp.asarray(w, jnp.float32), quant_type)
+  qw = quantize(jnp.asarray(w, jnp.float32), quant_type, double_quant=double_quant)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
   return seed, qw, x, dy
@@ -96,29 +96,36 @@ def test_gpu_forward_backward(shape, quant_type):
 @pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
 @pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (256, 640)])
 def test_gpu_decode(rows, nk):
-  """The decode kernel, bitsandbytes' stored codes as they are (K = 640: two blocks a step)."""
+  """The decode kernel, bitsandbytes' stored arrays as they are (K = 640: two blocks a step)."""
   n, k = nk
   seed, qw, x, _ = _fresh((rows, n, k), "nf4")
-  y = gpu_decode.decode(x, *layout.decode_operands(qw), table=layout.codebook(qw.quant_type),
-                        interpret=not ON_GPU)
+  y = gpu_decode.decode(x, qw, interpret=not ON_GPU)
   _check(y, _ref_forward(x, qw), seed, DECODE_TOL)
   _check(y, _ref_forward_bf16_scales(x, qw), seed, EXACT_TOL)  # the same products: order only
+
+
+@pytest.mark.parametrize("quant_type", ["fp4", "int4"])
+def test_gpu_decode_without_double_quant(quant_type):
+  """float32 absmax (no double quantization) and the other codebooks."""
+  seed, qw, x, _ = _fresh((3, 256, 4096 if ON_GPU else 512), quant_type, double_quant=False)
+  y = gpu_decode.decode(x, qw, interpret=not ON_GPU)
+  _check(y, _ref_forward_bf16_scales(x, qw), seed, EXACT_TOL)
 
 
 def test_gpu_decode_refuses_what_it_cannot_cover():
   _, qw, x, _ = _fresh((65, 192, 256), "nf4")
   for rows in (x, x[:1]):  # 65 rows; N = 192 not a multiple of the 128-row CTA tile
     with pytest.raises(ValueError, match="at most 64 rows, N divisible by 128"):
-      gpu_decode.decode(rows, *layout.decode_operands(qw), table=layout.codebook("nf4"),
-                        interpret=True)
+      gpu_decode.decode(rows, qw, interpret=True)
 
 
 def test_decode_column_order_is_the_widened_tiles():
   """x's permutation matches how a thread's code register widens (see gpu_decode's docstring)."""
   order = np.asarray(gpu_decode.column_order(jnp.arange(64)))
-  for g, h, t, e in np.ndindex(4, 2, 4, 2):
-    byte = 8 * g + 2 * t + h  # the thread's byte h of 8-byte group g ...
-    assert order[16 * g + 8 * h + 2 * t + e] == 2 * byte + e  # ... holds elements 2 byte + e
+  for h, t, j, e in np.ndindex(2, 4, 4, 2):
+    byte = 16 * h + 4 * t + j  # byte j of lane t's word in half block h, widened into ...
+    column = 8 * (4 * h + j) + 2 * t + e  # ... its column pair of 8-column group 4 h + j
+    assert order[column] == 2 * byte + e  # holds elements 2 byte + e
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
