@@ -139,83 +139,112 @@ def _widen(codes_ref, lut_smem, block: int):
   return widen(codes_ref, lut_smem)
 
 
-def _block_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool):
-  """bf16 [64] per block of a step (WGMMA row layout): the absmax of elements first + b of the
-  bitsandbytes absmax array (absmax_gmem: [N * K/64] as uint8 codes, or float32 without double
-  quantization), decoded as bitsandbytes does: qmap[code] * nested[index // 256] (rounded to
-  float32), + offset, rounded to bf16. first: int32 [64] (WGMMA row layout), index of the step's
-  first block of each row. dq: (qmap in shared memory, nested and offset in device memory) or ().
-
-  The loads go straight to device memory (L2 mostly: the item's rows were prefetched), a few
-  per thread a step; they are in flight while the step widens its codes."""
+def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
+  """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks`
+  blocks packed in an int32, nested absmax float32) with double quantization (dq = (qmap in
+  shared memory, nested and offset in device memory)), else `blocks` float32; [64] arrays in the
+  WGMMA row layout. first: int32 [64], each row's index of the step's first block in
+  bitsandbytes' flat absmax array. One load of each per thread, straight from device memory
+  (L2 mostly: each item's rows are prefetched): issued a step ahead, they are in flight while a
+  step is computed."""
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  if not hints:  # interpreted: the same arithmetic on whole arrays (it indexes refs by scalars)
+  if not hints:  # interpreted: the same values from whole arrays (it indexes refs by scalars)
     codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
     if not dq:
-      return [v.astype(jnp.bfloat16) for v in codes]
-    qmap, nested, offset = (ref[...] for ref in dq)
-    values = [jnp.take(qmap, c.astype(jnp.int32)) * jnp.take(nested, first // NESTED)
-              for c in codes]
-    return [(v + offset[0]).astype(jnp.bfloat16) for v in values]
+      return tuple(codes)
+    word = sum(c.astype(jnp.int32) << (8 * b) for b, c in enumerate(codes))
+    return word, jnp.take(dq[1][...], first // NESTED)
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import llvm, vector
+  dtypes = (jnp.int32, jnp.float32) if dq else (jnp.float32,) * blocks
+  out_type = tuple(plgpu.ShapeDtypeStruct((ROWS,), t, layout=row_layout) for t in dtypes)
+  if dq:
+    load = {1: "u8", 2: "u16", 4: "u32"}[blocks]
+    asm = f"""{{ .reg .b64 pa; .reg .b32 v;
+      cvt.u64.u32 pa, $2; add.u64 pa, pa, $3; ld.global.nc.{load} $0, [pa];
+      shr.u32 v, $2, {NESTED.bit_length() - 1}; mul.wide.u32 pa, v, 4; add.u64 pa, pa, $4;
+      ld.global.nc.f32 $1, [pa]; }}"""
+    constraints = "=r,=f,r,l,l"
+  else:
+    vec = {1: "", 2: ".v2", 4: ".v4"}[blocks]
+    fs = ", ".join(f"${b}" for b in range(blocks))
+    asm = (f"{{ .reg .b64 pa; mul.wide.u32 pa, ${blocks}, 4; add.u64 pa, pa, ${blocks + 1}; "
+           f"ld.global.nc{vec}.f32 {'{' + fs + '}' if vec else fs}, [pa]; }}")
+    constraints = ",".join(["=f"] * blocks + ["r", "l"])
+
+  @plgpu.inline_mgpu(arg_types=(row_layout, plgpu.RefType(), *(plgpu.RefType() for _ in dq[1:2])),
+                     return_type=out_type)
+  def load(_, first_fa, *refs):
+    i32, i64, f32 = (ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64),
+                     ir.F32Type.get())
+    bases = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
+    types = [i32, f32] if dq else [f32] * blocks
+    outs = [np.empty(first_fa.registers.shape, dtype=object) for _ in types]
+    for idx, reg in np.ndenumerate(first_fa.registers):
+      e = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
+      res = llvm.inline_asm(llvm.StructType.get_literal(types), [e, *bases], asm, constraints)
+      for o, (out, t) in enumerate(zip(outs, types)):
+        out[idx] = vector.broadcast(ir.VectorType.get([1], t), llvm.extractvalue(t, res, [o]))
+    return tuple(mgpu.FragmentedArray(_registers=o, _layout=row_layout.to_mgpu(),
+                                      _is_signed=True if t == i32 else None)
+                 for o, t in zip(outs, types))
+
+  return load(plgpu.layout_cast(first, row_layout), absmax_gmem, *dq[1:2])
+
+
+def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
+  """bf16 [64] per block (WGMMA row layout) from _load_scales' values, as bitsandbytes decodes
+  the absmax: qmap[code] * nested, rounded to float32, + offset; then rounded to bf16."""
+  if not dq:
+    return [v.astype(jnp.bfloat16) for v in loaded]
+  word, nested = loaded
+  if not hints:
+    qmap, offset = dq[0][...], dq[2][...]
+    return [(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested + offset[0]).astype(jnp.bfloat16)
+            for b in range(blocks)]
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm, vector
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
   out_type = tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=row_layout)
                    for _ in range(blocks))
-  arg_types = (row_layout, plgpu.RefType(), *(plgpu.RefType() for _ in dq))
+  decode = "".join(
+      f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
+      f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, off; cvt.rn.bf16.f32 ${b}, f; "
+      for b in range(blocks))
+  asm = f"{{ .reg .b32 v; .reg .f32 f, off; ld.global.nc.f32 off, [${blocks + 2}]; {decode}}}"
+  constraints = ",".join(["=h"] * blocks + ["r", "f", "l", "r"])
 
-  @plgpu.inline_mgpu(arg_types=arg_types, return_type=out_type)
-  def scales(_, first_fa, absmax, *dq_refs):
+  @plgpu.inline_mgpu(arg_types=(row_layout, row_layout, plgpu.RefType(), plgpu.RefType()),
+                     return_type=out_type)
+  def scales(_, word_fa, nested_fa, qmap, offset):
     i16, i32, i64 = (ir.IntegerType.get_signless(w) for w in (16, 32, 64))
     bf16 = ir.BF16Type.get()
-    ptr = lambda ref, t: llvm.ptrtoint(t, mgpu_utils.memref_ptr(ref))  # noqa: E731
-    operands = [ptr(absmax, i64)]
-    if dq_refs:
-      qmap, nested, offset = dq_refs
-      operands += [ptr(nested, i64), ptr(offset, i64), ptr(qmap, i32)]
-      load = {1: "u8", 2: "u16", 4: "u32"}[blocks]
-      decode = "".join(
-          f"bfe.u32 v, c, {8 * b}, 8; mad.lo.u32 v, v, 4, $%d; ld.shared.f32 f, [v]; "
-          f"mul.rn.f32 f, f, nst; add.rn.f32 f, f, off; cvt.rn.bf16.f32 ${b}, f; "
-          for b in range(blocks))
-      body = f"""
-        cvt.u64.u32 pa, $%e; add.u64 pa, pa, $%a; ld.global.nc.{load} c, [pa];
-        shr.u32 v, $%e, {NESTED.bit_length() - 1}; mul.wide.u32 pn, v, 4; add.u64 pn, pn, $%n;
-        ld.global.nc.f32 nst, [pn]; ld.global.nc.f32 off, [$%o];
-        {decode}"""
-    else:
-      vec = {1: "", 2: ".v2", 4: ".v4"}[blocks]
-      fs = ", ".join(f"f{b}" for b in range(blocks))
-      body = f"""
-        mul.wide.u32 pa, $%e, 4; add.u64 pa, pa, $%a; ld.global.nc{vec}.f32 {"{" + fs + "}" if vec else fs}, [pa];
-        {"".join(f"cvt.rn.bf16.f32 ${b}, f{b}; " for b in range(blocks))}"""
-    names = {"e": blocks, "a": blocks + 1, "n": blocks + 2, "o": blocks + 3, "d": blocks + 4}
-    body = body.replace("$%d", f"${names['d']}")
-    for key, index in names.items():
-      body = body.replace(f"$%{key}", f"${index}")
-    asm = ("{ .reg .b64 pa, pn; .reg .b32 c, v; .reg .f32 f, nst, off, "
-           + ", ".join(f"f{b}" for b in range(blocks)) + ";" + body + "}")
-    constraints = ",".join(["=h"] * blocks + ["r", "l"] + (["l", "l", "r"] if dq_refs else []))
-    struct = llvm.StructType.get_literal([i16] * blocks)
-    regs = first_fa.registers
-    outs = [np.empty(regs.shape, dtype=object) for _ in range(blocks)]
-    for idx, reg in np.ndenumerate(regs):
-      e = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
-      res = llvm.inline_asm(struct, [e, *operands], asm, constraints)
+    operands = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(offset)),
+                llvm.ptrtoint(i32, mgpu_utils.memref_ptr(qmap))]
+    scalar = lambda reg: vector.extract(  # noqa: E731
+        reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
+    outs = [np.empty(word_fa.registers.shape, dtype=object) for _ in range(blocks)]
+    for idx, w in np.ndenumerate(word_fa.registers):
+      res = llvm.inline_asm(llvm.StructType.get_literal([i16] * blocks),
+                            [scalar(w), scalar(nested_fa.registers[idx]), *operands], asm,
+                            constraints)
       for b in range(blocks):
         h = mgpu_utils.bitcast(llvm.extractvalue(i16, res, [b]), bf16)
         outs[b][idx] = vector.broadcast(ir.VectorType.get([1], bf16), h)
     return tuple(mgpu.FragmentedArray(_registers=o, _layout=row_layout.to_mgpu(), _is_signed=None)
                  for o in outs)
 
-  return list(scales(plgpu.layout_cast(first, row_layout), absmax_gmem, *dq))
+  return list(scales(word, nested, dq[0], dq[2]))
 
 
 def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
   """Prefetch into L2 the absmax (and nested absmax) of `count` blocks from each row's index in
   `firsts` (int32 [64] arrays, WGMMA row layout): one lane of four (they share rows) asks for
-  each 128-byte line, so that the steps' loads (_block_scales) hit L2."""
+  each 128-byte line, so that the steps' loads (_load_scales) hit L2."""
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import llvm, vector
@@ -277,7 +306,7 @@ def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, o
   (cols, k), n = x.shape, codes.shape[0]
   cta_rows = config.compute_wgs * ROWS
   k_part, step_k = k // splits, BLOCK * config.blocks
-  r_tiles = n // cta_rows
+  r_tiles, steps = n // cta_rows, k_part // step_k
   grid = min(sm_count(interpret), splits * r_tiles)
   in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
       plgpu.BlockSpec((cols, step_k), lambda s: (0, s), transforms=swizzled(BLOCK, x.dtype)),
@@ -286,7 +315,7 @@ def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, o
 
   def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(k_part // step_k,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+        body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
         compute_context=compute_context)
 
@@ -334,18 +363,24 @@ def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, o
                                       + j_ * (k_part // BLOCK))
         row_first = first_block(j, i)
 
-        def step(indices, x_smem, codes_smem, acc_ref):
-          # The scale loads first, then all the step's blocks widened (their table loads
-          # independent, the scale loads in flight meanwhile), then scaled and multiplied; the
-          # wgmmas' register operands stay intact until the wait.
-          scales = _block_scales(row_first + indices[0] * config.blocks, absmax_gmem, dq_refs,
-                                 config.blocks, hints=not interpret)
+        def load_scales(s):
+          return _load_scales(row_first + s * config.blocks, absmax_gmem, dq_refs, config.blocks,
+                              hints=not interpret)
+
+        def step(indices, x_smem, codes_smem, carry):
+          # The next step's scale loads first, then all this step's blocks widened (their table
+          # loads independent), then scaled and multiplied; the wgmmas' register operands stay
+          # intact until the wait.
+          acc_ref, loaded = carry
+          s = indices[0]
+          loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
+          scales = _decode_scales(loaded, dq_refs, config.blocks, hints=not interpret)
           values = [_code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
                                  hints=not interpret) for b in range(config.blocks)]
           for b, (v, scale) in enumerate(zip(values, scales)):
             multiply(acc_ref, _scaled(v, scale, hints=not interpret), x_smem, b)
           plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
-          return acc_ref
+          return acc_ref, loaded_next
 
         def compute_context(run_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
@@ -355,7 +390,7 @@ def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, o
               later = jnp.where(later < splits * r_tiles, later, later - grid)
               _prefetch_scales([row_first, first_block(later // r_tiles, later % r_tiles)],
                                absmax_gmem, dq_refs, k_part // BLOCK)
-            run_pipeline(acc_ref)
+            run_pipeline((acc_ref, load_scales(0)))
             out = acc_ref[...][:, :out_cols]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's store has read it
             out_smem[wg] = out
