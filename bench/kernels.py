@@ -154,14 +154,16 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 
 
 def tune_decode() -> None:
-  """GB/s of the decode kernel alone (no x permutation, no split-K sum) per configuration, M = 1."""
+  """GB/s of the decode kernel alone (no x permutation, no split-K sum) per configuration (bytes
+  of M = 1)."""
   C = gpu_decode.Config
-  configs = [C(), C(blocks=2), C(stages=3), C(cols=8)]
+  configs = [C(), C(stages=3), C(item_cost=1.0), C(item_cost=4.0), C(cols=64, blocks=2),
+             C(cols=64, stages=3)]
   lut = jnp.asarray(gpu_decode.pair_table(TABLE))
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     copies = max(2, -(-100 * 2**20 // (n * k // 2)))
     qws = [weight(n, k, s) for s in range(copies)]
-    x = jax.random.normal(jax.random.key(0), (16, k), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (64, k), jnp.bfloat16)
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
     res = []
     for config in configs:
