@@ -7,15 +7,14 @@ widen into two contiguous halves, each one 64-wide slice of one quantization blo
   - TPU (`kernel_operands`): groups of 128 elements, byte j holding elements j and j + 64;
   - GPU (`gpu_operands`): blocks of 64, byte c holding elements c and c + 32, for W (forward) or
     W^T (backward), whose 64-row tiles are wgmma's register operand (gpu_matmul.py).
-The decode kernel (gpu_decode.py) reads the stored codes as they are and permutes x instead (x is
-tiny).
+The decode kernel (gpu_decode.py) reads the stored codes and absmax as they are (it permutes x
+instead, and decodes the absmax itself).
 
 Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
-double-quantized absmax codes once and writes the split codes (same size; none for decoding) and
-the float32 scale per 64 elements (1/16 byte per weight). The double-quantized absmax is decoded
-here, not in the kernels: that decode is a gather through a 256-entry table, which neither
-Mosaic GPU nor Mosaic TPU can do on register arrays (gpu_decode's shared-memory table could:
-docs/BENCHMARKS.md lists it as its next step).
+double-quantized absmax codes once and writes the split codes (same size) and the float32 scale
+per 64 elements (1/16 byte per weight). For these kernels the double-quantized absmax is decoded
+here, not in the kernels (gpu_decode shows how a kernel can: per-thread loads of the absmax codes
+a step ahead, decoded through a shared-memory qmap).
 """
 
 from __future__ import annotations
