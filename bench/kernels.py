@@ -8,8 +8,9 @@ preparation (block-split codes + decoded scales, see pallas_kernels/layout.py), 
 jnp.dot of the same shape with a bf16 result (cuBLAS) and the XLA dequantize-then-matmul path.
 Decode shapes (M = 1..64, pallas_kernels/gpu_decode.py): effective GB/s, counting the bytes a fused
 kernel must read (4-bit codes, 8-bit absmax codes, nested absmax, activations) and write (the
-float32 output), against the device's measured copy bandwidth and bitsandbytes' 4-bit matmul
-(when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
+float32 output) for the `pallas` backend's forward ("ours") and gpu_decode.decode itself
+("kernel": the same ops without the dispatch), against the device's measured copy bandwidth and
+bitsandbytes' 4-bit matmul (when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
 of the GPU kernels a call launches, median of repeated calls); every result is checked against
 the XLA path first.
 """
