@@ -10,9 +10,9 @@ Decode shapes (M = 1..64, pallas_kernels/gpu_decode.py): effective GB/s, countin
 kernel must read (4-bit codes, 8-bit absmax codes, nested absmax, activations) and write (the
 float32 output) for the `pallas` backend's forward ("ours") and gpu_decode.decode itself
 ("kernel": the same ops without the dispatch), against the device's measured copy bandwidth and
-bitsandbytes' 4-bit matmul (when `bitsandbytes` and torch with CUDA are importable). Kernel times come from CUPTI (the sum
-of the GPU kernels a call launches, median of repeated calls); every result is checked against
-the XLA path first.
+bitsandbytes' 4-bit matmul (when `bitsandbytes` and torch with CUDA are importable). Kernel
+times come from CUPTI (the sum of the GPU kernels a call launches, median of repeated calls);
+every result is checked against the XLA path first.
 """
 
 from __future__ import annotations
@@ -171,9 +171,8 @@ def tune_decode() -> None:
       splits = gpu_decode.splits_for(n, k, config)
       call = functools.partial(gpu_decode._call, table=TABLE, config=config, splits=splits,
                                out_cols=8, interpret=False)
-      dq = lambda q: (q.nested_quant_map, q.nested_absmax, q.offset.reshape(1))  # noqa: E731
-      fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2), q.absmax, lut,
-                                       dq(q)) for q in qs])
+      fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),
+                                       *gpu_decode.absmax_operands(q), lut) for q in qs])
       ms = gpu_ms(fn, x, qws) / copies
       res.append(f"{config}: {nbytes / ms / 1e6:.0f}")
     print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)

@@ -54,10 +54,10 @@ def _product(policy: str, product: str):
       return getattr(xla, product)(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     if platform == "gpu":
-      fits = layout.unsupported_reason(qw) is None
       if product == "forward" and gpu_decode.unsupported_reason(a.shape[0], qw) is None:
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
-      if policy == "pallas" and fits and gpu_matmul.supported(*qw.shape):
+      if (policy == "pallas" and layout.unsupported_reason(qw) is None
+          and gpu_matmul.supported(*qw.shape)):
         operands = layout.gpu_operands(qw, product)
         return getattr(gpu_matmul, product)(a, *operands, table=table, interpret=INTERPRET)
     if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):

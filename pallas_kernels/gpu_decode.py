@@ -40,6 +40,10 @@ import numpy as np
 from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import llvm, vector
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from pallas_kernels.gpu import (interpret_params, interpret_staging, register_wgmma, sm_count,
                                  swizzled)
@@ -50,7 +54,7 @@ from qlora_jax.quantization import QuantizedArray
 LANES = 32  # table copies, one per shared-memory bank
 ROWS = 64  # weight rows per compute warpgroup (wgmma M)
 MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
-
+ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
 
 
 def column_order(a: jax.Array) -> jax.Array:
@@ -65,7 +69,7 @@ def column_order(a: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Activation rows per CTA (wgmma N: x is padded to it), compute warpgroups per CTA, pipeline
-  depth, and the CTAs to aim for when splitting K."""
+  depth, blocks a step, and a work item's fixed cost for splitting K (splits_for)."""
 
   cols: int = 16
   compute_wgs: int = 2
@@ -90,10 +94,6 @@ def _widen(codes_ref, lut_smem, block: int):
   4t..4t+3 of half h (t: the lane's column pair) widen into 8-column groups 4h..4h+3, one table
   load each (the lane's copy of the table: no bank conflicts whatever the codes).
   """
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm
   row_bytes = codes_ref.shape[1]
   layout = plgpu.Layout.WGMMA
   out_type = plgpu.ShapeDtypeStruct((ROWS, BLOCK), jnp.bfloat16, layout=layout)
@@ -103,10 +103,9 @@ def _widen(codes_ref, lut_smem, block: int):
   def widen(_, codes, lut):
     i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get([2], ir.BF16Type.get())
-    ptr = lambda ref: llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))  # noqa: E731
     # Per thread: the lane's table copy, its first row's address (+ 4 t), the row's swizzle.
     thread = llvm.StructType.get_literal([i32, i32, i32])
-    consts = llvm.inline_asm(thread, [ptr(lut), ptr(codes)], f"""{{
+    consts = llvm.inline_asm(thread, [_address(lut, 32), _address(codes, 32)], f"""{{
       .reg .b32 l, w, q;
       mov.u32 l, %laneid;
       mad.lo.u32 $0, l, 4, $3;
@@ -143,27 +142,47 @@ def _widen(codes_ref, lut_smem, block: int):
   return widen(codes_ref, lut_smem)
 
 
+def _address(ref, bits: int = 64):
+  """A memref's address as an integer: 32 bits in shared memory, 64 in device memory."""
+  return llvm.ptrtoint(ir.IntegerType.get_signless(bits), mgpu_utils.memref_ptr(ref))
+
+
+def _row_asm(rows_fas, operands, asm: str, constraints: str, types=()) -> tuple:
+  """Run `asm` once per register of the ROW-layout arrays `rows_fas` (a thread's two rows): its
+  inputs are those registers' scalars, then `operands`; its outputs (`types`) come back as ROW
+  arrays. Without outputs it is a side effect (a prefetch)."""
+  shape = rows_fas[0].registers.shape
+  outs = [np.empty(shape, dtype=object) for _ in types]
+  for idx in np.ndindex(shape):
+    args = [vector.extract(fa.registers[idx], dynamic_position=[],
+                           static_position=ir.DenseI64ArrayAttr.get([0])) for fa in rows_fas]
+    if not types:
+      llvm.inline_asm(ir.Type.parse("!llvm.void"), [*args, *operands], asm, constraints,
+                      has_side_effects=True)
+      continue
+    res = llvm.inline_asm(llvm.StructType.get_literal(list(types)), [*args, *operands], asm,
+                          constraints)
+    for o, t in enumerate(types):
+      outs[o][idx] = vector.broadcast(ir.VectorType.get([1], t), llvm.extractvalue(t, res, [o]))
+  return tuple(mgpu.FragmentedArray(_registers=out, _layout=ROW.to_mgpu(),
+                                    _is_signed=True if isinstance(t, ir.IntegerType) else None)
+               for out, t in zip(outs, types))
+
+
 def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
   """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks`
   blocks packed in an int32, nested absmax float32) with double quantization (dq = (qmap in
-  shared memory, nested and offset in device memory)), else `blocks` float32; [64] arrays in the
-  WGMMA row layout. first: int32 [64], each row's index of the step's first block in
-  bitsandbytes' flat absmax array. One load of each per thread, straight from device memory
-  (L2 mostly: each item's rows are prefetched): issued a step ahead, they are in flight while a
-  step is computed."""
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  shared memory, nested and offset in device memory)), else `blocks` float32; [64] ROW arrays.
+  first: int32 [64], each row's index of the step's first block in bitsandbytes' flat absmax
+  array. One load of each per thread, straight from device memory (L2 mostly: each item's rows
+  are prefetched): issued a step ahead, they are in flight while a step is computed."""
   if not hints:  # interpreted: the same values from whole arrays (it indexes refs by scalars)
     codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
     if not dq:
       return tuple(codes)
     word = sum(c.astype(jnp.int32) << (8 * b) for b, c in enumerate(codes))
     return word, jnp.take(dq[1][...], first // NESTED)
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm, vector
   dtypes = (jnp.int32, jnp.float32) if dq else (jnp.float32,) * blocks
-  out_type = tuple(plgpu.ShapeDtypeStruct((ROWS,), t, layout=row_layout) for t in dtypes)
   if dq:
     load = {1: "u8", 2: "u16", 4: "u32"}[blocks]
     asm = f"""{{ .reg .b64 pa; .reg .b32 v;
@@ -178,29 +197,19 @@ def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
            f"ld.global.nc{vec}.f32 {'{' + fs + '}' if vec else fs}, [pa]; }}")
     constraints = ",".join(["=f"] * blocks + ["r", "l"])
 
-  @plgpu.inline_mgpu(arg_types=(row_layout, plgpu.RefType(), *(plgpu.RefType() for _ in dq[1:2])),
-                     return_type=out_type)
+  @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType(), *(plgpu.RefType() for _ in dq[1:2])),
+                     return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), t, layout=ROW)
+                                       for t in dtypes))
   def load(_, first_fa, *refs):
-    i32, i64, f32 = (ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64),
-                     ir.F32Type.get())
-    bases = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
-    types = [i32, f32] if dq else [f32] * blocks
-    outs = [np.empty(first_fa.registers.shape, dtype=object) for _ in types]
-    for idx, reg in np.ndenumerate(first_fa.registers):
-      e = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
-      res = llvm.inline_asm(llvm.StructType.get_literal(types), [e, *bases], asm, constraints)
-      for o, (out, t) in enumerate(zip(outs, types)):
-        out[idx] = vector.broadcast(ir.VectorType.get([1], t), llvm.extractvalue(t, res, [o]))
-    return tuple(mgpu.FragmentedArray(_registers=o, _layout=row_layout.to_mgpu(),
-                                      _is_signed=True if t == i32 else None)
-                 for o, t in zip(outs, types))
+    types = [mgpu_utils.dtype_to_ir_type(t) for t in dtypes]
+    return _row_asm([first_fa], [_address(ref) for ref in refs], asm, constraints, types)
 
-  return load(plgpu.layout_cast(first, row_layout), absmax_gmem, *dq[1:2])
+  return load(plgpu.layout_cast(first, ROW), absmax_gmem, *dq[1:2])
 
 
 def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
-  """bf16 [64] per block (WGMMA row layout) from _load_scales' values, as bitsandbytes decodes
-  the absmax: qmap[code] * nested, rounded to float32, + offset; then rounded to bf16."""
+  """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the
+  absmax: qmap[code] * nested, rounded to float32, + offset; then rounded to bf16."""
   if not dq:
     return [v.astype(jnp.bfloat16) for v in loaded]
   word, nested = loaded
@@ -208,13 +217,6 @@ def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
     qmap, offset = dq[0][...], dq[2][...]
     return [(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested + offset[0]).astype(jnp.bfloat16)
             for b in range(blocks)]
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm, vector
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  out_type = tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=row_layout)
-                   for _ in range(blocks))
   decode = "".join(
       f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
       f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, off; cvt.rn.bf16.f32 ${b}, f; "
@@ -222,37 +224,21 @@ def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
   asm = f"{{ .reg .b32 v; .reg .f32 f, off; ld.global.nc.f32 off, [${blocks + 2}]; {decode}}}"
   constraints = ",".join(["=h"] * blocks + ["r", "f", "l", "r"])
 
-  @plgpu.inline_mgpu(arg_types=(row_layout, row_layout, plgpu.RefType(), plgpu.RefType()),
-                     return_type=out_type)
+  @plgpu.inline_mgpu(arg_types=(ROW, ROW, plgpu.RefType(), plgpu.RefType()),
+                     return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=ROW)
+                                       for _ in range(blocks)))
   def scales(_, word_fa, nested_fa, qmap, offset):
-    i16, i32, i64 = (ir.IntegerType.get_signless(w) for w in (16, 32, 64))
-    bf16 = ir.BF16Type.get()
-    operands = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(offset)),
-                llvm.ptrtoint(i32, mgpu_utils.memref_ptr(qmap))]
-    scalar = lambda reg: vector.extract(  # noqa: E731
-        reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
-    outs = [np.empty(word_fa.registers.shape, dtype=object) for _ in range(blocks)]
-    for idx, w in np.ndenumerate(word_fa.registers):
-      res = llvm.inline_asm(llvm.StructType.get_literal([i16] * blocks),
-                            [scalar(w), scalar(nested_fa.registers[idx]), *operands], asm,
-                            constraints)
-      for b in range(blocks):
-        h = mgpu_utils.bitcast(llvm.extractvalue(i16, res, [b]), bf16)
-        outs[b][idx] = vector.broadcast(ir.VectorType.get([1], bf16), h)
-    return tuple(mgpu.FragmentedArray(_registers=o, _layout=row_layout.to_mgpu(), _is_signed=None)
-                 for o in outs)
+    bits = _row_asm([word_fa, nested_fa], [_address(offset), _address(qmap, 32)], asm,
+                    constraints, [ir.IntegerType.get_signless(16)] * blocks)
+    return tuple(b.bitcast(ir.BF16Type.get()) for b in bits)
 
   return list(scales(word, nested, dq[0], dq[2]))
 
 
 def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
   """Prefetch into L2 the absmax (and nested absmax) of `count` blocks from each row's index in
-  `firsts` (int32 [64] arrays, WGMMA row layout): one lane of four (they share rows) asks for
-  each 128-byte line, so that the steps' loads (_load_scales) hit L2."""
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm, vector
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  `firsts` (int32 [64] ROW arrays): one lane of four (they share rows) asks for each 128-byte
+  line, so that the steps' loads (_load_scales) hit L2."""
   item_bytes = count * absmax_gmem.dtype.itemsize
   lines = [min(128 * i, item_bytes - 1) // absmax_gmem.dtype.itemsize
            for i in range(-(-item_bytes // 128))] + [count - 1]
@@ -265,18 +251,14 @@ def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
                     + fetch.format(size=4, base="$2") for i in (0, count - 1)) if dq else "")
          + "}")
 
-  @plgpu.inline_mgpu(arg_types=((row_layout,) * len(firsts), plgpu.RefType(),
+  @plgpu.inline_mgpu(arg_types=((ROW,) * len(firsts), plgpu.RefType(),
                                 *(plgpu.RefType() for _ in dq[1:2])))
-  def prefetch(_, firsts_fa, absmax, *nested):
-    i64 = ir.IntegerType.get_signless(64)
-    bases = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(ref)) for ref in (absmax, *nested)]
+  def prefetch(_, firsts_fa, *refs):
+    bases = [_address(ref) for ref in refs]
     for fa in firsts_fa:
-      for reg in fa.registers.flat:
-        e = vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [e, *bases], asm,
-                        ",".join(["r"] + ["l"] * len(bases)), has_side_effects=True)
+      _row_asm([fa], bases, asm, ",".join(["r"] + ["l"] * len(bases)))
 
-  prefetch(tuple(plgpu.layout_cast(f, row_layout) for f in firsts), absmax_gmem, *dq[1:2])
+  prefetch(tuple(plgpu.layout_cast(f, ROW) for f in firsts), absmax_gmem, *dq[1:2])
 
 
 def _code_values(codes_smem, lut_smem, *, block: int, table, hints: bool):
@@ -293,12 +275,18 @@ def _code_values(codes_smem, lut_smem, *, block: int, table, hints: bool):
 def _scaled(values, scale, *, hints: bool):
   """bf16 values [64, 64] * scale (bf16 [64], one per row), rounded to bf16."""
   if hints:
-    scale = plgpu.layout_cast(scale, plgpu.Layout.WGMMA.reduce(1))
-    return values * lax.broadcast_in_dim(scale, values.shape, [0])
+    return values * lax.broadcast_in_dim(plgpu.layout_cast(scale, ROW), values.shape, [0])
   return (values.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]).astype(jnp.bfloat16)
 
 
-def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, out_cols: int,
+def absmax_operands(qw: QuantizedArray) -> tuple:
+  """(flat absmax, dq) as _call takes them: bitsandbytes' stored arrays, no pass over them."""
+  if qw.double_quant:
+    return qw.absmax, (qw.nested_quant_map, qw.nested_absmax, qw.offset.reshape(1))
+  return qw.absmax.astype(jnp.float32), ()
+
+
+def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_cols: int,
           interpret: bool):
   """Partials [splits * N, out_cols] f32: part j = W[:, part j of K] @ x[:, part j of K]^T.
 
@@ -362,9 +350,10 @@ def _call(x, codes, absmax, lut, dq=(), *, table, config: Config, splits: int, o
       def _(loop):
         j, i = loop.index
         rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
-                                      layout=None if interpret else plgpu.Layout.WGMMA.reduce(1))
-        first_block = lambda j_, i_: ((rows + (i_ * cta_rows + wg * ROWS)) * (k // BLOCK)  # noqa: E731
-                                      + j_ * (k_part // BLOCK))
+                                      layout=None if interpret else ROW)
+        def first_block(j_, i_):  # each row's first absmax index in item (j_, i_)
+          return (rows + (i_ * cta_rows + wg * ROWS)) * (k // BLOCK) + j_ * (k_part // BLOCK)
+
         row_first = first_block(j, i)
 
         def load_scales(s):
@@ -470,11 +459,8 @@ def decode(x_MxK, qw: QuantizedArray, *, config: Config | None = None, interpret
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
   splits, out_cols = splits_for(n, k, config, sm_count(interpret)), -(-m // 8) * 8
-  if qw.double_quant:
-    absmax, dq = qw.absmax, (qw.nested_quant_map, qw.nested_absmax, qw.offset.reshape(1))
-  else:
-    absmax, dq = qw.absmax.astype(jnp.float32), ()
   table = codebook(qw.quant_type)
-  parts = _call(x, qw.codes.reshape(n, k // 2), absmax, jnp.asarray(pair_table(table)), dq,
-                table=table, config=config, splits=splits, out_cols=out_cols, interpret=interpret)
+  lut = jnp.asarray(pair_table(table))
+  parts = _call(x, qw.codes.reshape(n, k // 2), *absmax_operands(qw), lut, table=table,
+                config=config, splits=splits, out_cols=out_cols, interpret=interpret)
   return parts.reshape(splits, n, out_cols).sum(0)[:, :m].T

@@ -8,7 +8,7 @@ import pytest
 from pallas_kernels.gpu import SERIAL_XLA_CPU
 
 # The interpreted Mosaic GPU kernels hang under XLA:CPU's concurrency-optimized scheduler (see
-# pallas_kernels/gpu_matmul.py); XLA reads its flags when JAX's first backend starts, after this.
+# pallas_kernels/gpu.py); XLA reads its flags when JAX's first backend starts, after this.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SERIAL_XLA_CPU}".strip()
 
 
