@@ -8,6 +8,9 @@ import os
 import jax
 import jax.numpy as jnp
 import jax.experimental.pallas.mosaic_gpu as plgpu
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import llvm
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 # Interpreted, each warpgroup is a thread whose barrier waits sit in host callbacks. XLA:CPU's
 # concurrency-optimized scheduler runs independent callbacks at once on its few worker threads,
@@ -60,3 +63,8 @@ def interpret_staging(warpgroups: int, rows: int, k: int, m: int, interpret: boo
     return []
   return [plgpu.SMEM((warpgroups, rows, k), jnp.bfloat16, transforms=swizzled(k, jnp.bfloat16)),
           plgpu.SMEM((warpgroups, k, m), jnp.bfloat16, transforms=swizzled(m, jnp.bfloat16))]
+
+
+def address(ref, bits: int = 64):
+  """A memref's address as an integer: 32 bits in shared memory, 64 in device memory."""
+  return llvm.ptrtoint(ir.IntegerType.get_signless(bits), mgpu_utils.memref_ptr(ref))

@@ -35,7 +35,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax import lax
 import jax.experimental.pallas as pl
@@ -45,25 +44,15 @@ from jax._src.lib.mlir.dialects import llvm, vector
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-from pallas_kernels.gpu import (interpret_params, interpret_staging, register_wgmma, sm_count,
-                                 swizzled)
-from pallas_kernels.layout import BLOCK, codebook, decode_codes, pad_rows
+from pallas_kernels.gpu import (address, interpret_params, interpret_staging, register_wgmma,
+                                 sm_count, swizzled)
+from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
+from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.codebooks import NESTED_BLOCKSIZE as NESTED
 from qlora_jax.quantization import QuantizedArray
 
-LANES = 32  # table copies, one per shared-memory bank
-ROWS = 64  # weight rows per compute warpgroup (wgmma M)
 MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
-
-
-def column_order(a: jax.Array) -> jax.Array:
-  """a with its last axis permuted as the widened tile's columns hold a block's elements.
-
-  Per 32 columns (16 code bytes, a 4-byte word per lane t of a thread quad): column
-  32 g + 8 j + 2 t + e holds element 32 g + 8 t + 2 j + e (byte 16 g + 4 t + j, nibble e)."""
-  *lead, k = a.shape
-  return a.reshape(*lead, k // 32, 4, 4, 2).swapaxes(-3, -2).reshape(*lead, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,75 +65,6 @@ class Config:
   stages: int = 4
   blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
   item_cost: float = 2.0  # fixed cost of a work item (pipeline restart, epilogue), in steps
-
-
-def pair_table(table) -> np.ndarray:
-  """int32 [256, LANES]: entry b = bf16 pair (table[b >> 4], table[b & 15]), once per lane."""
-  bits = np.asarray(table, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
-  b = np.arange(256)
-  pairs = (bits[b >> 4] | (bits[b & 15] << 16)).view(np.int32)
-  return np.repeat(pairs[:, None], LANES, axis=1)
-
-
-def _widen(codes_ref, lut_smem, block: int):
-  """bf16 [64, 64] (WGMMA layout) of quantization block `block` of this warpgroup's code rows.
-
-  codes_ref: uint8 [64, 32 * blocks], swizzled with its row width (one 4-byte load per thread,
-  row and half block: a warp's 8 rows land in 8 different 16-byte bank groups). The bytes
-  4t..4t+3 of half h (t: the lane's column pair) widen into 8-column groups 4h..4h+3, one table
-  load each (the lane's copy of the table: no bank conflicts whatever the codes).
-  """
-  row_bytes = codes_ref.shape[1]
-  layout = plgpu.Layout.WGMMA
-  out_type = plgpu.ShapeDtypeStruct((ROWS, BLOCK), jnp.bfloat16, layout=layout)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(swizzled(row_bytes, jnp.uint8)), plgpu.RefType()),
-                     return_type=out_type)
-  def widen(_, codes, lut):
-    i32 = ir.IntegerType.get_signless(32)
-    bf16x2 = ir.VectorType.get([2], ir.BF16Type.get())
-    # Per thread: the lane's table copy, its first row's address (+ 4 t), the row's swizzle.
-    thread = llvm.StructType.get_literal([i32, i32, i32])
-    consts = llvm.inline_asm(thread, [_address(lut, 32), _address(codes, 32)], f"""{{
-      .reg .b32 l, w, q;
-      mov.u32 l, %laneid;
-      mad.lo.u32 $0, l, 4, $3;
-      mov.u32 w, %tid.x;
-      bfe.u32 w, w, 5, 2;
-      shr.u32 q, l, 2;
-      mad.lo.u32 w, w, 16, q;
-      mad.lo.u32 w, w, {row_bytes}, $4;
-      and.b32 l, l, 3;
-      mad.lo.u32 $1, l, 4, w;
-      mul.lo.u32 q, q, {row_bytes};
-      bfe.u32 q, q, 7, {(row_bytes // 16).bit_length() - 1};
-      shl.b32 $2, q, 4;
-    }}""", "=r,=r,=r,r,r")
-    lane_lut, row_addr, swizzle = (llvm.extractvalue(i32, consts, [i]) for i in range(3))
-    quad = llvm.StructType.get_literal([i32] * 4)
-    lookups = "".join(f"bfe.u32 i, u, {8 * j}, 8; mad.lo.u32 i, i, {4 * LANES}, $4; "
-                      f"ld.shared.b32 ${j}, [i]; " for j in range(4))
-    out = np.empty(layout.to_mgpu().registers_shape((ROWS, BLOCK)), dtype=object)
-    for rh, h in np.ndindex(2, 2):  # row half (rows + 8), half block (16 bytes)
-      column = 32 * block + 16 * h
-      words = llvm.inline_asm(quad, [lane_lut, row_addr, swizzle], f"""{{
-        .reg .b32 a, u, i;
-        xor.b32 a, $6, {column};
-        add.u32 a, a, $5;
-        ld.shared.b32 u, [a+{8 * rh * row_bytes}];
-        {lookups}
-      }}""", "=r,=r,=r,=r,r,r,r")
-      for j in range(4):
-        word = llvm.extractvalue(i32, words, [j])
-        out[0, 4 * h + j, 0, 0, rh, 0, 0, 0, 0] = mgpu_utils.bitcast(word, bf16x2)
-    return mgpu.FragmentedArray(_registers=out, _layout=layout.to_mgpu(), _is_signed=None)
-
-  return widen(codes_ref, lut_smem)
-
-
-def _address(ref, bits: int = 64):
-  """A memref's address as an integer: 32 bits in shared memory, 64 in device memory."""
-  return llvm.ptrtoint(ir.IntegerType.get_signless(bits), mgpu_utils.memref_ptr(ref))
 
 
 def _row_asm(rows_fas, operands, asm: str, constraints: str, types=()) -> tuple:
@@ -202,7 +122,7 @@ def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
                                        for t in dtypes))
   def load(_, first_fa, *refs):
     types = [mgpu_utils.dtype_to_ir_type(t) for t in dtypes]
-    return _row_asm([first_fa], [_address(ref) for ref in refs], asm, constraints, types)
+    return _row_asm([first_fa], [address(ref) for ref in refs], asm, constraints, types)
 
   return load(plgpu.layout_cast(first, ROW), absmax_gmem, *dq[1:2])
 
@@ -228,7 +148,7 @@ def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
                      return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=ROW)
                                        for _ in range(blocks)))
   def scales(_, word_fa, nested_fa, qmap, offset):
-    bits = _row_asm([word_fa, nested_fa], [_address(offset), _address(qmap, 32)], asm,
+    bits = _row_asm([word_fa, nested_fa], [address(offset), address(qmap, 32)], asm,
                     constraints, [ir.IntegerType.get_signless(16)] * blocks)
     return tuple(b.bitcast(ir.BF16Type.get()) for b in bits)
 
@@ -254,22 +174,11 @@ def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
   @plgpu.inline_mgpu(arg_types=((ROW,) * len(firsts), plgpu.RefType(),
                                 *(plgpu.RefType() for _ in dq[1:2])))
   def prefetch(_, firsts_fa, *refs):
-    bases = [_address(ref) for ref in refs]
+    bases = [address(ref) for ref in refs]
     for fa in firsts_fa:
       _row_asm([fa], bases, asm, ",".join(["r"] + ["l"] * len(bases)))
 
   prefetch(tuple(plgpu.layout_cast(f, ROW) for f in firsts), absmax_gmem, *dq[1:2])
-
-
-def _code_values(codes_smem, lut_smem, *, block: int, table, hints: bool):
-  """bf16 [64, 64]: table[code] of block `block` of a code tile [64, 32 * blocks], columns in
-  `column_order`."""
-  if hints:
-    return _widen(codes_smem, lut_smem, block)
-  codes = codes_smem[:, pl.ds(block * BLOCK // 2, BLOCK // 2)].astype(jnp.int32)  # the
-  # interpreter runs no inline PTX: a select tree
-  natural = jnp.stack([decode_codes(codes >> 4, table), decode_codes(codes & 0xF, table)], -1)
-  return column_order(natural.reshape(codes.shape[0], BLOCK)).astype(jnp.bfloat16)
 
 
 def _scaled(values, scale, *, hints: bool):
@@ -368,7 +277,7 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
           s = indices[0]
           loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
           scales = _decode_scales(loaded, dq_refs, config.blocks, hints=not interpret)
-          values = [_code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
+          values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
                                  hints=not interpret) for b in range(config.blocks)]
           for b, (v, scale) in enumerate(zip(values, scales)):
             multiply(acc_ref, _scaled(v, scale, hints=not interpret), x_smem, b)

@@ -1,17 +1,18 @@
 """The kernels' operand layout, made from a bitsandbytes-layout QuantizedArray on the fly.
 
-bitsandbytes packs elements (2j, 2j+1) into byte j. A kernel that widened such bytes on chip would
-have to interleave even and odd columns, which neither Mosaic GPU nor Mosaic TPU register layouts
-do. The training kernels read a *split* packing instead, so that the two nibbles of a byte tile
-widen into two contiguous halves, each one 64-wide slice of one quantization block (one scale):
-  - TPU (`kernel_operands`): groups of 128 elements, byte j holding elements j and j + 64;
-  - GPU (`gpu_operands`): blocks of 64, byte c holding elements c and c + 32, for W (forward) or
-    W^T (backward), whose 64-row tiles are wgmma's register operand (gpu_matmul.py).
+bitsandbytes packs elements (2j, 2j+1) into byte j. The training kernels read their own packing,
+the order in which their widening produces a tile's columns:
+  - TPU (`kernel_operands`): a *split* packing, groups of 128 elements, byte j holding elements j
+    and j + 64, so that the two nibbles of a byte tile widen into two contiguous halves (Mosaic
+    TPU's register layouts do not interleave even and odd columns);
+  - GPU (`gpu_operands`, gpu_matmul.py): bitsandbytes' pairs (elements 2p, 2p + 1 in byte p) of
+    W (forward) or W^T (backward), each row's bytes transposed 4 x 4 within every 16 so that
+    the shared-memory pair table (gpu_widen.py) widens them into natural column order.
 The decode kernel (gpu_decode.py) reads the stored codes and absmax as they are (it permutes x
 instead, and decodes the absmax itself).
 
 Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
-double-quantized absmax codes once and writes the split codes (same size) and the float32 scale
+double-quantized absmax codes once and writes the packed codes (same size) and the float32 scale
 per 64 elements (1/16 byte per weight). For these kernels the double-quantized absmax is decoded
 here, not in the kernels (gpu_decode shows how a kernel can: per-thread loads of the absmax codes
 a step ahead, decoded through a shared-memory qmap).
@@ -27,7 +28,7 @@ from qlora_jax.quantization import QuantizedArray, scales, unpack
 
 GROUP = 128  # elements per split group
 HALF = GROUP // 2  # elements per nibble half == bytes per group
-BLOCK = 64  # elements per block-split group (gpu_matmul): one quantization block of 64
+BLOCK = 64  # elements per quantization block the GPU kernels take
 
 
 def unsupported_reason(qw: QuantizedArray) -> str | None:
@@ -42,16 +43,27 @@ def unsupported_reason(qw: QuantizedArray) -> str | None:
   return None
 
 
-def split_codes(qw: QuantizedArray, group: int = GROUP, transposed: bool = False) -> jax.Array:
-  """uint8 [N, K/2] (for `transposed`, W^T's [K, N/2]) packed along the last axis in groups of
-  `group` elements, byte j of a group holding element j (high nibble) and j + group/2 (low):
-  groups of 128 for the TPU kernels, of 64 (one quantization block) for gpu_matmul."""
+def split_codes(qw: QuantizedArray) -> jax.Array:
+  """uint8 [N, K/2] packed along K in groups of 128 elements, byte j of a group holding element
+  j (high nibble) and j + 64 (low): the TPU kernels' layout."""
   n_rows, k = qw.shape
-  codes = unpack(qw.codes, qw.size).reshape(n_rows, k)
-  codes = codes.T if transposed else codes
-  rows, cols = codes.shape
-  halves = codes.reshape(rows, cols // group, 2, group // 2)
-  return ((halves[:, :, 0] << 4) | halves[:, :, 1]).reshape(rows, cols // 2)
+  halves = unpack(qw.codes, qw.size).reshape(n_rows, k // GROUP, 2, HALF)
+  return ((halves[:, :, 0] << 4) | halves[:, :, 1]).reshape(n_rows, k // 2)
+
+
+def fragment_codes(qw: QuantizedArray, transposed: bool = False) -> jax.Array:
+  """uint8 [N, K/2] (for `transposed`, W^T's [K, N/2]): elements (2p, 2p + 1) in byte p as
+  bitsandbytes packs them, with byte 16 g + 4 t + j of a row moved to 16 g + 4 j + t. Lane t of a
+  thread quad loads bytes 4t..4t+3 of a 16-byte group and widens byte j into wgmma's columns
+  8 j + 2 t, + 1 (gpu_widen.column_order): these bytes hold exactly those elements."""
+  n_rows, k = qw.shape
+  if transposed:
+    codes = unpack(qw.codes, qw.size).reshape(n_rows, k).T
+    pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
+  else:
+    pairs = qw.codes.reshape(n_rows, k // 2)
+  rows, cols = pairs.shape
+  return pairs.reshape(rows, cols // 16, 4, 4).swapaxes(-1, -2).reshape(rows, cols)
 
 
 def half_block_scales(qw: QuantizedArray) -> jax.Array:
@@ -67,8 +79,8 @@ def codebook(quant_type: str) -> tuple[float, ...]:
 
 
 def gpu_operands(qw: QuantizedArray, product: str) -> tuple[jax.Array, jax.Array]:
-  """(block-split codes of W ('forward') or W^T ('backward'), [K/64, N] scales): gpu_matmul's."""
-  return split_codes(qw, BLOCK, transposed=product == "backward"), half_block_scales(qw)
+  """(fragment-order codes of W ('forward') or W^T ('backward'), [K/64, N] scales): gpu_matmul's."""
+  return fragment_codes(qw, transposed=product == "backward"), half_block_scales(qw)
 
 
 def kernel_operands(qw: QuantizedArray, transposed: bool) -> tuple[jax.Array, jax.Array]:

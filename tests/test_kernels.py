@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, gpu, gpu_decode, gpu_matmul, layout, tpu
+from pallas_kernels import dispatch, gpu, gpu_decode, gpu_matmul, gpu_widen, layout, tpu
 from qlora_jax.base_matmul import qmatmul
 from qlora_jax.quantization import dequantize, quantize, scales, unpack
 
@@ -122,7 +122,7 @@ def test_gpu_decode_refuses_what_it_cannot_cover():
 
 def test_decode_column_order_is_the_widened_tiles():
   """x's permutation matches how a thread's code register widens (see gpu_decode's docstring)."""
-  order = np.asarray(gpu_decode.column_order(jnp.arange(64)))
+  order = np.asarray(gpu_widen.column_order(jnp.arange(64)))
   for h, t, j, e in np.ndindex(2, 4, 4, 2):
     byte = 16 * h + 4 * t + j  # byte j of lane t's word in half block h, widened into ...
     column = 8 * (4 * h + j) + 2 * t + e  # ... its column pair of 8-column group 4 h + j
@@ -159,16 +159,18 @@ def test_interpreted_training_kernels_say_what_they_need(monkeypatch):
                        interpret=True)
 
 
-def test_block_split_layout_round_trip():
-  """gpu_matmul's packing holds W's (forward) and W^T's (backward) codes, moved within blocks."""
+def test_fragment_layout_round_trip():
+  """gpu_matmul's packing holds W's (forward) and W^T's (backward) codes in the order the pair
+  table widens them: byte j of lane t's word in half block h becomes columns 8 (4h + j) + 2t, +1
+  (gpu_widen.column_order), so those columns must hold the elements of that byte."""
   _, qw, _, _ = _fresh((1, 192, 256), "nf4")
   bnb = np.asarray(qw.codes).reshape(192, 128)
   codes = np.stack([bnb >> 4, bnb & 15], -1).reshape(192, 256)
   for transposed, want in ((False, codes), (True, codes.T)):
-    packed = np.asarray(layout.split_codes(qw, layout.BLOCK, transposed))
-    rows = want.shape[0]
-    unpacked = np.stack([packed >> 4, packed & 15], 1).reshape(rows, 2, -1, 32)
-    np.testing.assert_array_equal(unpacked.transpose(0, 2, 1, 3).reshape(want.shape), want)
+    packed = np.asarray(layout.fragment_codes(qw, transposed))
+    order = np.asarray(gpu_widen.column_order(jnp.arange(want.shape[1])))
+    widened = np.stack([packed >> 4, packed & 15], -1).reshape(want.shape)[:, order]
+    np.testing.assert_array_equal(widened, want)
 
 
 def test_unsupported_shapes_are_named():
