@@ -78,20 +78,23 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
   """
   (m, c), r = a.shape, codes.shape[0]
   cta_rows = config.compute_wgs * config.rows
+  blocks = c // BLOCK
+  last = lambda s: jnp.minimum(s, blocks - 1)  # the extra step re-reads the last block
   if per_row:
-    scale_block, scale_index = (1, cta_rows), lambda s: (s, 0)
+    scale_block, scale_index = (1, cta_rows), lambda s: (last(s), 0)
   else:  # one scale row per compute warpgroup: its 64 weight rows are one block
     assert config.rows == BLOCK
-    scale_block, scale_index = (config.compute_wgs, BLOCK), lambda s: (0, s)
+    scale_block, scale_index = (config.compute_wgs, BLOCK), lambda s: (0, last(s))
   in_specs = [  # one quantization block a step: the activation tile, the codes, the scales
-      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, s), transforms=swizzled(BLOCK, a.dtype)),
-      plgpu.BlockSpec((cta_rows, BLOCK // 2), lambda s: (0, s),
-                      transforms=swizzled(BLOCK // 2, codes.dtype)),
-      plgpu.BlockSpec(scale_block, scale_index)]
+      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, last(s)),
+                      transforms=swizzled(BLOCK, a.dtype), delay_release=1),
+      plgpu.BlockSpec((cta_rows, BLOCK // 2), lambda s: (0, last(s)),
+                      transforms=swizzled(BLOCK // 2, codes.dtype), delay_release=1),
+      plgpu.BlockSpec(scale_block, scale_index, delay_release=1)]
 
   def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(c // BLOCK,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+        body, grid=(blocks + 1,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
         compute_context=compute_context)
 
@@ -124,7 +127,9 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
           @functools.partial(pl.run_scoped,
                              acc_ref=plgpu.ACC((config.rows, config.cols), jnp.float32))
           def _(acc_ref):
-            run_pipeline(acc_ref)
+            w_zero = jnp.zeros((config.rows, BLOCK), jnp.bfloat16)
+            run_pipeline((acc_ref, w_zero if interpret else
+                          plgpu.layout_cast(w_zero, plgpu.Layout.WGMMA)))
             out = acc_ref[...].astype(out_gmem.dtype)
             for e in range(config.cols // EPILOGUE):
               slot = e % 2
@@ -136,13 +141,22 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
                   out_gmem.at[pl.ds(i * cta_rows + wg * config.rows, config.rows),
                               pl.ds(j * config.cols + e * EPILOGUE, EPILOGUE)])
 
-        def step(_, a_smem, codes_smem, scales_smem, acc_ref):
+        a_slots = allocations["flat_in_smem_refs"][0]  # the activation tiles' pipeline slots
+
+        def step(indices, a_smem, codes_smem, scales_smem, carry):
+          # Skewed by one step: the wgmma of step s - 1 (its widened weight carried over, its
+          # activation tile still held: delay_release) runs while step s's weight is widened.
+          # Step 0 multiplies zeros; the extra last step widens nothing that is used.
+          acc_ref, w_before = carry
+          s = indices[0]
+          a_before = a_slots.at[lax.rem(jnp.maximum(s - 1, 0), config.stages)]
+          register_wgmma(acc_ref, w_before, a_before, wg=wg, staging=staging,
+                         interpret=interpret)
           scale = scales_smem.at[0, my_rows] if per_row else scales_smem.at[wg]
           w = _weight_operand(codes_smem.at[my_rows], lut_smem, scale, table=table,
                               per_row=per_row, hints=not interpret)
-          register_wgmma(acc_ref, w, a_smem, wg=wg, staging=staging, interpret=interpret)
-          plgpu.wgmma_wait(0)  # the register operand must stay intact until the wgmma is done
-          return acc_ref
+          plgpu.wgmma_wait(0)  # w_before's registers are free only now
+          return acc_ref, w
 
         pipeline(step, compute_context)(*operands(a_gmem, codes_gmem, scales_gmem, i, j),
                                         allocations=allocations)
