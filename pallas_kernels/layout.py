@@ -20,8 +20,12 @@ a step ahead, decoded through a shared-memory qmap).
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from qlora_jax.codebooks import CODEBOOKS
 from qlora_jax.quantization import QuantizedArray, scales, unpack
@@ -51,19 +55,32 @@ def split_codes(qw: QuantizedArray) -> jax.Array:
   return ((halves[:, :, 0] << 4) | halves[:, :, 1]).reshape(n_rows, k // 2)
 
 
+def transposed_pairs(qw: QuantizedArray) -> jax.Array:
+  """uint8 [K, N/2]: W^T packed as bitsandbytes packs W (elements 2p, 2p + 1 of a row in byte p).
+
+  A 4-bit transpose done on 32-bit words, the unit XLA transposes efficiently: a word gathers
+  one byte of four consecutive rows of W (a 4 x 2 block of codes), the grid of words is
+  transposed, and each word's nibbles are regrouped into the two rows of W^T it holds."""
+  n_rows, k = qw.shape
+  rows4 = qw.codes.reshape(n_rows // 4, 4, k // 2).transpose(0, 2, 1)  # byte r: row 4i + r
+  words = lax.bitcast_convert_type(rows4, jnp.uint32).T  # [K/2, N/4]: column pair 2q, 2q + 1
+  nib = lambda r, low: (words >> (8 * r + (0 if low else 4))) & 0xF  # noqa: E731
+  row = lambda low: (nib(0, low) << 4 | nib(1, low) | nib(2, low) << 12 | nib(3, low) << 8)  # noqa: E731
+  halves = jnp.stack([row(False), row(True)], axis=1).astype(jnp.uint16)  # [K/2, 2, N/4]
+  return lax.bitcast_convert_type(halves, jnp.uint8).reshape(k, n_rows // 2)
+
+
 def fragment_codes(qw: QuantizedArray, transposed: bool = False) -> jax.Array:
   """uint8 [N, K/2] (for `transposed`, W^T's [K, N/2]): elements (2p, 2p + 1) in byte p as
   bitsandbytes packs them, with byte 16 g + 4 t + j of a row moved to 16 g + 4 j + t. Lane t of a
   thread quad loads bytes 4t..4t+3 of a 16-byte group and widens byte j into wgmma's columns
   8 j + 2 t, + 1 (gpu_widen.column_order): these bytes hold exactly those elements."""
-  n_rows, k = qw.shape
-  if transposed:
-    codes = unpack(qw.codes, qw.size).reshape(n_rows, k).T
-    pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
-  else:
-    pairs = qw.codes.reshape(n_rows, k // 2)
-  rows, cols = pairs.shape
-  return pairs.reshape(rows, cols // 16, 4, 4).swapaxes(-1, -2).reshape(rows, cols)
+  pairs = transposed_pairs(qw) if transposed else qw.codes.reshape(qw.shape[0], -1)
+  rows, cols = pairs.shape  # the 4 x 4 byte transposes, on the 4 words of each 16 bytes:
+  words = lax.bitcast_convert_type(pairs.reshape(rows, cols // 16, 4, 4), jnp.uint32)
+  moved = [functools.reduce(operator.or_, [(words[..., j] >> 8 * t & 0xFF) << 8 * j
+                                           for j in range(4)]) for t in range(4)]
+  return lax.bitcast_convert_type(jnp.stack(moved, -1), jnp.uint8).reshape(rows, cols)
 
 
 def half_block_scales(qw: QuantizedArray) -> jax.Array:
