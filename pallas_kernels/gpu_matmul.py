@@ -79,26 +79,25 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
   (m, c), r = a.shape, codes.shape[0]
   cta_rows = config.compute_wgs * config.rows
   blocks = c // BLOCK
-  last = lambda s: jnp.minimum(s, blocks - 1)  # the extra step re-reads the last block
   if per_row:
-    scale_block, scale_index = (1, cta_rows), lambda s: (last(s), 0)
+    scale_block, scale_index = (1, cta_rows), lambda s: (s, 0)
   else:  # one scale row per compute warpgroup: its 64 weight rows are one block
     assert config.rows == BLOCK
-    scale_block, scale_index = (config.compute_wgs, BLOCK), lambda s: (0, last(s))
+    scale_block, scale_index = (config.compute_wgs, BLOCK), lambda s: (0, s)
   in_specs = [  # one quantization block a step: the activation tile, the codes, the scales
-      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, last(s)),
-                      transforms=swizzled(BLOCK, a.dtype), delay_release=1),
-      plgpu.BlockSpec((cta_rows, BLOCK // 2), lambda s: (0, last(s)),
-                      transforms=swizzled(BLOCK // 2, codes.dtype), delay_release=1),
-      plgpu.BlockSpec(scale_block, scale_index, delay_release=1)]
+      plgpu.BlockSpec((config.cols, BLOCK), lambda s: (0, s), transforms=swizzled(BLOCK, a.dtype)),
+      plgpu.BlockSpec((cta_rows, BLOCK // 2), lambda s: (0, s),
+                      transforms=swizzled(BLOCK // 2, codes.dtype)),
+      plgpu.BlockSpec(scale_block, scale_index)]
 
-  def pipeline(body, compute_context):
+  def pipeline(body, compute_context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(blocks + 1,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+        body, grid=(blocks,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
-        compute_context=compute_context)
+        manual_consumed_barriers=True, compute_context=compute_context, pipeline_state=state)
 
   r_tiles, m_tiles = r // cta_rows, m // config.cols
+  grid = min(sm_count(interpret), r_tiles * m_tiles)  # persistent: one CTA per SM
 
   def operands(a_gmem, codes_gmem, scales_gmem, i, j):
     return (a_gmem.at[pl.ds(j * config.cols, config.cols), :],
@@ -122,58 +121,79 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
       wg = lax.axis_index("wg")
       my_rows = pl.ds(wg * config.rows, config.rows)
 
-      def tile(i, j):
+      a_slots = allocations["flat_in_smem_refs"][0]  # the activation tiles' pipeline slots
+      slot = lambda s: lax.rem(s, config.stages)  # noqa: E731
+
+      def release(s):  # this warpgroup is done with step s's tiles
+        for consumed in allocations["flat_consumed_barrier_refs"]:
+          plgpu.barrier_arrive(consumed.at[slot(s)])
+
+      def multiply(acc_ref, w, s):
+        register_wgmma(acc_ref, w, a_slots.at[slot(s)], wg=wg, staging=staging,
+                       interpret=interpret)
+
+      def step(indices, a_smem, codes_smem, scales_smem, *consumed_and_carry):
+        # Skewed by one step: the wgmma of step s - 1 (its widened weight carried over, its
+        # tiles not yet released) runs while step s's weight is widened. Step 0 multiplies
+        # zeros (its own activation tile); the tile's last wgmma follows the pipeline.
+        acc_ref, w_before = consumed_and_carry[-1]
+        s = indices[0]
+        multiply(acc_ref, w_before, jnp.maximum(s - 1, 0))
+        scale = scales_smem.at[0, my_rows] if per_row else scales_smem.at[wg]
+        w = _weight_operand(codes_smem.at[my_rows], lut_smem, scale, table=table,
+                            per_row=per_row, hints=not interpret)
+        plgpu.wgmma_wait(0)  # w_before's registers are free only now
+
+        @pl.when(s > 0)
+        def _():
+          release(s - 1)
+
+        return acc_ref, w
+
+      def tile(i, j, state):
         def compute_context(run_pipeline):
           @functools.partial(pl.run_scoped,
                              acc_ref=plgpu.ACC((config.rows, config.cols), jnp.float32))
           def _(acc_ref):
             w_zero = jnp.zeros((config.rows, BLOCK), jnp.bfloat16)
-            run_pipeline((acc_ref, w_zero if interpret else
-                          plgpu.layout_cast(w_zero, plgpu.Layout.WGMMA)))
+            _, w_last = run_pipeline((acc_ref, w_zero if interpret else
+                                      plgpu.layout_cast(w_zero, plgpu.Layout.WGMMA)))
+            multiply(acc_ref, w_last, blocks - 1)
+            plgpu.wgmma_wait(0)
+            release(blocks - 1)
             out = acc_ref[...].astype(out_gmem.dtype)
             for e in range(config.cols // EPILOGUE):
-              slot = e % 2
               plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              out_smem[wg, slot] = out[:, e * EPILOGUE:(e + 1) * EPILOGUE]
+              out_smem[wg, e % 2] = out[:, e * EPILOGUE:(e + 1) * EPILOGUE]
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot],
+                  out_smem.at[wg, e % 2],
                   out_gmem.at[pl.ds(i * cta_rows + wg * config.rows, config.rows),
                               pl.ds(j * config.cols + e * EPILOGUE, EPILOGUE)])
 
-        a_slots = allocations["flat_in_smem_refs"][0]  # the activation tiles' pipeline slots
-
-        def step(indices, a_smem, codes_smem, scales_smem, carry):
-          # Skewed by one step: the wgmma of step s - 1 (its widened weight carried over, its
-          # activation tile still held: delay_release) runs while step s's weight is widened.
-          # Step 0 multiplies zeros; the extra last step widens nothing that is used.
-          acc_ref, w_before = carry
-          s = indices[0]
-          a_before = a_slots.at[lax.rem(jnp.maximum(s - 1, 0), config.stages)]
-          register_wgmma(acc_ref, w_before, a_before, wg=wg, staging=staging,
-                         interpret=interpret)
-          scale = scales_smem.at[0, my_rows] if per_row else scales_smem.at[wg]
-          w = _weight_operand(codes_smem.at[my_rows], lut_smem, scale, table=table,
-                              per_row=per_row, hints=not interpret)
-          plgpu.wgmma_wait(0)  # w_before's registers are free only now
-          return acc_ref, w
-
-        pipeline(step, compute_context)(*operands(a_gmem, codes_gmem, scales_gmem, i, j),
-                                        allocations=allocations)
+        pipeline(step, compute_context, state)(*operands(a_gmem, codes_gmem, scales_gmem, i, j),
+                                               allocations=allocations)
 
       if config.persistent:
+        # With two tiles or more on every SM, one tile's pipeline runs on into the next: the
+        # copies of the next tile's first steps start while this tile's last are computed.
+        chained = blocks % config.stages == 0 and r_tiles * m_tiles >= 2 * grid
+
         @plgpu.nd_loop((m_tiles, r_tiles), collective_axes="sm")
         def _(loop):
           j, i = loop.index
-          tile(i, j)
+          state = jnp.where(loop.local_index == 0, plgpu.PipelinePipeline.START,
+                            jnp.where(loop.local_index == loop.num_local_steps - 1,
+                                      plgpu.PipelinePipeline.STOP, plgpu.PipelinePipeline.STEADY))
+          tile(i, j, state if chained else None)
       else:
-        tile(lax.axis_index("i"), lax.axis_index("j"))
+        tile(lax.axis_index("i"), lax.axis_index("j"), None)
     plgpu.wait_smem_to_gmem(0)
 
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((r, m), a.dtype),
-      **(dict(grid=(min(sm_count(interpret), r_tiles * m_tiles),), grid_names=("sm",))
+      **(dict(grid=(grid,), grid_names=("sm",))
          if config.persistent else dict(grid=(r_tiles, m_tiles), grid_names=("i", "j"))),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM(lut.shape, jnp.int32), plgpu.Barrier(num_arrivals=1),

@@ -76,7 +76,8 @@ def _check(out, ref, seed, tol=TOL):
   assert err < tol, f"relative error {err:.2e} (seed {seed})"
 
 
-CPU_SHAPES = [(128, 128, 256), (37, 256, 384), (300, 128, 128)]  # ragged M: 37, 300
+# ragged M: 37, 300; (512, 256, 256): 2 tiles per CTA, so each tile's pipeline runs on into the next
+CPU_SHAPES = [(128, 128, 256), (37, 256, 384), (300, 128, 128), (512, 256, 256)]
 GPU_SHAPES = [(1024, 1024, 2048), (1000, 2048, 1024), (4096, 1536, 4096), (8192, 22016, 8192)]
 
 
