@@ -8,19 +8,22 @@ the one that may come from registers:
 
 and the wrapper hands back the transpose (XLA fuses it into the consumer). A CTA owns a
 [128 weight rows, 256 activation rows] output tile and runs three warpgroups: one issues the TMA
-copies (activation tile [256, 64] bf16, code tile [128, 32] bytes, the step's 128 scales) up to
+copies (activation tile [256, 64] bf16, code tile [128, 32] bytes, the step's scales) up to
 `stages` steps ahead; two compute warpgroups each widen their [64, 64] slice of the weight tile in
-registers (byte-permute lookup of the codebook, times the block scale, in bf16) and issue
-wgmma(acc [64, 256] f32 += W_tile @ activation_tile^T) on it straight from registers. No widened
-weight is ever stored, not even to shared memory; while one warpgroup widens, the other's wgmma
-runs. Each 256-row activation tile is shared by 128 weight rows and each widened weight by 256
-activation rows (the single-warpgroup kernel it replaced: 128), which halves the widening work per
-FLOP.
+registers (gpu_widen: one shared-memory load from a table of bf16 pairs per code byte, times the
+block scale in bf16) and issue wgmma(acc [64, 256] f32 += W_tile @ activation_tile^T) on it
+straight from registers. No widened weight is ever stored, not even to shared memory. Each
+256-row activation tile is shared by 128 weight rows and each widened weight by 256 activation
+rows, which halves the widening work per FLOP against 128.
 
-One pipeline step is one quantization block of 64 contraction elements: the codes are packed
-*block-split* (layout.split_codes in blocks of 64: byte c of a block's 32 holds element c in the
-high and element c + 32 in the low nibble), so a [64, 32] byte tile widens into the two 32-column
-halves of the [64, 64] operand, one scale per weight row (forward) or per weight column (backward).
+One pipeline step is one quantization block of 64 contraction elements; the codes are packed in
+the order the table widens them (layout.fragment_codes), so a [64, 32]-byte tile widens into the
+[64, 64] operand in natural column order, one scale per weight row (forward) or per weight column
+(backward). The wgmma is skewed one step behind the widening: step s issues the wgmma of step
+s - 1 (its widened weight carried over in registers, its tiles released only once that wgmma is
+done: manual consumed barriers), widens step s's weight meanwhile, then waits. The CTAs are
+persistent, and when every SM has two tiles or more one tile's pipeline runs on into the next
+(pipeline_state), so the copies of a tile's first steps start while the previous tile finishes.
 
 Interpreted (CPU tests) the kernels need XLA:CPU's plain scheduler (gpu.SERIAL_XLA_CPU), and since the
 interpreter takes wgmma operands from shared memory only, that path stages the widened tile and
@@ -222,7 +225,8 @@ def _transposed_product(a, codes, scales, per_row, table, config, interpret):
 
 @functools.partial(jax.jit, static_argnames=("table", "config", "interpret"))
 def forward(x_MxK, codes, scales_T, *, table, config: Config = Config(), interpret: bool = False):
-  """Y [M, N] bf16 = x @ W^T; codes [N, K/2] (layout.fragment_codes), scales_T [K/64, N]."""
+  """Y [M, N] bf16 = x @ W^T; codes [N, K/2] (layout.fragment_codes), scales_T [K/64, N] (bf16
+  or float32: either is rounded to bf16)."""
   return _transposed_product(x_MxK, codes, scales_T, True, table, config, interpret)
 
 

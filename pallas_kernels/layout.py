@@ -12,8 +12,8 @@ The decode kernel (gpu_decode.py) reads the stored codes and absmax as they are 
 instead, and decodes the absmax itself).
 
 Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
-double-quantized absmax codes once and writes the packed codes (same size) and the float32 scale
-per 64 elements (1/16 byte per weight). For these kernels the double-quantized absmax is decoded
+double-quantized absmax codes once and writes the packed codes (same size) and the scale per 64
+elements (float32 for TPU, bf16 for gpu_matmul: 1/16 or 1/32 byte per weight). For these kernels the double-quantized absmax is decoded
 here, not in the kernels (gpu_decode shows how a kernel can: per-thread loads of the absmax codes
 a step ahead, decoded through a shared-memory qmap).
 """
@@ -96,8 +96,10 @@ def codebook(quant_type: str) -> tuple[float, ...]:
 
 
 def gpu_operands(qw: QuantizedArray, product: str) -> tuple[jax.Array, jax.Array]:
-  """(fragment-order codes of W ('forward') or W^T ('backward'), [K/64, N] scales): gpu_matmul's."""
-  return fragment_codes(qw, transposed=product == "backward"), half_block_scales(qw)
+  """(fragment-order codes of W ('forward') or W^T ('backward'), [K/64, N] scales in bf16, the
+  precision the kernel multiplies in): gpu_matmul's."""
+  return (fragment_codes(qw, transposed=product == "backward"),
+          half_block_scales(qw).astype(jnp.bfloat16))
 
 
 def kernel_operands(qw: QuantizedArray, transposed: bool) -> tuple[jax.Array, jax.Array]:
