@@ -64,10 +64,11 @@ def time_step(step, state: tuple, data, steps: int) -> tuple[float, float, dict]
 
 
 def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, steps: int, rank: int,
-          scan: bool, attention: str, lora_dtype: str = "float32", grad_accum: int = 1) -> dict:
+          scan: bool, attention: str, lora_dtype: str = "float32", grad_accum: int = 1,
+          backend: str = "auto") -> dict:
   cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
   options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype), remat=remat,
-                         scan_layers=scan, attention=attention)
+                         scan_layers=scan, attention=attention, backend=backend)
   model = random_model(cfg, options)
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
@@ -80,7 +81,7 @@ def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, st
   data = to_device_batch(random_batch(cfg.vocab_size, grad_accum, batch, seq))
   first_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, steps)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offloaded, "remat": remat, "scan": scan,
-          "attention": attention, "lora_dtype": lora_dtype,
+          "attention": attention, "lora_dtype": lora_dtype, "backend": backend,
           "rank": rank, "grad_accum": grad_accum, "step_s": med, "tokens_per_s": grad_accum * batch * seq / med, "peak_gib": peak_gib(),
           "first_step_s": first_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}
@@ -100,11 +101,14 @@ def main() -> None:
   p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
   p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
                  help="LoRA weights and gradients (moments are float32 either way)")
+  p.add_argument("--backend", default="auto", choices=["auto", "pallas", "xla"],
+                 help="4-bit matmul backend (pallas: the fused kernels for training shapes too)")
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offloaded in modes:
     print(json.dumps(bench(args.model, args.batch, args.seq, offloaded, args.remat, args.steps, args.rank,
-                           args.scan, args.attention, args.lora_dtype, args.grad_accum)), flush=True)
+                           args.scan, args.attention, args.lora_dtype, args.grad_accum,
+                           args.backend)), flush=True)
 
 
 if __name__ == "__main__":
