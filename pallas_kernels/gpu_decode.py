@@ -6,10 +6,9 @@ Decoding is memory-bound: the kernel must stream the 4-bit codes at the copy rat
 afford per weight is little arithmetic. Here each code *byte* (two weights) is widened by one
 shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4], table[b & 15]),
 replicated 32 times so that every lane of a warp reads its own bank (no conflicts whatever the
-codes): about one integer instruction and half a load per weight, where gpu_matmul's byte-permute
-lookup takes over three integer instructions. The widened [64, 64] tile times the row's block
-scale (bf16) is wgmma's register operand (no shared-memory store), x's [cols, 64] slice the
-shared-memory one, acc [64, cols] f32.
+codes; gpu_widen.py, which gpu_matmul shares): about one integer instruction and half a load per
+weight. The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register operand
+(no shared-memory store), x's [cols, 64] slice the shared-memory one, acc [64, cols] f32.
 
 The kernel reads bitsandbytes' stored arrays as they are. Codes: a code tile [64, 32 * blocks]
 is TMA-swizzled with its row width, so each thread's 4-byte load of a row's half block is bank-
