@@ -6,7 +6,8 @@ the one that may come from registers:
   forward   Y^T  [N, M] = W   [N, K] @ X^T  [K, M]      (codes: W packed along K)
   backward  dX^T [K, M] = W^T [K, N] @ dY^T [N, M]      (codes: W^T packed along N)
 
-and the wrapper hands back the transpose (XLA fuses it into the consumer). A CTA owns a
+and the epilogue stores each output tile transposed (a register shuffle, then through shared
+memory), so the result comes out as Y [M, N] or dX [M, K], with no XLA transpose. A CTA owns a
 [128 weight rows, 256 activation rows] output tile and runs three warpgroups: one issues the TMA
 copies (activation tile [256, 64] bf16, code tile [128, 32] bytes, the step's scales) up to
 `stages` steps ahead; two compute warpgroups each widen their [64, 64] slice of the weight tile in
@@ -74,7 +75,7 @@ def _weight_operand(codes_smem, lut_smem, scale_smem, *, table, per_row: bool, h
 
 
 def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interpret: bool):
-  """out [R, M] bf16 = widened codes [R, C] @ a [M, C]^T; see the module docstring.
+  """out [M, R] bf16 = a [M, C] @ widened codes [R, C]^T; see the module docstring.
 
   per_row (forward): scales [C/64, R], the block scale of weight row r at [c // 64, r];
   else (backward): scales [R/64, C], the block scale of weight row r, column c at [r // 64, c].
@@ -164,15 +165,20 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
             multiply(acc_ref, w_last, blocks - 1)
             plgpu.wgmma_wait(0)
             release(blocks - 1)
-            out = acc_ref[...].astype(out_gmem.dtype)
-            for e in range(config.cols // EPILOGUE):
+            out = acc_ref[...].astype(out_gmem.dtype)  # [weight rows, activation rows]
+            for e in range(config.cols // EPILOGUE):  # stored transposed: out_gmem is [M, R]
               plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              out_smem[wg, e % 2] = out[:, e * EPILOGUE:(e + 1) * EPILOGUE]
+              part = out[:, e * EPILOGUE:(e + 1) * EPILOGUE]
+              if interpret:
+                out_smem[wg, e % 2] = part.T
+              else:  # one shuffle and permute per register, then a transposed store
+                part = plgpu.layout_cast(part, plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.transpose_ref(out_smem.at[wg, e % 2], (1, 0))[...] = part
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(
                   out_smem.at[wg, e % 2],
-                  out_gmem.at[pl.ds(i * cta_rows + wg * config.rows, config.rows),
-                              pl.ds(j * config.cols + e * EPILOGUE, EPILOGUE)])
+                  out_gmem.at[pl.ds(j * config.cols + e * EPILOGUE, EPILOGUE),
+                              pl.ds(i * cta_rows + wg * config.rows, config.rows)])
 
         pipeline(step, compute_context, state)(*operands(a_gmem, codes_gmem, scales_gmem, i, j),
                                                allocations=allocations)
@@ -195,13 +201,13 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
 
   call = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((r, m), a.dtype),
+      out_type=jax.ShapeDtypeStruct((m, r), a.dtype),
       **(dict(grid=(grid,), grid_names=("sm",))
          if config.persistent else dict(grid=(r_tiles, m_tiles), grid_names=("i", "j"))),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM(lut.shape, jnp.int32), plgpu.Barrier(num_arrivals=1),
-                     plgpu.SMEM((config.compute_wgs, 2, config.rows, EPILOGUE), a.dtype,
-                                transforms=swizzled(EPILOGUE, a.dtype)),
+                     plgpu.SMEM((config.compute_wgs, 2, EPILOGUE, config.rows), a.dtype,
+                                transforms=swizzled(config.rows, a.dtype)),
                      *interpret_staging(config.compute_wgs, config.rows, BLOCK, config.cols,
                                         interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -215,23 +221,23 @@ def supported(n: int, k: int) -> bool:
   return n % (2 * BLOCK) == 0 and k % (2 * BLOCK) == 0
 
 
-def _transposed_product(a, codes, scales, per_row, table, config, interpret):
+def _product(a, codes, scales, per_row, table, config, interpret):
   m = a.shape[0]
   out = _call(pad_rows(a.astype(jnp.bfloat16), config.cols), codes, scales,
               jnp.asarray(pair_table(table)), per_row=per_row, table=table, config=config,
               interpret=interpret)
-  return out[:, :m].T
+  return out[:m]
 
 
 @functools.partial(jax.jit, static_argnames=("table", "config", "interpret"))
 def forward(x_MxK, codes, scales_T, *, table, config: Config = Config(), interpret: bool = False):
   """Y [M, N] bf16 = x @ W^T; codes [N, K/2] (layout.fragment_codes), scales_T [K/64, N] (bf16
   or float32: either is rounded to bf16)."""
-  return _transposed_product(x_MxK, codes, scales_T, True, table, config, interpret)
+  return _product(x_MxK, codes, scales_T, True, table, config, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("table", "config", "interpret"))
 def backward(dy_MxN, codes_T, scales_T, *, table, config: Config = Config(),
              interpret: bool = False):
   """dX [M, K] bf16 = dy @ W; codes_T [K, N/2] (W^T, layout.fragment_codes), scales_T [K/64, N]."""
-  return _transposed_product(dy_MxN, codes_T, scales_T, False, table, config, interpret)
+  return _product(dy_MxN, codes_T, scales_T, False, table, config, interpret)
