@@ -4,8 +4,8 @@
   auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the
           decode kernel (gpu_decode) for up to 64 rows, several times XLA's path, and XLA's
           dequantize + cuBLAS for training shapes, where the fused kernels (gpu_matmul) measured
-          62-95% of cuBLAS under sustained load (forward median 89%, backward 86%) against XLA's
-          92-97% (docs/BENCHMARKS.md); on CPU, XLA.
+          91-97% (forward) and 84-93% (backward) of cuBLAS under sustained load against XLA's
+          91-97%, and a whole llama3-1b step 2.4% slower (docs/BENCHMARKS.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call. Under a mesh of several devices (a

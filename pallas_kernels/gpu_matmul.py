@@ -173,7 +173,7 @@ def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interp
                 out_smem[wg, e % 2] = part.T
               else:  # one shuffle and permute per register, then a transposed store
                 part = plgpu.layout_cast(part, plgpu.Layout.WGMMA_TRANSPOSED)
-                plgpu.transpose_ref(out_smem.at[wg, e % 2], (1, 0))[...] = part
+                out_smem.at[wg, e % 2].transpose((1, 0))[...] = part
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(
                   out_smem.at[wg, e % 2],
