@@ -23,6 +23,8 @@ import argparse
 import functools
 import json
 import statistics
+import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +55,6 @@ def sustained(fn, *args, seconds: float = 2.0) -> dict:
   issues them: wall ms per call, and the median SM clock (MHz) and power (W) that nvidia-smi saw
   meanwhile. Under sustained load an H100 holds its 700 W cap by lowering its clock, so these
   times, not the short bursts gpu_ms measures at boost clocks, are what training gets."""
-  import subprocess
-  import time
-
   def run(duration):
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < duration:

@@ -45,7 +45,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from pallas_kernels.gpu import (address, interpret_params, interpret_staging, register_wgmma,
                                  sm_count, swizzled)
-from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
+from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.codebooks import NESTED_BLOCKSIZE as NESTED
 from qlora_jax.quantization import QuantizedArray
@@ -180,13 +180,6 @@ def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
   prefetch(tuple(plgpu.layout_cast(f, ROW) for f in firsts), absmax_gmem, *dq[1:2])
 
 
-def _scaled(values, scale, *, hints: bool):
-  """bf16 values [64, 64] * scale (bf16 [64], one per row), rounded to bf16."""
-  if hints:
-    return values * lax.broadcast_in_dim(plgpu.layout_cast(scale, ROW), values.shape, [0])
-  return (values.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]).astype(jnp.bfloat16)
-
-
 def absmax_operands(qw: QuantizedArray) -> tuple:
   """(flat absmax, dq) as _call takes them: bitsandbytes' stored arrays, no pass over them."""
   if qw.double_quant:
@@ -279,7 +272,7 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
           values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
                                  hints=not interpret) for b in range(config.blocks)]
           for b, (v, scale) in enumerate(zip(values, scales)):
-            multiply(acc_ref, _scaled(v, scale, hints=not interpret), x_smem, b)
+            multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
           plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
           return acc_ref, loaded_next
 

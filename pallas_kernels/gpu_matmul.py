@@ -44,7 +44,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import (interpret_params, interpret_staging, register_wgmma, sm_count,
                                  swizzled)
-from pallas_kernels.gpu_widen import code_values, pair_table
+from pallas_kernels.gpu_widen import code_values, pair_table, scaled
 from pallas_kernels.layout import BLOCK, pad_rows
 
 EPILOGUE = 64  # output columns per shared-memory store
@@ -64,14 +64,10 @@ class Config:
 
 
 def _weight_operand(codes_smem, lut_smem, scale_smem, *, table, per_row: bool, hints: bool):
-  """bf16 [rows, 64] = table[code] * scale of one code tile [rows, 32] (fragment order)."""
+  """bf16 [rows, 64] = table[code] * scale of one code tile [rows, 32] (fragment order): the
+  scale vector runs along rows (forward) or columns (backward)."""
   values = code_values(codes_smem, lut_smem, block=0, table=table, hints=hints)
-  axis = 0 if per_row else 1  # the scale vector runs along rows (forward) or columns (backward)
-  if hints:  # the GPU: bf16 scale multiply
-    scale = plgpu.layout_cast(scale_smem[...], plgpu.Layout.WGMMA.reduce(1 - axis))
-    return values * lax.broadcast_in_dim(scale.astype(jnp.bfloat16), values.shape, [axis])
-  scale = lax.broadcast_in_dim(scale_smem[...], values.shape, [axis])
-  return (values.astype(jnp.float32) * scale).astype(jnp.bfloat16)
+  return scaled(values, scale_smem[...], axis=0 if per_row else 1, hints=hints)
 
 
 def _call(a, codes, scales, lut, *, per_row: bool, table, config: Config, interpret: bool):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 from jax._src.lib.mlir import ir
@@ -49,7 +50,7 @@ def pair_table(table) -> np.ndarray:
   return np.repeat(pairs[:, None], LANES, axis=1)
 
 
-def widen(codes_ref, lut_smem, block: int):
+def _widen(codes_ref, lut_smem, block: int):
   """bf16 [64, 64] (WGMMA layout) of quantization block `block` of this warpgroup's code rows.
 
   codes_ref: uint8 [64, 32 * blocks], swizzled with its row width (one 4-byte load per thread,
@@ -109,8 +110,18 @@ def code_values(codes_smem, lut_smem, *, block: int, table, hints: bool):
   """bf16 [64, 64]: table[code] of block `block` of a code tile [64, 32 * blocks], columns in
   `column_order`."""
   if hints:
-    return widen(codes_smem, lut_smem, block)
+    return _widen(codes_smem, lut_smem, block)
   codes = codes_smem[:, pl.ds(block * BLOCK // 2, BLOCK // 2)].astype(jnp.int32)  # the
   # interpreter runs no inline PTX: a select tree
   natural = jnp.stack([decode_codes(codes >> 4, table), decode_codes(codes & 0xF, table)], -1)
   return column_order(natural.reshape(codes.shape[0], BLOCK)).astype(jnp.bfloat16)
+
+
+def scaled(values, scale, *, axis: int, hints: bool):
+  """bf16 values [64, 64] * scale, a [64] vector along `axis` (0: one per row, 1: per column):
+  a bf16 multiply on the GPU; interpreted, the float32 product rounded once to bf16."""
+  if hints:
+    scale = plgpu.layout_cast(scale, plgpu.Layout.WGMMA.reduce(1 - axis)).astype(jnp.bfloat16)
+    return values * lax.broadcast_in_dim(scale, values.shape, [axis])
+  scale = lax.broadcast_in_dim(scale.astype(jnp.float32), values.shape, [axis])
+  return (values.astype(jnp.float32) * scale).astype(jnp.bfloat16)

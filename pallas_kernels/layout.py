@@ -13,9 +13,10 @@ instead, and decodes the absmax itself).
 
 Each is made from the stored weight in one XLA fusion per call: it reads the 4-bit codes and the
 double-quantized absmax codes once and writes the packed codes (same size) and the scale per 64
-elements (float32 for TPU, bf16 for gpu_matmul: 1/16 or 1/32 byte per weight). For these kernels the double-quantized absmax is decoded
-here, not in the kernels (gpu_decode shows how a kernel can: per-thread loads of the absmax codes
-a step ahead, decoded through a shared-memory qmap).
+elements (float32 for TPU, bf16 for gpu_matmul: 1/16 or 1/32 byte per weight). For these
+kernels the double-quantized absmax is decoded here, not in the kernels (gpu_decode shows how a
+kernel can: per-thread loads of the absmax codes a step ahead, decoded through a shared-memory
+qmap).
 """
 
 from __future__ import annotations
