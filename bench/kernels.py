@@ -200,9 +200,8 @@ def tune_decode() -> None:
   """GB/s of the decode kernel alone (no x permutation, no split-K sum) per configuration (bytes
   of M = 1)."""
   C = gpu_decode.Config
-  configs = [C(), C(stages=3), C(item_cost=1.0), C(item_cost=4.0), C(cols=64, blocks=2),
-             C(cols=64, stages=3)]
-  lut = jnp.asarray(gpu_decode.pair_table(TABLE))
+  configs = [C(), C(chained=False), C(wide_table=False), C(stages=3), C(item_cost=0.5),
+             C(item_cost=1.0), C(cols=64, stages=3, wide_table=False)]
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     copies = max(2, -(-100 * 2**20 // (n * k // 2)))
     qws = [weight(n, k, s) for s in range(copies)]
@@ -213,6 +212,7 @@ def tune_decode() -> None:
       splits = gpu_decode.splits_for(n, k, config)
       call = functools.partial(gpu_decode._call, table=TABLE, config=config, splits=splits,
                                out_cols=8, interpret=False)
+      lut = jnp.asarray(gpu_decode.pair_table(TABLE, wide=config.wide_table))
       fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),
                                        *gpu_decode.absmax_operands(q), lut) for q in qs])
       ms = gpu_ms(fn, x, qws) / copies

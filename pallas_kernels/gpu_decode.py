@@ -64,6 +64,8 @@ class Config:
   stages: int = 4
   blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
   item_cost: float = 2.0  # fixed cost of a work item (pipeline restart, epilogue), in steps
+  wide_table: bool = True  # gpu_widen.pair_table(wide=True): one byte permute per lookup address
+  chained: bool = True  # with two items or more per CTA, one item's pipeline runs on into the next
 
 
 def _row_asm(rows_fas, operands, asm: str, constraints: str, types=()) -> tuple:
@@ -206,11 +208,11 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
       plgpu.BlockSpec((cta_rows, step_k // 2), lambda s: (0, s),
                       transforms=swizzled(step_k // 2, codes.dtype))]
 
-  def pipeline(body, compute_context):
+  def pipeline(body, compute_context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
-        compute_context=compute_context)
+        compute_context=compute_context, pipeline_state=state)
 
   def operands(x_gmem, codes_gmem, i, j):
     return (x_gmem.at[:, pl.ds(j * k_part, k_part)],
@@ -247,9 +249,16 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
     @functools.partial(pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(*first),
                        collective_axes="wg")
     def _(allocations):
+      # With two items or more on every SM, one item's pipeline runs on into the next: the
+      # copies of the next item's first steps start while this item's last are computed.
+      chained = config.chained and steps % config.stages == 0 and splits * r_tiles >= 2 * grid
+
       @plgpu.nd_loop((splits, r_tiles), collective_axes="sm")
       def _(loop):
         j, i = loop.index
+        state = jnp.where(loop.local_index == 0, plgpu.PipelinePipeline.START,
+                          jnp.where(loop.local_index == loop.num_local_steps - 1,
+                                    plgpu.PipelinePipeline.STOP, plgpu.PipelinePipeline.STEADY))
         rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                       layout=None if interpret else ROW)
         def first_block(j_, i_):  # each row's first absmax index in item (j_, i_)
@@ -292,8 +301,8 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
             plgpu.copy_smem_to_gmem(
                 out_smem.at[wg], out_gmem.at[pl.ds(j * n + i * cta_rows + wg * ROWS, ROWS), :])
 
-        pipeline(step, compute_context)(*operands(x_gmem, codes_gmem, i, j),
-                                        allocations=allocations)
+        pipeline(step, compute_context, state if chained else None)(
+            *operands(x_gmem, codes_gmem, i, j), allocations=allocations)
     plgpu.wait_smem_to_gmem(0)
 
   call = plgpu.kernel(
@@ -327,7 +336,9 @@ def config_for(m: int, k: int) -> Config:
   cols = 16 if m <= 16 else 32 if m <= 32 else MAX_ROWS
   blocks = next(b for b in (4, 2, 1) if k % (BLOCK * b) == 0)
   # x's 64-row tiles of 4 blocks fit shared memory 3 deep: 8-11% over 2 blocks 4 deep (H100)
-  return Config(cols=cols, blocks=blocks, stages=3 if cols == MAX_ROWS and blocks == 4 else 4)
+  # the wide table (32 KB more) fits beside x's 16- and 32-row tiles, not its 64-row ones
+  return Config(cols=cols, blocks=blocks, stages=3 if cols == MAX_ROWS and blocks == 4 else 4,
+                wide_table=cols < MAX_ROWS)
 
 
 def unsupported_reason(m: int, qw: QuantizedArray) -> str | None:
@@ -361,7 +372,7 @@ def decode(x_MxK, qw: QuantizedArray, *, config: Config | None = None, interpret
   x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
   splits, out_cols = splits_for(n, k, config, sm_count(interpret)), -(-m // 8) * 8
   table = codebook(qw.quant_type)
-  lut = jnp.asarray(pair_table(table))
+  lut = jnp.asarray(pair_table(table, wide=config.wide_table))
   parts = _call(x, qw.codes.reshape(n, k // 2), *absmax_operands(qw), lut, table=table,
                 config=config, splits=splits, out_cols=out_cols, interpret=interpret)
   return parts.reshape(splits, n, out_cols).sum(0)[:, :m].T

@@ -42,12 +42,17 @@ def column_order(a: jax.Array) -> jax.Array:
   return a.reshape(*lead, k // 32, 4, 4, 2).swapaxes(-3, -2).reshape(*lead, k)
 
 
-def pair_table(table) -> np.ndarray:
-  """int32 [256, LANES]: entry b = bf16 pair (table[b >> 4], table[b & 15]), once per lane."""
+def pair_table(table, *, wide: bool = False) -> np.ndarray:
+  """int32 [256, LANES]: entry b = bf16 pair (table[b >> 4], table[b & 15]), once per lane.
+
+  wide: [256, 2 * LANES], the columns past LANES unused (zeros): entries 256 bytes apart, so one
+  byte permute (the code byte as the address's second byte, the lane's offset as its first)
+  forms a lookup's address instead of an extract and a multiply-add (64 KB instead of 32)."""
   bits = np.asarray(table, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
   b = np.arange(256)
   pairs = (bits[b >> 4] | (bits[b & 15] << 16)).view(np.int32)
-  return np.repeat(pairs[:, None], LANES, axis=1)
+  copies = np.repeat(pairs[:, None], LANES, axis=1)
+  return np.pad(copies, ((0, 0), (0, LANES))) if wide else copies
 
 
 def _widen(codes_ref, lut_smem, block: int):
@@ -59,6 +64,7 @@ def _widen(codes_ref, lut_smem, block: int):
   load each (the lane's copy of the table: no bank conflicts whatever the codes).
   """
   row_bytes = codes_ref.shape[1]
+  wide = lut_smem.shape[1] == 2 * LANES  # pair_table(wide=True)
   layout = plgpu.Layout.WGMMA
   out_type = plgpu.ShapeDtypeStruct((ROWS, BLOCK), jnp.bfloat16, layout=layout)
 
@@ -69,10 +75,12 @@ def _widen(codes_ref, lut_smem, block: int):
     bf16x2 = ir.VectorType.get([2], ir.BF16Type.get())
     # Per thread: the lane's table copy, its first row's address (+ 4 t), the row's swizzle.
     thread = llvm.StructType.get_literal([i32, i32, i32])
+    # wide: the lane's offset alone (the table's address is added after the byte permute)
+    lane_offset = "mul.lo.u32 $0, l, 4;" if wide else "mad.lo.u32 $0, l, 4, $3;"
     consts = llvm.inline_asm(thread, [address(lut, 32), address(codes, 32)], f"""{{
       .reg .b32 l, w, q;
       mov.u32 l, %laneid;
-      mad.lo.u32 $0, l, 4, $3;
+      {lane_offset}
       mov.u32 w, %tid.x;
       bfe.u32 w, w, 5, 2;
       shr.u32 q, l, 2;
@@ -86,18 +94,23 @@ def _widen(codes_ref, lut_smem, block: int):
     }}""", "=r,=r,=r,r,r")
     lane_lut, row_addr, swizzle = (llvm.extractvalue(i32, consts, [i]) for i in range(3))
     quad = llvm.StructType.get_literal([i32] * 4)
-    lookups = "".join(f"bfe.u32 i, u, {8 * j}, 8; mad.lo.u32 i, i, {4 * LANES}, $4; "
-                      f"ld.shared.b32 ${j}, [i]; " for j in range(4))
+    if wide:  # address = lut + (byte j << 8 | 4 lane): bytes (4 lane, byte j, 0, 0) of ($4, u)
+      lookups = "".join(f"prmt.b32 i, u, $4, {0x7604 | j << 4:#x}; add.u32 i, i, $7; "
+                        f"ld.shared.b32 ${j}, [i]; " for j in range(4))
+    else:
+      lookups = "".join(f"bfe.u32 i, u, {8 * j}, 8; mad.lo.u32 i, i, {4 * LANES}, $4; "
+                        f"ld.shared.b32 ${j}, [i]; " for j in range(4))
+    base = [address(lut, 32)] if wide else []
     out = np.empty(layout.to_mgpu().registers_shape((ROWS, BLOCK)), dtype=object)
     for rh, h in np.ndindex(2, 2):  # row half (rows + 8), half block (16 bytes)
       column = 32 * block + 16 * h
-      words = llvm.inline_asm(quad, [lane_lut, row_addr, swizzle], f"""{{
+      words = llvm.inline_asm(quad, [lane_lut, row_addr, swizzle, *base], f"""{{
         .reg .b32 a, u, i;
         xor.b32 a, $6, {column};
         add.u32 a, a, $5;
         ld.shared.b32 u, [a+{8 * rh * row_bytes}];
         {lookups}
-      }}""", "=r,=r,=r,=r,r,r,r")
+      }}""", "=r,=r,=r,=r,r,r,r" + ",r" * wide)
       for j in range(4):
         word = llvm.extractvalue(i32, words, [j])
         out[0, 4 * h + j, 0, 0, rh, 0, 0, 0, 0] = mgpu_utils.bitcast(word, bf16x2)

@@ -97,9 +97,10 @@ def test_gpu_forward_backward(shape, quant_type):
 
 # rows: x tiles of 16, 32 and 64 rows (all on CPU; more row counts on the GPU)
 @pytest.mark.parametrize("rows", [1, 5, 16, 20, 33, 64] if ON_GPU else [1, 20, 64])
-@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(128, 512), (256, 640)])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(512, 1024), (256, 640)])
 def test_gpu_decode(rows, nk):
-  """The decode kernel, bitsandbytes' stored arrays as they are (K = 640: two blocks a step)."""
+  """The decode kernel, bitsandbytes' stored arrays as they are (K = 640: two blocks a step;
+  512 x 1024 on CPU: 4 items on 2 CTAs, so chained pipelines)."""
   n, k = nk
   seed, qw, x, _ = _fresh((rows, n, k), "nf4")
   y = gpu_decode.decode(x, qw, interpret=not ON_GPU)
@@ -129,6 +130,28 @@ def test_decode_column_order_is_the_widened_tiles():
     byte = 16 * h + 4 * t + j  # byte j of lane t's word in half block h, widened into ...
     column = 8 * (4 * h + j) + 2 * t + e  # ... its column pair of 8-column group 4 h + j
     assert order[column] == 2 * byte + e  # holds elements 2 byte + e
+
+
+def _prmt(a, b, selector):
+  """PTX prmt.b32 (default mode, selector nibbles 0..7): byte k = byte selector[k] of (b:a)."""
+  a, b = np.broadcast_arrays(np.uint64(a), np.uint64(b))
+  pool = np.stack([(v >> np.uint64(8 * i)) & np.uint64(0xFF) for v in (a, b) for i in range(4)])
+  return sum(pool[(selector >> (4 * k)) & 7] << np.uint64(8 * k) for k in range(4))
+
+
+def test_wide_pair_table_lookup_addresses():
+  """The decode kernel's lookup address, lut + prmt(word, 4 lane, 0x7604 | j << 4), reads each
+  lane's own copy (bank = lane) of entry `byte j of the word` in the wide table."""
+  table = layout.codebook("nf4")
+  narrow, wide = gpu_widen.pair_table(table), gpu_widen.pair_table(table, wide=True)
+  words = np.random.default_rng(0).integers(0, 2**32, 64, dtype=np.uint64)
+  for lane, j in np.ndindex(gpu_widen.LANES, 4):
+    address = _prmt(words, 4 * lane, 0x7604 | j << 4)
+    assert np.all(address // 4 % 32 == lane)
+    code_byte = (words >> np.uint64(8 * j)) & np.uint64(0xFF)
+    np.testing.assert_array_equal(wide.reshape(-1)[address // 4], narrow[code_byte, lane])
+  assert np.all(narrow[:, 0].view(np.uint32) >> 16 == np.asarray(
+      np.asarray(table, np.float32).astype(jnp.bfloat16).view(np.uint16))[np.arange(256) & 15])
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
