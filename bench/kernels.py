@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import gpu_decode, gpu_matmul, layout
+from pallas_kernels import gpu, gpu_decode, gpu_matmul, layout
 from qlora_jax.base_matmul import get_backend
 from qlora_jax.quantization import QuantConfig, dequantize
 from qlora_jax.weights import random_quantized
@@ -200,8 +200,7 @@ def tune_decode() -> None:
   """GB/s of the decode kernel alone (no x permutation, no split-K sum) per configuration (bytes
   of M = 1)."""
   C = gpu_decode.Config
-  configs = [C(), C(chained=False), C(wide_table=False), C(stages=3), C(item_cost=0.5),
-             C(item_cost=1.0), C(cols=64, stages=3, wide_table=False)]
+  configs = [C(), C(wide_table=False), C(stages=3), C(stages=6), C(cols=64, stages=3, wide_table=False)]
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     copies = max(2, -(-100 * 2**20 // (n * k // 2)))
     qws = [weight(n, k, s) for s in range(copies)]
@@ -209,8 +208,8 @@ def tune_decode() -> None:
     nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
     res = []
     for config in configs:
-      splits = gpu_decode.splits_for(n, k, config)
-      call = functools.partial(gpu_decode._call, table=TABLE, config=config, splits=splits,
+      split = gpu_decode.split_for(n, k, config, gpu.sm_count(False))
+      call = functools.partial(gpu_decode._call, table=TABLE, config=config, split=split,
                                out_cols=8, interpret=False)
       lut = jnp.asarray(gpu_decode.pair_table(TABLE, wide=config.wide_table))
       fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),

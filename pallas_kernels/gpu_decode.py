@@ -1,13 +1,14 @@
 """Fused 4-bit dequantize-matmul for decoding (M = 1..64 rows) on Hopper: a shared-memory codebook.
 
-  Y^T [N, m] = W [N, K] @ x_perm^T [K, m]    (m padded to `cols`: 16, 32 or 64; K split in parts)
+  Y^T [N, m] = W [N, K] @ x_perm^T [K, m]    (m padded to `cols`: 16, 32 or 64)
 
 Decoding is memory-bound: the kernel must stream the 4-bit codes at the copy rate, so what it can
 afford per weight is little arithmetic. Here each code *byte* (two weights) is widened by one
 shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4], table[b & 15]),
 replicated 32 times so that every lane of a warp reads its own bank (no conflicts whatever the
-codes; gpu_widen.py, which gpu_matmul shares): about one integer instruction and half a load per
-weight. The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register operand
+codes; gpu_widen.py, which gpu_matmul shares). Its entries are 256 bytes apart (the wide table),
+so one byte permute forms each lookup's address: half an integer instruction and half a load
+per weight. The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register operand
 (no shared-memory store), x's [cols, 64] slice the shared-memory one, acc [64, cols] f32.
 
 The kernel reads bitsandbytes' stored arrays as they are. Codes: a code tile [64, 32 * blocks]
@@ -16,15 +17,15 @@ conflict free; byte j of lane t's word in half h widens into columns (2t, 2t+1) 
 4h + j, so the widened tile's columns are the block's elements in the order of `column_order`,
 and x's columns are permuted the same way (x is tiny), not the weight. Absmax: each thread loads
 its two rows' absmax codes (one word for the step's blocks) and nested absmax straight from
-device memory a step ahead (carried through the pipeline; each item's rows prefetched into L2)
-and decodes them as bitsandbytes does, qmap[code] (shared memory) * nested + offset, so no
+device memory a step ahead (carried through the pipeline) and decodes them as bitsandbytes does, qmap[code] (shared memory) * nested + offset, so no
 per-call XLA pass decodes the scales.
 
 Warp-specialized: one warpgroup issues the TMA copies (x's tile and a [128, 32 * blocks]-byte
 code tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step widens
-all its blocks, then scales them and issues their wgmmas. Persistent: one CTA per SM loads the
-tables once and loops over (part of K, row tile) work items, the wrapper sums the parts.
-Measured in docs/BENCHMARKS.md: the kernel alone at 54-61% of the copy rate on large shapes.
+all its blocks, then scales them and issues their wgmmas. Persistent and stream-K (`Split`): one
+CTA per SM loads the tables once, then runs one pipeline over an equal share of the (row tile,
+step of K) pairs, storing its accumulator after each row tile it touches; the wrapper combines
+the stores. Measured in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from pallas_kernels.gpu import (address, interpret_params, interpret_staging, re
 from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.codebooks import NESTED_BLOCKSIZE as NESTED
-from qlora_jax.quantization import QuantizedArray
+from qlora_jax.quantization import QuantizedArray, rounded
 
 MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
@@ -57,30 +58,24 @@ ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Activation rows per CTA (wgmma N: x is padded to it), compute warpgroups per CTA, pipeline
-  depth, blocks a step, and a work item's fixed cost for splitting K (splits_for)."""
+  depth, blocks a step, the table's layout."""
 
   cols: int = 16
   compute_wgs: int = 2
-  stages: int = 4
+  stages: int = 3  # H100: 0-7% over 4 on four of the five benchmark shapes (-0.4% on one), 6 worse
   blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
-  item_cost: float = 2.0  # fixed cost of a work item (pipeline restart, epilogue), in steps
   wide_table: bool = True  # gpu_widen.pair_table(wide=True): one byte permute per lookup address
-  chained: bool = True  # with two items or more per CTA, one item's pipeline runs on into the next
 
 
-def _row_asm(rows_fas, operands, asm: str, constraints: str, types=()) -> tuple:
+def _row_asm(rows_fas, operands, asm: str, constraints: str, types) -> tuple:
   """Run `asm` once per register of the ROW-layout arrays `rows_fas` (a thread's two rows): its
   inputs are those registers' scalars, then `operands`; its outputs (`types`) come back as ROW
-  arrays. Without outputs it is a side effect (a prefetch)."""
+  arrays."""
   shape = rows_fas[0].registers.shape
   outs = [np.empty(shape, dtype=object) for _ in types]
   for idx in np.ndindex(shape):
     args = [vector.extract(fa.registers[idx], dynamic_position=[],
                            static_position=ir.DenseI64ArrayAttr.get([0])) for fa in rows_fas]
-    if not types:
-      llvm.inline_asm(ir.Type.parse("!llvm.void"), [*args, *operands], asm, constraints,
-                      has_side_effects=True)
-      continue
     res = llvm.inline_asm(llvm.StructType.get_literal(list(types)), [*args, *operands], asm,
                           constraints)
     for o, t in enumerate(types):
@@ -95,8 +90,8 @@ def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
   blocks packed in an int32, nested absmax float32) with double quantization (dq = (qmap in
   shared memory, nested and offset in device memory)), else `blocks` float32; [64] ROW arrays.
   first: int32 [64], each row's index of the step's first block in bitsandbytes' flat absmax
-  array. One load of each per thread, straight from device memory (L2 mostly: each item's rows
-  are prefetched): issued a step ahead, they are in flight while a step is computed."""
+  array. One load of each per thread, straight from device memory: issued a step ahead, they
+  are in flight while a step is computed."""
   if not hints:  # interpreted: the same values from whole arrays (it indexes refs by scalars)
     codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
     if not dq:
@@ -136,8 +131,10 @@ def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
   word, nested = loaded
   if not hints:
     qmap, offset = dq[0][...], dq[2][...]
-    return [(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested + offset[0]).astype(jnp.bfloat16)
-            for b in range(blocks)]
+    # the product rounded before the add, as mul.rn, add.rn below (an FMA's f32 sum rounds to
+    # another bf16 now and then: 1 block in ~10^4)
+    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + offset[0])
+            .astype(jnp.bfloat16) for b in range(blocks)]
   decode = "".join(
       f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
       f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, off; cvt.rn.bf16.f32 ${b}, f; "
@@ -156,32 +153,6 @@ def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
   return list(scales(word, nested, dq[0], dq[2]))
 
 
-def _prefetch_scales(firsts, absmax_gmem, dq, count: int) -> None:
-  """Prefetch into L2 the absmax (and nested absmax) of `count` blocks from each row's index in
-  `firsts` (int32 [64] ROW arrays): one lane of four (they share rows) asks for each 128-byte
-  line, so that the steps' loads (_load_scales) hit L2."""
-  item_bytes = count * absmax_gmem.dtype.itemsize
-  lines = [min(128 * i, item_bytes - 1) // absmax_gmem.dtype.itemsize
-           for i in range(-(-item_bytes // 128))] + [count - 1]
-  fetch = "mul.wide.u32 a, v, {size}; add.u64 a, a, {base}; @p prefetch.global.L2 [a]; "
-  asm = ("{ .reg .pred p; .reg .b32 l, v; .reg .b64 a; mov.u32 l, %laneid; and.b32 l, l, 3; "
-         "setp.eq.u32 p, l, 0; "
-         + "".join(f"add.u32 v, $0, {i}; " + fetch.format(size=absmax_gmem.dtype.itemsize, base="$1")
-                   for i in lines)
-         + ("".join(f"add.u32 v, $0, {i}; shr.u32 v, v, {NESTED.bit_length() - 1}; "
-                    + fetch.format(size=4, base="$2") for i in (0, count - 1)) if dq else "")
-         + "}")
-
-  @plgpu.inline_mgpu(arg_types=((ROW,) * len(firsts), plgpu.RefType(),
-                                *(plgpu.RefType() for _ in dq[1:2])))
-  def prefetch(_, firsts_fa, *refs):
-    bases = [address(ref) for ref in refs]
-    for fa in firsts_fa:
-      _row_asm([fa], bases, asm, ",".join(["r"] + ["l"] * len(bases)))
-
-  prefetch(tuple(plgpu.layout_cast(f, ROW) for f in firsts), absmax_gmem, *dq[1:2])
-
-
 def absmax_operands(qw: QuantizedArray) -> tuple:
   """(flat absmax, dq) as _call takes them: bitsandbytes' stored arrays, no pass over them."""
   if qw.double_quant:
@@ -189,34 +160,82 @@ def absmax_operands(qw: QuantizedArray) -> tuple:
   return qw.absmax.astype(jnp.float32), ()
 
 
-def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_cols: int,
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """How the work is dealt (stream-K): the (row tile, step of K) pairs in row-major order,
+  `per_cta` consecutive ones to each of `ctas` CTAs. A CTA's accumulator runs on across the row
+  tiles it touches; after each one's last step it is stored, cumulative, as segment
+  tile - first_tile(cta) of that CTA, so a tile's part is the difference of consecutive
+  segments, and a tile split between CTAs is the sum of their parts (`combine`)."""
+
+  ctas: int
+  per_cta: int
+  tile_steps: int  # steps of K per row tile
+  tiles: int
+
+  def first_tile(self, cta):
+    return cta * self.per_cta // self.tile_steps
+
+  def last_tile(self, cta):
+    return ((cta + 1) * self.per_cta - 1) // self.tile_steps
+
+  @property
+  def segments(self) -> int:  # row tiles a CTA touches, at most
+    c = np.arange(self.ctas)
+    return int(np.max(self.last_tile(c) - self.first_tile(c))) + 1
+
+  def combine(self, stored):
+    """[tiles, ...] from the kernel's stored segments [ctas, segments, ...] (those a CTA did not
+    reach are unwritten: never read)."""
+    parts = stored - jnp.concatenate([jnp.zeros_like(stored[:, :1]), stored[:, :-1]], 1)
+    t = np.arange(self.tiles)
+    first_cta = t * self.tile_steps // self.per_cta
+    last_cta = ((t + 1) * self.tile_steps - 1) // self.per_cta
+    cta = first_cta + np.arange(np.max(last_cta - first_cta) + 1)[:, None]  # [slots, tiles]
+    real = cta <= last_cta
+    cta = np.minimum(cta, last_cta)
+    parts = parts[cta, t - self.first_tile(cta)]  # [slots, tiles, ...]
+    real = real.reshape(real.shape + (1,) * (parts.ndim - 2))
+    return jnp.where(real, parts, 0).sum(0)
+
+
+def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
+  """As many CTAs as divide the (row tile, step) pairs evenly, at most one per SM."""
+  tiles, tile_steps = n // (config.compute_wgs * ROWS), k // (BLOCK * config.blocks)
+  total = tiles * tile_steps
+  grid = max(d for d in range(1, min(ctas, total) + 1) if total % d == 0)
+  return Split(ctas=grid, per_cta=total // grid, tile_steps=tile_steps, tiles=tiles)
+
+
+def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out_cols: int,
           interpret: bool):
-  """Partials [splits * N, out_cols] f32: part j = W[:, part j of K] @ x[:, part j of K]^T.
+  """Segments [split.ctas * split.segments * 128, out_cols] f32 (see Split): CTA c's
+  accumulator after its last step in row tile split.first_tile(c) + i is segment i.
 
   absmax: bitsandbytes' flat absmax array (uint8 codes with dq = (qmap [256], nested, offset
-  [1]), or float32 with dq = ()). Persistent: one CTA per SM loads the table once, then loops
-  over (part of K, row tile) work items; the copy warpgroup runs on into the next item while
-  the compute warpgroups finish one.
+  [1]), or float32 with dq = ()). Persistent: one CTA per SM loads the tables once, then runs one
+  pipeline over its `split.per_cta` steps; each time a row tile's last step (or the CTA's last)
+  is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
   """
-  (cols, k), n = x.shape, codes.shape[0]
+  cols, k = x.shape
   cta_rows = config.compute_wgs * ROWS
-  k_part, step_k = k // splits, BLOCK * config.blocks
-  r_tiles, steps = n // cta_rows, k_part // step_k
-  grid = min(sm_count(interpret), splits * r_tiles)
+  step_k, steps = BLOCK * config.blocks, split.per_cta
+
+  def position(s):  # (row tile, step of K) of this CTA's step s
+    g = lax.axis_index("sm") * steps + s
+    return g // split.tile_steps, g % split.tile_steps
+
   in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
-      plgpu.BlockSpec((cols, step_k), lambda s: (0, s), transforms=swizzled(BLOCK, x.dtype)),
-      plgpu.BlockSpec((cta_rows, step_k // 2), lambda s: (0, s),
+      plgpu.BlockSpec((cols, step_k), lambda s: (0, position(s)[1]),
+                      transforms=swizzled(BLOCK, x.dtype)),
+      plgpu.BlockSpec((cta_rows, step_k // 2), position,
                       transforms=swizzled(step_k // 2, codes.dtype))]
 
-  def pipeline(body, compute_context, state=None):
+  def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
-        compute_context=compute_context, pipeline_state=state)
-
-  def operands(x_gmem, codes_gmem, i, j):
-    return (x_gmem.at[:, pl.ds(j * k_part, k_part)],
-            codes_gmem.at[pl.ds(i * cta_rows, cta_rows), pl.ds(j * (k_part // 2), k_part // 2)])
+        compute_context=compute_context)
 
   def kernel(x_gmem, codes_gmem, absmax_gmem, lut_gmem, *rest):
     if dq:
@@ -239,76 +258,61 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
     if dq:
       plgpu.barrier_wait(qmap_barrier)
 
+    rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
+                                  layout=None if interpret else ROW)
+
+    def load_scales(s):  # each row's absmax of step s's blocks
+      tile, k_step = position(s)
+      first = (rows + (tile * cta_rows + wg * ROWS)) * (k // BLOCK) + k_step * config.blocks
+      return _load_scales(first, absmax_gmem, dq_refs, config.blocks, hints=not interpret)
+
     def multiply(acc_ref, w, x_smem, b):
       register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
                      interpret=interpret)
 
-    ignore = lambda *_, **__: None
-    first = operands(x_gmem, codes_gmem, 0, 0)
+    def store(acc, tile):  # this CTA's accumulator after row tile `tile`
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has read out_smem
+      out_smem[wg] = acc[:, :out_cols]
+      plgpu.commit_smem()
+      cta = lax.axis_index("sm")
+      segment = cta * split.segments + tile - split.first_tile(cta)
+      plgpu.copy_smem_to_gmem(
+          out_smem.at[wg], out_gmem.at[pl.ds(segment * cta_rows + wg * ROWS, ROWS), :])
 
-    @functools.partial(pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(*first),
-                       collective_axes="wg")
-    def _(allocations):
-      # With two items or more on every SM, one item's pipeline runs on into the next: the
-      # copies of the next item's first steps start while this item's last are computed.
-      chained = config.chained and steps % config.stages == 0 and splits * r_tiles >= 2 * grid
+    def step(indices, x_smem, codes_smem, carry):
+      # The next step's scale loads first, then all this step's blocks widened (their table
+      # loads independent), then scaled and multiplied; the wgmmas' register operands stay
+      # intact until the wait.
+      acc_ref, loaded = carry
+      s = indices[0]
+      loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
+      scales = _decode_scales(loaded, dq_refs, config.blocks, hints=not interpret)
+      values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
+                             hints=not interpret) for b in range(config.blocks)]
+      for b, (v, scale) in enumerate(zip(values, scales)):
+        multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
+      plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
+      tile, k_step = position(s)
 
-      @plgpu.nd_loop((splits, r_tiles), collective_axes="sm")
-      def _(loop):
-        j, i = loop.index
-        state = jnp.where(loop.local_index == 0, plgpu.PipelinePipeline.START,
-                          jnp.where(loop.local_index == loop.num_local_steps - 1,
-                                    plgpu.PipelinePipeline.STOP, plgpu.PipelinePipeline.STEADY))
-        rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
-                                      layout=None if interpret else ROW)
-        def first_block(j_, i_):  # each row's first absmax index in item (j_, i_)
-          return (rows + (i_ * cta_rows + wg * ROWS)) * (k // BLOCK) + j_ * (k_part // BLOCK)
+      @pl.when((k_step == split.tile_steps - 1) | (s == steps - 1))
+      def _():
+        store(acc_ref[...], tile)
 
-        row_first = first_block(j, i)
+      return acc_ref, loaded_next
 
-        def load_scales(s):
-          return _load_scales(row_first + s * config.blocks, absmax_gmem, dq_refs, config.blocks,
-                              hints=not interpret)
+    def compute_context(run_pipeline):
+      @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
+      def _(acc_ref):
+        run_pipeline((acc_ref, load_scales(0)))
 
-        def step(indices, x_smem, codes_smem, carry):
-          # The next step's scale loads first, then all this step's blocks widened (their table
-          # loads independent), then scaled and multiplied; the wgmmas' register operands stay
-          # intact until the wait.
-          acc_ref, loaded = carry
-          s = indices[0]
-          loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
-          scales = _decode_scales(loaded, dq_refs, config.blocks, hints=not interpret)
-          values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
-                                 hints=not interpret) for b in range(config.blocks)]
-          for b, (v, scale) in enumerate(zip(values, scales)):
-            multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
-          plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
-          return acc_ref, loaded_next
-
-        def compute_context(run_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
-          def _(acc_ref):
-            if not interpret:  # this item's scales and the next one's (this CTA's) into L2
-              later = j * r_tiles + i + grid
-              later = jnp.where(later < splits * r_tiles, later, later - grid)
-              _prefetch_scales([row_first, first_block(later // r_tiles, later % r_tiles)],
-                               absmax_gmem, dq_refs, k_part // BLOCK)
-            run_pipeline((acc_ref, load_scales(0)))
-            out = acc_ref[...][:, :out_cols]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's store has read it
-            out_smem[wg] = out
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg], out_gmem.at[pl.ds(j * n + i * cta_rows + wg * ROWS, ROWS), :])
-
-        pipeline(step, compute_context, state if chained else None)(
-            *operands(x_gmem, codes_gmem, i, j), allocations=allocations)
+    pipeline(step, compute_context)(x_gmem, codes_gmem)
     plgpu.wait_smem_to_gmem(0)
 
   call = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((splits * n, out_cols), jnp.float32),
-      grid=(grid,), grid_names=("sm",),
+      out_type=jax.ShapeDtypeStruct((split.ctas * split.segments * cta_rows, out_cols),
+                                    jnp.float32),
+      grid=(split.ctas,), grid_names=("sm",),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM(lut.shape, jnp.int32),
                      *([plgpu.SMEM((256,), jnp.float32)] if dq else []),
@@ -321,24 +325,12 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, splits: int, out_
   return call(x, codes, absmax, lut, *dq)
 
 
-def splits_for(n: int, k: int, config: Config, ctas: int | None = None) -> int:
-  """Parts of K (a divisor of its steps) that minimize the modelled time: the rounds of work
-  items per CTA times each item's steps plus its fixed cost (one item per SM is best when it
-  fills the SMs; else several, fewer rounds but more restarts)."""
-  steps, tiles = k // (BLOCK * config.blocks), n // (config.compute_wgs * ROWS)
-  ctas = ctas or sm_count(False)
-  cost = lambda d: -(-tiles * d // ctas) * (steps / d + config.item_cost)  # noqa: E731
-  return min((d for d in range(1, steps + 1) if steps % d == 0), key=cost)
-
-
 def config_for(m: int, k: int) -> Config:
   """x padded to 16, 32 or 64 rows; as many blocks a step as K and shared memory allow."""
   cols = 16 if m <= 16 else 32 if m <= 32 else MAX_ROWS
   blocks = next(b for b in (4, 2, 1) if k % (BLOCK * b) == 0)
-  # x's 64-row tiles of 4 blocks fit shared memory 3 deep: 8-11% over 2 blocks 4 deep (H100)
   # the wide table (32 KB more) fits beside x's 16- and 32-row tiles, not its 64-row ones
-  return Config(cols=cols, blocks=blocks, stages=3 if cols == MAX_ROWS and blocks == 4 else 4,
-                wide_table=cols < MAX_ROWS)
+  return Config(cols=cols, blocks=blocks, wide_table=cols < MAX_ROWS)
 
 
 def unsupported_reason(m: int, qw: QuantizedArray) -> str | None:
@@ -370,9 +362,10 @@ def decode(x_MxK, qw: QuantizedArray, *, config: Config | None = None, interpret
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
-  splits, out_cols = splits_for(n, k, config, sm_count(interpret)), -(-m // 8) * 8
+  split, out_cols = split_for(n, k, config, sm_count(interpret)), -(-m // 8) * 8
   table = codebook(qw.quant_type)
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
   parts = _call(x, qw.codes.reshape(n, k // 2), *absmax_operands(qw), lut, table=table,
-                config=config, splits=splits, out_cols=out_cols, interpret=interpret)
-  return parts.reshape(splits, n, out_cols).sum(0)[:, :m].T
+                config=config, split=split, out_cols=out_cols, interpret=interpret)
+  tiles = split.combine(parts.reshape(split.ctas, split.segments, -1, out_cols))
+  return tiles.reshape(n, out_cols)[:, :m].T

@@ -228,8 +228,14 @@ def scales(qw: QuantizedArray) -> jax.Array:
     return qw.absmax.astype(jnp.float32)
   nested = jnp.repeat(qw.nested_absmax, qw.nested_blocksize)[: qw.num_blocks]
   # Multiply, round, then add: bitsandbytes applies the offset as a separate operation.
-  absmax = jax.lax.reduce_precision(qw.nested_quant_map[qw.absmax] * nested, 8, 23)
-  return absmax + qw.offset
+  return rounded(qw.nested_quant_map[qw.absmax] * nested) + qw.offset
+
+
+def rounded(product):
+  """product as a float32 value of its own: XLA contracts a multiply feeding an add into one FMA
+  (one rounding instead of two; no flag turns it off, and reduce_precision or an optimization
+  barrier do not stop it), but not through a select (an identity: NaN where product is NaN)."""
+  return jnp.where(product == product, product, jnp.nan)
 
 
 def dequantize(qw: QuantizedArray, dtype=jnp.bfloat16) -> jax.Array:
