@@ -29,7 +29,7 @@ BF16_TOL = 2**-7  # two bf16 roundings of nearly equal float32 sums: one ulp apa
 # interpreted as on the GPU: the scale's rounding (<= 2^-9, one per block) on top of TOL's.
 DECODE_TOL = 5e-3
 # The same bf16 products and float32 sums in another order. On the GPU (wgmma's float32
-# accumulation, split-K partial sums) with headroom (passed on the H100, 2026-11-23).
+# accumulation, stream-K partial sums) with headroom (passed on the H100, 2026-11-23).
 EXACT_TOL = 1e-4 if ON_GPU else 1e-5
 
 
