@@ -163,21 +163,33 @@ def absmax_operands(qw: QuantizedArray) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class Split:
   """How the work is dealt (stream-K): the (row tile, step of K) pairs in row-major order,
-  `per_cta` consecutive ones to each of `ctas` CTAs. A CTA's accumulator runs on across the row
-  tiles it touches; after each one's last step it is stored, cumulative, as segment
-  tile - first_tile(cta) of that CTA, so a tile's part is the difference of consecutive
-  segments, and a tile split between CTAs is the sum of their parts (`combine`)."""
+  `per_cta` consecutive ones to each of `ctas` CTAs (the last CTA's share may run past the end:
+  those steps repeat the last pair's copies and are never stored). A CTA's accumulator runs on
+  across the row tiles it touches; after each one's last step it is stored, cumulative, as
+  segment tile - first_tile(cta) of that CTA, so a tile's part is the difference of consecutive
+  segments (float32: off by ~2^-24 of the running sum), and a tile split between CTAs is the sum
+  of their parts (`combine`)."""
 
   ctas: int
   per_cta: int
   tile_steps: int  # steps of K per row tile
   tiles: int
 
+  @property
+  def total(self) -> int:
+    return self.tiles * self.tile_steps
+
   def first_tile(self, cta):
     return cta * self.per_cta // self.tile_steps
 
   def last_tile(self, cta):
-    return ((cta + 1) * self.per_cta - 1) // self.tile_steps
+    return (np.minimum((cta + 1) * self.per_cta, self.total) - 1) // self.tile_steps
+
+  def first_cta(self, tile):
+    return tile * self.tile_steps // self.per_cta
+
+  def last_cta(self, tile):
+    return ((tile + 1) * self.tile_steps - 1) // self.per_cta
 
   @property
   def segments(self) -> int:  # row tiles a CTA touches, at most
@@ -189,22 +201,21 @@ class Split:
     reach are unwritten: never read)."""
     parts = stored - jnp.concatenate([jnp.zeros_like(stored[:, :1]), stored[:, :-1]], 1)
     t = np.arange(self.tiles)
-    first_cta = t * self.tile_steps // self.per_cta
-    last_cta = ((t + 1) * self.tile_steps - 1) // self.per_cta
-    cta = first_cta + np.arange(np.max(last_cta - first_cta) + 1)[:, None]  # [slots, tiles]
-    real = cta <= last_cta
-    cta = np.minimum(cta, last_cta)
+    first, last = self.first_cta(t), self.last_cta(t)
+    cta = first + np.arange(np.max(last - first) + 1)[:, None]  # [slots, tiles]
+    real = cta <= last
+    cta = np.minimum(cta, last)
     parts = parts[cta, t - self.first_tile(cta)]  # [slots, tiles, ...]
     real = real.reshape(real.shape + (1,) * (parts.ndim - 2))
     return jnp.where(real, parts, 0).sum(0)
 
 
 def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
-  """As many CTAs as divide the (row tile, step) pairs evenly, at most one per SM."""
+  """The fewest steps a CTA (at most one CTA per SM), then as few CTAs as take them all."""
   tiles, tile_steps = n // (config.compute_wgs * ROWS), k // (BLOCK * config.blocks)
-  total = tiles * tile_steps
-  grid = max(d for d in range(1, min(ctas, total) + 1) if total % d == 0)
-  return Split(ctas=grid, per_cta=total // grid, tile_steps=tile_steps, tiles=tiles)
+  per_cta = -(-tiles * tile_steps // ctas)
+  return Split(ctas=-(-tiles * tile_steps // per_cta), per_cta=per_cta, tile_steps=tile_steps,
+               tiles=tiles)
 
 
 def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out_cols: int,
@@ -221,8 +232,8 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
   cta_rows = config.compute_wgs * ROWS
   step_k, steps = BLOCK * config.blocks, split.per_cta
 
-  def position(s):  # (row tile, step of K) of this CTA's step s
-    g = lax.axis_index("sm") * steps + s
+  def position(s):  # (row tile, step of K) of this CTA's step s; past the end, the last
+    g = jnp.minimum(lax.axis_index("sm") * steps + s, split.total - 1)
     return g // split.tile_steps, g % split.tile_steps
 
   in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
@@ -293,8 +304,9 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
         multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
       plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
       tile, k_step = position(s)
+      past_end = lax.axis_index("sm") * steps + s >= split.total
 
-      @pl.when((k_step == split.tile_steps - 1) | (s == steps - 1))
+      @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1)) & ~past_end)
       def _():
         store(acc_ref[...], tile)
 

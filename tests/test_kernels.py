@@ -97,10 +97,11 @@ def test_gpu_forward_backward(shape, quant_type):
 
 # rows: x tiles of 16, 32 and 64 rows (all on CPU; more row counts on the GPU)
 @pytest.mark.parametrize("rows", [1, 5, 16, 20, 33, 64] if ON_GPU else [1, 20, 64])
-@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(384, 1024), (256, 640)])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(384, 768), (256, 640)])
 def test_gpu_decode(rows, nk):
   """The decode kernel, bitsandbytes' stored arrays as they are (K = 640: two blocks a step;
-  384 x 1024 on CPU: 3 row tiles of 4 steps on 2 CTAs, the middle one split between them)."""
+  384 x 768 on CPU: 3 row tiles of 3 steps on 2 CTAs of 5, the middle tile split between them,
+  the last CTA's fifth step past the end)."""
   n, k = nk
   seed, qw, x, _ = _fresh((rows, n, k), "nf4")
   y = gpu_decode.decode(x, qw, interpret=not ON_GPU)
