@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, safe_open
 
 import qlora_jax as q
 from qlora_jax import codebooks
-from qlora_jax.quantization import _quantize
+from qlora_jax.quantization import _quantize, scales
 from tests.conftest import needs_bnb
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "bnb_4bit.safetensors"
@@ -168,6 +168,16 @@ def test_quantize_under_jit_equals_eager():
   b = jax.jit(lambda x: q.quantize(x))(w)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_double_quant_scales_under_jit_round_as_bitsandbytes():
+  """qmap[code] * nested rounded to float32, then + offset (bitsandbytes' two operations), also
+  under jit, where XLA would contract them into one FMA (~4% of blocks one ulp off)."""
+  qw = q.quantize(jax.random.normal(jax.random.key(2), (256, 1024)) * 0.02)
+  codes, qmap = np.asarray(qw.absmax), np.asarray(qw.nested_quant_map)
+  nested = np.repeat(np.asarray(qw.nested_absmax), qw.nested_blocksize)[: codes.size]
+  expected = (qmap[codes] * nested).astype(np.float32) + np.asarray(qw.offset, np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.jit(scales)(qw)), expected)
 
 
 def test_big_matrix_quantizes_within_a_few_times_its_size():
