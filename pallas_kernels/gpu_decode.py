@@ -8,8 +8,8 @@ shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4], table[b 
 replicated 32 times so that every lane of a warp reads its own bank (no conflicts whatever the
 codes; gpu_widen.py, which gpu_matmul shares). Its entries are 256 bytes apart (the wide table),
 so one byte permute forms each lookup's address: half an integer instruction and half a load
-per weight. The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register operand
-(no shared-memory store), x's [cols, 64] slice the shared-memory one, acc [64, cols] f32.
+per weight. The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register
+operand (no shared-memory store), x's [cols, 64] slice the shared-memory one, acc [64, cols] f32.
 
 The kernel reads bitsandbytes' stored arrays as they are. Codes: a code tile [64, 32 * blocks]
 is TMA-swizzled with its row width, so each thread's 4-byte load of a row's half block is bank-
@@ -17,8 +17,8 @@ conflict free; byte j of lane t's word in half h widens into columns (2t, 2t+1) 
 4h + j, so the widened tile's columns are the block's elements in the order of `column_order`,
 and x's columns are permuted the same way (x is tiny), not the weight. Absmax: each thread loads
 its two rows' absmax codes (one word for the step's blocks) and nested absmax straight from
-device memory a step ahead (carried through the pipeline) and decodes them as bitsandbytes does, qmap[code] (shared memory) * nested + offset, so no
-per-call XLA pass decodes the scales.
+device memory a step ahead (carried through the pipeline) and decodes them as bitsandbytes
+does, qmap[code] (shared memory) * nested + offset, so no per-call XLA pass decodes the scales.
 
 Warp-specialized: one warpgroup issues the TMA copies (x's tile and a [128, 32 * blocks]-byte
 code tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step widens
