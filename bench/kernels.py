@@ -197,10 +197,10 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 
 
 def tune_decode() -> None:
-  """GB/s of the decode kernel alone (no x permutation, no split-K sum) per configuration (bytes
-  of M = 1)."""
+  """GB/s of the decode kernel alone (no x permutation, no combining of the CTAs' stores) per
+  configuration (bytes of M = 1)."""
   C = gpu_decode.Config
-  configs = [C(), C(wide_table=False), C(stages=3), C(stages=6), C(cols=64, stages=3, wide_table=False)]
+  configs = [C(), C(wide_table=False), C(stages=4), C(stages=6), C(cols=64, wide_table=False)]
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     copies = max(2, -(-100 * 2**20 // (n * k // 2)))
     qws = [weight(n, k, s) for s in range(copies)]

@@ -232,8 +232,11 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
   cta_rows = config.compute_wgs * ROWS
   step_k, steps = BLOCK * config.blocks, split.per_cta
 
+  def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
+    return lax.axis_index("sm") * steps + s
+
   def position(s):  # (row tile, step of K) of this CTA's step s; past the end, the last
-    g = jnp.minimum(lax.axis_index("sm") * steps + s, split.total - 1)
+    g = jnp.minimum(global_step(s), split.total - 1)
     return g // split.tile_steps, g % split.tile_steps
 
   in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
@@ -304,9 +307,9 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
         multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
       plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
       tile, k_step = position(s)
-      past_end = lax.axis_index("sm") * steps + s >= split.total
 
-      @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1)) & ~past_end)
+      @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1))
+               & (global_step(s) < split.total))
       def _():
         store(acc_ref[...], tile)
 

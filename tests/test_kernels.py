@@ -97,7 +97,8 @@ def test_gpu_forward_backward(shape, quant_type):
 
 # rows: x tiles of 16, 32 and 64 rows (all on CPU; more row counts on the GPU)
 @pytest.mark.parametrize("rows", [1, 5, 16, 20, 33, 64] if ON_GPU else [1, 20, 64])
-@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU else [(384, 768), (256, 640)])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1536, 14336)] if ON_GPU
+                         else [(384, 768), (256, 640)])
 def test_gpu_decode(rows, nk):
   """The decode kernel, bitsandbytes' stored arrays as they are (K = 640: two blocks a step;
   384 x 768 on CPU: 3 row tiles of 3 steps on 2 CTAs of 5, the middle tile split between them,
