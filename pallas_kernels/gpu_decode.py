@@ -49,7 +49,8 @@ from pallas_kernels.gpu import (address, interpret_params, interpret_staging, re
 from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.codebooks import NESTED_BLOCKSIZE as NESTED
-from qlora_jax.quantization import QuantizedArray, rounded
+from qlora_jax.ieee import rounded
+from qlora_jax.quantization import QuantizedArray
 
 MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows

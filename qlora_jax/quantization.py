@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qlora_jax import codebooks
+from qlora_jax import codebooks, ieee
 from qlora_jax.reduction import torch_cpu_mean
 
 
@@ -178,13 +178,11 @@ def _quantize_4bit(x_N: jax.Array, quant_type: str, blocksize: int) -> tuple[jax
   x_BxS = _blocks(x_N, blocksize)
   absmax_B = jnp.max(jnp.abs(x_BxS), axis=1)
   safe_B1 = jnp.where(absmax_B == 0, 1.0, absmax_B)[:, None]  # zero block: x == 0 anyway
-  # bitsandbytes multiplies full blocks by the reciprocal but divides the partial last block.
-  scaled = x_BxS * (1.0 / safe_B1)
+  # bitsandbytes multiplies full blocks by the reciprocal but divides the partial last block
+  # (the two round differently, and either can flip a code on a boundary).
+  scaled = x_BxS * ieee.divide(1.0, safe_B1)
   if n % blocksize:
-    # A true division: the barrier stops XLA from rewriting x / broadcast(a) as x * (1 / a),
-    # which rounds differently (and flips a code now and then).
-    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe_B1[-1], (blocksize,)))
-    scaled = scaled.at[-1].set(x_BxS[-1] / divisor)
+    scaled = scaled.at[-1].set(ieee.divide(x_BxS[-1], safe_B1[-1]))
   # An odd tail is paired with a scaled 0.0 (the codebook's zero code), as bitsandbytes pads.
   scaled_N = jnp.clip(scaled, -1.0, 1.0).reshape(-1)[: n + n % 2]
   bounds, order = codebooks.sorted_bounds(quant_type)
@@ -210,7 +208,7 @@ def _quantize_dynamic(x_N: jax.Array) -> tuple[jax.Array, jax.Array]:
   n = x_N.shape[0]
   x_BxS = _blocks(x_N, codebooks.NESTED_BLOCKSIZE)
   absmax_B = jnp.max(jnp.abs(x_BxS), axis=1)
-  inv_B1 = (1.0 / jnp.where(absmax_B == 0, 1.0, absmax_B))[:, None]
+  inv_B1 = ieee.divide(1.0, jnp.where(absmax_B == 0, 1.0, absmax_B))[:, None]
   v_N = (x_BxS * inv_B1).reshape(-1)
   thresholds = jnp.asarray(codebooks.dynamic_thresholds())
   # Binary search for #{k >= 1 : thresholds[k] <= v}: 8 gathers from a 256-entry table.
@@ -228,14 +226,7 @@ def scales(qw: QuantizedArray) -> jax.Array:
     return qw.absmax.astype(jnp.float32)
   nested = jnp.repeat(qw.nested_absmax, qw.nested_blocksize)[: qw.num_blocks]
   # Multiply, round, then add: bitsandbytes applies the offset as a separate operation.
-  return rounded(qw.nested_quant_map[qw.absmax] * nested) + qw.offset
-
-
-def rounded(product):
-  """product as a float32 value of its own: XLA contracts a multiply feeding an add into one FMA
-  (one rounding instead of two; no flag turns it off, and reduce_precision or an optimization
-  barrier do not stop it), but not through a select (an identity: NaN where product is NaN)."""
-  return jnp.where(product == product, product, jnp.nan)
+  return ieee.rounded(qw.nested_quant_map[qw.absmax] * nested) + qw.offset
 
 
 def dequantize(qw: QuantizedArray, dtype=jnp.bfloat16) -> jax.Array:

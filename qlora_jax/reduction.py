@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qlora_jax import ieee
+
 _LANES = 8  # ATen compiles SumKernel for AVX2 only: Vectorized<float> has 8 lanes
 _ILP = 4
 _LEVELS = 4
@@ -76,7 +78,4 @@ def torch_cpu_sum(x_N: jax.Array) -> jax.Array:
 
 def torch_cpu_mean(x_N: jax.Array) -> jax.Array:
   """`torch.mean` of a 1-D float32 array on the CPU: the sum above, then one division."""
-  # The barrier keeps XLA from turning the division by a constant into a multiplication by
-  # its reciprocal, which can differ in the last bit.
-  count = jax.lax.optimization_barrier(jnp.float32(x_N.shape[0]))
-  return torch_cpu_sum(x_N) / count
+  return ieee.divide(torch_cpu_sum(x_N), x_N.shape[0])  # XLA:GPU's own divide is not IEEE
