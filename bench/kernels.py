@@ -20,6 +20,7 @@ H100 holds its power cap under such load by lowering its clock, differently for 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -196,27 +197,43 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
   return rows
 
 
+def _decode_kernel_gbps(n: int, k: int, config, split) -> float:
+  """GB/s (bytes of M = 1) of the decode kernel alone on weights rotated past the L2: no x
+  permutation, no combining of the CTAs' stores."""
+  copies = max(2, -(-100 * 2**20 // (n * k // 2)))
+  qws = [weight(n, k, s) for s in range(copies)]
+  x = jax.random.normal(jax.random.key(0), (64, k), jnp.bfloat16)
+  call = functools.partial(gpu_decode._call, table=TABLE, config=config, split=split, out_cols=8,
+                           interpret=False)
+  lut = jnp.asarray(gpu_decode.pair_table(TABLE, wide=config.wide_table))
+  fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),
+                                   *gpu_decode.absmax_operands(q), lut) for q in qs])
+  nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
+  return nbytes / (gpu_ms(fn, x, qws) / copies) / 1e6
+
+
 def tune_decode() -> None:
-  """GB/s of the decode kernel alone (no x permutation, no combining of the CTAs' stores) per
-  configuration (bytes of M = 1)."""
+  """GB/s of the decode kernel alone per configuration."""
   C = gpu_decode.Config
   configs = [C(), C(wide_table=False), C(stages=4), C(stages=6), C(cols=64, wide_table=False)]
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
-    copies = max(2, -(-100 * 2**20 // (n * k // 2)))
-    qws = [weight(n, k, s) for s in range(copies)]
-    x = jax.random.normal(jax.random.key(0), (64, k), jnp.bfloat16)
-    nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
-    res = []
-    for config in configs:
-      split = gpu_decode.split_for(n, k, config, gpu.sm_count(False))
-      call = functools.partial(gpu_decode._call, table=TABLE, config=config, split=split,
-                               out_cols=8, interpret=False)
-      lut = jnp.asarray(gpu_decode.pair_table(TABLE, wide=config.wide_table))
-      fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),
-                                       *gpu_decode.absmax_operands(q), lut) for q in qs])
-      ms = gpu_ms(fn, x, qws) / copies
-      res.append(f"{config}: {nbytes / ms / 1e6:.0f}")
+    splits = [gpu_decode.split_for(n, k, c, gpu.sm_count(False)) for c in configs]
+    res = [f"{c}: {_decode_kernel_gbps(n, k, c, s):.0f}" for c, s in zip(configs, splits)]
     print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)
+
+
+def tune_ragged() -> None:
+  """GB/s of the decode kernel alone: stream-K shares that divide the (row tile, step) pairs
+  (fewer CTAs) against the default ragged ones (the last CTA's share runs past the end)."""
+  config = gpu_decode.Config()
+  print("| N x K | dividing: CTAs x steps, GB/s | ragged: CTAs x steps, GB/s |")
+  for n, k in [(11008, 4096), (4096, 11008), (28672, 8192), (22016, 8192), (14336, 4096)]:
+    ragged = gpu_decode.split_for(n, k, config, gpu.sm_count(False))
+    per_cta = next(p for p in range(ragged.per_cta, ragged.total + 1) if ragged.total % p == 0)
+    dividing = dataclasses.replace(ragged, ctas=ragged.total // per_cta, per_cta=per_cta)
+    cells = [f"{s.ctas} x {s.per_cta}, {_decode_kernel_gbps(n, k, config, s):.0f}"
+             for s in (dividing, ragged)]
+    print(f"| {n} x {k} | " + " | ".join(cells) + " |", flush=True)
 
 
 def tune(m: int) -> None:
@@ -245,13 +262,14 @@ def main() -> None:
   p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
   p.add_argument("--decode-only", action="store_true", help="skip the training shapes")
   p.add_argument("--train-only", action="store_true", help="skip the decode shapes")
-  p.add_argument("--tune", choices=["train", "decode"], help="only compare tile configurations")
+  p.add_argument("--tune", choices=["train", "decode", "ragged"],
+                 help="only compare tile configurations (ragged: the decode kernel's stream-K shares)")
   p.add_argument("--json", help="write all rows here")
   args = p.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
   if args.tune:
-    tune_decode() if args.tune == "decode" else tune(args.m)
+    {"decode": tune_decode, "ragged": tune_ragged}.get(args.tune, lambda: tune(args.m))()
     return
   ceil = ceilings()
   print(json.dumps(ceil), flush=True)
