@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import jax
 import pytest
 
 from pallas_kernels.gpu import SERIAL_XLA_CPU
@@ -10,6 +11,11 @@ from pallas_kernels.gpu import SERIAL_XLA_CPU
 # The interpreted Mosaic GPU kernels hang under XLA:CPU's concurrency-optimized scheduler (see
 # pallas_kernels/gpu.py); XLA reads its flags when JAX's first backend starts, after this.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SERIAL_XLA_CPU}".strip()
+
+# Float32 references mean float32: on a GPU, JAX lets float32 matmuls use TF32 (a 10-bit
+# mantissa, ~5e-4 relative error) unless told otherwise, as torch does not. (CPU: unchanged.)
+if jax.default_backend() == "gpu":
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def has(module: str) -> bool:

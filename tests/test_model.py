@@ -1,12 +1,16 @@
 """Model options that need no reference library."""
 
+import jax
 import pytest
 
 from qlora_jax.model import ModelOptions, attention_implementation
 
 
-def test_attention_auto_picks_xla_off_gpu_and_respects_explicit_choices():
-  assert attention_implementation("auto", "bfloat16", 128) == "xla"  # this machine has no GPU
+def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():
+  on_gpu = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  assert attention_implementation("auto", "bfloat16", 128) == on_gpu
+  assert attention_implementation("auto", "float32", 128) == "xla"  # cuDNN's is 16-bit only
+  assert attention_implementation("auto", "bfloat16", 160) == "xla"  # head_dim > 128
   assert attention_implementation("cudnn", "float32", 64) == "cudnn"
   assert attention_implementation("xla", "bfloat16", 64) == "xla"
 

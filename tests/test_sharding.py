@@ -31,7 +31,8 @@ TINY = dict(model_type="llama", vocab_size=1024, hidden_size=128, intermediate_s
 
 def _on_devices(n: int, code: str, *args, timeout: int = 600) -> str:
   """Run `code` in a fresh python with n simulated CPU devices; its stdout (fails on error)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", PYTHONPATH=str(ROOT))
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", PYTHONPATH=str(ROOT),
+             JAX_PLATFORMS="cpu")  # also on a GPU machine
   r = subprocess.run([sys.executable, *(["-c", code] if code else []), *map(str, args)], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=timeout)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
