@@ -16,6 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jax import lax
+
 from qlora_jax.quantization import QuantizedArray, dequantize
 
 # forward(x [M, K], qw [N, K], compute_dtype) -> y [M, N] (float32 or compute_dtype)
@@ -42,6 +44,14 @@ def frozen_weight(qw: QuantizedArray | jax.Array, compute_dtype) -> jax.Array:
   return qw.astype(compute_dtype)
 
 
+def precision_for(dtype) -> lax.Precision | None:
+  """Float32 operands multiply in full float32 (HIGHEST); 16-bit ones need no flag.
+
+  JAX's default lets a GPU take TF32 (10-bit mantissas) and a TPU bf16 passes for float32
+  matmuls; a model run in float32 asks for float32, as torch computes it by default."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def compute_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
   """einsum of a and b as compute_dtype operands, float32 accumulation, result in compute_dtype.
 
@@ -52,7 +62,8 @@ def compute_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype) -> j
   """
   cd = jnp.dtype(compute_dtype)
   result = jnp.float32 if jax.default_backend() == "cpu" else cd
-  return jnp.einsum(subscripts, a.astype(cd), b.astype(cd), preferred_element_type=result).astype(cd)
+  return jnp.einsum(subscripts, a.astype(cd), b.astype(cd), preferred_element_type=result,
+                    precision=precision_for(cd)).astype(cd)
 
 
 def _xla_forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qlora_jax.base_matmul import precision_for
 from qlora_jax.data import IGNORE
 
 
@@ -21,7 +22,8 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
 
   @jax.checkpoint
   def chunk_loss(h_CxD, labels_C):
-    logits = jnp.einsum("cd,vd->cv", h_CxD, w, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("cd,vd->cv", h_CxD, w, preferred_element_type=jnp.float32,
+                        precision=precision_for(w.dtype))
     valid = labels_C != IGNORE
     target = jnp.take_along_axis(logits, jnp.where(valid, labels_C, 0)[:, None], axis=-1)[:, 0]
     losses = jax.nn.logsumexp(logits, axis=-1) - target

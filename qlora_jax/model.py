@@ -7,12 +7,14 @@ checkpoint key is the dotted path of the variable it fills. All seven linear lay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from qlora_jax.base_matmul import precision_for
 from qlora_jax.lora import LoraConfig, QLoRALinear
 from qlora_jax.model_config import ModelConfig
 from qlora_jax.quantization import QuantConfig
@@ -130,8 +132,11 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       kv = (k, v)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None],
-                                       implementation="xla" if kv is not None else self.implementation)
+    full = precision_for(q.dtype)  # dot_product_attention takes no precision: the context's
+    with jax.default_matmul_precision(full.name.lower()) if full else contextlib.nullcontext():
+      out = jax.nn.dot_product_attention(
+          q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None],
+          implementation="xla" if kv is not None else self.implementation)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 
@@ -237,7 +242,7 @@ class CausalLM(nnx.Module):
   def logits(self, h_BxTxD: jax.Array) -> jax.Array:
     """float32 logits [B, T, V]: compute-dtype operands, float32 accumulation."""
     return jnp.einsum("btd,vd->btv", h_BxTxD, self.head_weight().astype(h_BxTxD.dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=precision_for(h_BxTxD.dtype))
 
   def decode(self, input_ids, cache: KVCache, attention_mask=None):
     """Append input_ids [B, T] to the cache; logits [B, T, V] and the updated cache.
