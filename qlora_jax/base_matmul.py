@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 
 from qlora_jax.quantization import QuantizedArray, dequantize

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qlora_jax import cli
-from qlora_jax.base_matmul import precision_for
 from qlora_jax.atomic import atomic_dir
+from qlora_jax.base_matmul import precision_for
 from qlora_jax.checkpoint import Checkpointer
 from qlora_jax.lora import LoraConfig, QLoRALinear
 from qlora_jax.model import ModelOptions, variable_names
@@ -118,7 +118,7 @@ def merged_tensors(model):
     w = dequantize(_take(module.weight.get_value(), i), jnp.float32)
     if module.lora is not None:
       a, b = _take(module.lora_a[...], i), _take(module.lora_b[...], i)
-      w = w + module.lora.scaling * jnp.matmul(a, b, precision=precision_for(jnp.float32)).T
+      w = w + module.lora.scaling * jnp.matmul(a, b, precision=precision_for(w.dtype)).T
     yield f"{name}.weight", np.asarray(w.astype(jnp.bfloat16))
   for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
     for name, i in variable_names(path, model.config, model.options):

@@ -132,8 +132,9 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       kv = (k, v)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
-    full = precision_for(q.dtype)  # dot_product_attention takes no precision: the context's
-    with jax.default_matmul_precision(full.name.lower()) if full else contextlib.nullcontext():
+    # dot_product_attention takes no precision argument: float32 asks for it by context
+    full = precision_for(q.dtype) == jax.lax.Precision.HIGHEST
+    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
       out = jax.nn.dot_product_attention(
           q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None],
           implementation="xla" if kv is not None else self.implementation)
