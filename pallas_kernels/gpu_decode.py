@@ -18,7 +18,8 @@ conflict free; byte j of lane t's word in half h widens into columns (2t, 2t+1) 
 and x's columns are permuted the same way (x is tiny), not the weight. Absmax: each thread loads
 its two rows' absmax codes (one word for the step's blocks) and nested absmax straight from
 device memory a step ahead (carried through the pipeline) and decodes them as bitsandbytes
-does, qmap[code] (shared memory) * nested + offset, so no per-call XLA pass decodes the scales.
+does, qmap[code] (shared memory) * nested + offset (loaded once per CTA), so no per-call XLA
+pass decodes the scales.
 
 Warp-specialized: one warpgroup issues the TMA copies (x's tile and a [128, 32 * blocks]-byte
 code tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step widens
@@ -124,34 +125,47 @@ def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
   return load(plgpu.layout_cast(first, ROW), absmax_gmem, *dq[1:2])
 
 
-def _decode_scales(loaded: tuple, dq, blocks: int, *, hints: bool) -> list:
+def _load_offset(rows, offset_gmem):
+  """The double quantization's offset (float32 [1] in device memory) as a [64] ROW array: loaded
+  once per CTA, outside the pipeline (a load at every step stalls it)."""
+  @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((ROWS,), jnp.float32, layout=ROW))
+  def load(_, rows_fa, offset):
+    return _row_asm([rows_fa], [address(offset)], "ld.global.nc.f32 $0, [$2];", "=f,r,l",
+                    [ir.F32Type.get()])[0]
+
+  return load(rows, offset_gmem)
+
+
+def _decode_scales(loaded: tuple, dq, blocks: int, *, offset, hints: bool) -> list:
   """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the
-  absmax: qmap[code] * nested, rounded to float32, + offset; then rounded to bf16."""
+  absmax: qmap[code] * nested, rounded to float32, + offset (_load_offset's ROW array; read
+  from dq when interpreted); then rounded to bf16."""
   if not dq:
     return [v.astype(jnp.bfloat16) for v in loaded]
   word, nested = loaded
   if not hints:
-    qmap, offset = dq[0][...], dq[2][...]
+    qmap, stored_offset = dq[0][...], dq[2][...]
     # the product rounded before the add, as mul.rn, add.rn below (an FMA's f32 sum rounds to
     # another bf16 now and then: 1 block in ~10^4)
-    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + offset[0])
+    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + stored_offset[0])
             .astype(jnp.bfloat16) for b in range(blocks)]
   decode = "".join(
       f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
-      f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, off; cvt.rn.bf16.f32 ${b}, f; "
-      for b in range(blocks))
-  asm = f"{{ .reg .b32 v; .reg .f32 f, off; ld.global.nc.f32 off, [${blocks + 2}]; {decode}}}"
-  constraints = ",".join(["=h"] * blocks + ["r", "f", "l", "r"])
+      f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, ${blocks + 2}; "
+      f"cvt.rn.bf16.f32 ${b}, f; " for b in range(blocks))
+  asm = f"{{ .reg .b32 v; .reg .f32 f; {decode}}}"
+  constraints = ",".join(["=h"] * blocks + ["r", "f", "f", "r"])
 
-  @plgpu.inline_mgpu(arg_types=(ROW, ROW, plgpu.RefType(), plgpu.RefType()),
+  @plgpu.inline_mgpu(arg_types=(ROW, ROW, ROW, plgpu.RefType()),
                      return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=ROW)
                                        for _ in range(blocks)))
-  def scales(_, word_fa, nested_fa, qmap, offset):
-    bits = _row_asm([word_fa, nested_fa], [address(offset), address(qmap, 32)], asm,
-                    constraints, [ir.IntegerType.get_signless(16)] * blocks)
+  def scales(_, word_fa, nested_fa, offset_fa, qmap):
+    bits = _row_asm([word_fa, nested_fa, offset_fa], [address(qmap, 32)], asm, constraints,
+                    [ir.IntegerType.get_signless(16)] * blocks)
     return tuple(b.bitcast(ir.BF16Type.get()) for b in bits)
 
-  return list(scales(word, nested, dq[0], dq[2]))
+  return list(scales(word, nested, offset, dq[0]))
 
 
 def absmax_operands(qw: QuantizedArray) -> tuple:
@@ -275,6 +289,7 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
 
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                   layout=None if interpret else ROW)
+    offset = _load_offset(rows, offset_gmem) if dq and not interpret else None
 
     def load_scales(s):  # each row's absmax of step s's blocks
       tile, k_step = position(s)
@@ -301,7 +316,8 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
       acc_ref, loaded = carry
       s = indices[0]
       loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
-      scales = _decode_scales(loaded, dq_refs, config.blocks, hints=not interpret)
+      scales = _decode_scales(loaded, dq_refs, config.blocks, offset=offset,
+                              hints=not interpret)
       values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
                              hints=not interpret) for b in range(config.blocks)]
       for b, (v, scale) in enumerate(zip(values, scales)):
