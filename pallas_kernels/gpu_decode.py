@@ -90,7 +90,7 @@ def _row_asm(rows_fas, operands, asm: str, constraints: str, types) -> tuple:
 def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
   """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks`
   blocks packed in an int32, nested absmax float32) with double quantization (dq = (qmap in
-  shared memory, nested and offset in device memory)), else `blocks` float32; [64] ROW arrays.
+  shared memory, nested in device memory)), else `blocks` float32; [64] ROW arrays.
   first: int32 [64], each row's index of the step's first block in bitsandbytes' flat absmax
   array. One load of each per thread, straight from device memory: issued a step ahead, they
   are in flight while a step is computed."""
@@ -125,9 +125,13 @@ def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
   return load(plgpu.layout_cast(first, ROW), absmax_gmem, *dq[1:2])
 
 
-def _load_offset(rows, offset_gmem):
-  """The double quantization's offset (float32 [1] in device memory) as a [64] ROW array: loaded
-  once per CTA, outside the pipeline (a load at every step stalls it)."""
+def _load_offset(rows, offset_gmem, *, hints: bool):
+  """The double quantization's offset (float32 [1] in device memory), loaded once per CTA outside
+  the pipeline (a load at every step stalls it): a [64] ROW array (`rows`, any ROW array, gives
+  it its layout), or the stored [1] array when interpreted."""
+  if not hints:
+    return offset_gmem[...]
+
   @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType()),
                      return_type=plgpu.ShapeDtypeStruct((ROWS,), jnp.float32, layout=ROW))
   def load(_, rows_fa, offset):
@@ -139,16 +143,16 @@ def _load_offset(rows, offset_gmem):
 
 def _decode_scales(loaded: tuple, dq, blocks: int, *, offset, hints: bool) -> list:
   """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the
-  absmax: qmap[code] * nested, rounded to float32, + offset (_load_offset's ROW array; read
-  from dq when interpreted); then rounded to bf16."""
+  absmax: qmap[code] * nested, rounded to float32, + offset (from _load_offset); then rounded
+  to bf16."""
   if not dq:
     return [v.astype(jnp.bfloat16) for v in loaded]
   word, nested = loaded
   if not hints:
-    qmap, stored_offset = dq[0][...], dq[2][...]
+    qmap = dq[0][...]
     # the product rounded before the add, as mul.rn, add.rn below (an FMA's f32 sum rounds to
     # another bf16 now and then: 1 block in ~10^4)
-    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + stored_offset[0])
+    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + offset[0])
             .astype(jnp.bfloat16) for b in range(blocks)]
   decode = "".join(
       f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
@@ -269,7 +273,7 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
   def kernel(x_gmem, codes_gmem, absmax_gmem, lut_gmem, *rest):
     if dq:
       qmap_gmem, nested_gmem, offset_gmem, out_gmem, lut_smem, qmap_smem, *rest = rest
-      dq_refs = (qmap_smem, nested_gmem, offset_gmem)
+      dq_refs = (qmap_smem, nested_gmem)  # the offset is loaded once (_load_offset)
     else:
       out_gmem, lut_smem, *rest = rest
       dq_refs = ()
@@ -289,7 +293,7 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
 
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                   layout=None if interpret else ROW)
-    offset = _load_offset(rows, offset_gmem) if dq and not interpret else None
+    offset = _load_offset(rows, offset_gmem, hints=not interpret) if dq else None
 
     def load_scales(s):  # each row's absmax of step s's blocks
       tile, k_step = position(s)
