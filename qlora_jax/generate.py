@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -44,16 +45,20 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@nnx.jit(static_argnums=(3, 4))
-def _prefill(model: CausalLM, ids, mask, temperature, top_p, cache, key):
-  logits, cache = model.decode(ids, cache, mask)
-  return sample_token(logits[:, -1], key, temperature, top_p), cache
+@functools.lru_cache(maxsize=8)
+def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> Callable:
+  """(state, ids [B, T], cache, key, mask=None) -> (next tokens [B], cache), compiled once per
+  model structure and sampling setting (a prompt and a single token trace apart).
 
+  A plain jax.jit over the split model's state, the cache donated (updated in place): nnx.jit
+  would walk the model's graph of variables at every token, which costs more than a token's
+  compute on an accelerator (docs/BENCHMARKS.md, "Generation")."""
 
-@nnx.jit(static_argnums=(2, 3))
-def _step(model: CausalLM, token, temperature, top_p, cache, key):
-  logits, cache = model.decode(token[:, None], cache)
-  return sample_token(logits[:, -1], key, temperature, top_p), cache
+  def run(state, ids, cache, key, mask=None):
+    logits, cache = nnx.merge(graphdef, state).decode(ids, cache, mask)
+    return sample_token(logits[:, -1], key, temperature, top_p), cache
+
+  return jax.jit(run, donate_argnums=2)
 
 
 def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
@@ -70,10 +75,11 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   for i, p in enumerate(prompts):
     ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
   cache = KVCache.empty(model.config, b, longest + sampling.max_new_tokens, jnp.dtype(model.options.dtype))
+  graphdef, state = nnx.split(model)
+  decode = _decoder(graphdef, sampling.temperature, sampling.top_p)
   key = jax.random.key(sampling.seed)
   key, sub = jax.random.split(key)
-  token, cache = _prefill(model, jnp.asarray(ids), jnp.asarray(mask), sampling.temperature,
-                          sampling.top_p, cache, sub)
+  token, cache = decode(state, jnp.asarray(ids), cache, sub, jnp.asarray(mask))
   done = np.zeros((b,), bool)
   for step in range(sampling.max_new_tokens):
     out = np.asarray(token)
@@ -83,7 +89,7 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
     if done.all() or step == sampling.max_new_tokens - 1:
       return
     key, sub = jax.random.split(key)
-    token, cache = _step(model, jnp.asarray(out), sampling.temperature, sampling.top_p, cache, sub)
+    token, cache = decode(state, jnp.asarray(out)[:, None], cache, sub)
 
 
 def complete(model: CausalLM, tokenizer, text_or_messages, sampling: SamplingConfig = SamplingConfig(),
