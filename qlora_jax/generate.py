@@ -45,20 +45,39 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+CHUNK = 16  # tokens a compiled call generates: one dispatch and one host round trip per chunk
+
+
 @functools.lru_cache(maxsize=8)
-def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> Callable:
-  """(state, ids [B, T], cache, key, mask=None) -> (next tokens [B], cache), compiled once per
-  model structure and sampling setting (a prompt and a single token trace apart).
+def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> tuple[Callable, Callable]:
+  """(prefill, chunk), compiled once per model structure and sampling setting:
 
-  A plain jax.jit over the split model's state, the cache donated (updated in place): nnx.jit
-  would walk the model's graph of variables at every token, which costs more than a token's
-  compute on an accelerator (docs/BENCHMARKS.md, "Generation")."""
+    prefill(state, ids [B, T], mask [B, T], cache, key) -> (first new tokens [B], cache)
+    chunk(state, tokens [B], cache, key) -> (the CHUNK tokens after them [B, CHUNK], cache)
 
-  def run(state, ids, cache, key, mask=None):
+  Plain jax.jit over the split model's state, the cache donated (updated in place), CHUNK
+  decoding steps in one on-device loop: per token, nnx.jit would walk the model's graph of
+  variables and jax.jit check every argument, which costs more than a token's compute on an
+  accelerator (docs/BENCHMARKS.md, "Generation")."""
+
+  def prefill(state, ids, mask, cache, key):
     logits, cache = nnx.merge(graphdef, state).decode(ids, cache, mask)
     return sample_token(logits[:, -1], key, temperature, top_p), cache
 
-  return jax.jit(run, donate_argnums=2)
+  def chunk(state, tokens, cache, key):
+    arrays, treedef = jax.tree.flatten(state)
+
+    def one(carry, step_key):  # the model's variables made again in the loop's trace (NNX checks)
+      tokens, cache = carry
+      model = nnx.merge(graphdef, jax.tree.unflatten(treedef, arrays))
+      logits, cache = model.decode(tokens[:, None], cache)
+      tokens = sample_token(logits[:, -1], step_key, temperature, top_p)
+      return (tokens, cache), tokens
+
+    (_, cache), out = jax.lax.scan(one, (tokens, cache), jax.random.split(key, CHUNK))
+    return out.T, cache
+
+  return jax.jit(prefill, donate_argnums=3), jax.jit(chunk, donate_argnums=2)
 
 
 def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
@@ -66,6 +85,8 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   """Yield the next token of every prompt ([B] int array) until all stopped or the budget ends.
 
   Prompts are left-padded into one batch; a finished sequence keeps yielding its stop token.
+  Tokens are computed CHUNK at a time (so up to CHUNK - 1 past the last stop are computed and
+  dropped) and yielded one by one.
   """
   model.eval()
   # Left-pad to a multiple of PROMPT_BUCKET: prompts of similar length share compiled code.
@@ -74,22 +95,26 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   mask = np.zeros((b, longest), np.int32)
   for i, p in enumerate(prompts):
     ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
-  cache = KVCache.empty(model.config, b, longest + sampling.max_new_tokens, jnp.dtype(model.options.dtype))
+  chunks = -(-(sampling.max_new_tokens - 1) // CHUNK)  # after the prefill's token
+  cache = KVCache.empty(model.config, b, longest + chunks * CHUNK, jnp.dtype(model.options.dtype))
   graphdef, state = nnx.split(model)
-  decode = _decoder(graphdef, sampling.temperature, sampling.top_p)
+  prefill, chunk = _decoder(graphdef, sampling.temperature, sampling.top_p)
   key = jax.random.key(sampling.seed)
   key, sub = jax.random.split(key)
-  token, cache = decode(state, jnp.asarray(ids), cache, sub, jnp.asarray(mask))
+  token, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+  pending = np.asarray(token)[:, None]  # [B, n]: computed, not yet yielded
   done = np.zeros((b,), bool)
   for step in range(sampling.max_new_tokens):
-    out = np.asarray(token)
-    out = np.where(done, stop_ids[0] if stop_ids else out, out)
+    if not pending.shape[1]:
+      key, sub = jax.random.split(key)
+      tokens, cache = chunk(state, token, cache, sub)
+      token, pending = tokens[:, -1], np.asarray(tokens)
+    out = np.where(done, stop_ids[0] if stop_ids else pending[:, 0], pending[:, 0])
+    pending = pending[:, 1:]
     yield out
     done |= np.isin(out, stop_ids)
-    if done.all() or step == sampling.max_new_tokens - 1:
+    if done.all():
       return
-    key, sub = jax.random.split(key)
-    token, cache = decode(state, jnp.asarray(out)[:, None], cache, sub)
 
 
 def complete(model: CausalLM, tokenizer, text_or_messages, sampling: SamplingConfig = SamplingConfig(),

@@ -76,21 +76,24 @@ def test_kv_cache_decode_equals_full_forward(pair, scan):
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_generation_matches_transformers(pair):
-  """generate() (prompts left-padded into one batch, the KV cache, the compiled step) against
-  transformers' greedy generate of each prompt alone, float32."""
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_generation_matches_transformers(pair, scan):
+  """generate() (prompts left-padded into one batch, the KV cache, the prefill and two compiled
+  chunks of steps) against transformers' greedy generate of each prompt alone, float32."""
   import torch
 
   from qlora_jax.generate import SamplingConfig, generate
 
-  _, ours, hf, _ = pair
+  _, ours, hf, folder = pair
+  if scan:
+    ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(scan_layers=True), tokenizer=False)
   rng = np.random.default_rng(4)
   prompts = [rng.integers(1, 160, 9).tolist(), rng.integers(1, 160, 4).tolist()]
-  got = np.stack(list(generate(ours, prompts, SamplingConfig(max_new_tokens=6))), axis=1)
+  got = np.stack(list(generate(ours, prompts, SamplingConfig(max_new_tokens=20))), axis=1)
   for tokens, prompt in zip(got, prompts):
     with torch.no_grad():
       want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=6, do_sample=False, pad_token_id=0)
+                         max_new_tokens=20, do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(tokens, want[0, len(prompt):].numpy())
 
 

@@ -1,0 +1,133 @@
+"""Batch-1 generation (greedy, KV cache) on a Llama-shaped 4-bit model with LoRA attached: ours
+against transformers + bitsandbytes + PEFT on the same GPU.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/generate.py --model llama3-8b
+
+Systems, one subprocess each (neither framework's allocator sees the other's memory):
+  ours:auto    qlora_jax.generate, the default backend (the Pallas decode kernel on a GPU)
+  ours:xla     the same with backend 'xla' (dequantize + dot)
+  ours:scan    backend 'auto' with the layers scanned (the trainer's default)
+  bnb          transformers' generate on LlamaForCausalLM with bitsandbytes Linear4bit (NF4,
+               double quant, bf16 compute) and PEFT LoRA, built as bench/bnb_peft.py builds it
+               (the qlora.py recipe: norms in float32, so it runs under bf16 autocast)
+Both models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers, bf16
+compute. A prompt of --prompt random tokens; the time per generated token is
+(t(long) - t(short)) / (long - short) for two generations of --short and --long new tokens
+(prefill and compilation cancel), median of --repeats pairs. Peak device memory: JAX's
+peak_bytes_in_use, torch's max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _per_token(run, short: int, long: int, repeats: int) -> float:
+  """Median seconds per generated token; run(n) generates n tokens (the first call compiles)."""
+  run(long)
+  pairs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    run(short)
+    t1 = time.perf_counter()
+    run(long)
+    pairs.append(((time.perf_counter() - t1) - (t1 - t0)) / (long - short))
+  return statistics.median(pairs)
+
+
+def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
+  import jax
+
+  from qlora_jax.generate import SamplingConfig, generate
+  from qlora_jax.lora import LoraConfig
+  from qlora_jax.model import ModelOptions
+  from qlora_jax.model_config import ModelConfig
+  from qlora_jax.weights import random_model
+
+  options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0),
+                         backend="xla" if variant == "xla" else "auto", scan_layers=variant == "scan")
+  model = random_model(ModelConfig(model_type="llama", **shape), options)
+
+  def run(n):  # one cache length (max_new_tokens) for every run: one compiled step
+    for i, _ in enumerate(generate(model, [prompt], SamplingConfig(max_new_tokens=args.long))):
+      if i + 1 == n:
+        break
+
+  seconds = _per_token(run, args.short, args.long, args.repeats)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"system": f"ours:{variant}", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def bnb(shape: dict, prompt: list[int], args) -> dict:
+  import torch
+
+  from bnb_peft import _bnb_model
+
+  model = _bnb_model(shape, checkpointing=False).eval()
+  ids = torch.tensor([prompt], device="cuda")
+  mask = torch.ones_like(ids)
+
+  def run(n):  # under autocast, as the recipe's model trains (its norms are float32)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+      model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                     do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+
+  torch.cuda.reset_peak_memory_stats()
+  seconds = _per_token(run, args.short, args.long, args.repeats)
+  return {"system": "bnb+peft", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="llama3-8b")
+  p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+  p.add_argument("--short", type=int, default=16)
+  p.add_argument("--long", type=int, default=144)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--systems", default="ours:auto,ours:xla,ours:scan,bnb")
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.add_argument("--json")
+  args = p.parse_args()
+  sys.path.insert(0, HERE)
+  from bnb_peft import _run  # noqa: E402  (bench/ is not a package)
+  from train_step import SHAPES  # noqa: E402
+  shape = SHAPES[args.model]
+  prompt = [(7 + 7919 * i) % shape["vocab_size"] for i in range(args.prompt)]  # fixed, spread
+  if args.worker:
+    row = bnb(shape, prompt, args) if args.worker == "bnb" else ours(
+        shape, args.worker.split(":")[1], prompt, args)
+    print(json.dumps(row))
+    return
+  rows = {}
+  for system in args.systems.split(","):
+    cmd = [sys.executable, __file__, "--worker", system, "--model", args.model,
+           "--prompt", str(args.prompt), "--short", str(args.short), "--long", str(args.long),
+           "--repeats", str(args.repeats)]
+    rows[system] = _run(cmd)
+    print(system, json.dumps(rows[system]), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"model": args.model, "prompt": args.prompt, "rows": rows}, f, indent=1)
+  base = rows.get("bnb", {}).get("tokens_per_s")
+  print(f"\n{args.model}, batch 1, prompt {args.prompt}, greedy")
+  print(f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'peak GiB':>9} {'vs bnb':>7}")
+  for system, r in rows.items():
+    if "error" in r:
+      print(f"{system:10} {r['error']}")
+      continue
+    ratio = f"{r['tokens_per_s'] / base:7.2f}" if base else ""
+    print(f"{system:10} {r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} {r['peak_gib']:9.2f} {ratio}")
+
+
+if __name__ == "__main__":
+  main()
