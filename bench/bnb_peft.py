@@ -126,6 +126,26 @@ def _run(cmd: list[str]) -> dict:
   return json.loads(lines[-1])
 
 
+def run_systems(commands: dict[str, list[str]], json_path: str | None, meta: dict) -> dict:
+  """Each system's command in its own subprocess (neither framework's allocator sees the other's
+  memory): their rows, printed as they come and written with `meta` to json_path."""
+  rows = {}
+  for system, cmd in commands.items():
+    rows[system] = _run(cmd)
+    print(system, json.dumps(rows[system]), flush=True)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({**meta, "rows": rows}, f, indent=1)
+  return rows
+
+
+def print_table(rows: dict, header: str, cells) -> None:
+  """One line per system: `cells(row)` (a string), or the error it ended with."""
+  print(header)
+  for system, r in rows.items():
+    print(f"{system:10} {r['error'] if 'error' in r else cells(r)}")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="llama3-8b")
@@ -148,33 +168,26 @@ def main() -> None:
     print(json.dumps(bnb_step(shape, args.batch, args.seq, args.steps, args.worker == "bnb-ckpt",
                               args.grad_accum)))
     return
-  rows = {}
+  commands = {}
   for system in args.systems.split(","):
     if system == "ours":
-      cmd = [sys.executable, os.path.join(HERE, "train_step.py"), "--model", args.model,
-             "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-             "--attention", "cudnn", "--offload", args.offload, "--remat", args.remat,
-             "--lora-dtype", args.lora_dtype, "--grad-accum", str(args.grad_accum)]
+      commands[system] = [
+          sys.executable, os.path.join(HERE, "train_step.py"), "--model", args.model,
+          "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+          "--attention", "cudnn", "--offload", args.offload, "--remat", args.remat,
+          "--lora-dtype", args.lora_dtype, "--grad-accum", str(args.grad_accum)]
     else:
-      cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-             "--seq", str(args.seq), "--steps", str(args.steps), "--worker", system,
-             "--grad-accum", str(args.grad_accum)]
-    rows[system] = _run(cmd)
-    print(system, json.dumps(rows[system]), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"model": args.model, "batch": args.batch, "seq": args.seq, "rows": rows}, f, indent=1)
+      commands[system] = [
+          sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
+          "--seq", str(args.seq), "--steps", str(args.steps), "--worker", system,
+          "--grad-accum", str(args.grad_accum)]
+  rows = run_systems(commands, args.json, {"model": args.model, "batch": args.batch, "seq": args.seq})
   ours = rows.get("ours", {})
   print(f"\n{args.model} batch {args.batch} x {args.seq}")
-  print(f"{'system':10} {'tokens/s':>9} {'peak GiB':>9} {'ours/it tok/s':>14} {'ours/it mem':>12}")
-  for system, r in rows.items():
-    if "error" in r:
-      print(f"{system:10} {r['error']}")
-      continue
-    ratio = (f"{ours['tokens_per_s'] / r['tokens_per_s']:14.2f} {ours['peak_gib'] / r['peak_gib']:12.2f}"
-             if "tokens_per_s" in ours else "")
-    print(f"{system:10} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {ratio}")
-
+  print_table(rows, f"{'system':10} {'tokens/s':>9} {'peak GiB':>9} {'ours/it tok/s':>14} {'ours/it mem':>12}",
+              lambda r: f"{r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} " + (
+                  f"{ours['tokens_per_s'] / r['tokens_per_s']:14.2f} {ours['peak_gib'] / r['peak_gib']:12.2f}"
+                  if "tokens_per_s" in ours else ""))
 
 if __name__ == "__main__":
   main()

@@ -13,8 +13,10 @@ Systems, one subprocess each (neither framework's allocator sees the other's mem
 Both models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers, bf16
 compute. A prompt of --prompt random tokens; the time per generated token is
 (t(long) - t(short)) / (long - short) for two generations of --short and --long new tokens
-(prefill and compilation cancel), median of --repeats pairs. Peak device memory: JAX's
-peak_bytes_in_use, torch's max_memory_allocated.
+(prefill and compilation cancel), median of --repeats pairs. Device memory: resident after the
+runs (model, adapters, cache: JAX's bytes_in_use, torch's memory_allocated) and peak (JAX's
+peak_bytes_in_use, which includes making the random model; torch's max_memory_allocated since
+the model was made).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   seconds = _per_token(run, args.short, args.long, args.repeats)
   stats = jax.devices()[0].memory_stats() or {}
   return {"system": f"ours:{variant}", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+          "resident_gib": stats.get("bytes_in_use", 0) / 2**30,
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
 
 
@@ -84,6 +87,7 @@ def bnb(shape: dict, prompt: list[int], args) -> dict:
   torch.cuda.reset_peak_memory_stats()
   seconds = _per_token(run, args.short, args.long, args.repeats)
   return {"system": "bnb+peft", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+          "resident_gib": torch.cuda.memory_allocated() / 2**30,
           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -99,7 +103,7 @@ def main() -> None:
   p.add_argument("--json")
   args = p.parse_args()
   sys.path.insert(0, HERE)
-  from bnb_peft import _run  # noqa: E402  (bench/ is not a package)
+  from bnb_peft import print_table, run_systems  # noqa: E402  (bench/ is not a package)
   from train_step import SHAPES  # noqa: E402
   shape = SHAPES[args.model]
   prompt = [(7 + 7919 * i) % shape["vocab_size"] for i in range(args.prompt)]  # fixed, spread
@@ -108,26 +112,16 @@ def main() -> None:
         shape, args.worker.split(":")[1], prompt, args)
     print(json.dumps(row))
     return
-  rows = {}
-  for system in args.systems.split(","):
-    cmd = [sys.executable, __file__, "--worker", system, "--model", args.model,
-           "--prompt", str(args.prompt), "--short", str(args.short), "--long", str(args.long),
-           "--repeats", str(args.repeats)]
-    rows[system] = _run(cmd)
-    print(system, json.dumps(rows[system]), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"model": args.model, "prompt": args.prompt, "rows": rows}, f, indent=1)
+  rows = run_systems({system: [sys.executable, __file__, "--worker", system, "--model", args.model,
+                               "--prompt", str(args.prompt), "--short", str(args.short),
+                               "--long", str(args.long), "--repeats", str(args.repeats)]
+                      for system in args.systems.split(",")},
+                     args.json, {"model": args.model, "prompt": args.prompt})
   base = rows.get("bnb", {}).get("tokens_per_s")
   print(f"\n{args.model}, batch 1, prompt {args.prompt}, greedy")
-  print(f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'peak GiB':>9} {'vs bnb':>7}")
-  for system, r in rows.items():
-    if "error" in r:
-      print(f"{system:10} {r['error']}")
-      continue
-    ratio = f"{r['tokens_per_s'] / base:7.2f}" if base else ""
-    print(f"{system:10} {r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} {r['peak_gib']:9.2f} {ratio}")
-
+  print_table(rows, f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'resident GiB':>13} {'peak GiB':>9} {'vs bnb':>7}",
+              lambda r: f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} {r['resident_gib']:13.2f} "
+                        f"{r['peak_gib']:9.2f} " + (f"{r['tokens_per_s'] / base:7.2f}" if base else ""))
 
 if __name__ == "__main__":
   main()
