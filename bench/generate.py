@@ -64,9 +64,30 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
 
   seconds = _per_token(run, args.short, args.long, args.repeats)
   stats = jax.devices()[0].memory_stats() or {}
-  return {"system": f"ours:{variant}", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
-          "resident_gib": stats.get("bytes_in_use", 0) / 2**30,
-          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+  row = {"system": f"ours:{variant}", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+         "resident_gib": stats.get("bytes_in_use", 0) / 2**30,
+         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+  return row | (_profile(model, len(prompt) + args.long) if args.profile else {})
+
+
+def _profile(model, cache_length: int) -> dict:
+  """GPU kernel time of one compiled chunk of decoding steps (CUPTI), per token and by kernel."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from qlora_jax.generate import CHUNK, _decoder
+  from qlora_jax.model import KVCache
+  from step_profile import kernels_by_name
+
+  graphdef, state = nnx.split(model)
+  _, chunk = _decoder(graphdef, 0.0, 1.0)
+  cache = lambda: KVCache.empty(model.config, 1, cache_length, jnp.dtype(model.options.dtype))  # noqa: E731
+  args = (jnp.zeros((1,), jnp.int32), jax.random.key(0))
+  jax.block_until_ready(chunk(state, args[0], cache(), args[1]))  # compiled for this cache length
+  _, rows = kernels_by_name(lambda c: chunk(state, args[0], c, args[1]), cache())
+  return {"kernel_ms_per_token": sum(ms for ms, _, _ in rows) / CHUNK,
+          "kernels_per_token": [(ms / CHUNK, n / CHUNK, name) for ms, n, name in rows[:25]]}
 
 
 def bnb(shape: dict, prompt: list[int], args) -> dict:
@@ -99,6 +120,8 @@ def main() -> None:
   p.add_argument("--long", type=int, default=144)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--systems", default="ours:auto,ours:xla,ours:scan,bnb")
+  p.add_argument("--profile", action="store_true",
+                 help="ours: also the GPU kernel time of a chunk of steps, per token and by kernel")
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--json")
   args = p.parse_args()
@@ -114,10 +137,16 @@ def main() -> None:
     return
   rows = run_systems({system: [sys.executable, __file__, "--worker", system, "--model", args.model,
                                "--prompt", str(args.prompt), "--short", str(args.short),
-                               "--long", str(args.long), "--repeats", str(args.repeats)]
+                               "--long", str(args.long), "--repeats", str(args.repeats),
+                               *(["--profile"] if args.profile else [])]
                       for system in args.systems.split(",")},
                      args.json, {"model": args.model, "prompt": args.prompt})
   base = rows.get("bnb", {}).get("tokens_per_s")
+  for system, r in rows.items():
+    if "kernels_per_token" in r:
+      print(f"\n{system}: {r['kernel_ms_per_token']:.2f} ms of GPU kernels a token; by kernel (ms, calls):")
+      for ms, n, name in r["kernels_per_token"]:
+        print(f"  {ms:7.3f} {n:6.1f}x {name[:90]}")
   print(f"\n{args.model}, batch 1, prompt {args.prompt}, greedy")
   print_table(rows, f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'resident GiB':>13} {'peak GiB':>9} {'vs bnb':>7}",
               lambda r: f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} {r['resident_gib']:13.2f} "

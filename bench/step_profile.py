@@ -29,6 +29,16 @@ from qlora_jax.train_step import make_train_step, to_device_batch
 from qlora_jax.weights import random_model
 
 
+def kernels_by_name(fn, *args) -> tuple:
+  """(fn's outputs, [(ms, calls, kernel name)] of one call, summed by name, largest first): CUPTI."""
+  out, kernels = profiler.measure(fn, aggregate=False)(*args)
+  by_name = collections.defaultdict(lambda: [0, 0.0])
+  for name, ms in kernels:
+    by_name[name][0] += 1
+    by_name[name][1] += ms
+  return out, sorted(((ms, n, name) for name, (n, ms) in by_name.items()), reverse=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--model", default="llama-65b", choices=sorted(SHAPES))
@@ -59,12 +69,7 @@ def main() -> None:
     lora, rng, opt, metrics = step(lora, rng, opt, frozen, data)
     jax.block_until_ready(metrics)
     walls.append(time.perf_counter() - t0)
-  (lora, rng, opt, _), kernels = profiler.measure(run, aggregate=False)(lora, rng, opt, frozen, data)
-  by_name = collections.defaultdict(lambda: [0, 0.0])
-  for name, ms in kernels:
-    by_name[name][0] += 1
-    by_name[name][1] += ms
-  rows = sorted(((ms, n, name) for name, (n, ms) in by_name.items()), reverse=True)
+  (lora, rng, opt, _), rows = kernels_by_name(run, lora, rng, opt, frozen, data)
   total = sum(ms for ms, _, _ in rows)
   print(f"{args.model} x {args.layers} layers: step {statistics.median(walls[2:]) * 1e3:.1f} ms wall, "
         f"{total:.1f} ms of kernels")

@@ -104,7 +104,7 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   token, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
   pending = np.asarray(token)[:, None]  # [B, n]: computed, not yet yielded
   done = np.zeros((b,), bool)
-  for step in range(sampling.max_new_tokens):
+  for _ in range(sampling.max_new_tokens):
     if not pending.shape[1]:
       key, sub = jax.random.split(key)
       tokens, cache = chunk(state, token, cache, sub)
