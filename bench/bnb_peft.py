@@ -189,5 +189,6 @@ def main() -> None:
                   f"{ours['tokens_per_s'] / r['tokens_per_s']:14.2f} {ours['peak_gib'] / r['peak_gib']:12.2f}"
                   if "tokens_per_s" in ours else ""))
 
+
 if __name__ == "__main__":
   main()

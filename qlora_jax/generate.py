@@ -60,24 +60,22 @@ def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> tuple[
   variables and jax.jit check every argument, which costs more than a token's compute on an
   accelerator (docs/BENCHMARKS.md, "Generation")."""
 
-  def prefill(state, ids, mask, cache, key):
+  def next_tokens(state, ids, mask, cache, key):  # ids [B, T] appended: (next token [B], cache)
     logits, cache = nnx.merge(graphdef, state).decode(ids, cache, mask)
     return sample_token(logits[:, -1], key, temperature, top_p), cache
 
   def chunk(state, tokens, cache, key):
     arrays, treedef = jax.tree.flatten(state)
 
-    def one(carry, step_key):  # the model's variables made again in the loop's trace (NNX checks)
-      tokens, cache = carry
-      model = nnx.merge(graphdef, jax.tree.unflatten(treedef, arrays))
-      logits, cache = model.decode(tokens[:, None], cache)
-      tokens = sample_token(logits[:, -1], step_key, temperature, top_p)
+    def one(carry, step_key):  # state rebuilt in the loop's trace: NNX refuses outer variables
+      tokens, cache = next_tokens(jax.tree.unflatten(treedef, arrays), carry[0][:, None], None,
+                              carry[1], step_key)
       return (tokens, cache), tokens
 
     (_, cache), out = jax.lax.scan(one, (tokens, cache), jax.random.split(key, CHUNK))
     return out.T, cache
 
-  return jax.jit(prefill, donate_argnums=3), jax.jit(chunk, donate_argnums=2)
+  return jax.jit(next_tokens, donate_argnums=3), jax.jit(chunk, donate_argnums=2)
 
 
 def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
