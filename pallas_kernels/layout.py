@@ -56,32 +56,40 @@ def split_codes(qw: QuantizedArray) -> jax.Array:
   return ((halves[:, :, 0] << 4) | halves[:, :, 1]).reshape(n_rows, k // 2)
 
 
-def transposed_pairs(qw: QuantizedArray) -> jax.Array:
-  """uint8 [K, N/2]: W^T packed as bitsandbytes packs W (elements 2p, 2p + 1 of a row in byte p).
-
-  A 4-bit transpose done on 32-bit words, the unit XLA transposes efficiently: a word gathers
-  one byte of four consecutive rows of W (a 4 x 2 block of codes), the grid of words is
-  transposed, and each word's nibbles are regrouped into the two rows of W^T it holds."""
-  n_rows, k = qw.shape
-  rows4 = qw.codes.reshape(n_rows // 4, 4, k // 2).transpose(0, 2, 1)  # byte r: row 4i + r
-  words = lax.bitcast_convert_type(rows4, jnp.uint32).T  # [K/2, N/4]: column pair 2q, 2q + 1
-  nib = lambda r, low: (words >> (8 * r + (0 if low else 4))) & 0xF  # noqa: E731
-  row = lambda low: (nib(0, low) << 4 | nib(1, low) | nib(2, low) << 12 | nib(3, low) << 8)  # noqa: E731
-  halves = jnp.stack([row(False), row(True)], axis=1).astype(jnp.uint16)  # [K/2, 2, N/4]
-  return lax.bitcast_convert_type(halves, jnp.uint8).reshape(k, n_rows // 2)
-
-
 def fragment_codes(qw: QuantizedArray, transposed: bool = False) -> jax.Array:
   """uint8 [N, K/2] (for `transposed`, W^T's [K, N/2]): elements (2p, 2p + 1) in byte p as
   bitsandbytes packs them, with byte 16 g + 4 t + j of a row moved to 16 g + 4 j + t. Lane t of a
   thread quad loads bytes 4t..4t+3 of a 16-byte group and widens byte j into wgmma's columns
   8 j + 2 t, + 1 (gpu_widen.column_order): these bytes hold exactly those elements."""
-  pairs = transposed_pairs(qw) if transposed else qw.codes.reshape(qw.shape[0], -1)
-  rows, cols = pairs.shape  # the 4 x 4 byte transposes, on the 4 words of each 16 bytes:
-  words = lax.bitcast_convert_type(pairs.reshape(rows, cols // 16, 4, 4), jnp.uint32)
+  if transposed:
+    return _transposed_fragment_codes(qw)
+  rows, cols = qw.shape[0], qw.shape[1] // 2  # the 4 x 4 byte transposes, on 32-bit words:
+  words = lax.bitcast_convert_type(qw.codes.reshape(rows, cols // 16, 4, 4), jnp.uint32)
   moved = [functools.reduce(operator.or_, [(words[..., j] >> 8 * t & 0xFF) << 8 * j
                                            for j in range(4)]) for t in range(4)]
   return lax.bitcast_convert_type(jnp.stack(moved, -1), jnp.uint8).reshape(rows, cols)
+
+
+def _transposed_fragment_codes(qw: QuantizedArray) -> jax.Array:
+  """fragment_codes of W^T: word t of 16-byte group g in row k of W^T holds, in byte j,
+  W[32 g + 8 j + 2 t, k] (high nibble) and W[32 g + 8 j + 2 t + 1, k] (low).
+
+  Made row-local first, then transposed: each such word gathers one nibble from the 32-bit words
+  of 8 rows of W at one column word c (elements 8c..8c+7), so the 8 words of W^T rows 8c..8c+7
+  are an 8 x 8 nibble transpose of those 8 words (reads coalesced along K); the result,
+  [N/8, K] words, then takes one 32-bit transpose, the unit XLA transposes fast (H100, 8192²:
+  48 µs against 73 µs for the transpose first; docs/BENCHMARKS.md)."""
+  n_rows, k = qw.shape  # words[g, j, t, e, c]: row 32 g + 8 j + 2 t + e, elements 8c..8c+7
+  words = lax.bitcast_convert_type(qw.codes.reshape(n_rows // 32, 4, 4, 2, k // 8, 4), jnp.uint32)
+
+  def row_of_transpose(i):  # [g, t, c]: the word (g, t) of W^T's row 8 c + i
+    shift = 8 * (i // 2) + 4 * (1 - i % 2)  # element 8c + i's nibble in its word (high first)
+    return functools.reduce(operator.or_, [
+        (words[:, j, :, e] >> shift & 0xF) << (8 * j + 4 * (1 - e)) for j in range(4)
+        for e in range(2)])
+
+  by_row = jnp.stack([row_of_transpose(i) for i in range(8)], -1).reshape(n_rows // 8, k)
+  return lax.bitcast_convert_type(by_row.T, jnp.uint8).reshape(k, n_rows // 2)
 
 
 def half_block_scales(qw: QuantizedArray) -> jax.Array:
