@@ -100,7 +100,7 @@ def weight(n: int, k: int, seed: int):
   return random_quantized(jax.random.key(seed), (n, k), QuantConfig())
 
 
-def train_rows(m: int, shapes) -> list[dict]:
+def train_rows(m: int, shapes, products=("fwd", "bwd")) -> list[dict]:
   """"ours" is the `pallas` qmatmul backend, the path a model takes (operand preparation + kernel)."""
   xla, ours = get_backend("xla"), get_backend("pallas")
   rows = []
@@ -114,6 +114,8 @@ def train_rows(m: int, shapes) -> list[dict]:
         "bwd": (dy, "backward", lambda a, wd: jnp.dot(a, wd, preferred_element_type=jnp.bfloat16)),
     }
     for name, (a, product, cublas) in ops.items():
+      if name not in products:
+        continue
       operands, kernel = layout.gpu_operands(qw, product), getattr(gpu_matmul, product)
       fused = jax.jit(lambda a_, q, p=product: getattr(ours, p)(a_, q, jnp.bfloat16))
       ref = jax.jit(lambda a_, q, p=product: getattr(xla, p)(a_, q, jnp.bfloat16))
@@ -236,6 +238,34 @@ def tune_ragged() -> None:
     print(f"| {n} x {k} | " + " | ".join(cells) + " |", flush=True)
 
 
+def tune_ceilings() -> None:
+  """What any kernel reading a decode shape's bytes can reach: an XLA copy (GB/s of read + write)
+  and an XLA reduction (GB/s read) of a buffer as large as the codes and absmax codes, rotated
+  past the L2 like the decode rows, against the same for 2 GiB."""
+  big = jax.random.bits(jax.random.key(0), (1 << 29,), jnp.uint32)
+  print(f"2 GiB: copy {2 * big.nbytes / gpu_ms(jax.jit(lambda v: v ^ 1), big) / 1e6:.0f}, read "
+        f"{big.nbytes / gpu_ms(jax.jit(jnp.bitwise_xor.reduce), big) / 1e6:.0f} GB/s", flush=True)
+  del big
+  for n, k in DECODE_SHAPES:
+    nbytes = n * k // 2 + n * k // 64
+    copies = max(2, -(-100 * 2**20 // nbytes))
+    bufs = [jax.random.bits(jax.random.key(s), (nbytes // 4,), jnp.uint32) for s in range(copies)]
+    copy = gpu_ms(jax.jit(lambda bs: [b ^ 1 for b in bs]), bufs) / copies
+    read = gpu_ms(jax.jit(lambda bs: [jnp.bitwise_xor.reduce(b) for b in bs]), bufs) / copies
+    print(f"{n} x {k} ({nbytes / 1e6:.1f} MB): copy {1e3 * copy:.1f} µs, "
+          f"{2 * nbytes / copy / 1e6:.0f} GB/s; read {1e3 * read:.1f} µs, "
+          f"{nbytes / read / 1e6:.0f} GB/s", flush=True)
+
+
+def tune_prep() -> None:
+  """µs of the per-call operand preparation (layout.gpu_operands) per training shape."""
+  for n, k in TRAIN_SHAPES:
+    qw = weight(n, k, n + k)
+    cells = [f"{p} {1e3 * gpu_ms(jax.jit(lambda q, p=p: layout.gpu_operands(q, p)), qw):.1f}"
+             for p in ("forward", "backward")]
+    print(f"prep N={n} K={k}: " + ", ".join(cells) + " µs", flush=True)
+
+
 def tune(m: int) -> None:
   """TFLOP/s of the training kernels for a few configurations (kernel + output transpose)."""
   C = gpu_matmul.Config
@@ -262,14 +292,16 @@ def main() -> None:
   p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
   p.add_argument("--decode-only", action="store_true", help="skip the training shapes")
   p.add_argument("--train-only", action="store_true", help="skip the decode shapes")
-  p.add_argument("--tune", choices=["train", "decode", "ragged"],
+  p.add_argument("--tune", choices=["train", "decode", "ragged", "prep", "ceilings"],
                  help="only compare tile configurations (ragged: the decode kernel's stream-K shares)")
+  p.add_argument("--ops", default="fwd,bwd", help="training products to time: fwd, bwd or both")
   p.add_argument("--json", help="write all rows here")
   args = p.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
   if args.tune:
-    {"decode": tune_decode, "ragged": tune_ragged}.get(args.tune, lambda: tune(args.m))()
+    {"decode": tune_decode, "ragged": tune_ragged, "prep": tune_prep,
+     "ceilings": tune_ceilings}.get(args.tune, lambda: tune(args.m))()
     return
   ceil = ceilings()
   print(json.dumps(ceil), flush=True)
@@ -279,7 +311,7 @@ def main() -> None:
     train = []
   if args.train_only:
     decode = []
-  rows = train_rows(args.m, train) + decode_rows((1, 4, 16, 64), decode, ceil["copy_GBps"])
+  rows = train_rows(args.m, train, args.ops.split(",")) + decode_rows((1, 4, 16, 64), decode, ceil["copy_GBps"])
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": dev.device_kind, "jax": jax.__version__, **ceil, "rows": rows}, f, indent=1)

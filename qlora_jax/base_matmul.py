@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -60,9 +61,26 @@ def compute_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype) -> j
   the float32-result one, so there the result is rounded after: the same numbers either way.
   """
   cd = jnp.dtype(compute_dtype)
+  if jax.default_backend() == "gpu" and math.prod(a.shape[:-1]) == 1:
+    return one_row_dot(subscripts, a, b, cd)
   result = jnp.float32 if jax.default_backend() == "cpu" else cd
   return jnp.einsum(subscripts, a.astype(cd), b.astype(cd), preferred_element_type=result,
                     precision=precision_for(cd)).astype(cd)
+
+
+def one_row_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype, rows: int = 8):
+  """compute_dot for an `a` of one row (batch-1 decoding: the LoRA products, 'xla' forward),
+  `a` padded to `rows` rows and the first row of the product kept.
+
+  XLA's GPU simplifier rewrites a small vector x matrix dot into multiply + reduce: each product
+  rounded to bf16, then a column reduction (over K = 4096 into 64 columns for a LoRA A) with
+  little parallelism. On the H100 a LoRA pair x @ A @ B at one row took 9.4-9.9 µs that way and
+  6.5-7.2 µs as an 8-row tensor-core product (docs/BENCHMARKS.md, "Generation"), which also keeps
+  the products exact (float32 accumulation)."""
+  padded = jnp.broadcast_to(a.reshape(1, a.shape[-1]), (rows, a.shape[-1]))
+  out = jnp.einsum(subscripts, padded.astype(compute_dtype), b.astype(compute_dtype),
+                   preferred_element_type=compute_dtype, precision=precision_for(compute_dtype))
+  return out[:1].reshape(*a.shape[:-1], *out.shape[1:]).astype(compute_dtype)
 
 
 def _xla_forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:

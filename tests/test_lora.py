@@ -232,3 +232,19 @@ def test_backend_switch_routes_forward_and_backward():
   assert calls == ["fwd", "bwd"]
   ref = jnp.sum(q.dequantize(layer.weight.get_value(), jnp.float32), axis=0)  # d sum(xW^T)/dx
   np.testing.assert_allclose(np.asarray(dx), np.broadcast_to(ref, dx.shape), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("subscripts, a_shape, b_shape", [
+    ("...k,kr->...r", (1, 1, 96), (96, 16)), ("...r,rn->...n", (1, 1, 16), (16, 40)),
+    ("mk,nk->mn", (1, 96), (40, 96)), ("mn,nk->mk", (1, 40), (40, 96))])
+def test_one_row_dot_matches_float64(subscripts, a_shape, b_shape):
+  """The one-row product (batch-1 decoding on a GPU: padded rows, first row kept) is the einsum
+  of its bf16 operands to bf16 rounding, with x's leading shape kept."""
+  from qlora_jax.base_matmul import one_row_dot
+  a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
+  b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
+  out = one_row_dot(subscripts, a, b, jnp.bfloat16)
+  a64, b64 = (np.asarray(v.astype(jnp.bfloat16), np.float64) for v in (a, b))
+  want = np.einsum(subscripts, a64, b64)
+  assert out.shape == want.shape and out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
