@@ -69,14 +69,15 @@ def compute_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype) -> j
 
 
 def one_row_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype, rows: int = 8):
-  """compute_dot for an `a` of one row (batch-1 decoding: the LoRA products, 'xla' forward),
-  `a` padded to `rows` rows and the first row of the product kept.
+  """compute_dot for an `a` of one row (batch-1 decoding: the LoRA products, 'xla' forward):
+  the row broadcast to `rows` rows, the first row of the product kept.
 
   XLA's GPU simplifier rewrites a small vector x matrix dot into multiply + reduce: each product
   rounded to bf16, then a column reduction (over K = 4096 into 64 columns for a LoRA A) with
   little parallelism. On the H100 a LoRA pair x @ A @ B at one row took 9.4-9.9 µs that way and
-  6.5-7.2 µs as an 8-row tensor-core product (docs/BENCHMARKS.md, "Generation"), which also keeps
-  the products exact (float32 accumulation)."""
+  5.1-5.7 µs as an 8-row tensor-core product (docs/BENCHMARKS.md, "Generation"), which also keeps
+  the products exact (float32 accumulation). A broadcast, not zero rows: XLA fuses it into the
+  product, where a pad is a kernel of its own."""
   padded = jnp.broadcast_to(a.reshape(1, a.shape[-1]), (rows, a.shape[-1]))
   out = jnp.einsum(subscripts, padded.astype(compute_dtype), b.astype(compute_dtype),
                    preferred_element_type=compute_dtype, precision=precision_for(compute_dtype))
