@@ -4,7 +4,7 @@
   auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the
           decode kernel (gpu_decode) for up to 64 rows, several times XLA's path, and XLA's
           dequantize + cuBLAS for training shapes, where the fused kernels (gpu_matmul) measured
-          91-97% (forward) and 84-93% (backward) of cuBLAS under sustained load against XLA's
+          91-97% (forward) and 83-94% (backward) of cuBLAS under sustained load against XLA's
           91-97%, and a whole llama3-1b step 2.4% slower (docs/BENCHMARKS.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
