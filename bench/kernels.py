@@ -311,7 +311,8 @@ def main() -> None:
     train = []
   if args.train_only:
     decode = []
-  rows = train_rows(args.m, train, args.ops.split(",")) + decode_rows((1, 4, 16, 64), decode, ceil["copy_GBps"])
+  rows = (train_rows(args.m, train, args.ops.split(","))
+          + decode_rows((1, 4, 16, 64), decode, ceil["copy_GBps"]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": dev.device_kind, "jax": jax.__version__, **ceil, "rows": rows}, f, indent=1)

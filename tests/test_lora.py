@@ -238,8 +238,8 @@ def test_backend_switch_routes_forward_and_backward():
     ("...k,kr->...r", (1, 1, 96), (96, 16)), ("...r,rn->...n", (1, 1, 16), (16, 40)),
     ("mk,nk->mn", (1, 96), (40, 96)), ("mn,nk->mk", (1, 40), (40, 96))])
 def test_one_row_dot_matches_float64(subscripts, a_shape, b_shape):
-  """The one-row product (batch-1 decoding on a GPU: the row broadcast, the first kept) is the einsum
-  of its bf16 operands to bf16 rounding, with x's leading shape kept."""
+  """The one-row product (batch-1 decoding on a GPU: the row broadcast, the first kept) is the
+  einsum of its bf16 operands to bf16 rounding, with x's leading shape kept."""
   from qlora_jax.base_matmul import one_row_dot
   a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
   b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
@@ -247,4 +247,5 @@ def test_one_row_dot_matches_float64(subscripts, a_shape, b_shape):
   a64, b64 = (np.asarray(v.astype(jnp.bfloat16), np.float64) for v in (a, b))
   want = np.einsum(subscripts, a64, b64)
   assert out.shape == want.shape and out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2,
+                             atol=1e-2 * np.abs(want).max())
