@@ -90,10 +90,17 @@ def rel_err(out, ref) -> float:
 
 def ceilings() -> dict:
   x = jax.random.bits(jax.random.key(0), (1 << 29,), jnp.uint32)  # 2 GiB
-  copy_ms = gpu_ms(jax.jit(lambda v: v ^ 1), x)
+  copy_ms, read_ms = gpu_ms(jax.jit(lambda v: v ^ 1), x), gpu_ms(jax.jit(jnp.bitwise_xor.reduce), x)
   a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
   mm_ms = gpu_ms(jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32)), a, a.T)
-  return {"copy_GBps": 2 * x.nbytes / copy_ms / 1e6, "matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+  return {"copy_GBps": 2 * x.nbytes / copy_ms / 1e6, "read_GBps": x.nbytes / read_ms / 1e6,
+          "matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def past_l2(nbytes: int) -> int:
+  """How many weights of `nbytes` a decode row rotates over: 100 MB, twice the H100's 50 MB L2,
+  so that nothing is served from it."""
+  return max(2, -(-100 * 2**20 // nbytes))
 
 
 def weight(n: int, k: int, seed: int):
@@ -175,8 +182,7 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
   xla, pallas = get_backend("xla"), get_backend("pallas")
   rows = []
   for n, k in shapes:
-    # Several weights per call, twice the 50 MB L2, so nothing is re-read from cache.
-    copies = max(2, -(-100 * 2**20 // (n * k // 2)))
+    copies = past_l2(n * k // 2)
     qws = [weight(n, k, s) for s in range(copies)]
     for m in ms:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -202,7 +208,7 @@ def decode_rows(ms, shapes, copy_gbps: float) -> list[dict]:
 def _decode_kernel_gbps(n: int, k: int, config, split) -> float:
   """GB/s (bytes of M = 1) of the decode kernel alone on weights rotated past the L2: no x
   permutation, no combining of the CTAs' stores."""
-  copies = max(2, -(-100 * 2**20 // (n * k // 2)))
+  copies = past_l2(n * k // 2)
   qws = [weight(n, k, s) for s in range(copies)]
   x = jax.random.normal(jax.random.key(0), (64, k), jnp.bfloat16)
   call = functools.partial(gpu_decode._call, table=TABLE, config=config, split=split, out_cols=8,
@@ -242,13 +248,11 @@ def tune_ceilings() -> None:
   """What any kernel reading a decode shape's bytes can reach: an XLA copy (GB/s of read + write)
   and an XLA reduction (GB/s read) of a buffer as large as the codes and absmax codes, rotated
   past the L2 like the decode rows, against the same for 2 GiB."""
-  big = jax.random.bits(jax.random.key(0), (1 << 29,), jnp.uint32)
-  print(f"2 GiB: copy {2 * big.nbytes / gpu_ms(jax.jit(lambda v: v ^ 1), big) / 1e6:.0f}, read "
-        f"{big.nbytes / gpu_ms(jax.jit(jnp.bitwise_xor.reduce), big) / 1e6:.0f} GB/s", flush=True)
-  del big
+  ceil = ceilings()
+  print(f"2 GiB: copy {ceil['copy_GBps']:.0f}, read {ceil['read_GBps']:.0f} GB/s", flush=True)
   for n, k in DECODE_SHAPES:
     nbytes = n * k // 2 + n * k // 64
-    copies = max(2, -(-100 * 2**20 // nbytes))
+    copies = past_l2(nbytes)
     bufs = [jax.random.bits(jax.random.key(s), (nbytes // 4,), jnp.uint32) for s in range(copies)]
     copy = gpu_ms(jax.jit(lambda bs: [b ^ 1 for b in bs]), bufs) / copies
     read = gpu_ms(jax.jit(lambda bs: [jnp.bitwise_xor.reduce(b) for b in bs]), bufs) / copies

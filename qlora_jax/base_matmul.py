@@ -63,6 +63,10 @@ def compute_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype) -> j
   cd = jnp.dtype(compute_dtype)
   if jax.default_backend() == "gpu" and math.prod(a.shape[:-1]) == 1:
     return one_row_dot(subscripts, a, b, cd)
+  return _einsum(subscripts, a, b, cd)
+
+
+def _einsum(subscripts: str, a: jax.Array, b: jax.Array, cd: jnp.dtype) -> jax.Array:
   result = jnp.float32 if jax.default_backend() == "cpu" else cd
   return jnp.einsum(subscripts, a.astype(cd), b.astype(cd), preferred_element_type=result,
                     precision=precision_for(cd)).astype(cd)
@@ -78,10 +82,9 @@ def one_row_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype, rows
   5.1-5.7 µs as an 8-row tensor-core product (docs/BENCHMARKS.md, "Generation"), which also keeps
   the products exact (float32 accumulation). A broadcast, not zero rows: XLA fuses it into the
   product, where a pad is a kernel of its own."""
-  padded = jnp.broadcast_to(a.reshape(1, a.shape[-1]), (rows, a.shape[-1]))
-  out = jnp.einsum(subscripts, padded.astype(compute_dtype), b.astype(compute_dtype),
-                   preferred_element_type=compute_dtype, precision=precision_for(compute_dtype))
-  return out[:1].reshape(*a.shape[:-1], *out.shape[1:]).astype(compute_dtype)
+  out = _einsum(subscripts, jnp.broadcast_to(a.reshape(1, a.shape[-1]), (rows, a.shape[-1])), b,
+                jnp.dtype(compute_dtype))
+  return out[:1].reshape(*a.shape[:-1], *out.shape[1:])
 
 
 def _xla_forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
