@@ -28,9 +28,9 @@ def parse(argv):
 
 
 def convert_from_args(args) -> str:
-  from qlora_jax.convert import convert
-  from qlora_jax.quantization import QuantConfig
-  from qlora_jax.sources import default_gguf
+  from qlora_jax.io.convert import convert
+  from qlora_jax.format.quantization import QuantConfig
+  from qlora_jax.io.sources import default_gguf
 
   src, out = args.src, args.out
   if args.default and out is not None:

@@ -10,7 +10,10 @@ import sys
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  from qlora_jax.train.config_files import help_text
+
+  p = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="smollm2_135m_cpu", help="config name in configs/ or a path")
   group = p.add_mutually_exclusive_group()
   group.add_argument("--resume", dest="resume", action="store_true", default=None,
@@ -22,12 +25,13 @@ def parse(argv):
 
 
 def train_from_args(args) -> str:
-  from qlora_jax.train_config import load_config
-  from qlora_jax.trainer import train
+  from qlora_jax.train.config_files import load_config
+  from qlora_jax.train.trainer import train
 
   cfg = load_config(args.config, args.overrides)
   summary = train(cfg, resume=args.resume)  # a NaN loss raises TrainingError, a ValueError
-  return f"{summary.text()}\nrun folder: {cfg.output_dir} (metrics.jsonl, loss.png, summary.txt, checkpoints/)"
+  return (f"{summary.text()}\nrun folder: {cfg.loop.output_dir} (config.json, metrics.jsonl, "
+          "loss.png, summary.txt, checkpoints/)")
 
 
 def main(argv=None) -> int:

@@ -1,15 +1,15 @@
 """Check cuDNN attention against XLA's on the model's masks (causal + packed segments), on GPU.
 
-  PYTHONPATH=. python3 bench/attention_check.py
+  python3 bench/attention_check.py
 """
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.weights import random_model
+from qlora_jax.nn.model import ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.testing import random_model
 
 
 def main() -> None:

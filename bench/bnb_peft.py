@@ -162,7 +162,7 @@ def main() -> None:
   p.add_argument("--json")
   args = p.parse_args()
   sys.path.insert(0, HERE)
-  from train_step import SHAPES  # noqa: E402  (bench/ is not a package)
+  from common import SHAPES  # noqa: E402
   shape = SHAPES[args.model]
   if args.worker:
     print(json.dumps(bnb_step(shape, args.batch, args.seq, args.steps, args.worker == "bnb-ckpt",

@@ -4,7 +4,7 @@ against transformers + bitsandbytes + PEFT on the same GPU.
   XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/generate.py --model llama3-8b
 
 Systems, one subprocess each (neither framework's allocator sees the other's memory):
-  ours:auto    qlora_jax.generate, the default backend (the Pallas decode kernel on a GPU)
+  ours:auto    qlora_jax.nn.generate, the default backend (the Pallas decode kernel on a GPU)
   ours:xla     the same with backend 'xla' (dequantize + dot)
   ours:scan    backend 'auto' with the layers scanned (the trainer's default)
   bnb          transformers' generate on LlamaForCausalLM with bitsandbytes Linear4bit (NF4,
@@ -48,14 +48,16 @@ def _per_token(run, short: int, long: int, repeats: int) -> float:
 def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   import jax
 
-  from qlora_jax.generate import SamplingConfig, generate
-  from qlora_jax.lora import LoraConfig
-  from qlora_jax.model import ModelOptions
-  from qlora_jax.model_config import ModelConfig
-  from qlora_jax.weights import random_model
+  from pallas_kernels.backends import get_backend
+  from qlora_jax.nn.generate import SamplingConfig, generate
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.nn.model import ModelOptions
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
 
   options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0),
-                         backend="xla" if variant == "xla" else "auto", scan_layers=variant == "scan")
+                         backend=get_backend("xla" if variant == "xla" else "auto"),
+                         scan_layers=variant == "scan")
   model = random_model(ModelConfig(model_type="llama", **shape), options)
 
   def run(n):  # one cache length (max_new_tokens) for every run: one compiled step
@@ -77,8 +79,8 @@ def _profile(model, cache_length: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from qlora_jax.generate import CHUNK, _decoder
-  from qlora_jax.model import KVCache
+  from qlora_jax.nn.generate import CHUNK, _decoder
+  from qlora_jax.nn.model import KVCache
   from step_profile import kernels_by_name
 
   graphdef, state = nnx.split(model)
@@ -128,7 +130,7 @@ def main() -> None:
   args = p.parse_args()
   sys.path.insert(0, HERE)
   from bnb_peft import print_table, run_systems  # noqa: E402  (bench/ is not a package)
-  from train_step import SHAPES  # noqa: E402
+  from common import SHAPES  # noqa: E402
   shape = SHAPES[args.model]
   prompt = [(7 + 7919 * i) % shape["vocab_size"] for i in range(args.prompt)]  # fixed, spread
   if args.worker:

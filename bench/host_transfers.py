@@ -11,24 +11,17 @@ Prints median seconds; docs/BENCHMARKS.md ("Streamed update") has the H100 figur
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/host_transfers.py
 """
 
-import statistics
-import time
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from bench.common import median_seconds  # noqa: E402
+
 LAYERS, PER = 80, 10_000_000
 PIECE = (2, PER // 1024, 1024)  # 80 MB of float32: one layer's mu and nu
-
-
-def median_s(fn, n: int = 4) -> float:
-  fn()
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def transfers(host, device) -> dict:
@@ -55,15 +48,15 @@ def transfers(host, device) -> dict:
   copies = jax.jit(lambda x, w, m: scan_copies(x, w, m, False), out_shardings=host)
   both = jax.jit(lambda x, w, m: scan_copies(x, w, m, True), out_shardings=host)
   return {
-      "host->device (runtime)": median_s(lambda: jax.block_until_ready(fetch())),
-      "device->host (runtime)": median_s(lambda: jax.block_until_ready(write())),
-      "both at once (runtime)": median_s(lambda: jax.block_until_ready((fetch(), write()))),
-      "host->device (in-program scan)": median_s(lambda: jax.block_until_ready(scan_fetch(stacked))),
-      "device->host (in-program scan)": median_s(lambda: jax.block_until_ready(scan_write(devices[0]))),
-      "matmuls alone": median_s(lambda: jax.block_until_ready(matmuls(x, w))),
-      "matmuls, then host->device behind them": median_s(lambda: jax.block_until_ready((matmuls(x, w), fetch()))),
-      "both directions (in-program scan)": median_s(lambda: jax.block_until_ready(copies(x, w, stacked))),
-      "matmuls + both directions (in-program scan)": median_s(lambda: jax.block_until_ready(both(x, w, stacked))),
+      "host->device (runtime)": median_seconds(lambda: jax.block_until_ready(fetch())),
+      "device->host (runtime)": median_seconds(lambda: jax.block_until_ready(write())),
+      "both at once (runtime)": median_seconds(lambda: jax.block_until_ready((fetch(), write()))),
+      "host->device (in-program scan)": median_seconds(lambda: jax.block_until_ready(scan_fetch(stacked))),
+      "device->host (in-program scan)": median_seconds(lambda: jax.block_until_ready(scan_write(devices[0]))),
+      "matmuls alone": median_seconds(lambda: jax.block_until_ready(matmuls(x, w))),
+      "matmuls, then host->device behind them": median_seconds(lambda: jax.block_until_ready((matmuls(x, w), fetch()))),
+      "both directions (in-program scan)": median_seconds(lambda: jax.block_until_ready(copies(x, w, stacked))),
+      "matmuls + both directions (in-program scan)": median_seconds(lambda: jax.block_until_ready(both(x, w, stacked))),
   }
 
 
@@ -107,7 +100,7 @@ def chunked_update(host, device, chunk: int) -> float:
       out.append(jax.device_put(new, host))
     jax.block_until_ready((lora, out))
     state["lora"], state["m"] = lora, out
-  return median_s(run)
+  return median_seconds(run)
 
 
 def scan_update(host, device) -> float:
@@ -129,7 +122,7 @@ def scan_update(host, device) -> float:
   def run():
     state["lora"], state["m"] = program(state["lora"], grads, state["m"])
     jax.block_until_ready((state["lora"], state["m"]))
-  return median_s(run)
+  return median_seconds(run)
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import gpu, gpu_decode, gpu_matmul, layout
-from qlora_jax.base_matmul import get_backend
-from qlora_jax.quantization import QuantConfig, dequantize
-from qlora_jax.weights import random_quantized
+from pallas_kernels.backends import get_backend
+from qlora_jax.format.quantization import QuantConfig, dequantize
+from qlora_jax.testing import random_quantized
 
 TRAIN_SHAPES = [  # (N, K): llama3-1b/8b, llama-65b and a 70B-sized MLP
     (2048, 2048), (8192, 2048), (2048, 8192), (4096, 4096), (1024, 4096), (14336, 4096),

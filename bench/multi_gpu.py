@@ -3,7 +3,7 @@ into their layout): tokens/s, per-device peak memory, first-step (compile) time,
 estimate beside the measured peak. Each device count runs in its own process (peaks are
 per process), one JSON line each.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/multi_gpu.py --model llama3-8b \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/multi_gpu.py --model llama3-8b \
       --devices 1,2 --axis fsdp --per-device-batch 4 --seq 2048 --attention cudnn
 
 --devices 1 is the unsharded single-device step (the baseline). The per-device batch is fixed
@@ -15,22 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import jax
-from flax import nnx
 
-from bench.train_step import SHAPES, random_batch, time_step
-from qlora_jax.lora import LoraConfig
-from qlora_jax.memory import estimate
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.sharding import make_layout
-from qlora_jax.train_config import TrainConfig
-from qlora_jax.optimizer import init_optimizer, make_optimizer
-from qlora_jax.train_step import make_train_step, to_device_batch
-from qlora_jax.weights import random_model
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from bench.common import (SHAPES, bench_optim, random_batch, random_trainable,  # noqa: E402
+                          shape_config, time_step)
+from qlora_jax.nn.lora import LoraConfig  # noqa: E402
+from qlora_jax.nn.sharding import make_layout  # noqa: E402
+from qlora_jax.train.config import DataConfig, DeviceConfig, ModelSetup, TrainConfig  # noqa: E402
+from qlora_jax.train.memory import estimate  # noqa: E402
 
 
 def _peaks(devices) -> list[float | None]:
@@ -48,22 +45,17 @@ def bench(args, n: int) -> dict:
   batch = args.global_batch or args.per_device_batch * shards
   if batch % shards:
     sys.exit(f"--global-batch {batch} does not split over {shards} devices")
-  model_cfg = ModelConfig(model_type="llama", **SHAPES[args.model])
-  options = ModelOptions(lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0), remat=args.remat,
-                         scan_layers=True, attention=args.attention)
-  train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0, batch_size=batch,
-                          source_max_len=1, target_max_len=args.seq - 1, remat=args.remat,
-                          attention=args.attention, lora_rank=args.rank, mesh=mesh,
-                          lora_sharding=args.lora_sharding)
+  model_cfg = shape_config(args.model)
+  train_cfg = TrainConfig(model=ModelSetup(model_dir="-", remat=args.remat, attention=args.attention),
+                          lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0),
+                          data=DataConfig(dataset="-", source_max_len=1, target_max_len=args.seq - 1),
+                          optim=bench_optim(batch_size=batch),
+                          devices=DeviceConfig(mesh=mesh, lora_sharding=args.lora_sharding))
+  options = train_cfg.model_options()
   est = estimate(model_cfg, options, train_cfg, {args.axis: n})
-  model = random_model(model_cfg, options, layout=layout)
-  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-  tx, _ = make_optimizer(train_cfg)
-  opt_state = init_optimizer(tx, lora, layout)
-  step = make_train_step(graphdef, tx, None, layout, (lora, rng, opt_state, frozen))
-  host = random_batch(model_cfg.vocab_size, 1, batch, args.seq)
-  data = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
-  first_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, args.steps)
+  trainable = random_trainable(model_cfg, options, train_cfg.optim, layout=layout)
+  data = trainable.put_batch(random_batch(model_cfg.vocab_size, 1, batch, args.seq), leading=1)
+  first_s, med, metrics = time_step(trainable, data, args.steps)
   devices = list(layout.mesh.devices.flat) if layout is not None else [jax.devices()[0]]
   peaks = _peaks(devices)
   return {"model": args.model, "devices": n, "mesh": dict(mesh), "lora_sharding": args.lora_sharding,
@@ -99,6 +91,7 @@ def main() -> None:
   for n in counts:  # a fresh process per count: peak memory is per process
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "devices"]
     subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--devices={n}"], check=True)
+
 
 if __name__ == "__main__":
   main()

@@ -6,27 +6,24 @@ per-layer costs scale to the full depth. Prints the wall time of the compiled st
 kernel time and the top kernels; --json keeps them, --hlo the compiled program (to look the
 fusion names up).
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 bench/step_profile.py --layers 8
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 bench/step_profile.py --layers 8
 """
 
 import argparse
 import collections
 import json
+import pathlib
 import statistics
-import time
+import sys
 
 import jax
-from flax import nnx
 from jax.experimental.mosaic.gpu import profiler
 
-from bench.train_step import SHAPES, random_batch
-from qlora_jax.lora import LoraConfig
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.optimizer import init_optimizer, make_optimizer
-from qlora_jax.train_config import TrainConfig
-from qlora_jax.train_step import make_train_step, to_device_batch
-from qlora_jax.weights import random_model
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from bench.common import SHAPES, random_batch, random_trainable, timings  # noqa: E402
+from qlora_jax.nn.lora import LoraConfig  # noqa: E402
+from qlora_jax.nn.model import ModelOptions  # noqa: E402
+from qlora_jax.nn.model_config import ModelConfig  # noqa: E402
 
 
 def kernels_by_name(fn, *args) -> tuple:
@@ -51,11 +48,10 @@ def main() -> None:
   cfg = ModelConfig(model_type="llama", **dict(SHAPES[args.model], num_hidden_layers=args.layers))
   options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0, param_dtype="bfloat16"),
                          remat="full", scan_layers=True, attention="cudnn")
-  graphdef, lora, rng, frozen = nnx.split(random_model(cfg, options), nnx.LoRAParam, nnx.RngState, ...)
-  tx, _ = make_optimizer(TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0))
-  opt = init_optimizer(tx, lora)
-  step = make_train_step(graphdef, tx).programs["whole"]
-  data = to_device_batch(random_batch(cfg.vocab_size, 1, 1, args.seq))
+  trainable = random_trainable(cfg, options)
+  lora, rng, opt, frozen = trainable.lora, trainable.rng, trainable.opt_state, trainable.frozen
+  step = trainable.step.programs["whole"]
+  data = trainable.put_batch(random_batch(cfg.vocab_size, 1, 1, args.seq))
 
   def run(lora, rng, opt, frozen, data):
     return step(lora, rng, opt, frozen, data)
@@ -63,12 +59,8 @@ def main() -> None:
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(jax.jit(run).lower(lora, rng, opt, frozen, data).compile().as_text())
-  walls = []
-  for i in range(5):
-    t0 = time.perf_counter()
-    lora, rng, opt, metrics = step(lora, rng, opt, frozen, data)
-    jax.block_until_ready(metrics)
-    walls.append(time.perf_counter() - t0)
+  walls = timings(lambda: trainable.train_step(data), 5)
+  lora, rng, opt = trainable.lora, trainable.rng, trainable.opt_state
   (lora, rng, opt, _), rows = kernels_by_name(run, lora, rng, opt, frozen, data)
   total = sum(ms for ms, _, _ in rows)
   print(f"{args.model} x {args.layers} layers: step {statistics.median(walls[2:]) * 1e3:.1f} ms wall, "

@@ -10,81 +10,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import pathlib
+import sys
 
 import jax
-import numpy as np
-from flax import nnx
 
-from qlora_jax.lora import LoraConfig
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.train_config import TrainConfig
-from qlora_jax.optimizer import init_optimizer, make_optimizer, offload, offload_sharding
-from qlora_jax.train_step import make_train_step, to_device_batch
-from qlora_jax.weights import random_model
-
-SHAPES = {
-    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, head_dim=64),
-    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-    "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=64, head_dim=128),
-}
-
-
-def peak_gib() -> float:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use", 0) / 2**30
-
-
-def random_batch(vocab: int, micro_batches: int, rows: int, seq: int) -> dict[str, np.ndarray]:
-  """Random tokens as the trainer's batches come: [micro_batches, rows, seq], one segment a row."""
-  ids = np.random.default_rng(0).integers(0, vocab, (micro_batches, rows, seq + 1)).astype(np.int32)
-  return {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (micro_batches, rows, seq)).copy(),
-          "segment_ids": np.ones((micro_batches, rows, seq), np.int32)}
-
-
-def time_step(step, state: tuple, data, steps: int) -> tuple[float, float, dict]:
-  """(seconds of the first step: compile + one step, median step seconds over `steps` after 2
-  warm-up steps, last metrics)."""
-  lora, rng, opt_state, frozen = state
-  times = []
-  for _ in range(steps + 2):
-    t0 = time.perf_counter()
-    lora, rng, opt_state, metrics = step(lora, rng, opt_state, frozen, data)
-    jax.block_until_ready((lora, opt_state, metrics))
-    times.append(time.perf_counter() - t0)
-  return times[0], statistics.median(times[2:]), metrics
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from bench.common import (SHAPES, bench_optim, peak_gib, random_batch, random_trainable,  # noqa: E402
+                          shape_config, time_step)
+from pallas_kernels.backends import get_backend  # noqa: E402
+from qlora_jax.nn.lora import LoraConfig  # noqa: E402
+from qlora_jax.nn.model import ModelOptions  # noqa: E402
 
 
 def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, steps: int, rank: int,
           scan: bool, attention: str, lora_dtype: str = "float32", grad_accum: int = 1,
           backend: str = "auto") -> dict:
-  cfg = ModelConfig(model_type="llama", **SHAPES[model_name])
-  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype), remat=remat,
-                         scan_layers=scan, attention=attention, backend=backend)
-  model = random_model(cfg, options)
-  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-  train_cfg = TrainConfig(model_dir="-", dataset="-", steps=1000, warmup_ratio=0.0)
-  tx, _ = make_optimizer(train_cfg)
-  opt_state = init_optimizer(tx, lora)
-  sharding = offload_sharding(opt_state) if offloaded else None
-  if sharding is not None:
-    opt_state = offload(opt_state, sharding, lora)
-  step = make_train_step(graphdef, tx, sharding)
-  data = to_device_batch(random_batch(cfg.vocab_size, grad_accum, batch, seq))
-  first_s, med, metrics = time_step(step, (lora, rng, opt_state, frozen), data, steps)
-  return {"model": model_name, "batch": batch, "seq": seq, "offload": offloaded, "remat": remat, "scan": scan,
-          "attention": attention, "lora_dtype": lora_dtype, "backend": backend,
-          "rank": rank, "grad_accum": grad_accum, "step_s": med, "tokens_per_s": grad_accum * batch * seq / med, "peak_gib": peak_gib(),
-          "first_step_s": first_s, "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind,
-          "jax": jax.__version__}
+  cfg = shape_config(model_name)
+  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype),
+                         remat=remat, scan_layers=scan, attention=attention,
+                         backend=get_backend(backend))
+  trainable = random_trainable(cfg, options, bench_optim(offload_optimizer=offloaded))
+  data = trainable.put_batch(random_batch(cfg.vocab_size, grad_accum, batch, seq))
+  first_s, med, metrics = time_step(trainable, data, steps)
+  return {"model": model_name, "batch": batch, "seq": seq, "offload": offloaded, "remat": remat,
+          "scan": scan, "attention": attention, "lora_dtype": lora_dtype, "backend": backend,
+          "rank": rank, "grad_accum": grad_accum, "step_s": med,
+          "tokens_per_s": grad_accum * batch * seq / med, "peak_gib": peak_gib(),
+          "first_step_s": first_s, "loss": float(metrics["loss"]),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
 def main() -> None:

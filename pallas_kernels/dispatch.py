@@ -1,11 +1,11 @@
-"""The qmatmul backends 'pallas' and 'auto': pick a kernel per platform and shape at trace time.
+"""The policies behind the backends 'pallas' and 'auto': a kernel per platform and shape, chosen
+at trace time.
 
   pallas  the Pallas kernel wherever the platform has one and the shape suits it, else XLA.
   auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the
           decode kernel (gpu_decode) for up to 64 rows, several times XLA's path, and XLA's
           dequantize + cuBLAS for training shapes, where the fused kernels (gpu_matmul) measured
-          91-97% (forward) and 83-94% (backward) of cuBLAS under sustained load against XLA's
-          91-97%, and a whole llama3-1b step 2.4% slower (docs/BENCHMARKS.md); on CPU, XLA.
+          about even with XLA's path and a whole step slower (docs/kernels.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call. Under a mesh of several devices (a
@@ -20,9 +20,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import gpu_decode, gpu_matmul, layout, tpu
-from qlora_jax.base_matmul import Backend, get_backend, register_backend
-from qlora_jax.quantization import QuantizedArray
+from pallas_kernels import gpu_decode, gpu_matmul, layout, tpu, xla
+from qlora_jax.format.quantization import QuantizedArray
+
+POLICIES = ("pallas", "auto")
 
 INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU)
 _ANNOUNCED: set[tuple[str, str]] = set()
@@ -44,15 +45,16 @@ def _announce(policy: str, platform: str) -> None:
         flush=True)
 
 
-def _product(policy: str, product: str):
-  xla = get_backend("xla")
+def product_fn(policy: str, product: str):
+  """The function computing `product` ("forward" | "backward") under `policy`."""
+  fallback = getattr(xla, product)
 
   def run(a, qw: QuantizedArray, compute_dtype):
     platform = jax.default_backend()
     _announce(policy, platform)
     if (not isinstance(qw, QuantizedArray) or jnp.dtype(compute_dtype) != jnp.bfloat16
         or jax.sharding.get_abstract_mesh().size > 1):
-      return getattr(xla, product)(a, qw, compute_dtype)
+      return fallback(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     if platform == "gpu":
       if product == "forward" and gpu_decode.unsupported_reason(a.shape[0], qw) is None:
@@ -64,10 +66,7 @@ def _product(policy: str, product: str):
     if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):
       operands = layout.kernel_operands(qw, transposed=True)
       return getattr(tpu, product)(a, *operands, table=table, interpret=INTERPRET)
-    return getattr(xla, product)(a, qw, compute_dtype)
+    return fallback(a, qw, compute_dtype)
 
   return run
 
-
-for _policy in ("pallas", "auto"):
-  register_backend(_policy, Backend(_product(_policy, "forward"), _product(_policy, "backward")))

@@ -4,30 +4,29 @@
 
 Decoding is memory-bound: the kernel must stream the 4-bit codes at the copy rate, so what it can
 afford per weight is little arithmetic. Here each code *byte* (two weights) is widened by one
-shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4], table[b & 15]),
-replicated 32 times so that every lane of a warp reads its own bank (no conflicts whatever the
-codes; gpu_widen.py, which gpu_matmul shares). Its entries are 256 bytes apart (the wide table),
-so one byte permute forms each lookup's address: half an integer instruction and half a load
-per weight. The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register
-operand (no shared-memory store), x's [cols, 64] slice the shared-memory one, acc [64, cols] f32.
+shared-memory load from a 256-entry table of bf16 pairs (table[b >> 4], table[b & 15]), replicated
+32 times so that every lane of a warp reads its own bank (no conflicts whatever the codes;
+gpu_widen.py, which gpu_matmul shares). Its entries are 256 bytes apart (the wide table), so one
+byte permute forms each lookup's address: half an integer instruction and half a load per weight.
+The widened [64, 64] tile times the row's block scale (bf16) is wgmma's register operand (no
+shared-memory store), x's [cols, 64] slice the shared-memory one, acc [64, cols] f32.
 
-The kernel reads bitsandbytes' stored arrays as they are. Codes: a code tile [64, 32 * blocks]
-is TMA-swizzled with its row width, so each thread's 4-byte load of a row's half block is bank-
+The kernel reads bitsandbytes' stored arrays as they are. Codes: a code tile [64, 32 * blocks] is
+TMA-swizzled with its row width, so each thread's 4-byte load of a row's half block is bank-
 conflict free; byte j of lane t's word in half h widens into columns (2t, 2t+1) of 8-column group
-4h + j, so the widened tile's columns are the block's elements in the order of `column_order`,
-and x's columns are permuted the same way (x is tiny), not the weight. Absmax: each thread loads
-its two rows' absmax codes (one word for the step's blocks) and nested absmax straight from
-device memory a step ahead (carried through the pipeline) and decodes them as bitsandbytes
-does, qmap[code] (shared memory) * nested + offset (loaded once per CTA), so no per-call XLA
-pass decodes the scales.
+4h + j, so the widened tile's columns are the block's elements in the order of `column_order`, and
+x's columns are permuted the same way (x is tiny), not the weight. Absmax: each thread loads its
+two rows' absmax codes (one word for the step's blocks) and nested absmax straight from device
+memory a step ahead (carried through the pipeline) and decodes them as bitsandbytes does,
+qmap[code] (shared memory) * nested + offset (loaded once per CTA), so no per-call XLA pass decodes
+the scales.
 
-Warp-specialized: one warpgroup issues the TMA copies (x's tile and a [128, 32 * blocks]-byte
-code tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step widens
-all its blocks, then scales them and issues their wgmmas. Persistent and stream-K (`Split`): one
-CTA per SM loads the tables once, then runs one pipeline over an equal share of the (row tile,
-step of K) pairs, storing its accumulator after each row tile it touches; the wrapper combines
-the stores. Measured in docs/BENCHMARKS.md.
-"""
+Warp-specialized: one warpgroup issues the TMA copies (x's tile and a [128, 32 * blocks]-byte code
+tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step widens all its
+blocks, then scales them and issues their wgmmas. Persistent and stream-K (`Split`): one CTA per SM
+loads the tables once, then runs one pipeline over an equal share of the (row tile, step of K)
+pairs, storing its accumulator after each row tile it touches; the wrapper combines the stores.
+Measured in docs/kernels.md."""
 
 from __future__ import annotations
 
@@ -35,11 +34,11 @@ import dataclasses
 import functools
 
 import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-import jax.experimental.pallas as pl
-import jax.experimental.pallas.mosaic_gpu as plgpu
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import llvm, vector
 from jax.experimental.mosaic import gpu as mgpu
@@ -49,9 +48,9 @@ from pallas_kernels.gpu import (address, interpret_params, interpret_staging, re
                                  sm_count, swizzled)
 from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
-from qlora_jax.codebooks import NESTED_BLOCKSIZE as NESTED
-from qlora_jax.ieee import rounded
-from qlora_jax.quantization import QuantizedArray
+from qlora_jax.format.codebooks import NESTED_BLOCKSIZE as NESTED
+from qlora_jax.format.ieee import rounded
+from qlora_jax.format.quantization import QuantizedArray
 
 MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
@@ -64,7 +63,7 @@ class Config:
 
   cols: int = 16
   compute_wgs: int = 2
-  stages: int = 3  # H100: 0-7% over 4 on four of the five benchmark shapes (-0.4% on one), 6 worse
+  stages: int = 3  # pipeline depth: the best measured on H100 (docs/kernels.md)
   blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
   wide_table: bool = True  # gpu_widen.pair_table(wide=True): one byte permute per lookup address
 
@@ -88,12 +87,11 @@ def _row_asm(rows_fas, operands, asm: str, constraints: str, types) -> tuple:
 
 
 def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
-  """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks`
-  blocks packed in an int32, nested absmax float32) with double quantization (dq = (qmap in
-  shared memory, nested in device memory)), else `blocks` float32; [64] ROW arrays.
-  first: int32 [64], each row's index of the step's first block in bitsandbytes' flat absmax
-  array. One load of each per thread, straight from device memory: issued a step ahead, they
-  are in flight while a step is computed."""
+  """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks` blocks
+  packed in an int32, nested absmax float32) with double quantization (dq = (qmap in shared memory,
+  nested in device memory)), else `blocks` float32; [64] ROW arrays. first: int32 [64], each row's
+  index of the step's first block in bitsandbytes' flat absmax array. One load of each per thread,
+  straight from device memory: issued a step ahead, they are in flight while a step is computed."""
   if not hints:  # interpreted: the same values from whole arrays (it indexes refs by scalars)
     codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
     if not dq:
@@ -127,8 +125,8 @@ def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
 
 def _load_offset(rows, offset_gmem, *, hints: bool):
   """The double quantization's offset (float32 [1] in device memory), loaded once per CTA outside
-  the pipeline (a load at every step stalls it): a [64] ROW array (`rows`, any ROW array, gives
-  it its layout), or the stored [1] array when interpreted."""
+  the pipeline (a load at every step stalls it): a [64] ROW array (`rows`, any ROW array, gives it
+  its layout), or the stored [1] array when interpreted."""
   if not hints:
     return offset_gmem[...]
 
@@ -142,9 +140,8 @@ def _load_offset(rows, offset_gmem, *, hints: bool):
 
 
 def _decode_scales(loaded: tuple, dq, blocks: int, *, offset, hints: bool) -> list:
-  """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the
-  absmax: qmap[code] * nested, rounded to float32, + offset (from _load_offset); then rounded
-  to bf16."""
+  """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the absmax:
+  qmap[code] * nested, rounded to float32, + offset (from _load_offset); then rounded to bf16."""
   if not dq:
     return [v.astype(jnp.bfloat16) for v in loaded]
   word, nested = loaded
@@ -181,13 +178,13 @@ def absmax_operands(qw: QuantizedArray) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """How the work is dealt (stream-K): the (row tile, step of K) pairs in row-major order,
-  `per_cta` consecutive ones to each of `ctas` CTAs (the last CTA's share may run past the end:
-  those steps repeat the last pair's copies and are never stored). A CTA's accumulator runs on
-  across the row tiles it touches; after each one's last step it is stored, cumulative, as
-  segment tile - first_tile(cta) of that CTA, so a tile's part is the difference of consecutive
-  segments (float32: off by ~2^-24 of the running sum), and a tile split between CTAs is the sum
-  of their parts (`combine`)."""
+  """How the work is dealt (stream-K): the (row tile, step of K) pairs in row-major order, `per_cta`
+  consecutive ones to each of `ctas` CTAs (the last CTA's share may run past the end: those steps
+  repeat the last pair's copies and are never stored). A CTA's accumulator runs on across the row
+  tiles it touches; after each one's last step it is stored, cumulative, as segment tile -
+  first_tile(cta) of that CTA, so a tile's part is the difference of consecutive segments (float32:
+  off by ~2^-24 of the running sum), and a tile split between CTAs is the sum of their parts
+  (`combine`)."""
 
   ctas: int
   per_cta: int
@@ -245,10 +242,8 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
   absmax: bitsandbytes' flat absmax array (uint8 codes with dq = (qmap [256], nested, offset
   [1]), or float32 with dq = ()). Persistent: one CTA per SM loads the tables once, then runs one
   pipeline over its `split.per_cta` steps; each time a row tile's last step (or the CTA's last)
-  is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
-  """
-  cols, k = x.shape
-  cta_rows = config.compute_wgs * ROWS
+  is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step)."""
+  (cols, k), cta_rows = x.shape, config.compute_wgs * ROWS
   step_k, steps = BLOCK * config.blocks, split.per_cta
 
   def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
@@ -385,12 +380,10 @@ def unsupported_reason(m: int, qw: QuantizedArray) -> str | None:
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def decode(x_MxK, qw: QuantizedArray, *, config: Config | None = None, interpret: bool = False):
-  """Y [M, N] f32 = x @ dequant(qw)^T for M <= MAX_ROWS, reading bitsandbytes' stored arrays as
-  they are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the kernel.
-
-  config: None picks config_for(M, K)."""
-  m, k = x_MxK.shape
-  n = qw.shape[0]
+  """Y [M, N] f32 = x @ dequant(qw)^T for M <= MAX_ROWS, reading bitsandbytes' stored arrays as they
+  are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the kernel. config:
+  None picks config_for(M, K)."""
+  (m, k), n = x_MxK.shape, qw.shape[0]
   if (reason := unsupported_reason(m, qw)) is not None:
     raise ValueError(reason)
   config = config or config_for(m, k)

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qlora_jax.codebooks import CODEBOOKS
-from qlora_jax.quantization import QuantizedArray, scales, unpack
+from qlora_jax.format.codebooks import CODEBOOKS
+from qlora_jax.format.quantization import QuantizedArray, scales, unpack
 
 GROUP = 128  # elements per split group
 HALF = GROUP // 2  # elements per nibble half == bytes per group
@@ -77,8 +77,8 @@ def _transposed_fragment_codes(qw: QuantizedArray) -> jax.Array:
   Made row-local first, then transposed: each such word gathers one nibble from the 32-bit words
   of 8 rows of W at one column word c (elements 8c..8c+7), so the 8 words of W^T rows 8c..8c+7
   are an 8 x 8 nibble transpose of those 8 words (reads coalesced along K); the result,
-  [N/8, K] words, then takes one 32-bit transpose, the unit XLA transposes fast (H100, 8192²:
-  48 µs against 73 µs for the transpose first; docs/BENCHMARKS.md)."""
+  [N/8, K] words, then takes one 32-bit transpose, the unit XLA transposes fast (faster than
+  transposing first: docs/kernels.md)."""
   n_rows, k = qw.shape  # words[g, j, t, e, c]: row 32 g + 8 j + 2 t + e, elements 8c..8c+7
   words = lax.bitcast_convert_type(qw.codes.reshape(n_rows // 32, 4, 4, 2, k // 8, 4), jnp.uint32)
 

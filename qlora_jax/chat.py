@@ -24,8 +24,8 @@ def parse(argv):
 
 
 def chat(args) -> None:
-  from qlora_jax.generate import SamplingConfig, complete
-  from qlora_jax.weights import load_model
+  from qlora_jax.nn.generate import SamplingConfig, complete
+  from qlora_jax.io.loading import load_model
 
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)

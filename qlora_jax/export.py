@@ -20,16 +20,18 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pallas_kernels.xla import precision_for
 from qlora_jax import cli
-from qlora_jax.atomic import atomic_dir
-from qlora_jax.base_matmul import precision_for
-from qlora_jax.checkpoint import Checkpointer
-from qlora_jax.lora import LoraConfig, QLoRALinear
-from qlora_jax.model import ModelOptions, variable_names
-from qlora_jax.quantization import dequantize
-from qlora_jax.train_config import TrainConfig
-from qlora_jax.variables import FrozenParam
-from qlora_jax.weights import ShardWriter, load_model
+from qlora_jax.format.atomic import atomic_dir
+from qlora_jax.format.folder import ShardWriter
+from qlora_jax.format.quantization import dequantize
+from qlora_jax.io.loading import load_model
+from qlora_jax.nn.lora import LoraConfig, QLoRALinear
+from qlora_jax.nn.model import ModelOptions, variable_names
+from qlora_jax.nn.variables import FrozenParam
+from qlora_jax.train.builder import build_from_folder
+from qlora_jax.train.checkpoint import Checkpointer
+from qlora_jax.train.config import TrainConfig
 
 PEFT_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -41,34 +43,23 @@ def run_config(run_dir: pathlib.Path) -> TrainConfig:
   if not path.is_file():
     raise ValueError(f"{run_dir} is not a training run folder (no config.json)")
   try:
-    raw = json.loads(path.read_text())
-    for key in ("lora_targets", "sample_prompts"):
-      raw[key] = tuple(raw[key])
-    raw["mesh"] = tuple(tuple(axis) for axis in raw["mesh"])
-    return TrainConfig(**raw)
-  except (KeyError, TypeError, json.JSONDecodeError) as e:
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+  except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path} is not a config this version can read ({type(e).__name__}: {e})") from e
 
 
 def load_run(run_dir, model_dir=None) -> tuple[TrainConfig, object, object]:
   """(config, model with the run's latest LoRA weights, tokenizer); model_dir overrides the
   base model folder the run recorded."""
-  from qlora_jax.optimizer import init_optimizer, make_optimizer
-  from qlora_jax.trainer import model_options
-
   cfg = run_config(run_dir)
-  ckpt = Checkpointer(pathlib.Path(run_dir), cfg.keep_checkpoints)
+  ckpt = Checkpointer(pathlib.Path(run_dir), cfg.loop.keep_checkpoints)
   if ckpt.latest_step() is None:
     raise ValueError(f"{run_dir} holds no checkpoint yet")
-  model, tokenizer = load_model(model_dir or cfg.model_dir, jnp.dtype(cfg.dtype), model_options(cfg),
-                                seed=cfg.seed)
-  graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-  template = {"lora": lora, "rng": rng, "opt_state": init_optimizer(make_optimizer(cfg)[0], lora)}
-  state, _ = ckpt.restore(template)
+  trainable, tokenizer = build_from_folder(cfg, pathlib.Path(model_dir or cfg.model.model_dir))
+  state, _ = ckpt.restore(trainable.restore_template())
   ckpt.close()
-  model = nnx.merge(graphdef, state["lora"], rng, frozen)
-  model.eval()  # inference: LoRA dropout off
-  return cfg, model, tokenizer
+  trainable.restore(state)
+  return cfg, trainable.model(), tokenizer  # inference: LoRA dropout off
 
 
 def linear_modules(model):
@@ -96,11 +87,12 @@ def peft_tensors(model) -> dict[str, np.ndarray]:
 
 def peft_config(cfg: TrainConfig) -> dict:
   """adapter_config.json, derived from the run's config (nothing hard-coded that it holds)."""
+  lora, source = cfg.lora, cfg.model.model_source
   return {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-      "lora_dropout": cfg.lora_dropout, "target_modules": sorted(cfg.lora_targets), "bias": "none",
-      "use_rslora": cfg.use_rslora, "use_dora": False, "fan_in_fan_out": False,
-      "base_model_name_or_path": cfg.model_source if cfg.model_source not in ("", "default") else cfg.model_dir,
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+      "lora_dropout": lora.dropout, "target_modules": sorted(lora.targets), "bias": "none",
+      "use_rslora": lora.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+      "base_model_name_or_path": source if source not in ("", "default") else cfg.model.model_dir,
       "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
       "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
   }
@@ -155,9 +147,10 @@ def load_adapter(model_dir, adapter, dtype=jnp.bfloat16) -> tuple[object, object
     raise ValueError(f"{config_path}: only plain LoRA adapters (with r and target_modules) are supported")
   if not (adapter / "adapter_model.safetensors").is_file():
     raise ValueError(f"{adapter} has no adapter_model.safetensors")
-  lora = LoraConfig(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), use_rslora=bool(pc.get("use_rslora")))
   targets = tuple(pc["target_modules"]) if isinstance(pc["target_modules"], list) else (pc["target_modules"],)
-  model, tokenizer = load_model(model_dir, dtype, ModelOptions(lora=lora, lora_targets=targets))
+  lora = LoraConfig(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), targets=targets,
+                    use_rslora=bool(pc.get("use_rslora")))
+  model, tokenizer = load_model(model_dir, dtype, ModelOptions(lora=lora))
   with safe_open(str(adapter / "adapter_model.safetensors"), "numpy") as f:
     weights = {k: f.get_tensor(k) for k in f.keys()}
   found: dict[tuple[int, str], list] = {}
@@ -187,7 +180,7 @@ def main(argv=None) -> int:
   def export() -> str:
     cfg, model, _ = load_run(args.run_dir)
     if args.merge:
-      write_merged(model, cfg.model_dir, args.out, args.overwrite)
+      write_merged(model, cfg.model.model_dir, args.out, args.overwrite)
     else:
       write_peft(cfg, model, args.out, args.overwrite)
     return f"wrote {'merged checkpoint' if args.merge else 'PEFT adapter'} to {args.out}"

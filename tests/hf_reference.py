@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import qlora_jax as q
-from qlora_jax.lora import QLoRALinear
+from qlora_jax.nn.lora import QLoRALinear
 
 FAMILIES = {
     # Llama 3.1-style rope scaling, untied, GQA 4, intermediate not a multiple of 64.

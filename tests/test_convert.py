@@ -15,8 +15,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import qlora_jax as q
-from qlora_jax.convert import convert
-from qlora_jax.weights import INDEX_FILE, TensorIndex
+from qlora_jax.io.convert import convert
+from qlora_jax.format.folder import INDEX_FILE, TensorIndex
+from qlora_jax.io.loading import expected_tensors
 from tests.conftest import has, needs_bnb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def synthetic_checkpoint(folder: pathlib.Path, config: dict, shard_bytes: int, s
   """A random bf16 sharded transformers checkpoint written one tensor at a time; returns bytes."""
   folder.mkdir(parents=True)
   (folder / "config.json").write_text(json.dumps(config))
-  expected = q.weights.expected_tensors(q.ModelConfig.from_hf(config))
+  expected = expected_tensors(q.ModelConfig.from_hf(config))
   rng = np.random.default_rng(seed)
   shard, shard_size, weight_map, total = {}, 0, {}, 0
 
@@ -145,8 +146,8 @@ def _big_config() -> dict:
 _RSS_SCRIPT = """
 import sys, pathlib
 import jax.numpy as jnp
-from qlora_jax.convert import convert
-from qlora_jax.quantization import quantize
+from qlora_jax.io.convert import convert
+from qlora_jax.format.quantization import quantize
 for shape in [(1024, 1024), (2816, 1024), (1024, 2816)]:   # compile once, before the baseline
   quantize(jnp.ones(shape, jnp.bfloat16))
 def status_mb(field):

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qlora_jax import trainer
+from qlora_jax.train import trainer
 from qlora_jax.export import load_adapter, load_run, main as export_main
-from qlora_jax.train_config import load_config
+from qlora_jax.train.config_files import load_config
 from tests.conftest import has
 
 pytestmark = pytest.mark.skipif(not (has("torch") and has("peft")), reason="needs torch and peft")
@@ -47,12 +47,12 @@ def test_peft_adapter_loads_in_peft_with_our_logits(trained_run, tmp_path):
   cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
   assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
   run_cfg, _, _ = load_run(trained_run)
-  ours, _ = load_adapter(run_cfg.model_dir, tmp_path / "adapter", jnp.float32)
-  hf = peft.PeftModel.from_pretrained(_hf_base(run_cfg.model_dir), str(tmp_path / "adapter")).eval()
+  ours, _ = load_adapter(run_cfg.model.model_dir, tmp_path / "adapter", jnp.float32)
+  hf = peft.PeftModel.from_pretrained(_hf_base(run_cfg.model.model_dir), str(tmp_path / "adapter")).eval()
   ids = np.random.default_rng(0).integers(0, 49152, (2, 10)).astype(np.int32)
   with torch.no_grad():
     ref = hf(torch.from_numpy(ids).long()).logits.numpy()
-  base = _hf_base(run_cfg.model_dir)
+  base = _hf_base(run_cfg.model.model_dir)
   with torch.no_grad():
     ref_base = base(torch.from_numpy(ids).long()).logits.numpy()
   mine = np.asarray(ours(jnp.asarray(ids)), np.float32)
@@ -67,7 +67,7 @@ def test_peft_adapter_loads_in_peft_with_our_logits(trained_run, tmp_path):
 def test_peft_adapter_and_run_folder_load_back_identically(trained_run, tmp_path):
   export_main([str(trained_run), str(tmp_path / "adapter")])
   cfg, from_run, _ = load_run(trained_run)
-  from_peft, _ = load_adapter(cfg.model_dir, tmp_path / "adapter")
+  from_peft, _ = load_adapter(cfg.model.model_dir, tmp_path / "adapter")
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 49152, (1, 8)), jnp.int32)
   np.testing.assert_array_equal(np.asarray(from_run(ids)), np.asarray(from_peft(ids)))
 

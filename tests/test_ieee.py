@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from qlora_jax import ieee
+from qlora_jax.format import ieee
 
 _divide = jax.jit(ieee.divide)
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch, gpu, gpu_decode, gpu_matmul, gpu_widen, layout, tpu
-from qlora_jax.base_matmul import qmatmul
-from qlora_jax.quantization import dequantize, quantize, scales, unpack
+from pallas_kernels.backends import get_backend
+from qlora_jax.nn.qmatmul import qmatmul
+from qlora_jax.format.quantization import dequantize, quantize, scales, unpack
 
 ON_GPU = jax.default_backend() == "gpu"
 # Interpreted (CPU): the same bf16 operands and f32 accumulation as the reference, only the
@@ -230,14 +231,15 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
   # run could starve a 2-core CPU client's threads (a hang seen once under load).
   value = jax.jit(qmatmul, static_argnums=2)
   grad = jax.jit(jax.grad(loss), static_argnums=1)
+  pallas, xla = get_backend("pallas"), get_backend("xla")
   # training kernels, then (GPU) the decode kernel; interpreted, 3 rows would take the same
   # paths as 1 (x padded to 16 rows forward, to the tile backward): the GPU runs both
   for rows in (130, 3, 1) if ON_GPU else (130, 1):
     xs = x[:rows]
     decoding = platform == "gpu" and rows <= gpu_decode.MAX_ROWS
     tol = DECODE_TOL + BF16_TOL if decoding else max(TOL, BF16_TOL)
-    _check(value(xs, qw, "pallas"), value(xs, qw, "xla"), seed, tol)
-    _check(grad(xs, "pallas"), grad(xs, "xla"), seed, max(TOL, BF16_TOL))
+    _check(value(xs, qw, pallas), value(xs, qw, xla), seed, tol)
+    _check(grad(xs, pallas), grad(xs, xla), seed, max(TOL, BF16_TOL))
   announced = capsys.readouterr().err
   assert announced.count("4-bit matmul backend 'pallas'") == 1, announced
 
@@ -247,5 +249,5 @@ def test_auto_on_cpu_is_xla(capsys, monkeypatch):
   _, qw, x, _ = _fresh((8, 128, 256), "nf4")
   if ON_GPU:
     pytest.skip("CPU dispatch")
-  np.testing.assert_array_equal(qmatmul(x, qw, "auto"), qmatmul(x, qw, "xla"))
+  np.testing.assert_array_equal(qmatmul(x, qw, get_backend("auto")), qmatmul(x, qw, get_backend("xla")))
   assert "XLA dequantize + dot" in capsys.readouterr().err

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import qlora_jax as q
-from qlora_jax.base_matmul import qmatmul
+from pallas_kernels.backends import get_backend
+from qlora_jax.nn.qmatmul import qmatmul
 
 N, K, R = 96, 128, 8
 
@@ -66,7 +67,7 @@ def test_forward_and_gradients_match_float64(compute_dtype, rtol):
 def test_qmatmul_gives_no_cotangent_to_the_weight_and_saves_no_dense_weight():
   qw = q.quantize(jax.random.normal(jax.random.key(0), (N, K)))
   x = jax.random.normal(jax.random.key(1), (16, K))
-  y, vjp = jax.vjp(lambda x, qw: qmatmul(x, qw, "xla", jnp.bfloat16), x, qw)
+  y, vjp = jax.vjp(lambda x, qw: qmatmul(x, qw, get_backend("xla"), jnp.bfloat16), x, qw)
   dx, dqw = vjp(jnp.ones_like(y))
   assert dx.shape == x.shape and dx.dtype == x.dtype
   assert all(not np.any(np.asarray(leaf, np.float32)) for leaf in jax.tree.leaves(dqw)
@@ -216,16 +217,15 @@ def test_zeros_quantized_is_zero_and_shaped_like_quantize():
 
 
 def test_backend_switch_routes_forward_and_backward():
-  """A registered backend serves both products of the layer (the Pallas kernels plug in here)."""
-  from qlora_jax import base_matmul as qm
+  """A layer's backend serves both products of the layer (the Pallas kernels plug in here)."""
+  from pallas_kernels.backends import Backend
 
   calls = []
-  xla = qm.get_backend("xla")
-  qm.register_backend("recording", qm.Backend(
-      forward=lambda x, w, cd: calls.append("fwd") or xla.forward(x, w, cd),
-      backward=lambda dy, w, cd: calls.append("bwd") or xla.backward(dy, w, cd)))
+  xla = get_backend("xla")
+  recording = Backend("recording", forward=lambda x, w, cd: calls.append("fwd") or xla.forward(x, w, cd),
+                      backward=lambda dy, w, cd: calls.append("bwd") or xla.backward(dy, w, cd))
   w = jax.random.normal(jax.random.key(0), (N, K))
-  layer = q.QLoRALinear.from_quantized(q.quantize(w), q.LoraConfig(rank=R), backend="recording",
+  layer = q.QLoRALinear.from_quantized(q.quantize(w), q.LoraConfig(rank=R), backend=recording,
                                        compute_dtype="float32", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, K))
   dx = jax.grad(lambda x: jnp.sum(layer(x)))(x)
@@ -240,7 +240,7 @@ def test_backend_switch_routes_forward_and_backward():
 def test_one_row_dot_matches_float64(subscripts, a_shape, b_shape):
   """The one-row product (batch-1 decoding on a GPU: the row broadcast, the first kept) is the
   einsum of its bf16 operands to bf16 rounding, with x's leading shape kept."""
-  from qlora_jax.base_matmul import one_row_dot
+  from pallas_kernels.xla import one_row_dot
   a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
   b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
   out = one_row_dot(subscripts, a, b, jnp.bfloat16)

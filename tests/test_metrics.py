@@ -2,7 +2,7 @@
 
 import pytest
 
-from qlora_jax.metrics import MetricsLog, plot_loss
+from qlora_jax.train.metrics import MetricsLog, plot_loss
 from tests.conftest import has
 
 

@@ -3,7 +3,8 @@
 import jax
 import pytest
 
-from qlora_jax.model import ModelOptions, attention_implementation
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import ModelOptions, attention_implementation
 
 
 def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():
@@ -16,7 +17,8 @@ def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():
 
 
 @pytest.mark.parametrize("kw, match", [(dict(remat="sometimes"), "remat"), (dict(attention="flash"), "attention"),
-                                       (dict(lora_targets=("qkv",)), "lora_targets")])
+                                       (dict(lora=LoraConfig(targets=("qkv",))), "lora_targets"),
+                                       (dict(backend="xla"), "backend must be a")])
 def test_bad_model_options(kw, match):
   with pytest.raises(ValueError, match=match):
     ModelOptions(**kw)
@@ -27,7 +29,7 @@ def test_sampling_greedy_temperature_and_top_p():
   import jax.numpy as jnp
   import numpy as np
 
-  from qlora_jax.generate import sample_token
+  from qlora_jax.nn.generate import sample_token
 
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   key = jax.random.key(0)
@@ -61,10 +63,10 @@ def test_float32_models_ask_for_float32_products():
   import jax.numpy as jnp
   from flax import nnx
 
-  from qlora_jax.lora import LoraConfig
-  from qlora_jax.loss import batch_loss
-  from qlora_jax.model_config import ModelConfig
-  from qlora_jax.weights import random_model
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.train.loss import batch_loss
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
 
   config = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import qlora_jax as q
-from qlora_jax.convert import convert
+from qlora_jax.io.convert import convert
+from qlora_jax.nn.model import KVCache
 from tests.conftest import has
 
 pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip install -e .[test]")
@@ -66,7 +67,7 @@ def test_kv_cache_decode_equals_full_forward(pair, scan):
     ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(scan_layers=True), tokenizer=False)
   ids = jnp.asarray(np.random.default_rng(3).integers(0, 160, (2, 12)), jnp.int32)
   full = ours(ids)
-  cache = q.model.KVCache.empty(ours.config, 2, 16, jnp.float32)
+  cache = KVCache.empty(ours.config, 2, 16, jnp.float32)
   first, cache = ours.decode(ids[:, :7], cache)
   rest = []
   for t in range(7, 12):
@@ -82,7 +83,7 @@ def test_greedy_generation_matches_transformers(pair, scan):
   chunks of steps) against transformers' greedy generate of each prompt alone, float32."""
   import torch
 
-  from qlora_jax.generate import SamplingConfig, generate
+  from qlora_jax.nn.generate import SamplingConfig, generate
 
   _, ours, hf, folder = pair
   if scan:
@@ -160,7 +161,7 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 def test_smollm2_answers_a_factual_question(smollm2):
-  from qlora_jax.generate import SamplingConfig, complete
+  from qlora_jax.nn.generate import SamplingConfig, complete
 
   model, tok = q.load_model(smollm2)
   question = "What is the capital of France?"

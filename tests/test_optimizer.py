@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qlora_jax.optimizer import (HostState, apply_update, global_norm, init_optimizer, make_optimizer,
+from qlora_jax.train.optimizer import (HostState, apply_update, global_norm, init_optimizer, make_optimizer,
                                  make_streamed_update, offload, offload_sharding, stacked_layers)
-from qlora_jax.train_config import TrainConfig
+from qlora_jax.train.config import OptimConfig
 
 LAYERS = 3
 
@@ -41,8 +41,7 @@ def test_offloaded_update_equals_optax(dtype, stacked):
   pinned host memory: streamed in chunks of layers (stacked: 3 layers in chunks of 2 and 1) or
   brought in whole (unstacked), the LoRA and the moments equal optax's chain on float32 copies;
   moments stay float32 on the host, the LoRA keeps its dtype."""
-  cfg = TrainConfig(model_dir="-", dataset="-", weight_decay=0.1, warmup_ratio=0.0, learning_rate=1e-2)
-  tx, _ = make_optimizer(cfg)
+  tx, _ = make_optimizer(OptimConfig(weight_decay=0.1, warmup_ratio=0.0, learning_rate=1e-2))
   lora = _lora(jnp.dtype(dtype), stacked)
   assert stacked_layers(lora) == (LAYERS if stacked else 0)
   state = init_optimizer(tx, lora)
@@ -81,7 +80,7 @@ def test_streamed_update_keeps_a_few_chunks_of_moments_on_the_device(monkeypatch
   at most 5 chunks' moments are live in device memory (the one being written back, the one
   updated, two fetched ahead, one just fetched), however many chunks there are (16 here). The
   device's peak at 65B, the measure that counts, is in docs/BENCHMARKS.md (39.86 GiB)."""
-  tx, _ = make_optimizer(TrainConfig(model_dir="-", dataset="-"))
+  tx, _ = make_optimizer(OptimConfig())
   lora = _lora(jnp.float32, layers=16)
   grads = _grads(lora, 1.0, 0)
   state = offload(init_optimizer(tx, lora), offload_sharding(init_optimizer(tx, lora)), lora, chunk_layers=1)

@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file, safe_open
 
 import qlora_jax as q
-from qlora_jax import codebooks
-from qlora_jax.quantization import _quantize, scales
+from qlora_jax.format import codebooks
+from qlora_jax.format.quantization import _quantize, scales
 from tests.conftest import needs_bnb
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "bnb_4bit.safetensors"

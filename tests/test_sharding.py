@@ -15,12 +15,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from qlora_jax import memory, sharding, trainer
-from qlora_jax.lora import LoraConfig
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.quantization import QuantConfig, zeros_quantized
-from qlora_jax.train_config import TrainConfig, load_config
+from qlora_jax.nn import sharding
+from qlora_jax.train import memory, trainer
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.format.quantization import QuantConfig, zeros_quantized
+from qlora_jax.train.config import DataConfig, DeviceConfig, ModelSetup, OptimConfig, TrainConfig
+from qlora_jax.train.config_files import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LLAMA_65B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=22016,
@@ -53,9 +55,9 @@ def test_mesh_shape_resolves_and_refuses():
   for bad, match in [((("model", 2),), "mesh axes must be among"), ((("data", -1), ("fsdp", -1)), "at most one"),
                      ((("data", 2), ("data", 2)), "distinct")]:
     with pytest.raises(ValueError, match=match):
-      TrainConfig(model_dir="m", dataset="d", mesh=bad)
+      DeviceConfig(mesh=bad)
   with pytest.raises(ValueError, match="lora_sharding"):
-    TrainConfig(model_dir="m", dataset="d", lora_sharding="zero3")
+    DeviceConfig(lora_sharding="zero3")
 
 
 @pytest.mark.parametrize("shape", [(128, 64), (96, 200), (4096, 14336), (3, 37), (64, 96)])
@@ -85,8 +87,8 @@ def test_unaligned_weights_stay_whole():
 
 
 def test_roles_of_a_model_and_its_optimizer_state():
-  from qlora_jax.model import CausalLM
-  from qlora_jax.optimizer import make_optimizer
+  from qlora_jax.nn.model import CausalLM
+  from qlora_jax.train.optimizer import make_optimizer
 
   options = ModelOptions(lora=LoraConfig(rank=8), scan_layers=True)
   model = nnx.eval_shape(lambda: CausalLM(ModelConfig(**TINY), options, rngs=nnx.Rngs(0)))
@@ -101,7 +103,7 @@ def test_roles_of_a_model_and_its_optimizer_state():
   assert adapters["model.layers.self_attn.q_proj.lora_a"] == P(None, "fsdp", None)
   assert adapters["model.layers.self_attn.q_proj.lora_b"] == P(None, None, "fsdp")
   assert set(jax.tree.leaves(sharding.specs(lora, sizes, "replicated"))) == {P()}
-  tx, _ = make_optimizer(TrainConfig(model_dir="m", dataset="d"))
+  tx, _ = make_optimizer(OptimConfig())
   moments = jax.tree.leaves(sharding.specs(jax.eval_shape(tx.init, lora), sizes))
   assert moments.count(P(None, "fsdp", None)) == 2 * 7 and moments.count(P(None, None, "fsdp")) == 2 * 7
 
@@ -121,8 +123,9 @@ def test_distributed_start_only_when_the_environment_asks():
 
 
 def _estimate(model: ModelConfig, attention: str, batch: int, sizes=None, **overrides):
-  cfg = TrainConfig(model_dir="-", dataset="-", batch_size=batch, source_max_len=1, target_max_len=2047,
-                    remat="full", attention=attention, **overrides)
+  cfg = TrainConfig(model=ModelSetup(model_dir="-", remat="full", attention=attention),
+                    data=DataConfig(dataset="-", source_max_len=1, target_max_len=2047),
+                    optim=OptimConfig(batch_size=batch)).replace(**overrides)
   options = ModelOptions(lora=LoraConfig(rank=64), remat="full", scan_layers=True, attention=attention)
   return memory.estimate(model, options, cfg, sizes or {"data": 1}), cfg
 
@@ -147,14 +150,15 @@ def test_estimate_tracks_measured_h100_peaks(shape, batch, attention, measured_g
 
 def test_65b_on_a_v5e_host_fits_only_when_split():
   cfg = load_config("llama65b_v5e")
-  sizes = sharding.mesh_shape(cfg.mesh, 8)
-  est, _ = _estimate(LLAMA_65B, "xla", cfg.batch_size, sizes, mesh=cfg.mesh)
+  mesh, batch = cfg.devices.mesh, cfg.optim.batch_size
+  sizes = sharding.mesh_shape(mesh, 8)
+  est, _ = _estimate(LLAMA_65B, "xla", batch, sizes, mesh=mesh)
   assert est.total < 16 * 2**30 and est.terms["4-bit base weights (stored)"] < 4 * 2**30
   memory.check_fits(est, 16 * 2**30, "TPU v5 lite", cfg, sizes)
-  replicated, cfg_r = _estimate(LLAMA_65B, "xla", cfg.batch_size, sizes, mesh=cfg.mesh, lora_sharding="replicated")
+  replicated, cfg_r = _estimate(LLAMA_65B, "xla", batch, sizes, mesh=mesh, lora_sharding="replicated")
   with pytest.raises(ValueError, match=r"needs about 2\d\.\d GiB per device.*Fix: lora_sharding=fsdp"):
     memory.check_fits(replicated, 16 * 2**30, "TPU v5 lite", cfg_r, sizes)
-  data, cfg_d = _estimate(LLAMA_65B, "xla", cfg.batch_size, {"data": 8}, mesh=(("data", 8),))
+  data, cfg_d = _estimate(LLAMA_65B, "xla", batch, {"data": 8}, mesh=(("data", 8),))
   with pytest.raises(ValueError, match=r"split the base and LoRA over all 8 devices \(mesh=fsdp:8\)"):
     memory.check_fits(data, 16 * 2**30, "TPU v5 lite", cfg_d, {"data": 8})
 
@@ -172,13 +176,13 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tiny_model_dir, tmp_pat
 STEP_WORKER = """
 import jax, numpy as np, optax
 from flax import nnx
-from qlora_jax.lora import LoraConfig
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.sharding import make_layout
-from qlora_jax.optimizer import HostState, clipped, init_optimizer, offload, offload_sharding
-from qlora_jax.train_step import make_train_step, to_device_batch
-from qlora_jax.weights import random_model
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.sharding import make_layout
+from qlora_jax.train.optimizer import HostState, clipped, init_optimizer, offload, offload_sharding
+from qlora_jax.train.step import make_train_step, to_device_batch
+from qlora_jax.testing import random_model
 
 assert jax.device_count() == 8
 config = ModelConfig(**{tiny})
@@ -239,20 +243,20 @@ def test_sharded_step_matches_one_device():
 CKPT_WRITER = """
 import sys, jax, numpy as np
 from flax import nnx
-from qlora_jax.checkpoint import Checkpointer, to_flat
-from qlora_jax.lora import LoraConfig
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.sharding import make_layout
-from qlora_jax.train_config import TrainConfig
-from qlora_jax.optimizer import init_optimizer, make_optimizer
-from qlora_jax.weights import random_model
+from qlora_jax.train.checkpoint import Checkpointer, to_flat
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.sharding import make_layout
+from qlora_jax.train.config import OptimConfig
+from qlora_jax.train.optimizer import init_optimizer, make_optimizer
+from qlora_jax.testing import random_model
 
 layout = make_layout((("data", 2), ("fsdp", 4)))
 model = random_model(ModelConfig(**{tiny}), ModelOptions(lora=LoraConfig(rank=8), scan_layers=True), seed=1,
                      layout=layout)
 _, lora, rng, _ = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-tx = make_optimizer(TrainConfig(model_dir="-", dataset="-"))[0]
+tx = make_optimizer(OptimConfig())[0]
 opt = init_optimizer(tx, lora, layout)
 grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), lora)
 _, opt = tx.update(grads, opt, lora)  # moments that are not zero
@@ -267,19 +271,19 @@ np.savez(sys.argv[1] + "/expected.npz", **{{k: np.asarray(v) for k, v in to_flat
 CKPT_READER = """
 import sys, jax, numpy as np
 from flax import nnx
-from qlora_jax.checkpoint import Checkpointer, to_flat
-from qlora_jax.lora import LoraConfig
-from qlora_jax.model import ModelOptions
-from qlora_jax.model_config import ModelConfig
-from qlora_jax.sharding import make_layout
-from qlora_jax.train_config import TrainConfig
-from qlora_jax.optimizer import init_optimizer, make_optimizer
-from qlora_jax.weights import random_model
+from qlora_jax.train.checkpoint import Checkpointer, to_flat
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.sharding import make_layout
+from qlora_jax.train.config import OptimConfig
+from qlora_jax.train.optimizer import init_optimizer, make_optimizer
+from qlora_jax.testing import random_model
 
 expected = dict(np.load(sys.argv[1] + "/expected.npz"))
 model = random_model(ModelConfig(**{tiny}), ModelOptions(lora=LoraConfig(rank=8), scan_layers=True), seed=2)
 _, lora0, rng0, _ = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)  # other values, same structure
-tx = make_optimizer(TrainConfig(model_dir="-", dataset="-"))[0]
+tx = make_optimizer(OptimConfig())[0]
 for mesh in [(("fsdp", jax.device_count()),), (("data", 1),)]:
   layout = make_layout(mesh)
   lora, rng = (lora0, rng0) if layout is None else layout.put((lora0, rng0))

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from qlora_jax import train_step, trainer
-from qlora_jax.optimizer import make_optimizer, offload, offload_sharding
-from qlora_jax.train_config import CONFIG_DIR, TrainConfig, apply_overrides, load_config
+from qlora_jax.train import config as config_lib, trainer
+from qlora_jax.train.config import TrainConfig
+from qlora_jax.train.config_files import CONFIG_DIR, apply_overrides, load_config
+from qlora_jax.train.optimizer import HostState
 from tests.conftest import needs_smollm2
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,15 +46,16 @@ def _lora_bytes(run_dir) -> dict:
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path):
   cfg = load_config(path.stem)
-  assert isinstance(cfg, TrainConfig) and cfg.steps >= 1
+  assert isinstance(cfg, TrainConfig) and cfg.optim.steps >= 1
 
 
 def test_overrides_are_type_checked():
   cfg = load_config("tiny_test")
   cfg = apply_overrides(cfg, ["steps=9", "learning_rate=3e-4", "packing=false",
                               "lora_targets=q_proj,v_proj", "mesh=data:2,fsdp:4"])
-  assert (cfg.steps, cfg.learning_rate, cfg.packing) == (9, 3e-4, False)
-  assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.mesh == (("data", 2), ("fsdp", 4))
+  assert (cfg.optim.steps, cfg.optim.learning_rate, cfg.data.packing) == (9, 3e-4, False)
+  assert cfg.lora.targets == ("q_proj", "v_proj") and cfg.devices.mesh == (("data", 2), ("fsdp", 4))
+  assert apply_overrides(cfg, ["optim.steps=7"]).optim.steps == 7  # dotted keys too
   with pytest.raises(ValueError, match="unknown config key 'stepz'; valid keys: .*steps"):
     apply_overrides(cfg, ["stepz=3"])
   with pytest.raises(ValueError, match="bad value for steps"):
@@ -61,7 +63,45 @@ def test_overrides_are_type_checked():
   with pytest.raises(ValueError, match="lora_targets must be among"):
     apply_overrides(cfg, ["lora_targets=qq_proj"])
   with pytest.raises(ValueError, match="must be int"):
-    TrainConfig(model_dir="m", dataset="d", steps="3")
+    cfg.replace(steps="3")
+
+
+def test_flat_keys_are_unique_and_cover_every_field():
+  fields = {f"{name}.{f}" for name, cls in config_lib.SECTIONS.items() for f in config_lib.field_types(cls)}
+  assert sorted(config_lib.flat_keys().values()) == sorted(fields)
+
+
+def test_config_round_trips_through_its_json_and_old_flat_files(tmp_path):
+  cfg = apply_overrides(load_config("tiny_test"), ["mesh=data:2,fsdp:4", "lora_targets=q_proj,v_proj"])
+  config_lib.save_config(cfg, tmp_path / "config.json")
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["optim"]["steps"] == cfg.optim.steps and saved["lora"]["rank"] == cfg.lora.rank
+  assert TrainConfig.from_dict(saved) == cfg
+  flat = {key: saved[path.split(".")[0]][path.split(".")[1]]  # the format older runs wrote
+          for key, path in config_lib.flat_keys().items()}
+  assert TrainConfig.from_dict(flat) == cfg
+
+
+# The refusals issue 24 names, each one line and exit 2 before any model work (no run folder).
+@pytest.mark.parametrize("override, match", [
+    ("learning_rate=-1e-3", "learning_rate must be > 0"), ("learning_rate=nan", "learning_rate must be > 0"),
+    ("learning_rate=0", "learning_rate must be > 0"), ("lora_alpha=-16", "alpha must be > 0"),
+    ("max_grad_norm=-1", "max_grad_norm must be >= 0"), ("weight_decay=-5", "weight_decay must be >= 0"),
+    ("adam_beta1=2", "adam_beta1 must be in [0, 1)"), ("backend=palas", "backend must be one of"),
+    ("lora_dtype=int8", "param_dtype must be"), ("optim.warmup_ratio=1.5", "warmup_ratio must be in"),
+])
+def test_bad_values_are_refused_in_one_line_before_model_work(tmp_path, override, match):
+  r = _cli(override, f"output_dir={tmp_path / 'run'}", "model_dir=" + str(tmp_path / "never_made"))
+  assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr[-2000:]
+  assert not (tmp_path / "run").exists() and not (tmp_path / "never_made").exists()
+
+
+def test_help_lists_every_key_with_type_and_default():
+  r = _cli("--help")
+  assert r.returncode == 0
+  for key in config_lib.flat_keys():
+    assert key in r.stdout, key
+  assert "learning_rate            float                      0.0002" in r.stdout
 
 
 @pytest.mark.parametrize("args, match", [
@@ -84,28 +124,25 @@ def test_empty_dataset_is_refused(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_only_lora_changes_and_step_compiles_once(tiny_model_dir, tmp_path, offloaded):
   cfg = _tiny(tiny_model_dir, tmp_path / "run")
-  run = trainer.setup(cfg, tmp_path / "run")
-  frozen_before = [np.asarray(x).tobytes() for x in jax.tree.leaves(run.frozen)]
-  lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(run.lora)]
-  tx, _ = make_optimizer(cfg)
-  host = offload_sharding(run.opt_state) if offloaded else None
-  if offloaded:  # stacked layers: the moments stream in chunks (a HostState), two programs
-    run.opt_state = offload(run.opt_state, host, run.lora)
-  step = train_step.make_train_step(run.graphdef, tx, host)
+  # stacked layers offloaded: the moments stream in chunks (a HostState), two programs
+  run = trainer.setup(cfg.replace(offload_optimizer=offloaded))
+  t = run.trainable
+  assert isinstance(t.opt_state, HostState) == offloaded
+  frozen_before = [np.asarray(x).tobytes() for x in jax.tree.leaves(t.frozen)]
+  lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(t.lora)]
   for _ in range(4):
-    batch = train_step.to_device_batch(run.batches.next_accumulated(cfg.grad_accum))
-    run.lora, run.rng, run.opt_state, metrics = step(run.lora, run.rng, run.opt_state, run.frozen, batch)
+    metrics = t.train_step(t.put_batch(run.batches.next_accumulated(cfg.optim.grad_accum)))
   assert np.isfinite(float(metrics["loss"]))
   # packed batches have one shape: each program compiled exactly once (the model's uncommitted
   # arrays in the first step and the programs' committed outputs after it included)
-  compiled = {name: p._cache_size() for name, p in step.programs.items()}
+  compiled = {name: p._cache_size() for name, p in t.step.programs.items()}
   assert compiled == ({"whole": 0, "gradients": 1, "update": 1} if offloaded else
                       {"whole": 1, "gradients": 0, "update": 0}), compiled
-  assert [np.asarray(x).tobytes() for x in jax.tree.leaves(run.frozen)] == frozen_before
-  assert all(not np.array_equal(a, np.asarray(b)) for a, b in zip(lora_before, jax.tree.leaves(run.lora))
+  assert [np.asarray(x).tobytes() for x in jax.tree.leaves(t.frozen)] == frozen_before
+  assert all(not np.array_equal(a, np.asarray(b)) for a, b in zip(lora_before, jax.tree.leaves(t.lora))
              if a.ndim == 2 and a.any())
-  lora_params = sum(x.size for x in jax.tree.leaves(run.lora))
-  moments = sum(x.size for x in jax.tree.leaves(run.opt_state) if x.ndim > 0)
+  lora_params = sum(x.size for x in jax.tree.leaves(t.lora))
+  moments = sum(x.size for x in jax.tree.leaves(t.opt_state) if x.ndim > 0)
   assert moments == 2 * lora_params  # AdamW's mu and nu of the LoRA params, nothing else
 
 
@@ -208,8 +245,11 @@ def test_truncation_is_counted(tiny_model_dir, tmp_path):
   assert f"truncated to source/target max length: {summary.truncated}" in summary.text()
 
 
-def test_run_folder_has_metrics_plot_and_summary(tiny_model_dir, tmp_path):
-  trainer.train(_tiny(tiny_model_dir, tmp_path / "run", "steps=4"))
+def test_run_folder_has_metrics_plot_and_summary(tiny_model_dir, tmp_path, capsys):
+  cfg = _tiny(tiny_model_dir, tmp_path / "run", "steps=4")
+  trainer.train(cfg)
+  assert cfg.text() in capsys.readouterr().out  # the effective config, printed at start
+  assert TrainConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())) == cfg
   records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert any("loss" in r for r in records) and any("eval_loss" in r for r in records)
   assert (tmp_path / "run" / "loss.png").stat().st_size > 1000

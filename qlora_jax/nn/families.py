@@ -1,0 +1,89 @@
+"""Model families: everything that differs between the decoder architectures qlora_jax reads,
+in one table. A new family adds a row here (and, where its layers differ, a branch in model.py
+keyed on the row's fields), not a special case in the readers.
+
+The names are transformers': a checkpoint key is the dotted path of the model variable it fills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+# The seven linear layers of a decoder block, transformers' names: the 4-bit, LoRA-able layers.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one model_type departs from the Llama decoder."""
+
+  model_type: str
+  gguf_architecture: str | None = None  # llama.cpp's general.architecture, where it exports it
+  qkv_bias_always: bool = False  # q/k/v carry a bias whatever attention_bias says (Qwen2)
+  o_bias_never: bool = False  # o_proj never carries one (Qwen2)
+  window_needs_flag: bool = False  # sliding_window applies only with use_sliding_window (Qwen2)
+
+  def hf_fields(self, hf: dict) -> dict:
+    """The ModelConfig fields whose reading differs by family, from a transformers config."""
+    attention_bias = bool(hf.get("attention_bias", False))
+    window = hf.get("sliding_window")
+    if self.window_needs_flag and not hf.get("use_sliding_window", False):
+      window = None
+    return {"qkv_bias": self.qkv_bias_always or attention_bias,
+            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window}
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llama", gguf_architecture="llama"),
+    Family("mistral"),
+    Family("qwen2", gguf_architecture="qwen2", qkv_bias_always=True, o_bias_never=True,
+           window_needs_flag=True),
+)}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def family(model_type: str | None, architectures=None) -> Family:
+  """The family of a model_type; ValueError naming the supported ones otherwise."""
+  if model_type not in FAMILIES:
+    raise ValueError(f"unsupported architecture: model_type={model_type!r} "
+                     f"(architectures={architectures}); supported: {SUPPORTED_MODEL_TYPES}")
+  return FAMILIES[model_type]
+
+
+def gguf_family(architecture: str) -> Family:
+  """The family llama.cpp's general.architecture names; ValueError for others."""
+  by_arch = {f.gguf_architecture: f for f in FAMILIES.values() if f.gguf_architecture}
+  if architecture not in by_arch:
+    raise ValueError(f"unknown GGUF architecture {architecture!r}; supported: {sorted(by_arch)}")
+  return by_arch[architecture]
+
+
+# Canonical (transformers) tensor names of the supported families -> how they are stored.
+KEY_TABLE: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "dense"),
+    (r"model\.norm\.weight", "dense"),
+    (r"lm_head\.weight", "dense"),
+    (r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight", "dense"),
+    (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight", "quantized"),
+    (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias", "dense"),
+    (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", "quantized"),
+    (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.bias", "dense"),
+)
+# Buffers some checkpoints carry that are recomputed rather than loaded.
+IGNORED_KEYS = (r".*\.rotary_emb\.inv_freq",)
+
+
+def ignored(name: str) -> bool:
+  """A stored buffer that is recomputed, never loaded."""
+  return any(re.fullmatch(p, name) for p in IGNORED_KEYS)
+
+
+def classify(name: str) -> str:
+  """'quantized' | 'dense' | 'ignored' for a tensor name; ValueError for anything else."""
+  if ignored(name):
+    return "ignored"
+  for pattern, kind in KEY_TABLE:
+    if re.fullmatch(pattern, name):
+      return kind
+  raise ValueError(f"unexpected tensor {name!r}: not part of a {'/'.join(SUPPORTED_MODEL_TYPES)} decoder")

@@ -1,0 +1,141 @@
+"""Token generation with the KV cache: greedy, temperature and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax.nn.model import CausalLM, KVCache
+
+PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+  """temperature 0 is greedy; top_p < 1 samples from the smallest set holding p of the mass."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+      raise ValueError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
+
+
+def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Next token ids [B] from float32 logits."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # The cut-off logit: the smallest one still needed to reach top_p of the mass.
+    keep = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+CHUNK = 16  # tokens a compiled call generates: one dispatch and one host round trip per chunk
+
+
+@functools.lru_cache(maxsize=8)
+def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> tuple[Callable, Callable]:
+  """(prefill, chunk), compiled once per model structure and sampling setting:
+
+    prefill(state, ids [B, T], mask [B, T], cache, key) -> (first new tokens [B], cache)
+    chunk(state, tokens [B], cache, key) -> (the CHUNK tokens after them [B, CHUNK], cache)
+
+  Plain jax.jit over the split model's state, the cache donated (updated in place), CHUNK
+  decoding steps in one on-device loop: per token, nnx.jit would walk the model's graph of
+  variables and jax.jit check every argument, which costs more than a token's compute on an
+  accelerator (docs/BENCHMARKS.md, "Generation")."""
+
+  def next_tokens(state, ids, mask, cache, key):  # ids [B, T] appended: (next token [B], cache)
+    logits, cache = nnx.merge(graphdef, state).decode(ids, cache, mask)
+    return sample_token(logits[:, -1], key, temperature, top_p), cache
+
+  def chunk(state, tokens, cache, key):
+    arrays, treedef = jax.tree.flatten(state)
+
+    def one(carry, step_key):  # state rebuilt in the loop's trace: NNX refuses outer variables
+      tokens, cache = next_tokens(jax.tree.unflatten(treedef, arrays), carry[0][:, None], None,
+                              carry[1], step_key)
+      return (tokens, cache), tokens
+
+    (_, cache), out = jax.lax.scan(one, (tokens, cache), jax.random.split(key, CHUNK))
+    return out.T, cache
+
+  return jax.jit(next_tokens, donate_argnums=3), jax.jit(chunk, donate_argnums=2)
+
+
+def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
+             stop_ids: tuple[int, ...] = ()) -> Iterator[np.ndarray]:
+  """Yield the next token of every prompt ([B] int array) until all stopped or the budget ends.
+
+  Prompts are left-padded into one batch; a finished sequence keeps yielding its stop token.
+  Tokens are computed CHUNK at a time (so up to CHUNK - 1 past the last stop are computed and
+  dropped) and yielded one by one.
+  """
+  model.eval()
+  # Left-pad to a multiple of PROMPT_BUCKET: prompts of similar length share compiled code.
+  b, longest = len(prompts), -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+  ids = np.zeros((b, longest), np.int32)
+  mask = np.zeros((b, longest), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
+  chunks = -(-(sampling.max_new_tokens - 1) // CHUNK)  # after the prefill's token
+  cache = KVCache.empty(model.config, b, longest + chunks * CHUNK, jnp.dtype(model.options.dtype))
+  graphdef, state = nnx.split(model)
+  prefill, chunk = _decoder(graphdef, sampling.temperature, sampling.top_p)
+  key = jax.random.key(sampling.seed)
+  key, sub = jax.random.split(key)
+  token, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+  pending = np.asarray(token)[:, None]  # [B, n]: computed, not yet yielded
+  done = np.zeros((b,), bool)
+  for _ in range(sampling.max_new_tokens):
+    if not pending.shape[1]:
+      key, sub = jax.random.split(key)
+      tokens, cache = chunk(state, token, cache, sub)
+      token, pending = tokens[:, -1], np.asarray(tokens)
+    out = np.where(done, stop_ids[0] if stop_ids else pending[:, 0], pending[:, 0])
+    pending = pending[:, 1:]
+    yield out
+    done |= np.isin(out, stop_ids)
+    if done.all():
+      return
+
+
+def complete(model: CausalLM, tokenizer, text_or_messages, sampling: SamplingConfig = SamplingConfig(),
+             on_text: Callable[[str], None] | None = None) -> str:
+  """One answer: a chat (list of {role, content}) through the chat template, or raw text.
+
+  on_text receives the decoded text as it grows (for streaming to a terminal).
+  """
+  if isinstance(text_or_messages, str):
+    prompt = tokenizer(text_or_messages, add_special_tokens=False)["input_ids"]
+  else:
+    prompt = tokenizer.apply_chat_template(text_or_messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+  eos = tokenizer.eos_token_id  # may be 0, or a list (Llama 3)
+  stops = tuple(int(t) for t in np.atleast_1d([] if eos is None else eos))
+  tokens: list[int] = []
+  printed = ""
+  for out in generate(model, [prompt], sampling, stops):
+    if int(out[0]) in stops:
+      break
+    tokens.append(int(out[0]))
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if on_text is not None and len(text) > len(printed):
+      on_text(text[len(printed):])
+      printed = text
+  return tokenizer.decode(tokens, skip_special_tokens=True)

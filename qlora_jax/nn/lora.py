@@ -1,0 +1,159 @@
+"""The QLoRA linear layer (frozen 4-bit base + trainable LoRA) and the helper that installs it.
+
+y = x @ dequant(W)^T + scaling * dropout(x) @ A @ B (+ bias), as PEFT computes it: each product
+with compute-dtype (bf16) operands and float32 accumulation, rounded to bf16, summed in bf16.
+A [in, r] and B [r, out] are `nnx.LoRAParam`s (LoRAWeight), float32 master weights by default,
+initialised as PEFT does: A kaiming-uniform (a = sqrt(5), i.e. U(±1/sqrt(in))), B zeros, so a
+fresh layer computes exactly the base layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.backends import DEFAULT, Backend, get_backend
+from pallas_kernels.xla import compute_dot
+from qlora_jax.nn.families import LINEAR_NAMES
+from qlora_jax.nn.qmatmul import check_backend, qmatmul
+from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
+from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """LoRA hyper-parameters (the QLoRA paper's: r=64, alpha=16)."""
+
+  rank: int = 64
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = LINEAR_NAMES  # the decoder's linear layers that get an adapter
+  use_rslora: bool = False
+  param_dtype: str = "float32"  # bfloat16: adapters and their gradients in bf16 (qlora.py)
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+    if not (math.isfinite(self.alpha) and self.alpha > 0):
+      raise ValueError(f"LoRA alpha must be > 0 and finite, got {self.alpha}")
+    if not self.targets:
+      raise ValueError("LoRA targets must name at least one layer")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+    if self.param_dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"param_dtype must be bfloat16 or float32, got {self.param_dtype!r}")
+
+  @property
+  def scaling(self) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def lora_a_init(key: jax.Array, in_features: int, rank: int, dtype) -> jax.Array:
+  """PEFT's init of A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+  bound = 1.0 / math.sqrt(in_features)
+  return jax.random.uniform(key, (in_features, rank), dtype, -bound, bound)
+
+
+class QLoRALinear(nnx.Module):
+  """A Linear layer whose frozen weight is 4-bit and whose update is a trainable LoRA.
+
+  Built from shapes (an all-zero 4-bit weight that a checkpoint is loaded into) or, with
+  `from_quantized`, around an existing QuantizedArray. `lora=None` gives a frozen layer with no
+  adapter (a linear layer that is not a LoRA target).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, lora: LoraConfig | None,
+               quant: QuantConfig = QuantConfig(), use_bias: bool = False,
+               compute_dtype: str = "bfloat16", backend: Backend = get_backend(DEFAULT),
+               rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    check_backend(backend)
+    if compute_dtype not in ("bfloat16", "float16", "float32"):
+      raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {compute_dtype!r}")
+    self.compute_dtype, self.backend = compute_dtype, backend
+    self.weight = QuantWeight(zeros_quantized((out_features, in_features), quant, compute_dtype))
+    self.bias = FrozenParam(jnp.zeros((out_features,), compute_dtype)) if use_bias else None
+    self.lora = lora
+    if lora is None:
+      return
+    self.lora_a = LoRAWeight(lora_a_init(rngs.params(), in_features, lora.rank, lora.param_dtype))
+    self.lora_b = LoRAWeight(jnp.zeros((lora.rank, out_features), lora.param_dtype))
+    self.dropout = nnx.Dropout(lora.dropout, rngs=rngs)
+
+  @classmethod
+  def from_quantized(cls, qweight: QuantizedArray, lora: LoraConfig | None, *,
+                     bias: jax.Array | None = None, compute_dtype: str = "bfloat16",
+                     backend: Backend = get_backend(DEFAULT), rngs: nnx.Rngs) -> "QLoRALinear":
+    """The layer around an existing [out, in] quantized weight (and optional frozen bias)."""
+    if len(qweight.shape) != 2:
+      raise ValueError(f"QLoRALinear needs a 2-D [out, in] weight, got shape {qweight.shape}")
+    out_features, in_features = qweight.shape
+    quant = QuantConfig(quant_type=qweight.quant_type, blocksize=qweight.blocksize,
+                        double_quant=qweight.double_quant)
+    layer = cls(in_features, out_features, lora=lora, quant=quant, use_bias=bias is not None,
+                compute_dtype=compute_dtype, backend=backend, rngs=rngs)
+    layer.weight.set_value(qweight)
+    if bias is not None:
+      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype)
+    return layer
+
+  def __call__(self, x_BxK: jax.Array) -> jax.Array:
+    """[..., in] -> [..., out], in x's dtype."""
+    cd = jnp.dtype(self.compute_dtype)
+    y = qmatmul(x_BxK, self.weight.get_value(), self.backend, cd)
+    if self.lora is not None:
+      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
+      y = y + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling
+    if self.bias is not None:
+      y = y + self.bias[...].astype(cd)
+    return y.astype(x_BxK.dtype)
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+  """A glob matches the dotted path or its last part (PEFT's target_modules style)."""
+  last = path.rsplit(".", 1)[-1]
+  return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+
+
+def _set_child(model: nnx.Module, path: tuple, value) -> None:
+  parent = model
+  for part in path[:-1]:
+    parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = value
+  else:
+    setattr(parent, path[-1], value)
+
+
+def apply_qlora(model: nnx.Module, lora: LoraConfig, quant: QuantConfig = QuantConfig(), *,
+                targets: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = ("lm_head",),
+                compute_dtype: str = "bfloat16", backend: Backend = get_backend(DEFAULT),
+                rngs: nnx.Rngs) -> list[str]:
+  """Swap every `nnx.Linear` whose path matches `targets` (and not `exclude`) for a QLoRALinear.
+
+  The Linear's kernel [in, out] is quantized as the [out, in] weight bitsandbytes would store.
+  Returns the dotted paths replaced; raises ValueError if none matched.
+  """
+  found = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
+  chosen = [(p, m) for p, m in found
+            if _matches(_dotted(p), targets) and not _matches(_dotted(p), exclude)]
+  if not chosen:
+    names = [_dotted(p) for p, _ in found]
+    raise ValueError(f"no Linear layer matches targets={targets} (exclude={exclude}); "
+                     f"linear layers in the model: {names}")
+  for path, linear in chosen:
+    qweight = quantize(linear.kernel[...].T, quant.quant_type, quant.blocksize, quant.double_quant)
+    bias = linear.bias[...] if linear.bias is not None else None
+    _set_child(model, path, QLoRALinear.from_quantized(
+        qweight, lora, bias=bias, compute_dtype=compute_dtype, backend=backend, rngs=rngs))
+  return [_dotted(p) for p, _ in chosen]
+
+
+def _dotted(path: tuple) -> str:
+  return ".".join(str(p) for p in path)

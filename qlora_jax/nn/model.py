@@ -1,0 +1,310 @@
+"""Llama-family decoder (Llama 1/2/3/3.1, Mistral, Qwen2) in Flax NNX with QLoRA linear layers.
+
+Module and attribute names mirror transformers' (`model.layers.3.self_attn.q_proj.weight`), so a
+checkpoint key is the dotted path of the variable it fills. All seven linear layers of a block are
+4-bit QLoRALinear; embeddings, norms and lm_head are dense `FrozenParam`s in the model dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from pallas_kernels.backends import DEFAULT, Backend, get_backend
+from pallas_kernels.xla import precision_for
+from qlora_jax.format.quantization import QuantConfig
+from qlora_jax.nn.families import LINEAR_NAMES
+from qlora_jax.nn.lora import LoraConfig, QLoRALinear
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.qmatmul import check_backend
+from qlora_jax.nn.rope import apply_rope, cos_sin, inverse_frequencies
+from qlora_jax.nn.variables import FrozenParam
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(requested: str, dtype: str, head_dim: int) -> str:
+  """"auto": cuDNN flash attention on a GPU for 16-bit compute and head_dim a multiple of 8 up to
+  128 (what it supports; faster training: docs/BENCHMARKS.md, "Attention implementation"),
+  XLA elsewhere."""
+  if requested != "auto":
+    return requested
+  fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+  """How the model runs, as opposed to what it is (ModelConfig)."""
+
+  dtype: str = "bfloat16"  # compute dtype, and the dtype of the dense weights
+  quant: QuantConfig = QuantConfig()
+  lora: LoraConfig | None = None  # None: no adapters (inference on the base model)
+  remat: str = "none"  # none | full | save_dots
+  attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
+  backend: Backend = get_backend(DEFAULT)  # the 4-bit matmul's backend (pallas_kernels.backends)
+  scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    check_backend(self.backend)
+    unknown = set(self.lora.targets if self.lora else ()) - set(LINEAR_NAMES)
+    if unknown:
+      raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LINEAR_NAMES}")
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer for generation, written slot by slot."""
+
+  k: jax.Array  # [L, B, S, KV, H]
+  v: jax.Array  # [L, B, S, KV, H]
+  valid: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
+  next_position: jax.Array  # [B] int32: rotary position of the next token
+  index: jax.Array  # [] int32: next slot to write
+
+  @classmethod
+  def empty(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, length), bool), next_position=jnp.zeros((batch,), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+
+def _linear(name: str, d_in: int, d_out: int, bias: bool, opts: ModelOptions, rngs) -> QLoRALinear:
+  lora = opts.lora if opts.lora is not None and name in opts.lora.targets else None
+  return QLoRALinear(d_in, d_out, lora=lora, quant=opts.quant, use_bias=bias,
+                     compute_dtype=opts.dtype, backend=opts.backend, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight, the statistics in float32."""
+
+  def __init__(self, dim: int, eps: float, dtype: str):
+    self.weight = FrozenParam(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    xf = x_BxTxD.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (self.weight[...] * normed.astype(x_BxTxD.dtype)).astype(x_BxTxD.dtype)
+
+
+class VocabMatrix(nnx.Module):
+  """A frozen dense [vocab, hidden] matrix: the token embedding, or an untied lm_head."""
+
+  def __init__(self, vocab: int, hidden: int, dtype: str):
+    self.weight = FrozenParam(jnp.zeros((vocab, hidden), dtype))
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with rotary embeddings."""
+
+  def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+    shapes = cfg.linear_shapes
+    self.q_proj = _linear("q_proj", *shapes["q_proj"], cfg.qkv_bias, opts, rngs)
+    self.k_proj = _linear("k_proj", *shapes["k_proj"], cfg.qkv_bias, opts, rngs)
+    self.v_proj = _linear("v_proj", *shapes["v_proj"], cfg.qkv_bias, opts, rngs)
+    self.o_proj = _linear("o_proj", *shapes["o_proj"], cfg.o_bias, opts, rngs)
+    self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim)
+
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None):
+    """kv: this layer's (k, v) cache [B, S, KV, H] and the slot to write, or None."""
+    b, t, _ = x_BxTxD.shape
+    q = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim), cos, sin)
+    k = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+    v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+    if kv is not None:
+      k_cache, v_cache, index = kv
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      kv = (k, v)
+    # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
+    # dot_product_attention takes no precision argument: float32 asks for it by context
+    full = precision_for(q.dtype) == jax.lax.Precision.HIGHEST
+    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+      out = jax.nn.dot_product_attention(
+          q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None],
+          implementation="xla" if kv is not None else self.implementation)
+    return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+    shapes = cfg.linear_shapes
+    self.gate_proj = _linear("gate_proj", *shapes["gate_proj"], cfg.mlp_bias, opts, rngs)
+    self.up_proj = _linear("up_proj", *shapes["up_proj"], cfg.mlp_bias, opts, rngs)
+    self.down_proj = _linear("down_proj", *shapes["down_proj"], cfg.mlp_bias, opts, rngs)
+
+  def __call__(self, x_BxTxD):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP, each with a residual connection."""
+
+  def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+    self.self_attn = Attention(cfg, opts, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+    self.mlp = MLP(cfg, opts, rngs)
+
+  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None):
+    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv)
+    h_BxTxD = h_BxTxD + attn
+    return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
+
+
+class Decoder(nnx.Module):
+  """Embedding, the stack of decoder layers, final norm (transformers' `model.`).
+
+  With scan_layers the layers are one DecoderLayer whose variables carry a leading [L] axis.
+  """
+
+  def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+    self.embed_tokens = VocabMatrix(cfg.vocab_size, cfg.hidden_size, opts.dtype)
+    if opts.scan_layers:
+      self.layers = _stacked_layers(cfg, opts, rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, opts, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+
+
+def _stacked_layers(cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs) -> DecoderLayer:
+  @nnx.split_rngs(splits=cfg.num_hidden_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return DecoderLayer(cfg, opts, rngs)
+  return make(rngs)
+
+
+def variable_names(path: tuple, config: ModelConfig, options: ModelOptions) -> list[tuple[str, int | None]]:
+  """The transformers tensor names a model variable holds, with the layer index it takes from a
+  stacked variable (None when the variable is one tensor)."""
+  if options.scan_layers and tuple(path[:2]) == ("model", "layers"):
+    rest = ".".join(map(str, path[2:]))
+    return [(f"model.layers.{i}.{rest}", i) for i in range(config.num_hidden_layers)]
+  return [(".".join(map(str, path)), None)]
+
+
+def make_mask(q_slot_BxT, k_slot_BxS, k_valid_BxS, q_segment_BxT=None, k_segment_BxS=None,
+                   window: int | None = None) -> jax.Array:
+  """bool [B, T, S]: causal by slot, only real keys, same packed segment, within the window."""
+  mask = (k_slot_BxS[:, None, :] <= q_slot_BxT[:, :, None]) & k_valid_BxS[:, None, :]
+  if q_segment_BxT is not None:
+    mask &= q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
+  if window is not None:
+    mask &= (q_slot_BxT[:, :, None] - k_slot_BxS[:, None, :]) < window
+  return mask
+
+
+class CausalLM(nnx.Module):
+  """Decoder plus lm_head: token ids [B, T] -> float32 logits [B, T, V]."""
+
+  def __init__(self, config: ModelConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
+    self.config, self.options = config, options
+    self.model = Decoder(config, options, rngs)
+    self.lm_head = None if config.tie_word_embeddings else VocabMatrix(
+        config.vocab_size, config.hidden_size, options.dtype)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """Training/scoring forward. attention_mask [B, T] (1 = real token) masks padded keys;
+    positions [B, T] default to 0..T-1; segment_ids [B, T] keep packed sequences apart."""
+    return self.logits(self.hidden_states(input_ids, attention_mask, positions, segment_ids))
+
+  def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """The final normed hidden states [B, T, D] (the loss applies lm_head in chunks)."""
+    b, t = input_ids.shape
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    positions = slots if positions is None else positions
+    mask = make_mask(slots, slots, valid, segment_ids, segment_ids, self.config.sliding_window)
+    return self._run(input_ids, positions, mask, None)[0]
+
+  def head_weight(self) -> jax.Array:
+    """lm_head's [V, D] matrix (the embedding when tied)."""
+    head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+    return head.weight[...]
+
+  def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V]: compute-dtype operands, float32 accumulation."""
+    return jnp.einsum("btd,vd->btv", h_BxTxD, self.head_weight().astype(h_BxTxD.dtype),
+                      preferred_element_type=jnp.float32, precision=precision_for(h_BxTxD.dtype))
+
+  def decode(self, input_ids, cache: KVCache, attention_mask=None):
+    """Append input_ids [B, T] to the cache; logits [B, T, V] and the updated cache.
+
+    A prompt may be left-padded: padded tokens (attention_mask 0) are never attended to and
+    do not advance the rotary position.
+    """
+    b, t = input_ids.shape
+    real = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    positions = cache.next_position[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.maximum(positions, 0)
+    q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
+    k_slots = jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
+    mask = make_mask(q_slots, k_slots, valid, window=self.config.sliding_window)
+    h, (k, v) = self._run(input_ids, positions, mask, (cache.k, cache.v, cache.index))
+    logits = self.logits(h)
+    cache = KVCache(k=k, v=v, valid=valid, next_position=cache.next_position + real.sum(1, dtype=jnp.int32),
+                    index=cache.index + t)
+    return logits, cache
+
+  def _run(self, input_ids, positions, mask, cache):
+    dtype = jnp.dtype(self.options.dtype)
+    h = self.model.embed_tokens.weight[...][input_ids].astype(dtype)
+    cos, sin = cos_sin(positions, inverse_frequencies(self.config.rope, self.config.head_dim))
+    if self.options.scan_layers:
+      h, kv = self._scan(h, cos, sin, mask, cache)
+      return self.model.norm(h), kv
+    ks, vs = [], []
+    for i, layer in enumerate(self.model.layers):
+      kv = None if cache is None else (cache[0][i], cache[1][i], cache[2])
+      h, kv = self._layer_call(layer, h, cos, sin, mask, kv)
+      if kv is not None:
+        ks.append(kv[0])
+        vs.append(kv[1])
+    h = self.model.norm(h)
+    return h, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+
+  def _scan(self, h, cos, sin, mask, cache):
+    """lax.scan over the stacked layer (with the per-layer caches as scanned inputs)."""
+    policy = REMAT_POLICIES[self.options.remat]
+    if cache is None:
+      def body(h, layer):
+        return layer(h, cos, sin, mask)[0]
+      if self.options.remat != "none":
+        body = nnx.remat(body, policy=policy)
+      return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.model.layers), None
+
+    def body_kv(h, layer, k, v):
+      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]))
+      return h, (k, v)
+    h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+        h, self.model.layers, cache[0], cache[1])
+    return h, kv
+
+  def _layer_call(self, layer, h, cos, sin, mask, kv):
+    policy = REMAT_POLICIES[self.options.remat]
+    if self.options.remat == "none" or kv is not None:
+      return layer(h, cos, sin, mask, kv)
+    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask), policy=policy)(
+        layer, h, cos, sin, mask)

@@ -1,0 +1,120 @@
+"""The decoder's shape, read from a transformers `config.json` (the families: families.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from qlora_jax.nn.families import family
+
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+  """Rotary embedding: theta and optional frequency scaling ("llama3" as in Llama 3.1)."""
+
+  theta: float = 10000.0
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Decoder-only transformer shape. Field names follow transformers' config.json."""
+
+  model_type: str = "llama"
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope: RopeConfig = RopeConfig()
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama's attention_bias)
+  o_bias: bool = False  # bias on o_proj (Llama's attention_bias; never in Qwen2)
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | list[int] | None = None
+
+  def __post_init__(self):
+    family(self.model_type)
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                       f"num_key_value_heads ({self.num_key_value_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+  @property
+  def q_dim(self) -> int:
+    return self.num_attention_heads * self.head_dim
+
+  @property
+  def kv_dim(self) -> int:
+    return self.num_key_value_heads * self.head_dim
+
+  @property
+  def linear_shapes(self) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each of a decoder layer's seven linear layers, by name."""
+    h, f = self.hidden_size, self.intermediate_size
+    return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h), "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    """Build from a transformers config dict (v4 `rope_scaling` or v5 `rope_parameters`)."""
+    try:
+      return cls._from_hf(hf)
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"the transformers config lacks or mistypes a field ({type(e).__name__}: {e})") from e
+
+  @classmethod
+  def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    model_type = hf.get("model_type")
+    fam = family(model_type, hf.get("architectures"))
+    heads = hf["num_attention_heads"]
+    return cls(
+        model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope=_rope_from_hf(hf),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"), **fam.hf_fields(hf))
+
+  @classmethod
+  def from_file(cls, path: str | pathlib.Path) -> "ModelConfig":
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ValueError(f"missing {path}: a model folder needs the transformers config.json")
+    try:
+      return cls.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = hf.get("rope_scaling") or {}
+  params = {**scaling, **params}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  return RopeConfig(theta=float(theta), rope_type=rope_type,
+                    **{k: params[k] for k in keys if k in params})

@@ -1,0 +1,59 @@
+"""The frozen 4-bit base matmul y = x @ dequant(W)^T behind one custom VJP.
+
+The backward returns dX = dY @ dequant(W) and no cotangent for the frozen weight, and saves
+nothing but the quantized weight itself: no full-precision copy of W lives between forward and
+backward. Which code computes the two products is a `Backend` (pallas_kernels.backends).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.backends import DEFAULT, Backend, MatmulFn, get_backend
+from qlora_jax.format.quantization import QuantizedArray
+
+
+def check_backend(backend: Backend) -> Backend:
+  """The backend itself; ValueError when given anything else (a name: resolve it first)."""
+  if not isinstance(backend, Backend):
+    raise ValueError(f"backend must be a pallas_kernels.backends.Backend, got {backend!r}; "
+                     "turn a name into one with get_backend(name)")
+  return backend
+
+
+def qmatmul(x: jax.Array, qw: QuantizedArray, backend: Backend = get_backend(DEFAULT),
+            compute_dtype=jnp.bfloat16) -> jax.Array:
+  """y [..., N] in compute_dtype = x [..., K] @ dequant(qw)^T: compute_dtype operands, float32
+  accumulation, one rounding.
+
+  Differentiable in x only: the gradient is dx = dy @ dequant(qw), in x's dtype.
+  """
+  return _qmatmul(x, qw, check_backend(backend), jnp.dtype(compute_dtype), jnp.dtype(x.dtype))
+
+
+def _apply(fn: MatmulFn, x: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
+  """Run a 2-D backend function over any leading dims of x; the result in compute_dtype."""
+  lead = x.shape[:-1]
+  y = fn(x.reshape(-1, x.shape[-1]), qw, compute_dtype).astype(compute_dtype)
+  return y.reshape(*lead, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmatmul(x, qw, backend: Backend, compute_dtype, x_dtype):
+  return _apply(backend.forward, x, qw, compute_dtype)
+
+
+def _qmatmul_fwd(x, qw, backend, compute_dtype, x_dtype):
+  # The only residual is the quantized weight, which is resident anyway; x is not saved.
+  return _qmatmul(x, qw, backend, compute_dtype, x_dtype), qw
+
+
+def _qmatmul_bwd(backend, compute_dtype, x_dtype, qw, dy):
+  dx = _apply(backend.backward, dy, qw, compute_dtype)
+  return dx.astype(x_dtype), None  # None: no cotangent for the frozen weight
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)

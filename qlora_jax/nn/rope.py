@@ -1,0 +1,51 @@
+"""Rotary position embeddings (HF's rotate-half convention), with Llama 3.1 frequency scaling."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.nn.model_config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """float32[head_dim // 2] rotation frequencies, scaled as the rope type asks."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv = (1.0 / np.power(np.float32(rope.theta), exponents)).astype(np.float32)
+  if rope.rope_type == "linear":
+    return (inv / np.float32(rope.factor)).astype(np.float32)
+  if rope.rope_type == "llama3":
+    return _llama3_scaling(inv, rope)
+  return inv
+
+
+def _llama3_scaling(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
+  """Keep high frequencies, divide low ones by `factor`, interpolate smoothly in between."""
+  old_len = rope.original_max_position_embeddings
+  low_wavelen = old_len / rope.low_freq_factor
+  high_wavelen = old_len / rope.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+  smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """float32 cos and sin [B, T, head_dim] for integer positions."""
+  freqs = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+  """x * cos + rotate_half(x) * sin, in x's dtype."""
+  half = x_BxTxNxH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+  cos = cos_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
+  sin = sin_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
+  return x_BxTxNxH * cos + rotated * sin

@@ -1,0 +1,69 @@
+"""Random models for tests and benchmarks: named Llama shapes, 4-bit weights made directly in
+quantized form (no full-precision weight ever exists), adapters initialised as training does."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qlora_jax.format.quantization import QuantConfig, QuantizedArray, zeros_quantized
+from qlora_jax.io.loading import init_trainable, placer
+from qlora_jax.nn.model import CausalLM, ModelOptions, variable_names
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.variables import FrozenParam, QuantWeight
+
+# Llama shapes the benchmarks and the memory estimate name (transformers config fields).
+SHAPES = {
+    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=64),
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=64, head_dim=128),
+}
+
+
+def shape_config(name: str) -> ModelConfig:
+  """The ModelConfig of a named shape; ValueError naming the shapes otherwise."""
+  if name not in SHAPES:
+    raise ValueError(f"unknown shape {name!r}; choose one of {sorted(SHAPES)}")
+  return ModelConfig(model_type="llama", **SHAPES[name])
+
+
+def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig) -> QuantizedArray:
+  """A random 4-bit tensor made directly in quantized form (no full-precision weight ever exists):
+  uniform codes, scales near 0.025 (the magnitude of a trained Llama weight block's absmax)."""
+  like = zeros_quantized(shape, quant)
+  k1, k2 = jax.random.split(key)
+  codes = jax.random.bits(k1, like.codes.shape, jnp.uint8)
+  if quant.double_quant:  # codes of the upper half of the dynamic map: absmax = 0.02 + 0.01 * q
+    absmax = jax.random.randint(k2, like.absmax.shape, 160, 256).astype(jnp.uint8)
+    return like.replace(codes=codes, absmax=absmax, nested_absmax=jnp.full_like(like.nested_absmax, 0.01),
+                        offset=jnp.float32(0.02))
+  return like.replace(codes=codes, absmax=jax.random.uniform(k2, like.absmax.shape, jnp.float32, 0.02, 0.03))
+
+
+def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0, layout=None) -> CausalLM:
+  """A model with random base weights, 4-bit from the start, each variable made by one jitted
+  call straight into its layout (on the default device without one)."""
+  make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
+  graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
+  key = jax.random.key(seed)
+  for i, (path, var) in enumerate(nnx.to_flat_state(base)):
+    spec, k = var.get_raw_value(), jax.random.fold_in(key, i)
+    if isinstance(var, QuantWeight):
+      layers = [n for _, n in variable_names(path, config, options)]
+      # layer j from fold_in(k, j), vmapped over the layers of a stacked weight
+      one = lambda k, j, shape=spec.shape: random_quantized(jax.random.fold_in(k, j), shape, options.quant)  # noqa: E731
+      fn = (lambda k, one=one: one(k, 0)) if layers[0] is None else (
+          lambda k, one=one, n=len(layers): jax.vmap(one, in_axes=(None, 0))(k, jnp.arange(n)))
+    elif path[-2].endswith("norm"):
+      fn = lambda k, spec=spec: jnp.ones(spec.shape, spec.dtype)  # noqa: E731
+    else:
+      fn = lambda k, spec=spec: (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype)  # noqa: E731
+    out = None if layout is None else layout.value_shardings(var, path, jax.eval_shape(fn, k))
+    var.set_value(jax.jit(fn, out_shardings=out)(k))
+  return nnx.merge(graphdef, base, init_trainable(rest, seed, placer(layout, rest)))

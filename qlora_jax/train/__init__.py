@@ -1,0 +1,2 @@
+"""Training: the config, optimizer, step, builder, loop, checkpoints, metrics and the memory
+estimate."""

@@ -1,0 +1,54 @@
+"""Next-token cross entropy with lm_head applied chunk by chunk: the [tokens, vocab] float32
+logits never exist at once (each chunk's logits are recomputed in the backward)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.xla import precision_for
+from qlora_jax.data.formats import IGNORE
+
+
+def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Array,
+                          chunk: int = 2048) -> tuple[jax.Array, jax.Array]:
+  """(sum of token losses, number of counted tokens); labels == IGNORE are skipped."""
+  n = h_NxD.shape[0]
+  chunk = min(chunk, n)
+  pad = -n % chunk
+  h = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, h_NxD.shape[-1])
+  labels = jnp.pad(labels_N, (0, pad), constant_values=IGNORE).reshape(-1, chunk)
+  w = w_VxD.astype(h_NxD.dtype)
+
+  @jax.checkpoint
+  def chunk_loss(h_CxD, labels_C):
+    logits = jnp.einsum("cd,vd->cv", h_CxD, w, preferred_element_type=jnp.float32,
+                        precision=precision_for(w.dtype))
+    valid = labels_C != IGNORE
+    target = jnp.take_along_axis(logits, jnp.where(valid, labels_C, 0)[:, None], axis=-1)[:, 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - target
+    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
+
+  def body(carry, xs):
+    total, count = carry
+    s, c = chunk_loss(*xs)
+    return (total + s, count + c), None
+
+  (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h, labels))
+  return total, count
+
+
+def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Array]:
+  """(summed loss, token count) of a batch dict (input_ids, labels, positions, segment_ids).
+
+  shards: the number of devices the batch rows are split over. Each device's rows are chunked
+  on their own (a chunk never spans two devices, so no device computes another's logits).
+  """
+  h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"])
+  w, labels = model.head_weight(), batch["labels"]
+  if shards == 1:
+    return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
+  totals, counts = jax.vmap(chunked_cross_entropy, in_axes=(0, None, 0))(
+      h.reshape(shards, -1, h.shape[-1]), w, labels.reshape(shards, -1))
+  return jnp.sum(totals), jnp.sum(counts)

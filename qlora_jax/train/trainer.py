@@ -1,0 +1,218 @@
+"""The training loop: set-up, evaluation, samples, checkpoints, metrics (what trains:
+builder.py; the step: step.py).
+
+With a mesh of several devices every piece is created already split as nn/sharding.py lays it
+out; with one device nothing changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from qlora_jax import data as data_lib
+from qlora_jax.io.convert import ensure_converted
+from qlora_jax.nn.generate import SamplingConfig, complete
+from qlora_jax.nn.sharding import Layout, batch_shards, initialize_distributed, make_layout, mesh_shape
+from qlora_jax.train import memory
+from qlora_jax.train.builder import Trainable, build_from_folder
+from qlora_jax.train.checkpoint import Checkpointer
+from qlora_jax.train.config import TrainConfig, save_config
+from qlora_jax.train.metrics import MetricsLog, RunSummary, plot_loss
+
+
+class TrainingError(ValueError):
+  """A run that had to stop (NaN loss, ...): the message names the step and what is kept."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop holds between steps."""
+
+  cfg: TrainConfig
+  trainable: Trainable
+  tokenizer: object
+  batches: data_lib.Batches
+  eval_set: list
+  truncated: int
+  step: int = 0
+
+
+def setup(cfg: TrainConfig, layout: Layout | None = None) -> Run:
+  """Data, model (converted if needed), optimizer: a Run at step 0, laid out over the layout's
+  devices (None: one device). The data is read before the model, so bad data fails fast."""
+  d = cfg.data
+  train_rows, eval_rows = data_lib.train_eval_rows(d.dataset, d.eval_dataset, d.eval_size, cfg.loop.seed)
+  folder = ensure_converted(cfg.model.model_dir, cfg.model.model_source, cfg.quant)
+  memory.check_run(cfg, folder, layout)
+  trainable, tokenizer = build_from_folder(cfg, folder, layout)
+  train_data, eval_data = (data_lib.tokenize(rows, d.dataset_format, tokenizer, d.source_max_len,
+                                             d.target_max_len, d.train_on_source)
+                           for rows in (train_rows, eval_rows))
+  batches = data_lib.Batches(train_data, cfg.optim.batch_size, d.max_seq_len, seed=cfg.loop.seed,
+                             packing=d.packing, group_by_length=d.group_by_length)
+  return Run(cfg=cfg, trainable=trainable, tokenizer=tokenizer, batches=batches,
+             eval_set=data_lib.eval_batches(eval_data, cfg.optim.batch_size, d.max_seq_len),
+             truncated=train_data.truncated + eval_data.truncated)
+
+
+def evaluate(run: Run) -> float:
+  """Mean token loss over the whole evaluation set (dropout off)."""
+  t = run.trainable
+  sums = [t.eval_loss(t.put_batch(b)) for b in run.eval_set]
+  total, count = jax.device_get((sum(x for x, _ in sums), sum(c for _, c in sums)))  # one read
+  return float(total) / max(int(count), 1)
+
+
+def sample(run: Run) -> list[tuple[str, str]]:
+  """(prompt, greedy answer) for each configured sample prompt."""
+  model = run.trainable.model()
+  sampling = SamplingConfig(max_new_tokens=run.cfg.loop.sample_max_new_tokens)
+  return [(p, complete(model, run.tokenizer, [{"role": "user", "content": p}], sampling))
+          for p in run.cfg.loop.sample_prompts]
+
+
+def _check_resume_choice(ckpt: Checkpointer, resume: bool | None) -> None:
+  """--resume needs a checkpoint, --no-resume needs none (checked before any heavy work)."""
+  latest = ckpt.latest_step()
+  if resume is True and latest is None:
+    raise ValueError(f"--resume: {ckpt.folder} holds no checkpoint")
+  if resume is False and latest is not None:
+    raise ValueError(f"--no-resume: {ckpt.folder} already holds checkpoints (step {latest}); "
+                     "choose another output_dir or remove it")
+
+
+def _devices(cfg: TrainConfig) -> Layout | None:
+  """The run's layout (None: one device), after joining a multi-host job if there is one;
+  a mesh that does not fit the devices or splits the batch unevenly is refused here."""
+  initialize_distributed()
+  d, batch_size = cfg.devices, cfg.optim.batch_size
+  sizes = mesh_shape(d.mesh, jax.device_count())
+  shards = batch_shards(sizes)
+  if batch_size % shards:
+    raise ValueError(f"batch_size {batch_size} does not split over the {shards} batch shards of "
+                     f"mesh {sizes} (data x fsdp); make batch_size a multiple of {shards}")
+  layout = make_layout(d.mesh, d.lora_sharding)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {sizes}"
+        + ("" if layout is None else f"; LoRA {d.lora_sharding}"))
+  return layout
+
+
+def _restore(run: Run, ckpt: Checkpointer) -> None:
+  """Continue from the latest checkpoint, if any."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return
+  state, meta = ckpt.restore(run.trainable.restore_template())
+  run.trainable.restore(state)
+  run.step = int(meta["step"])
+  run.batches.restore(meta["data"])
+  done = " (the run is already complete)" if run.step >= run.cfg.optim.steps else ""
+  print(f"resumed from {ckpt.folder / str(latest)} (step {run.step}){done}")
+
+
+def _save(run: Run, ckpt: Checkpointer) -> None:
+  ckpt.save(run.step, run.trainable.checkpoint_state(), {"step": run.step, "data": run.batches.state()})
+
+
+def _log_dir(run_dir: pathlib.Path) -> pathlib.Path:
+  """Where this process writes config, metrics, plot and summary: the run folder for process 0
+  of a multi-host job (or the only process), a process_<i> folder inside it for the others.
+  Checkpoints are written by all processes together (orbax)."""
+  if jax.process_index() == 0:
+    return run_dir
+  (run_dir / f"process_{jax.process_index()}").mkdir(parents=True, exist_ok=True)
+  return run_dir / f"process_{jax.process_index()}"
+
+
+def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
+  """Run (or resume) a training run in cfg.loop.output_dir; returns its summary."""
+  print(cfg.text())
+  run_dir = pathlib.Path(cfg.loop.output_dir)
+  layout = _devices(cfg)
+  ckpt = Checkpointer(run_dir, cfg.loop.keep_checkpoints)
+  _check_resume_choice(ckpt, resume)
+  run = setup(cfg, layout)
+  _restore(run, ckpt)
+  log_dir = _log_dir(run_dir)
+  if run.step == 0:  # a resumed run keeps the config it was started with
+    save_config(cfg, log_dir / "config.json")
+  steps = cfg.optim.steps
+  lrs = np.asarray(jax.vmap(run.trainable.schedule)(jnp.arange(steps)))  # read on the host once
+  log = MetricsLog(log_dir)
+  log.drop_after(run.step)  # records a killed run wrote past its last checkpoint
+  fresh = run.step == 0
+  before = evaluate(run) if fresh else None
+  samples_before = sample(run) if fresh else []
+  if fresh:
+    log.write({"step": 0, "eval_loss": before})
+    print(f"eval loss before training: {before:.4f}")
+  start, tokens, last = time.time(), 0, {}
+  try:
+    last, tokens = _loop(run, ckpt, log, lrs)
+    after = evaluate(run)
+    log.write({"step": run.step, "eval_loss": after})
+  finally:
+    log.close()
+  if ckpt.latest_step() != run.step:
+    _save(run, ckpt)
+  ckpt.close()
+  seconds = time.time() - start
+  summary = RunSummary(run.step, seconds, tokens / max(seconds, 1e-9), last.get("loss"),
+                       before, after, run.truncated, samples_before, sample(run))
+  plot_loss(log.records(), log_dir / "loss.png")
+  (log_dir / "summary.txt").write_text(summary.text() + "\n")
+  return summary
+
+
+def _loop(run: Run, ckpt: Checkpointer, log: MetricsLog, lrs) -> tuple[dict, int]:
+  """The steps; metrics of step N are read after step N+1 is dispatched (no per-step stall)."""
+  optim, loop, t = run.cfg.optim, run.cfg.loop, run.trainable
+  bar = tqdm(total=optim.steps, initial=run.step, desc="training", unit="step")
+  pending, last, tokens, t0 = None, {}, 0, time.time()
+  while run.step < optim.steps:
+    metrics = t.train_step(t.put_batch(run.batches.next_accumulated(optim.grad_accum), leading=1))
+    run.step += 1
+    if pending is not None:
+      last, tokens = _report(pending, log, bar, tokens, t0, loop.log_every, lrs)
+    pending = (run.step, metrics)
+    boundary = (run.step % loop.save_every == 0 or run.step % loop.eval_every == 0
+                or run.step == optim.steps)
+    if boundary:  # settle the metrics before saving: a NaN step must not be checkpointed
+      last, tokens = _report(pending, log, bar, tokens, t0, loop.log_every, lrs)
+      pending = None
+    if run.step % loop.eval_every == 0 and run.step < optim.steps:
+      loss = evaluate(run)
+      log.write({"step": run.step, "eval_loss": loss})
+      bar.write(f"step {run.step}: eval loss {loss:.4f}")
+    if run.step % loop.save_every == 0:
+      _save(run, ckpt)
+  if pending is not None:
+    last, tokens = _report(pending, log, bar, tokens, t0, loop.log_every, lrs)
+  bar.close()
+  return last, tokens
+
+
+def _report(pending, log: MetricsLog, bar, tokens: int, t0: float, log_every: int,
+            lrs) -> tuple[dict, int]:
+  step, metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"]):
+    raise TrainingError(f"loss became {values['loss']} at step {step} (grad norm {values['grad_norm']}); "
+                        "stopped without saving it: the last good checkpoint is kept. Lower the "
+                        "learning rate or check the data.")
+  tokens += int(values["tokens"])
+  rate = tokens / max(time.time() - t0, 1e-9)
+  record = {"step": step, **values, "lr": float(lrs[step - 1]), "tokens_per_s": rate}
+  if step % log_every == 0:
+    log.write(record)
+  bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:.0f}")
+  bar.update(step - bar.n)
+  return values, tokens
