@@ -31,11 +31,11 @@ def random_trainable(config, options: ModelOptions, optim: OptimConfig | None = 
 
 
 def random_batch(vocab: int, micro_batches: int, rows: int, seq: int) -> dict[str, np.ndarray]:
-  """Random tokens as the trainer's batches come: [micro_batches, rows, seq], one segment a row."""
+  """Random tokens as the trainer's unpacked batches come: [micro_batches, rows, seq], one
+  sequence a row (no segment ids)."""
   ids = np.random.default_rng(0).integers(0, vocab, (micro_batches, rows, seq + 1)).astype(np.int32)
   return {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (micro_batches, rows, seq)).copy(),
-          "segment_ids": np.ones((micro_batches, rows, seq), np.int32)}
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (micro_batches, rows, seq)).copy()}
 
 
 def timings(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:

@@ -1,6 +1,7 @@
 """Model options that need no reference library."""
 
 import jax
+import numpy as np
 import pytest
 
 from qlora_jax.nn.lora import LoraConfig
@@ -86,3 +87,62 @@ def test_float32_models_ask_for_float32_products():
     assert len(precisions) >= 7 * 2 * 3 + 2  # 7 base products a layer, LoRA's, attention's, the head
     assert all(p == highest for p in precisions) == (dtype == "float32"), (dtype, set(precisions))
     assert any(p == highest for p in precisions) == (dtype == "float32")
+
+
+def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr: bool = False):
+  """(loss, LoRA gradients, the gradient's jaxpr text if asked) of a tiny float32 model on
+  right-padded rows."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from qlora_jax.data.formats import IGNORE
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+  from qlora_jax.train.loss import batch_loss
+
+  config = ModelConfig(model_type="mistral" if window else "llama", vocab_size=128, hidden_size=64,
+                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, sliding_window=window)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 24)), jnp.int32)
+  real = jnp.arange(24)[None, :] < jnp.asarray([[24], [17]])  # the second row: 7 padding tokens
+  batch = dict(input_ids=jnp.where(real, ids, 0), labels=jnp.where(real, jnp.roll(ids, -1, 1), IGNORE),
+               positions=jnp.broadcast_to(jnp.arange(24), (2, 24)) * real)
+  if segments:  # the masked path: one segment a row, padding segment 0
+    batch["segment_ids"] = real.astype(jnp.int32)
+  options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4), remat=remat, scan_layers=True,
+                         attention="xla")
+  model = random_model(config, options, seed=3)
+  graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  lora = jax.tree.map(lambda x: x + 0.05, lora)  # B != 0: the adapters act
+
+  def loss(lora_, rest_):
+    merged = nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in (lora_, rest_)))
+    total, count = batch_loss(merged, batch)
+    return total / count
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(lora, rest)
+  text = str(jax.make_jaxpr(jax.grad(loss))(lora, rest)) if jaxpr else ""
+  return float(value), jax.tree.leaves(grads), text
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_causal_path_equals_the_masked_path_on_right_padded_rows(window):
+  """Rows without segment ids take causal attention with no [T, T] mask: loss and LoRA
+  gradients equal the explicitly masked path's (float32, sliding window too)."""
+  causal, g_causal, _ = _tiny_loss_and_grads("full", window)
+  masked, g_masked, _ = _tiny_loss_and_grads("full", window, segments=True)
+  np.testing.assert_allclose(causal, masked, rtol=1e-6)
+  for a, b in zip(g_causal, g_masked):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_offloaded_layer_inputs_equal_full_remat_and_live_in_host_memory():
+  """remat="offload" computes what "full" does, bit for bit, and its saved layer inputs
+  ([L, B, T, D] under the scan) are put in pinned host memory."""
+  full, g_full, full_jaxpr = _tiny_loss_and_grads("full", jaxpr=True)
+  offload, g_offload, jaxpr = _tiny_loss_and_grads("offload", jaxpr=True)
+  assert offload == full
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(g_full, g_offload))
+  assert "f32<host>[2,24,64]" in jaxpr, "the layer input is not offloaded"
+  assert "<host>" not in full_jaxpr

@@ -10,24 +10,28 @@ from qlora_jax.data.formats import IGNORE, Tokenized
 PAD_MULTIPLE = 64  # unpacked batches are padded to a multiple of this: few distinct shapes
 
 
-def _empty_batch(rows: int, length: int) -> dict[str, np.ndarray]:
-  return {"input_ids": np.zeros((rows, length), np.int32),
-          "labels": np.full((rows, length), IGNORE, np.int32),
-          "positions": np.zeros((rows, length), np.int32),
-          "segment_ids": np.zeros((rows, length), np.int32)}
+def _empty_batch(rows: int, length: int, segments: bool) -> dict[str, np.ndarray]:
+  batch = {"input_ids": np.zeros((rows, length), np.int32),
+           "labels": np.full((rows, length), IGNORE, np.int32),
+           "positions": np.zeros((rows, length), np.int32)}
+  if segments:
+    batch["segment_ids"] = np.zeros((rows, length), np.int32)
+  return batch
 
 
 def padded_batch(data: Tokenized, idx: list[int], batch_size: int, max_len: int) -> dict[str, np.ndarray]:
-  """One example per row, padded to a multiple of PAD_MULTIPLE (padding rows: segment 0)."""
+  """One example per row from its first column, padded at the end to a multiple of PAD_MULTIPLE.
+
+  No segment ids: causal attention alone keeps every real token from the padding after it (whose
+  labels are IGNORE), so the model takes its causal path and no [T, T] mask is ever built."""
   longest = max(len(data.inputs[i]) for i in idx)
   length = min(max_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
-  batch = _empty_batch(batch_size, length)
+  batch = _empty_batch(batch_size, length, segments=False)
   for row, i in enumerate(idx):
     n = len(data.inputs[i])
     batch["input_ids"][row, :n] = data.inputs[i]
     batch["labels"][row, :n] = data.labels[i]
     batch["positions"][row, :n] = np.arange(n)
-    batch["segment_ids"][row, :n] = 1
   return batch
 
 
@@ -48,7 +52,7 @@ def pack(data: Tokenized, order: list[int], length: int) -> list[list[int]]:
 
 def packed_batch(data: Tokenized, rows: list[list[int]], batch_size: int, length: int) -> dict[str, np.ndarray]:
   """Several examples per row: segment ids 1, 2, ... keep attention inside each example."""
-  batch = _empty_batch(batch_size, length)
+  batch = _empty_batch(batch_size, length, segments=True)
   for r, members in enumerate(rows):
     start = 0
     for seg, i in enumerate(members, start=1):

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import precision_for
@@ -24,9 +25,14 @@ from qlora_jax.nn.qmatmul import check_backend
 from qlora_jax.nn.rope import apply_rope, cos_sin, inverse_frequencies
 from qlora_jax.nn.variables import FrozenParam
 
+LAYER_INPUT = "layer_input"  # each decoder layer's input, named for the remat policies
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    # full, with each layer's saved input in pinned host memory instead of on the device
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -51,7 +57,7 @@ class ModelOptions:
   dtype: str = "bfloat16"  # compute dtype, and the dtype of the dense weights
   quant: QuantConfig = QuantConfig()
   lora: LoraConfig | None = None  # None: no adapters (inference on the base model)
-  remat: str = "none"  # none | full | save_dots
+  remat: str = "none"  # none | full | offload | save_dots
   attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
   backend: Backend = get_backend(DEFAULT)  # the 4-bit matmul's backend (pallas_kernels.backends)
   scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
@@ -123,8 +129,10 @@ class Attention(nnx.Module):
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim)
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None):
-    """kv: this layer's (k, v) cache [B, S, KV, H] and the slot to write, or None."""
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None):
+    """mask_BxTxS: bool, or None for causal attention (within `window` tokens, if set), which
+    the attention kernel computes without a [T, S] mask. kv: this layer's (k, v) cache
+    [B, S, KV, H] and the slot to write, or None."""
     b, t, _ = x_BxTxD.shape
     q = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim), cos, sin)
     k = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
@@ -139,7 +147,9 @@ class Attention(nnx.Module):
     full = precision_for(q.dtype) == jax.lax.Precision.HIGHEST
     with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
       out = jax.nn.dot_product_attention(
-          q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None],
+          q, k.astype(q.dtype), v.astype(q.dtype),
+          mask=None if mask_BxTxS is None else mask_BxTxS[:, None], is_causal=mask_BxTxS is None,
+          local_window_size=(window - 1, 0) if mask_BxTxS is None and window else None,
           implementation="xla" if kv is not None else self.implementation)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
@@ -166,8 +176,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
     self.mlp = MLP(cfg, opts, rngs)
 
-  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None):
-    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv)
+  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None):
+    h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
+    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window)
     h_BxTxD = h_BxTxD + attn
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
 
@@ -230,12 +241,17 @@ class CausalLM(nnx.Module):
     return self.logits(self.hidden_states(input_ids, attention_mask, positions, segment_ids))
 
   def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    """The final normed hidden states [B, T, D] (the loss applies lm_head in chunks)."""
+    """The final normed hidden states [B, T, D] (the loss applies lm_head in chunks).
+
+    With neither attention_mask nor segment_ids, attention is causal and no [B, T, T] mask is
+    built (cuDNN's causal kernel skips the masked half; a right-padded row needs nothing more)."""
     b, t = input_ids.shape
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     positions = slots if positions is None else positions
-    mask = make_mask(slots, slots, valid, segment_ids, segment_ids, self.config.sliding_window)
+    mask = None
+    if attention_mask is not None or segment_ids is not None:
+      valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+      mask = make_mask(slots, slots, valid, segment_ids, segment_ids, self.config.sliding_window)
     return self._run(input_ids, positions, mask, None)[0]
 
   def head_weight(self) -> jax.Array:
@@ -290,7 +306,7 @@ class CausalLM(nnx.Module):
     policy = REMAT_POLICIES[self.options.remat]
     if cache is None:
       def body(h, layer):
-        return layer(h, cos, sin, mask)[0]
+        return layer(h, cos, sin, mask, None, self.config.sliding_window)[0]
       if self.options.remat != "none":
         body = nnx.remat(body, policy=policy)
       return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.model.layers), None
@@ -304,7 +320,10 @@ class CausalLM(nnx.Module):
 
   def _layer_call(self, layer, h, cos, sin, mask, kv):
     policy = REMAT_POLICIES[self.options.remat]
-    if self.options.remat == "none" or kv is not None:
+    if kv is not None:
       return layer(h, cos, sin, mask, kv)
-    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask), policy=policy)(
-        layer, h, cos, sin, mask)
+    if self.options.remat == "none":
+      return layer(h, cos, sin, mask, None, self.config.sliding_window)
+    window = self.config.sliding_window
+    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, window),
+                     policy=policy)(layer, h, cos, sin, mask)

@@ -103,6 +103,8 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
   terms["activations kept for backward"] = _saved_activations(model, options, rows, seq, cb)
   terms["one layer recomputed + differentiated"] = _layer_working_set(model, options, rows, seq, cb, tensor)
   terms["loss chunk (float32 logits)"] = 2 * min(LOSS_CHUNK, tokens) * model.vocab_size * 4
+  if cfg.data.packing:  # packed rows attend through a [B, T, T] mask and its bias (unpacked: causal)
+    terms["attention mask of packed rows"] = rows * seq * seq * (1 + cb)
   return Estimate(terms, math.prod(sizes.values()))
 
 
@@ -115,13 +117,16 @@ def _lora_outputs(model: ModelConfig, options: ModelOptions) -> int:
 def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int) -> int:
   """What the remat policy keeps per layer between forward and backward, times the depth.
 
-  full keeps each layer's input. save_dots also keeps the float32 outputs of the LoRA dots (the
+  full keeps each layer's input; offload keeps it in pinned host memory (two layers' worth on
+  the device as they move). save_dots also keeps the float32 outputs of the LoRA dots (the
   4-bit matmuls sit behind a custom VJP, whose outputs the policy does not save; checked against
   XLA's buffer assignment on CPU). none keeps everything: attention scores and elementwise
   intermediates as well.
   """
   tokens = rows * seq
   per_layer = tokens * model.hidden_size * cb
+  if options.remat == "offload":  # the inputs live in host memory: two layers' in flight
+    return 2 * per_layer
   if options.remat != "full":
     per_layer += tokens * _lora_outputs(model, options) * 4
   if options.remat == "none":
