@@ -10,11 +10,22 @@ from pallas_kernels.xla import precision_for
 from qlora_jax.data.formats import IGNORE
 
 
+LOGITS_BYTES = 256 * 2**20  # one chunk's float32 logits: a large vocabulary gets fewer tokens
+
+
+def loss_chunk(vocab: int) -> int:
+  """Tokens a chunk holds: the largest power of two (128..2048) whose float32 logits fit
+  LOGITS_BYTES (128256-token Llama 3 vocabulary: 512; 32000: 2048)."""
+  tokens = LOGITS_BYTES // (4 * vocab)
+  return max(128, min(2048, 1 << max(tokens, 1).bit_length() - 1))
+
+
 def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Array,
-                          chunk: int = 2048) -> tuple[jax.Array, jax.Array]:
-  """(sum of token losses, number of counted tokens); labels == IGNORE are skipped."""
+                          chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum of token losses, number of counted tokens); labels == IGNORE are skipped. chunk:
+  tokens whose logits exist at once (default: loss_chunk of the vocabulary)."""
   n = h_NxD.shape[0]
-  chunk = min(chunk, n)
+  chunk = min(chunk or loss_chunk(w_VxD.shape[0]), n)
   pad = -n % chunk
   h = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, h_NxD.shape[-1])
   labels = jnp.pad(labels_N, (0, pad), constant_values=IGNORE).reshape(-1, chunk)

@@ -30,9 +30,9 @@ from qlora_jax.nn.variables import FrozenParam, QuantWeight
 from qlora_jax.testing import shape_config
 from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.config_files import load_config
+from qlora_jax.train.loss import loss_chunk
 
 GIB = 2**30
-LOSS_CHUNK = 2048  # loss.py's chunk of tokens whose logits exist at once
 # One layer's transient tensors while it is recomputed and differentiated, in units of
 # [tokens, width] of the compute dtype (fitted to the H100 peaks in docs/SHARDING.md).
 LAYER_HIDDEN_TENSORS = 8
@@ -102,7 +102,7 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
     terms["AdamW moments"] = moments
   terms["activations kept for backward"] = _saved_activations(model, options, rows, seq, cb)
   terms["one layer recomputed + differentiated"] = _layer_working_set(model, options, rows, seq, cb, tensor)
-  terms["loss chunk (float32 logits)"] = 2 * min(LOSS_CHUNK, tokens) * model.vocab_size * 4
+  terms["loss chunk (float32 logits)"] = 2 * min(loss_chunk(model.vocab_size), tokens) * model.vocab_size * 4
   if cfg.data.packing:  # packed rows attend through a [B, T, T] mask and its bias (unpacked: causal)
     terms["attention mask of packed rows"] = rows * seq * seq * (1 + cb)
   return Estimate(terms, math.prod(sizes.values()))
