@@ -131,18 +131,24 @@ def _estimate(model: ModelConfig, attention: str, batch: int, sizes=None, **over
 
 
 @pytest.mark.parametrize("shape, batch, attention, measured_gib", [
+    pytest.param(dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+                 4, "xla", 8.85, marks=pytest.mark.xfail(strict=True, reason=(
+                     "XLA attention's causal path at head_dim 64 peaks 1.45 GiB above the estimate "
+                     "(H100, 2026-12-05; llama3-8b's XLA row and every cuDNN row are within 6%): "
+                     "its term needs recalibrating on a device"))),
     (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-          num_key_value_heads=8, head_dim=64, tie_word_embeddings=True), 4, "xla", 8.90),
-    (dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-          num_key_value_heads=8, head_dim=64, tie_word_embeddings=True), 4, "cudnn", 5.06),
+          num_key_value_heads=8, head_dim=64, tie_word_embeddings=True), 4, "cudnn", 3.43),
     (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-          num_key_value_heads=8, head_dim=128), 4, "xla", 17.47),
+          num_key_value_heads=8, head_dim=128), 4, "xla", 16.13),
     (dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-          num_key_value_heads=8, head_dim=128), 4, "cudnn", 13.59),
+          num_key_value_heads=8, head_dim=128), 4, "cudnn", 12.05),
     (None, 1, "cudnn", 49.39),
 ], ids=["llama3-1b-xla", "llama3-1b-cudnn", "llama3-8b-xla", "llama3-8b-cudnn", "llama-65b-cudnn"])
 def test_estimate_tracks_measured_h100_peaks(shape, batch, attention, measured_gib):
-  """docs/BENCHMARKS.md's peaks (one H100, r=64 on all layers, 2048 tokens a row, full remat)."""
+  """Measured peaks (one H100, r=64 on all layers, 2048 tokens a row, full remat; llama3 rows:
+  docs/results/ours_h100_2026-12-05.jsonl, causal attention and the vocabulary-sized loss chunk;
+  65B: docs/BENCHMARKS.md)."""
   model = LLAMA_65B if shape is None else ModelConfig(model_type="llama", **shape)
   est, _ = _estimate(model, attention, batch)
   assert abs(est.total / 2**30 / measured_gib - 1) < 0.06, est.text()
