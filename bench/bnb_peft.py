@@ -154,7 +154,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both systems)")
   p.add_argument("--offload", default="no", choices=["no", "yes"], help="ours: optimizer on host")
-  p.add_argument("--remat", default="full", help="ours: remat policy (full | save_dots | none)")
+  p.add_argument("--remat", default="full", help="ours: remat policy (full | offload | save_dots | none)")
   p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
                  help="ours: LoRA weights and gradients (bnb+PEFT's recipe casts LoRA to bf16)")
   p.add_argument("--systems", default="ours,bnb-ckpt,bnb")

@@ -266,3 +266,18 @@ def test_default_run_shortened(smollm2_dir, tmp_path):
   print("\n" + summary.text())
   assert summary.eval_loss_after < 0.5 * summary.eval_loss_before
   assert summary.samples_after[0][1].startswith("Answer:")
+
+
+def test_sections_check_their_field_types_and_keep_the_recipe_defaults():
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.train.config import DeviceConfig
+
+  with pytest.raises(ValueError, match="targets a tuple"):
+    LoraConfig(targets=["q_proj", "v_proj"])
+  with pytest.raises(ValueError, match="must be tuple"):
+    DeviceConfig(mesh="data:-1")
+  cfg = load_config("tiny_test")
+  partial = {"model": {"model_dir": "m"}, "data": {"dataset": "d"}, "lora": {"rank": 8}}
+  assert TrainConfig.from_dict(partial).lora.dropout == TrainConfig.from_dict(
+      {"model_dir": "m", "dataset": "d"}).lora.dropout == 0.1  # the recipe's, not LoraConfig's
+  assert cfg.replace(lora_rank=8).lora.dropout == cfg.lora.dropout

@@ -2,7 +2,7 @@
 
 Tensors are read, quantized and written one at a time, so host memory holds one input tensor,
 its quantized form and at most one output shard, never the model. The output is written
-atomically (atomic.py): an interrupted run never leaves a folder that looks converted.
+atomically (format/atomic.py): an interrupted run never leaves a folder that looks converted.
 """
 
 from __future__ import annotations

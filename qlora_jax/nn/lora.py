@@ -37,6 +37,10 @@ class LoraConfig:
   param_dtype: str = "float32"  # bfloat16: adapters and their gradients in bf16 (qlora.py)
 
   def __post_init__(self):
+    if not (isinstance(self.rank, int) and isinstance(self.alpha, (int, float))
+            and isinstance(self.dropout, (int, float)) and isinstance(self.targets, tuple)):
+      raise ValueError("LoRA rank must be an int, alpha and dropout numbers, targets a tuple of "
+                       f"layer names; got {self!r}")
     if self.rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
     if not (math.isfinite(self.alpha) and self.alpha > 0):

@@ -56,6 +56,8 @@ class ModelConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                        f"num_key_value_heads ({self.num_key_value_heads})")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 

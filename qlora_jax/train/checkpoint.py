@@ -29,7 +29,8 @@ def to_flat(tree) -> dict[str, jax.Array]:
 
 
 def from_flat(template, flat: dict) -> object:
-  """The inverse of to_flat, given a template of the same structure (concrete arrays)."""
+  """The inverse of to_flat, given a template of the same structure (arrays or
+  ShapeDtypeStructs)."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(template)
   leaves = []
   for path, like in paths:

@@ -82,7 +82,7 @@ class ModelSetup:
   model_dir: str
   model_source: str = ""
   dtype: str = "bfloat16"  # compute dtype, and the dtype of embeddings, norms and lm_head
-  remat: str = "full"  # gradient checkpointing per layer: none | full | save_dots
+  remat: str = "full"  # per layer: none | full | offload (inputs in host memory) | save_dots
   scan_layers: bool = True  # scan over one stacked layer: compile time independent of depth
   attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
   backend: str = backends.DEFAULT  # the 4-bit matmul: auto | pallas | xla
@@ -175,8 +175,8 @@ class DeviceConfig:
   device_memory_gib: float = 0.0
 
   def __post_init__(self):
-    axes = [axis for axis, _ in self.mesh]
     _check_types(self)
+    axes = [axis for axis, _ in self.mesh]
     _require([
         (all(size == -1 or size >= 1 for _, size in self.mesh), "mesh sizes must be >= 1 or -1"),
         (set(axes) <= set(MESH_AXES), f"mesh axes must be among {MESH_AXES}"),
@@ -216,7 +216,9 @@ class LoopConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   """Everything a QLoRA run needs, by section. Defaults are the QLoRA paper's recipe (qlora.py):
-  NF4 + double quant, blocksize 64; LoRA r=64, alpha=16, dropout 0.1 on all linear layers."""
+  NF4 + double quant, blocksize 64; LoRA r=64, alpha=16, dropout 0.1 on all linear layers. A
+  section given whole replaces the default one (`lora=LoraConfig(rank=16)` has LoraConfig's
+  dropout, 0); `replace` and `key=value` overrides change single fields of it."""
 
   model: ModelSetup
   quant: QuantConfig = QuantConfig()
@@ -228,7 +230,8 @@ class TrainConfig:
 
   def __post_init__(self):
     _check_types(self)  # each section checked its own ranges as it was made
-    _check_types(self)
+    _check_types(self.quant)  # the library's sections check ranges, not types
+    _check_types(self.lora)
     _require([(set(self.lora.targets) <= set(LINEAR_NAMES),
                f"lora_targets must be among {LINEAR_NAMES}")])
 
@@ -269,7 +272,9 @@ class TrainConfig:
       section, field = resolve_key(key)
       hint = field_types(SECTIONS[section])[field]
       sections.setdefault(section, {})[field] = _from_json(value, hint)
-    return cls(**{s: SECTIONS[s](**f) for s, f in sections.items()})
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return cls(**{s: dataclasses.replace(defaults[s], **f) if defaults[s] is not dataclasses.MISSING
+                  else SECTIONS[s](**f) for s, f in sections.items()})
 
   def text(self) -> str:
     """One line per section: the effective config, as a run prints it at start."""
