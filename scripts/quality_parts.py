@@ -174,17 +174,13 @@ def finetune(trainable: Trainable, train_data: data_lib.Tokenized, eval_data: da
                              packing=d.packing, group_by_length=d.group_by_length)
   eval_set = [trainable.put_batch(b) for b in data_lib.eval_batches(eval_data, optim.batch_size, d.max_seq_len)]
 
-  def evaluate():
-    sums = [trainable.eval_loss(b) for b in eval_set]
-    return float(sum(s for s, _ in sums)) / max(int(sum(c for _, c in sums)), 1)
-
-  curve = Curve([0], [evaluate()], [], sum(x.size for x in jax.tree.leaves(trainable.lora)), 0.0)
+  curve = Curve([0], [trainable.mean_loss(eval_set)], [], sum(x.size for x in jax.tree.leaves(trainable.lora)), 0.0)
   for step in tqdm(range(1, optim.steps + 1), desc=desc, unit="step", leave=False):
     metrics = trainable.train_step(trainable.put_batch(batches.next_accumulated(optim.grad_accum)))
     curve.train_loss.append(float(metrics["loss"]))
     if step % eval_every == 0 or step == optim.steps:
       curve.eval_steps.append(step)
-      curve.eval_loss.append(evaluate())
+      curve.eval_loss.append(trainable.mean_loss(eval_set))
   curve.seconds = time.time() - start
   return curve
 

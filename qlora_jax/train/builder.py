@@ -48,6 +48,12 @@ class Trainable:
     """(summed token loss, token count) of a device batch [rows, T], dropout off."""
     return self.eval_step(self.lora, self.rng, self.frozen, batch)
 
+  def mean_loss(self, batches: list[dict]) -> float:
+    """Mean token loss over device batches [rows, T], dropout off, read back once."""
+    sums = [self.eval_loss(b) for b in batches]
+    total, count = jax.device_get((sum(t for t, _ in sums), sum(c for _, c in sums)))
+    return float(total) / max(int(count), 1)
+
   def model(self) -> CausalLM:
     """The model for inference (dropout off) with the current adapters."""
     return nnx.merge(self.eval_graphdef, self.lora, self.rng, self.frozen)

@@ -65,10 +65,7 @@ def setup(cfg: TrainConfig, layout: Layout | None = None) -> Run:
 
 def evaluate(run: Run) -> float:
   """Mean token loss over the whole evaluation set (dropout off)."""
-  t = run.trainable
-  sums = [t.eval_loss(t.put_batch(b)) for b in run.eval_set]
-  total, count = jax.device_get((sum(x for x, _ in sums), sum(c for _, c in sums)))  # one read
-  return float(total) / max(int(count), 1)
+  return run.trainable.mean_loss([run.trainable.put_batch(b) for b in run.eval_set])
 
 
 def sample(run: Run) -> list[tuple[str, str]]:
