@@ -44,7 +44,7 @@ from qlora_jax.format.quantization import QuantConfig  # noqa: E402
 from qlora_jax.nn.families import LINEAR_NAMES  # noqa: E402
 from qlora_jax.nn.model import ModelOptions  # noqa: E402
 from qlora_jax.train.builder import build  # noqa: E402
-from qlora_jax.train.config import TrainConfig, flat_keys  # noqa: E402
+from qlora_jax.train.config import TrainConfig  # noqa: E402
 from qlora_jax.train.config_files import load_config  # noqa: E402
 import quality_report  # noqa: E402
 from quality_parts import (QUANTS, QV, base_model, equal_budget_ranks, finetune,  # noqa: E402
@@ -253,10 +253,7 @@ def parse(argv):
 def recipe(cfg: TrainConfig) -> dict:
   """The config as the results file records it: flat keys (lora_rank, learning_rate, ...), as
   `key=value` overrides name them, and max_seq_len."""
-  sections = cfg.to_dict()
-  flat = {key: sections[section][field] for key, (section, _, field) in
-          ((k, d.partition(".")) for k, d in flat_keys().items())}
-  return {**flat, "max_seq_len": cfg.data.max_seq_len}
+  return {**cfg.to_flat_dict(), "max_seq_len": cfg.data.max_seq_len}
 
 
 def _meta(args, setup: Setup, setup_seconds: float) -> dict:

@@ -258,6 +258,11 @@ class TrainConfig:
     """{section: {field: value}}: what a run folder's config.json holds."""
     return dataclasses.asdict(self)
 
+  def to_flat_dict(self) -> dict:
+    """{flat key: value}, keys as `key=value` overrides name them (the config.json of older runs)."""
+    return {key: getattr(getattr(self, section), field)
+            for key, (section, _, field) in ((k, p.partition(".")) for k, p in flat_keys().items())}
+
   @classmethod
   def from_dict(cls, raw: dict) -> "TrainConfig":
     """The config a `to_dict()` (or an older flat config.json) describes."""
