@@ -40,18 +40,22 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--model", default="llama-65b", choices=sorted(SHAPES))
   p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--batch", type=int, default=1)
   p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--remat", default="full")
+  p.add_argument("--mlp-chunk", type=int, default=0)
+  p.add_argument("--lora-dtype", default="bfloat16", choices=["float32", "bfloat16"])
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--json")
   p.add_argument("--hlo")
   args = p.parse_args()
   cfg = ModelConfig(model_type="llama", **dict(SHAPES[args.model], num_hidden_layers=args.layers))
-  options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0, param_dtype="bfloat16"),
-                         remat="full", scan_layers=True, attention="cudnn")
+  options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0, param_dtype=args.lora_dtype),
+                         remat=args.remat, mlp_chunk=args.mlp_chunk, scan_layers=True, attention="cudnn")
   trainable = random_trainable(cfg, options)
   lora, rng, opt, frozen = trainable.lora, trainable.rng, trainable.opt_state, trainable.frozen
   step = trainable.step.programs["whole"]
-  data = trainable.put_batch(random_batch(cfg.vocab_size, 1, 1, args.seq))
+  data = trainable.put_batch(random_batch(cfg.vocab_size, 1, args.batch, args.seq))
 
   def run(lora, rng, opt, frozen, data):
     return step(lora, rng, opt, frozen, data)
@@ -63,13 +67,14 @@ def main() -> None:
   lora, rng, opt = trainable.lora, trainable.rng, trainable.opt_state
   (lora, rng, opt, _), rows = kernels_by_name(run, lora, rng, opt, frozen, data)
   total = sum(ms for ms, _, _ in rows)
-  print(f"{args.model} x {args.layers} layers: step {statistics.median(walls[2:]) * 1e3:.1f} ms wall, "
+  print(f"{args.model} x {args.layers} layers, {args.batch} x {args.seq}, remat {args.remat}: step {statistics.median(walls[2:]) * 1e3:.1f} ms wall, "
         f"{total:.1f} ms of kernels")
   for ms, n, name in rows[:args.top]:
     print(f"  {ms:8.2f} ms {n:5d}x {name[:100]}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"model": args.model, "layers": args.layers, "wall_ms": statistics.median(walls[2:]) * 1e3,
+      json.dump({"model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+                 "remat": args.remat, "lora_dtype": args.lora_dtype, "wall_ms": statistics.median(walls[2:]) * 1e3,
                  "kernel_ms": total, "kernels": [(ms, n, name) for ms, n, name in rows]}, f, indent=1)
 
 

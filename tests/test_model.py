@@ -89,9 +89,10 @@ def test_float32_models_ask_for_float32_products():
     assert any(p == highest for p in precisions) == (dtype == "float32")
 
 
-def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr: bool = False):
+def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr: bool = False,
+                         mlp_chunk: int = 0, flops: list | None = None):
   """(loss, LoRA gradients, the gradient's jaxpr text if asked) of a tiny float32 model on
-  right-padded rows."""
+  right-padded rows; `flops` (a list) gets the compiled gradient's FLOP count appended."""
   import jax.numpy as jnp
   from flax import nnx
 
@@ -111,7 +112,7 @@ def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr:
   if segments:  # the masked path: one segment a row, padding segment 0
     batch["segment_ids"] = real.astype(jnp.int32)
   options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4), remat=remat, scan_layers=True,
-                         attention="xla")
+                         attention="xla", mlp_chunk=mlp_chunk)
   model = random_model(config, options, seed=3)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   lora = jax.tree.map(lambda x: x + 0.05, lora)  # B != 0: the adapters act
@@ -121,7 +122,11 @@ def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr:
     total, count = batch_loss(merged, batch)
     return total / count
 
-  value, grads = jax.jit(jax.value_and_grad(loss))(lora, rest)
+  step = jax.jit(jax.value_and_grad(loss))
+  value, grads = step(lora, rest)
+  if flops is not None:
+    cost = step.lower(lora, rest).compile().cost_analysis()
+    flops.append((cost[0] if isinstance(cost, list) else cost)["flops"])
   text = str(jax.make_jaxpr(jax.grad(loss))(lora, rest)) if jaxpr else ""
   return float(value), jax.tree.leaves(grads), text
 
@@ -146,3 +151,23 @@ def test_offloaded_layer_inputs_equal_full_remat_and_live_in_host_memory():
   assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(g_full, g_offload))
   assert "f32<host>[2,24,64]" in jaxpr, "the layer input is not offloaded"
   assert "<host>" not in full_jaxpr
+
+
+@pytest.mark.parametrize("remat", ["full", "offload"])
+def test_chunked_mlp_equals_the_whole_mlp_without_extra_recomputation(remat):
+  """mlp_chunk=10 runs the 48 tokens' MLP in 5 pieces (the last one short), each recomputed on
+  its own in the backward pass: the loss and LoRA gradients equal the unchunked model's, and
+  the compiled gradient does no more FLOPs (the layer's recomputation does not run the MLP a
+  third time)."""
+  flops = []
+  whole, g_whole, _ = _tiny_loss_and_grads(remat, flops=flops)
+  chunked, g_chunked, _ = _tiny_loss_and_grads(remat, mlp_chunk=10, flops=flops)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+  for a, b in zip(g_chunked, g_whole):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert flops[1] <= flops[0] * 1.001, flops
+
+
+def test_mlp_chunk_must_be_a_non_negative_int():
+  with pytest.raises(ValueError, match="mlp_chunk"):
+    ModelOptions(mlp_chunk=-1)

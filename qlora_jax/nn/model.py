@@ -16,14 +16,14 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
-from pallas_kernels.xla import precision_for
-from qlora_jax.format.quantization import QuantConfig
+from pallas_kernels.xla import frozen_weight, precision_for
+from qlora_jax.format.quantization import QuantConfig, QuantizedArray
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.qmatmul import check_backend
 from qlora_jax.nn.rope import apply_rope, cos_sin, inverse_frequencies
-from qlora_jax.nn.variables import FrozenParam
+from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
 LAYER_INPUT = "layer_input"  # each decoder layer's input, named for the remat policies
 REMAT_POLICIES = {
@@ -38,6 +38,7 @@ REMAT_POLICIES = {
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+MAX_MLP_CHUNKS = 16  # unrolled pieces of ModelOptions.mlp_chunk, at most
 
 
 def attention_implementation(requested: str, dtype: str, head_dim: int) -> str:
@@ -61,6 +62,10 @@ class ModelOptions:
   attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
   backend: Backend = get_backend(DEFAULT)  # the 4-bit matmul's backend (pallas_kernels.backends)
   scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
+  # Training runs the MLP (and its norm) over at most this many tokens at a time, each piece
+  # recomputed in the backward pass on its own: the [tokens, intermediate] tensors of a layer's
+  # backward then scale with the piece, not the batch. 0: the whole batch at once.
+  mlp_chunk: int = 0
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -68,6 +73,8 @@ class ModelOptions:
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
     check_backend(self.backend)
+    if not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 0):
+      raise ValueError(f"mlp_chunk must be an int >= 0 (tokens; 0 = no chunking), got {self.mlp_chunk!r}")
     unknown = set(self.lora.targets if self.lora else ()) - set(LINEAR_NAMES)
     if unknown:
       raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LINEAR_NAMES}")
@@ -175,12 +182,42 @@ class DecoderLayer(nnx.Module):
     self.self_attn = Attention(cfg, opts, rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
     self.mlp = MLP(cfg, opts, rngs)
+    self.mlp_chunk = opts.mlp_chunk
 
   def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None):
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
     attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window)
     h_BxTxD = h_BxTxD + attn
+    if kv is None and 0 < self.mlp_chunk < h_BxTxD.shape[0] * h_BxTxD.shape[1]:
+      return h_BxTxD + self._chunked_mlp(h_BxTxD), kv
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
+
+  def _chunked_mlp(self, h_BxTxD):
+    """norm + MLP over pieces of at most mlp_chunk tokens (at most MAX_MLP_CHUNKS pieces), each
+    a checkpoint: the backward recomputes one piece's [tokens, intermediate] tensors at a time.
+    The 4-bit weights are dequantized once, before the pieces, and handed to each as its dense
+    frozen weight (a recomputed piece could not share them: each checkpoint is its own region)."""
+    b, t, d = h_BxTxD.shape
+    tokens = b * t
+    size = max(self.mlp_chunk, -(-tokens // MAX_MLP_CHUNKS))
+    flat = h_BxTxD.reshape(tokens, d)
+    modules = (self.post_attention_layernorm, self.mlp)
+    graphdef, rng, quant, rest = nnx.split(modules, nnx.RngState, QuantWeight, ...)
+    dtype = h_BxTxD.dtype
+    dense = jax.tree.map(lambda q: frozen_weight(q, dtype), quant,
+                         is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+    @jax.checkpoint
+    def piece(rng, dense, rest, x):  # pure: the dropout streams' advanced state comes back out
+      norm, mlp = nnx.merge(graphdef, rng, dense, rest)
+      return mlp(norm(x)), nnx.state((norm, mlp), nnx.RngState)
+
+    outs = []
+    for start in range(0, tokens, size):
+      out, rng = piece(rng, dense, rest, flat[start:start + size])
+      outs.append(out)
+    nnx.update(modules, rng)
+    return jnp.concatenate(outs).reshape(b, t, d)
 
 
 class Decoder(nnx.Module):

@@ -86,11 +86,13 @@ class ModelSetup:
   scan_layers: bool = True  # scan over one stacked layer: compile time independent of depth
   attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
   backend: str = backends.DEFAULT  # the 4-bit matmul: auto | pallas | xla
+  mlp_chunk: int = 0  # tokens per MLP piece in training (0: the whole batch at once)
 
   def __post_init__(self):
     _check_types(self)
     _require([
         (bool(self.model_dir), "model_dir must name a folder"),
+        (self.mlp_chunk >= 0, "mlp_chunk must be >= 0 (tokens; 0 = no chunking)"),
         (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
         (self.remat in REMAT_POLICIES, f"remat must be one of {tuple(REMAT_POLICIES)}"),
         (self.attention in ATTENTION_IMPLEMENTATIONS,
@@ -241,7 +243,7 @@ class TrainConfig:
     m = self.model
     return ModelOptions(dtype=m.dtype, quant=quant or self.quant, lora=self.lora, remat=m.remat,
                         attention=m.attention, backend=backends.get_backend(m.backend),
-                        scan_layers=m.scan_layers)
+                        scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk)
 
   def replace(self, **changes) -> "TrainConfig":
     """A copy with fields changed, named by flat key (`learning_rate`) or dotted path
