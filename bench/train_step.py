@@ -16,8 +16,8 @@ import sys
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
-from bench.common import (SHAPES, bench_optim, peak_gib, random_batch, random_trainable,  # noqa: E402
-                          shape_config, time_step)
+from bench.common import (SHAPES, bench_optim, median_seconds, peak_gib, random_batch,  # noqa: E402
+                          random_trainable, shape_config, time_step)
 from pallas_kernels.backends import get_backend  # noqa: E402
 from qlora_jax.nn.lora import LoraConfig  # noqa: E402
 from qlora_jax.nn.model import ModelOptions  # noqa: E402
@@ -25,17 +25,23 @@ from qlora_jax.nn.model import ModelOptions  # noqa: E402
 
 def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, steps: int, rank: int,
           scan: bool, attention: str, lora_dtype: str = "float32", grad_accum: int = 1,
-          backend: str = "auto", mlp_chunk: int = 0) -> dict:
+          backend: str = "auto", mlp_chunk: int = 0, embedding: str = "device") -> dict:
   cfg = shape_config(model_name)
   options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype),
                          remat=remat, scan_layers=scan, attention=attention,
                          backend=get_backend(backend), mlp_chunk=mlp_chunk)
-  trainable = random_trainable(cfg, options, bench_optim(offload_optimizer=offloaded))
-  data = trainable.put_batch(random_batch(cfg.vocab_size, grad_accum, batch, seq))
+  trainable = random_trainable(cfg, options, bench_optim(offload_optimizer=offloaded),
+                               host_embedding=embedding == "host")
+  host_batch = random_batch(cfg.vocab_size, grad_accum, batch, seq)
+  data = trainable.put_batch(host_batch)
   first_s, med, metrics = time_step(trainable, data, steps)
+  # preparing a batch (with embedding=host, its rows looked up on the host): the trainer does it
+  # for step N+1 while the device runs step N
+  put_s = median_seconds(lambda: trainable.put_batch(host_batch), 3)
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offloaded, "remat": remat,
           "scan": scan, "attention": attention, "lora_dtype": lora_dtype, "backend": backend,
-          "rank": rank, "grad_accum": grad_accum, "mlp_chunk": mlp_chunk, "step_s": med,
+          "rank": rank, "grad_accum": grad_accum, "mlp_chunk": mlp_chunk, "embedding": embedding,
+          "put_batch_s": put_s, "step_s": med,
           "tokens_per_s": grad_accum * batch * seq / med, "peak_gib": peak_gib(),
           "first_step_s": first_s, "loss": float(metrics["loss"]),
           "device": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -58,12 +64,14 @@ def main() -> None:
   p.add_argument("--backend", default="auto", choices=["auto", "pallas", "xla"],
                  help="4-bit matmul backend (pallas: the fused kernels for training shapes too)")
   p.add_argument("--mlp-chunk", type=int, default=0, help="tokens per MLP piece (0: whole batch)")
+  p.add_argument("--embedding", default="device", choices=["device", "host"],
+                 help="where the token-embedding table lives (host: rows looked up by put_batch)")
   args = p.parse_args()
   modes = {"no": [False], "yes": [True], "both": [False, True]}[args.offload]
   for offloaded in modes:
     print(json.dumps(bench(args.model, args.batch, args.seq, offloaded, args.remat, args.steps, args.rank,
                            args.scan, args.attention, args.lora_dtype, args.grad_accum,
-                           args.backend, args.mlp_chunk)), flush=True)
+                           args.backend, args.mlp_chunk, args.embedding)), flush=True)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,36 @@ def test_chunked_mlp_equals_the_whole_mlp_without_extra_recomputation(remat):
 def test_mlp_chunk_must_be_a_non_negative_int():
   with pytest.raises(ValueError, match="mlp_chunk"):
     ModelOptions(mlp_chunk=-1)
+
+
+def test_embedding_in_host_memory_trains_as_on_the_device():
+  """build(host_embedding=True) keeps the table off the devices (a [0, D] stand-in), looks the
+  rows up in put_batch, and trains to the same losses as the table on the device; model() puts
+  the table back for inference; a tied model is refused."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+  from qlora_jax.train.builder import build
+  from qlora_jax.train.config import OptimConfig
+
+  config = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+  options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4), remat="full", scan_layers=True)
+  optim = OptimConfig(steps=10, warmup_ratio=0.0)
+  ids = np.random.default_rng(1).integers(0, 96, (1, 2, 17)).astype(np.int32)
+  batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (1, 2, 16)).copy()}
+  losses, logits = {}, {}
+  for host in (False, True):
+    t = build(random_model(config, options, seed=4), optim, host_embedding=host)
+    assert (t.frozen["model"]["embed_tokens"]["weight"].shape[0] == 0) == host
+    losses[host] = [float(t.train_step(t.put_batch(batch))["loss"]) for _ in range(3)]
+    logits[host] = np.asarray(t.model()(jnp.asarray(ids[0, :, :-1])))
+  assert losses[True] == losses[False]
+  np.testing.assert_array_equal(logits[True], logits[False])
+  tied = dataclasses.replace(config, tie_word_embeddings=True)
+  with pytest.raises(ValueError, match="untied lm_head"):
+    build(random_model(tied, options, seed=4), optim, host_embedding=True)

@@ -277,11 +277,14 @@ class CausalLM(nnx.Module):
     positions [B, T] default to 0..T-1; segment_ids [B, T] keep packed sequences apart."""
     return self.logits(self.hidden_states(input_ids, attention_mask, positions, segment_ids))
 
-  def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+  def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                    inputs_embeds=None):
     """The final normed hidden states [B, T, D] (the loss applies lm_head in chunks).
 
     With neither attention_mask nor segment_ids, attention is causal and no [B, T, T] mask is
-    built (cuDNN's causal kernel skips the masked half; a right-padded row needs nothing more)."""
+    built (cuDNN's causal kernel skips the masked half; a right-padded row needs nothing more).
+    inputs_embeds [B, T, D]: input_ids' embedding rows, looked up already (the table kept in
+    host memory: train/builder.py); the model's own table is then not read."""
     b, t = input_ids.shape
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = slots if positions is None else positions
@@ -289,7 +292,7 @@ class CausalLM(nnx.Module):
     if attention_mask is not None or segment_ids is not None:
       valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
       mask = make_mask(slots, slots, valid, segment_ids, segment_ids, self.config.sliding_window)
-    return self._run(input_ids, positions, mask, None)[0]
+    return self._run(input_ids, positions, mask, None, inputs_embeds)[0]
 
   def head_weight(self) -> jax.Array:
     """lm_head's [V, D] matrix (the embedding when tied)."""
@@ -321,9 +324,9 @@ class CausalLM(nnx.Module):
                     index=cache.index + t)
     return logits, cache
 
-  def _run(self, input_ids, positions, mask, cache):
+  def _run(self, input_ids, positions, mask, cache, embeds=None):
     dtype = jnp.dtype(self.options.dtype)
-    h = self.model.embed_tokens.weight[...][input_ids].astype(dtype)
+    h = (self.model.embed_tokens.weight[...][input_ids] if embeds is None else embeds).astype(dtype)
     cos, sin = cos_sin(positions, inverse_frequencies(self.config.rope, self.config.head_dim))
     if self.options.scan_layers:
       h, kv = self._scan(h, cos, sin, mask, cache)

@@ -8,6 +8,8 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qlora_jax.io.loading import load_model
@@ -37,6 +39,7 @@ class Trainable:
   layout: Layout | None = None  # None: one device
   opt_sharding: object = None  # pinned-host shardings of an offloaded optimizer state
   opt_template: object = None  # the optimizer state's shapes as laid out on the devices
+  host_embedding: np.ndarray | None = None  # the token embedding, when it lives in host memory
 
   def train_step(self, batch: dict) -> dict:
     """One optimizer update on `batch` (device arrays, [micro-batches, rows, T]); its metrics."""
@@ -55,11 +58,20 @@ class Trainable:
     return float(total) / max(int(count), 1)
 
   def model(self) -> CausalLM:
-    """The model for inference (dropout off) with the current adapters."""
-    return nnx.merge(self.eval_graphdef, self.lora, self.rng, self.frozen)
+    """The model for inference (dropout off) with the current adapters (and, when the step
+    keeps it in host memory, the embedding table back on the devices)."""
+    model = nnx.merge(self.eval_graphdef, self.lora, self.rng, self.frozen)
+    if self.host_embedding is not None:
+      table = model.model.embed_tokens.weight
+      table.set_value(jax.device_put(self.host_embedding, table.get_value().sharding))
+    return model
 
   def put_batch(self, batch: dict, leading: int = 0) -> dict:
-    """A host batch on the devices: split over data x fsdp, or whole on the one device."""
+    """A host batch on the devices: split over data x fsdp, or whole on the one device. With
+    the embedding in host memory its rows are looked up here, on the host, and sent as
+    `inputs_embeds` (the trainer prepares batch N+1 while the device runs step N)."""
+    if self.host_embedding is not None:
+      batch = {**batch, "inputs_embeds": self.host_embedding[batch["input_ids"]]}
     return to_device_batch(batch) if self.layout is None else self.layout.put_batch(batch, leading)
 
   def checkpoint_state(self) -> dict:
@@ -80,11 +92,14 @@ class Trainable:
 
 
 def build(model: CausalLM, optim: OptimConfig, layout: Layout | None = None, *,
-          reuse: Trainable | None = None) -> Trainable:
+          reuse: Trainable | None = None, host_embedding: bool = False) -> Trainable:
   """The Trainable of `model` (built in `layout`, or on the default device) under `optim`.
 
   reuse: a Trainable of a model of the same structure, optimizer and layout (another seed, say)
-  whose optimizer and compiled steps this one shares instead of compiling its own."""
+  whose optimizer and compiled steps this one shares instead of compiling its own.
+  host_embedding: keep the token embedding table in host memory (the model must have an untied
+  lm_head); the steps take its rows looked up by put_batch."""
+  table = _take_embedding(model) if host_embedding else None
   model.train()
   graphdef, lora, rng, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   model.eval()
@@ -107,11 +122,23 @@ def build(model: CausalLM, optim: OptimConfig, layout: Layout | None = None, *,
   return Trainable(graphdef=graphdef, eval_graphdef=eval_graphdef, lora=lora, rng=rng,
                    frozen=frozen, opt_state=opt_state, optim=optim, tx=tx, schedule=schedule,
                    step=step, eval_step=eval_step, layout=layout, opt_sharding=opt_sharding,
-                   opt_template=template)
+                   opt_template=template, host_embedding=table)
+
+
+def _take_embedding(model: CausalLM) -> np.ndarray:
+  """The embedding table as a host array; the model keeps an empty [0, D] stand-in."""
+  if model.lm_head is None:
+    raise ValueError("embedding=host needs an untied lm_head: this model ties its embeddings to "
+                     "lm_head, which the loss reads on the device; use embedding=device")
+  weight = model.model.embed_tokens.weight
+  table = np.asarray(jax.device_get(weight.get_value()))
+  placed = weight.get_value().sharding
+  weight.set_value(jax.device_put(jnp.zeros((0, table.shape[1]), table.dtype), placed))
+  return table
 
 
 def build_from_folder(cfg: TrainConfig, folder: pathlib.Path, layout: Layout | None = None):
   """(Trainable, tokenizer) of the converted model in `folder`, set up as cfg says."""
   model, tokenizer = load_model(folder, jax.numpy.dtype(cfg.model.dtype), cfg.model_options(),
                                 seed=cfg.loop.seed, layout=layout)
-  return build(model, cfg.optim, layout), tokenizer
+  return build(model, cfg.optim, layout, host_embedding=cfg.host_embedding(tied=model.lm_head is None)), tokenizer

@@ -15,12 +15,16 @@ import math
 import pathlib
 import typing
 
+import jax
+
 from pallas_kernels import backends
 from qlora_jax.format.quantization import QuantConfig
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.lora import LoraConfig
 from qlora_jax.nn.model import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelOptions
 from qlora_jax.nn.sharding import LORA_SHARDINGS, MESH_AXES
+
+EMBEDDINGS = ("auto", "device", "host")  # DeviceConfig.embedding
 
 DATA_FORMATS = ("alpaca", "oasst1", "chat", "text")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -170,11 +174,15 @@ class OptimConfig:
 class DeviceConfig:
   """Devices (nn/sharding.py): mesh axes data | fsdp | tensor with sizes, -1 = the devices left;
   a mesh of one device runs unsharded. lora_sharding: LoRA params and AdamW moments split over
-  fsdp or not. device_memory_gib: the per-device budget checked at start-up; 0: the device's own."""
+  fsdp or not. device_memory_gib: the per-device budget checked at start-up; 0: the device's own.
+  embedding: where the frozen token-embedding table lives while training; host: in host memory,
+  its rows looked up as each batch is prepared (an untied lm_head only); auto: host on an
+  accelerator when lm_head is untied, device otherwise."""
 
   mesh: tuple[tuple[str, int], ...] = (("data", -1),)
   lora_sharding: str = "fsdp"
   device_memory_gib: float = 0.0
+  embedding: str = "auto"
 
   def __post_init__(self):
     _check_types(self)
@@ -187,6 +195,7 @@ class DeviceConfig:
         (self.lora_sharding in LORA_SHARDINGS, f"lora_sharding must be one of {LORA_SHARDINGS}"),
         (_finite(self.device_memory_gib) and self.device_memory_gib >= 0,
          "device_memory_gib must be >= 0"),
+        (self.embedding in EMBEDDINGS, f"embedding must be one of {EMBEDDINGS}"),
     ])
 
 
@@ -244,6 +253,17 @@ class TrainConfig:
     return ModelOptions(dtype=m.dtype, quant=quant or self.quant, lora=self.lora, remat=m.remat,
                         attention=m.attention, backend=backends.get_backend(m.backend),
                         scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk)
+
+  def host_embedding(self, tied: bool, platform: str | None = None) -> bool:
+    """Whether the embedding table stays in host memory for a model with (tied) or without an
+    untied lm_head, on `platform` (default: JAX's)."""
+    where = self.devices.embedding
+    if where == "auto":
+      return not tied and (platform or jax.default_backend()) != "cpu"
+    if where == "host" and tied:
+      raise ValueError("embedding=host needs an untied lm_head (this model ties lm_head to the "
+                       "embedding, which the loss reads on the device); use embedding=device")
+    return where == "host"
 
   def replace(self, **changes) -> "TrainConfig":
     """A copy with fields changed, named by flat key (`learning_rate`) or dotted path

@@ -51,13 +51,14 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
 
 def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Array]:
   """(summed loss, token count) of a batch dict (input_ids, labels, positions; segment_ids when
-  rows are packed, absent when each row is one sequence: the model's causal path).
+  rows are packed, absent when each row is one sequence: the model's causal path;
+  inputs_embeds when the embedding rows were looked up on the host).
 
   shards: the number of devices the batch rows are split over. Each device's rows are chunked
   on their own (a chunk never spans two devices, so no device computes another's logits).
   """
   h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
-                          segment_ids=batch.get("segment_ids"))
+                          segment_ids=batch.get("segment_ids"), inputs_embeds=batch.get("inputs_embeds"))
   w, labels = model.head_weight(), batch["labels"]
   if shards == 1:
     return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))

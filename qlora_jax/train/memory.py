@@ -23,7 +23,7 @@ from flax import nnx
 from qlora_jax import cli
 from qlora_jax.format.folder import read_meta
 from qlora_jax.format.quantization import QuantConfig
-from qlora_jax.nn.model import CausalLM, ModelOptions, attention_implementation
+from qlora_jax.nn.model import MAX_MLP_CHUNKS, CausalLM, ModelOptions, attention_implementation
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, mesh_shape, per_device_bytes, specs
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
@@ -89,7 +89,12 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
   widest = max(math.prod(v.get_raw_value().shape) for v in jax.tree.leaves(
       quant, is_leaf=lambda x: isinstance(x, nnx.Variable)))
   terms["dequantized weight (widest matrix)"] = widest * cb // tensor
-  terms["embeddings, lm_head, norms"] = stored(dense)
+  table = model.vocab_size * model.hidden_size * cb
+  if cfg.host_embedding(tied=model.tie_word_embeddings):  # the table is in host memory
+    terms["lm_head, norms (embedding in host memory)"] = stored(dense) - table // sizes.get("fsdp", 1)
+    terms["embedded batch (from the host)"] = tokens * model.hidden_size * cb
+  else:
+    terms["embeddings, lm_head, norms"] = stored(dense)
   terms[f"LoRA parameters ({cfg.lora.param_dtype})"] = lora_bytes
   if cfg.optim.grad_accum > 1:
     terms["LoRA gradients (accumulated + micro-batch)"] = 2 * lora_bytes
@@ -143,10 +148,17 @@ def _attention_scores(model: ModelConfig, options: ModelOptions, rows: int, seq:
 
 def _layer_working_set(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int,
                        tensor: int) -> int:
+  """The [tokens, hidden] tensors of a layer's backward, the MLP's [tokens, intermediate] ones
+  for the tokens of one MLP piece (mlp_chunk; with it the other two MLP weights dequantized
+  once for all pieces), and XLA attention's scores."""
   tokens = rows * seq
-  dense = tokens * (LAYER_HIDDEN_TENSORS * model.hidden_size
-                    + LAYER_MLP_TENSORS * model.intermediate_size // tensor) * cb
-  return dense + _attention_scores(model, options, rows, seq, tensor)
+  mlp_tokens, weights = tokens, 0
+  if 0 < options.mlp_chunk < tokens:
+    mlp_tokens = max(options.mlp_chunk, -(-tokens // MAX_MLP_CHUNKS))
+    weights = 2 * model.hidden_size * model.intermediate_size * cb // tensor
+  dense = (tokens * LAYER_HIDDEN_TENSORS * model.hidden_size
+           + mlp_tokens * LAYER_MLP_TENSORS * model.intermediate_size // tensor) * cb
+  return dense + weights + _attention_scores(model, options, rows, seq, tensor)
 
 
 def device_memory(cfg: TrainConfig) -> tuple[int | None, str]:
