@@ -38,7 +38,6 @@ REMAT_POLICIES = {
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-MAX_MLP_CHUNKS = 16  # unrolled pieces of ModelOptions.mlp_chunk, at most
 
 
 def attention_implementation(requested: str, dtype: str, head_dim: int) -> str:
@@ -193,31 +192,28 @@ class DecoderLayer(nnx.Module):
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
 
   def _chunked_mlp(self, h_BxTxD):
-    """norm + MLP over pieces of at most mlp_chunk tokens (at most MAX_MLP_CHUNKS pieces), each
-    a checkpoint: the backward recomputes one piece's [tokens, intermediate] tensors at a time.
-    The 4-bit weights are dequantized once, before the pieces, and handed to each as its dense
-    frozen weight (a recomputed piece could not share them: each checkpoint is its own region)."""
+    """norm + MLP over equal pieces of at most mlp_chunk tokens (the last padded), scanned so
+    that the backward recomputes and differentiates one piece's [tokens, intermediate] tensors
+    at a time. The 4-bit weights are dequantized once, before the pieces, and handed to each as
+    its dense frozen weight."""
     b, t, d = h_BxTxD.shape
     tokens = b * t
-    size = max(self.mlp_chunk, -(-tokens // MAX_MLP_CHUNKS))
-    flat = h_BxTxD.reshape(tokens, d)
+    pieces = -(-tokens // self.mlp_chunk)
+    size = -(-tokens // pieces)
+    flat = jnp.pad(h_BxTxD.reshape(tokens, d), ((0, pieces * size - tokens), (0, 0)))
     modules = (self.post_attention_layernorm, self.mlp)
     graphdef, rng, quant, rest = nnx.split(modules, nnx.RngState, QuantWeight, ...)
-    dtype = h_BxTxD.dtype
-    dense = jax.tree.map(lambda q: frozen_weight(q, dtype), quant,
+    dense = jax.tree.map(lambda q: frozen_weight(q, h_BxTxD.dtype), quant,
                          is_leaf=lambda x: isinstance(x, QuantizedArray))
 
     @jax.checkpoint
-    def piece(rng, dense, rest, x):  # pure: the dropout streams' advanced state comes back out
+    def piece(rng, x):  # pure: the dropout streams' advanced state comes back out
       norm, mlp = nnx.merge(graphdef, rng, dense, rest)
-      return mlp(norm(x)), nnx.state((norm, mlp), nnx.RngState)
+      return nnx.state((norm, mlp), nnx.RngState), mlp(norm(x))
 
-    outs = []
-    for start in range(0, tokens, size):
-      out, rng = piece(rng, dense, rest, flat[start:start + size])
-      outs.append(out)
+    rng, out = jax.lax.scan(piece, rng, flat.reshape(pieces, size, d))
     nnx.update(modules, rng)
-    return jnp.concatenate(outs).reshape(b, t, d)
+    return out.reshape(pieces * size, d)[:tokens].reshape(b, t, d)
 
 
 class Decoder(nnx.Module):

@@ -18,6 +18,7 @@ import typing
 import jax
 
 from pallas_kernels import backends
+from qlora_jax.data import CHAT_TURNS, FORMATS
 from qlora_jax.format.quantization import QuantConfig
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.lora import LoraConfig
@@ -26,7 +27,7 @@ from qlora_jax.nn.sharding import LORA_SHARDINGS, MESH_AXES
 
 EMBEDDINGS = ("auto", "device", "host")  # DeviceConfig.embedding
 
-DATA_FORMATS = ("alpaca", "oasst1", "chat", "text")
+DATA_FORMATS = FORMATS
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("bfloat16", "float32")
 
@@ -119,12 +120,14 @@ class DataConfig:
   train_on_source: bool = False
   group_by_length: bool = True
   packing: bool = False
+  chat_turns: str = "all"  # chat/ShareGPT rows: learn every assistant turn, or only the last
 
   def __post_init__(self):
     _check_types(self)
     _require([
         (bool(self.dataset), "dataset must name a file or a hub dataset"),
         (self.dataset_format in DATA_FORMATS, f"dataset_format must be one of {DATA_FORMATS}"),
+        (self.chat_turns in CHAT_TURNS, f"chat_turns must be one of {CHAT_TURNS}"),
         (self.eval_size >= 1, "eval_size must be >= 1"),
         (self.source_max_len >= 1 and self.target_max_len >= 1, "max lengths must be >= 1"),
     ])

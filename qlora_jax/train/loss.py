@@ -31,22 +31,52 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
   labels = jnp.pad(labels_N, (0, pad), constant_values=IGNORE).reshape(-1, chunk)
   w = w_VxD.astype(h_NxD.dtype)
 
-  @jax.checkpoint
-  def chunk_loss(h_CxD, labels_C):
-    logits = jnp.einsum("cd,vd->cv", h_CxD, w, preferred_element_type=jnp.float32,
-                        precision=precision_for(w.dtype))
-    valid = labels_C != IGNORE
-    target = jnp.take_along_axis(logits, jnp.where(valid, labels_C, 0)[:, None], axis=-1)[:, 0]
-    losses = jax.nn.logsumexp(logits, axis=-1) - target
-    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
-
   def body(carry, xs):
     total, count = carry
-    s, c = chunk_loss(*xs)
+    s, c = _chunk_loss(w, *xs)
     return (total + s, count + c), None
 
   (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h, labels))
   return total, count
+
+
+@jax.custom_vjp
+def _chunk_loss(w_VxD, h_CxD, labels_C):
+  """(sum of the chunk's token losses, counted tokens) against the frozen w (never
+  differentiated: its cotangent is zero): float32 logits of compute-dtype operands."""
+  return _chunk_forward(w_VxD, h_CxD, labels_C)[0]
+
+
+def _chunk_forward(w_VxD, h_CxD, labels_C):
+  logits = _logits(h_CxD, w_VxD)
+  valid = labels_C != IGNORE
+  target = jnp.take_along_axis(logits, jnp.where(valid, labels_C, 0)[:, None], axis=-1)[:, 0]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  # w is a residual of every chunk, but loop-invariant: the scan keeps it once, not per chunk
+  return (jnp.sum(jnp.where(valid, lse - target, 0.0)), jnp.sum(valid)), (w_VxD, h_CxD, labels_C, lse)
+
+
+def _chunk_backward(residuals, cotangents):
+  """d loss / d h = (softmax - onehot) @ W over counted tokens, the logits recomputed (only h,
+  the labels and the log-normalisers are kept). The [C, V] factor is rounded to the compute
+  dtype before the product, as a bf16 autocast backward has it, so the product is one
+  compute-dtype GEMM (a float32 factor made XLA fuse the rounding into a slower GEMM)."""
+  w, h, labels, lse = residuals
+  valid = labels != IGNORE
+  probs = jnp.exp(_logits(h, w) - lse[:, None])
+  onehot = jnp.arange(w.shape[0])[None, :] == jnp.where(valid, labels, -1)[:, None]
+  dlogits = (jnp.where(valid[:, None], probs - onehot, 0.0) * cotangents[0]).astype(h.dtype)
+  dh = jnp.einsum("cv,vd->cd", dlogits, w, preferred_element_type=jnp.float32,
+                  precision=precision_for(w.dtype)).astype(h.dtype)
+  return jnp.zeros_like(w), dh, None
+
+
+_chunk_loss.defvjp(_chunk_forward, _chunk_backward)
+
+
+def _logits(h_CxD, w_VxD):
+  return jnp.einsum("cd,vd->cv", h_CxD, w_VxD, preferred_element_type=jnp.float32,
+                    precision=precision_for(w_VxD.dtype))
 
 
 def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Array]:
