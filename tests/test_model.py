@@ -232,3 +232,20 @@ def test_chunked_mlp_holds_one_piece_of_the_mlp_at_a_time():
     compiled = jax.jit(jax.grad(loss)).lower(lora, rest).compile()
     temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
   assert temp[128] < 0.5 * temp[0], temp
+
+
+def test_generation_stays_inside_the_context():
+  """A prompt that fills the model's context is refused in one line (it used to run a prefill of
+  any length); a shorter one generates only up to the context."""
+  from qlora_jax.nn.generate import SamplingConfig, generate
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=32)
+  model = random_model(config, ModelOptions(dtype="float32"), seed=0)
+  with pytest.raises(ValueError, match="the prompt has 40 tokens, the model's context 32"):
+    list(generate(model, [list(range(1, 41))], SamplingConfig(max_new_tokens=4)))
+  tokens = list(generate(model, [list(range(1, 29))], SamplingConfig(max_new_tokens=20)))
+  assert len(tokens) == 4

@@ -80,13 +80,20 @@ def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> tuple[
 
 def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
              stop_ids: tuple[int, ...] = ()) -> Iterator[np.ndarray]:
-  """Yield the next token of every prompt ([B] int array) until all stopped or the budget ends.
+  """Yield the next token of every prompt ([B] int array) until all stopped, the budget ends or
+  the longest sequence fills the model's context (a prompt that fills it already: ValueError).
 
   Prompts are left-padded into one batch; a finished sequence keeps yielding its stop token.
   Tokens are computed CHUNK at a time (so up to CHUNK - 1 past the last stop are computed and
   dropped) and yielded one by one.
   """
   model.eval()
+  context = model.config.max_position_embeddings
+  if not prompts or not all(prompts):
+    raise ValueError("generate needs at least one prompt, and no empty prompt")
+  if max(len(p) for p in prompts) >= context:
+    raise ValueError(f"the prompt has {max(len(p) for p in prompts)} tokens, the model's context "
+                     f"{context}: shorten the prompt (or start a new conversation)")
   # Left-pad to a multiple of PROMPT_BUCKET: prompts of similar length share compiled code.
   b, longest = len(prompts), -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
   ids = np.zeros((b, longest), np.int32)
@@ -102,7 +109,7 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   token, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
   pending = np.asarray(token)[:, None]  # [B, n]: computed, not yet yielded
   done = np.zeros((b,), bool)
-  for _ in range(sampling.max_new_tokens):
+  for _ in range(min(sampling.max_new_tokens, context - max(len(p) for p in prompts))):
     if not pending.shape[1]:
       key, sub = jax.random.split(key)
       tokens, cache = chunk(state, token, cache, sub)

@@ -257,6 +257,14 @@ class TrainConfig:
                         attention=m.attention, backend=backends.get_backend(m.backend),
                         scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk)
 
+  def check_context(self, max_positions: int) -> None:
+    """ValueError when a row (source + target tokens) can be longer than the model's context."""
+    d = self.data
+    if d.max_seq_len > max_positions:
+      raise ValueError(f"source_max_len + target_max_len = {d.max_seq_len} tokens is more than the "
+                       f"model's context of {max_positions}; lower them so they sum to at most "
+                       f"{max_positions}")
+
   def host_embedding(self, tied: bool, platform: str | None = None) -> bool:
     """Whether the embedding table stays in host memory for a model with (tied) or without an
     untied lm_head, on `platform` (default: JAX's)."""
