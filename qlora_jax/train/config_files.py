@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import runpy
+import traceback
 import typing
 
 from qlora_jax.train.config import (SECTIONS, TrainConfig, field_types, flat_keys, resolve_key, show,
@@ -83,13 +84,23 @@ def resolve_config_path(name_or_path: str) -> pathlib.Path:
   raise ValueError(f"config {name_or_path!r} not found; give a path or one of: {available}")
 
 
+def _line_in(error: BaseException, path: pathlib.Path) -> int | None:
+  """The line of the config file that raised error (its last frame in that file)."""
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+  return lines[-1] if lines else None
+
+
 def load_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
   """Run a config file, take its `config` (a TrainConfig) and apply overrides."""
   path = resolve_config_path(name_or_path)
   try:
     namespace = runpy.run_path(str(path))
+  except SyntaxError as e:
+    raise ValueError(f"{path}, line {e.lineno}: {e.msg}; fix the config file's Python syntax") from e
   except TypeError as e:  # an unknown field in a section's constructor lands here
     raise ValueError(f"{path}: {e}; python train.py --help lists the keys") from e
+  except (NameError, AttributeError, ImportError) as e:  # a misspelt name in the file
+    raise ValueError(f"{path}, line {_line_in(e, path)}: {type(e).__name__}: {e}") from e
   cfg = namespace.get("config")
   if not isinstance(cfg, TrainConfig):
     raise ValueError(f"{path} must define `config = TrainConfig(...)`")

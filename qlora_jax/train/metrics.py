@@ -1,5 +1,6 @@
 """Run observability: JSONL metrics, TensorBoard when installed, a loss-curve PNG and a summary
-at the end."""
+at the end. A killed run loses none of the records it wrote (TensorBoard's reach the disk within a
+second)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,30 @@ import json
 import math
 import pathlib
 
+from qlora_jax.format.atomic import write_text
 
-def _tensorboard_writer(folder: pathlib.Path):
+
+def _tensorboard_writer(folder: pathlib.Path, purge_step: int | None):
   for module in ("tensorboardX", "torch.utils.tensorboard"):
     try:
-      return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(folder))
+      writer = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
+      # flush_secs: its writer thread puts events on disk within a second, not two minutes (a
+      # killed run lost them all)
+      return writer(str(folder), purge_step=purge_step, flush_secs=1)
     except Exception:  # not installed (or tensorboard missing behind torch's wrapper)
       continue
   return None
 
 
 class MetricsLog:
-  """Appends one JSON object per record to metrics.jsonl (and TensorBoard scalars)."""
+  """Appends one JSON object per record to metrics.jsonl (and TensorBoard scalars).
 
-  def __init__(self, run_dir: pathlib.Path):
+  A log reopened to resume after `resumed_at` hides the TensorBoard events the killed run wrote
+  past that step (the resumed run writes them again)."""
+
+  def __init__(self, run_dir: pathlib.Path, resumed_at: int = 0):
     self.path = run_dir / "metrics.jsonl"
-    self._tb = _tensorboard_writer(run_dir / "tensorboard")
+    self._tb = _tensorboard_writer(run_dir / "tensorboard", resumed_at + 1 if resumed_at else None)
 
   def write(self, record: dict) -> None:
     with self.path.open("a") as f:
@@ -37,12 +46,17 @@ class MetricsLog:
     """Forget records past `step` (a resumed run repeats the steps after its checkpoint)."""
     kept = [r for r in self.records() if r["step"] <= step]
     if self.path.is_file():
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def records(self) -> list[dict]:
     if not self.path.is_file():
       return []
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+  def latest(self, key: str, step: int | None = None):
+    """The value of `key` in the last record that has it (at exactly `step`, if given), or None."""
+    found = [r[key] for r in self.records() if key in r and (step is None or r["step"] == step)]
+    return found[-1] if found else None
 
   def close(self) -> None:
     if self._tb is not None:
@@ -72,9 +86,13 @@ def plot_loss(records: list[dict], out: pathlib.Path) -> None:
   plt.close(fig)
 
 
+SUMMARY_TEXT, SUMMARY_JSON = "summary.txt", "summary.json"
+
+
 @dataclasses.dataclass
 class RunSummary:
-  """What a training run did: printed at its end and written to summary.txt."""
+  """What a training run did: printed at its end and written to summary.txt (and, to be read
+  back by a rerun of the finished run, summary.json)."""
 
   steps: int
   seconds: float
@@ -99,3 +117,15 @@ class RunSummary:
         lines.append(f"  before: {before[prompt]!r}")
       lines.append(f"  after:  {after!r}")
     return "\n".join(lines)
+
+  def save(self, folder: pathlib.Path) -> None:
+    write_text(folder / SUMMARY_JSON, json.dumps(dataclasses.asdict(self), indent=1))
+    write_text(folder / SUMMARY_TEXT, self.text() + "\n")
+
+  @classmethod
+  def load(cls, folder: pathlib.Path) -> "RunSummary | None":
+    """The summary a finished run saved in folder, or None (none, or not readable)."""
+    try:
+      return cls(**json.loads((folder / SUMMARY_JSON).read_text()))
+    except (OSError, ValueError, TypeError):
+      return None

@@ -103,16 +103,26 @@ def _devices(cfg: TrainConfig) -> Layout | None:
 
 
 def _restore(run: Run, ckpt: Checkpointer) -> None:
-  """Continue from the latest checkpoint, if any."""
-  latest = ckpt.latest_step()
-  if latest is None:
+  """Continue from the newest readable checkpoint, if any (checkpoint.py sets newer unreadable
+  ones aside, one warning line each)."""
+  if ckpt.latest_step() is None:
     return
   state, meta = ckpt.restore(run.trainable.restore_template())
   run.trainable.restore(state)
   run.step = int(meta["step"])
   run.batches.restore(meta["data"])
   done = " (the run is already complete)" if run.step >= run.cfg.optim.steps else ""
-  print(f"resumed from {ckpt.folder / str(latest)} (step {run.step}){done}")
+  print(f"resumed from {ckpt.folder / str(run.step)} (step {run.step}){done}")
+
+
+def _finished(ckpt: Checkpointer, log_dir: pathlib.Path, cfg: TrainConfig) -> RunSummary | None:
+  """The saved summary of a run that already reached its last step, or None: a rerun of a
+  finished run returns it and changes nothing in the folder."""
+  latest = ckpt.latest_step()
+  if latest is None or latest < cfg.optim.steps:
+    return None
+  summary = RunSummary.load(log_dir)
+  return summary if summary is not None and summary.steps == latest else None
 
 
 def _save(run: Run, ckpt: Checkpointer) -> None:
@@ -136,37 +146,51 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
   layout = _devices(cfg)
   ckpt = Checkpointer(run_dir, cfg.loop.keep_checkpoints)
   _check_resume_choice(ckpt, resume)
+  log_dir = _log_dir(run_dir)
+  finished = _finished(ckpt, log_dir, cfg)
+  if finished is not None:
+    ckpt.close()
+    print(f"{run_dir} already finished at step {finished.steps}; nothing was changed "
+          "(raise steps to train further)")
+    return finished
   run = setup(cfg, layout)
   _restore(run, ckpt)
-  log_dir = _log_dir(run_dir)
   if run.step == 0:  # a resumed run keeps the config it was started with
     save_config(cfg, log_dir / "config.json")
   steps = cfg.optim.steps
   lrs = np.asarray(jax.vmap(run.trainable.schedule)(jnp.arange(steps)))  # read on the host once
-  log = MetricsLog(log_dir)
+  log = MetricsLog(log_dir, resumed_at=run.step)
   log.drop_after(run.step)  # records a killed run wrote past its last checkpoint
-  fresh = run.step == 0
-  before = evaluate(run) if fresh else None
-  samples_before = sample(run) if fresh else []
-  if fresh:
-    log.write({"step": 0, "eval_loss": before})
-    print(f"eval loss before training: {before:.4f}")
-  start, tokens, last = time.time(), 0, {}
   try:
+    before, samples_before = _before_training(run, log)
+    start = time.time()
     last, tokens = _loop(run, ckpt, log, lrs)
     after = evaluate(run)
-    log.write({"step": run.step, "eval_loss": after})
+    if log.latest("eval_loss", step=run.step) is None:  # a finished run, resumed, has it already
+      log.write({"step": run.step, "eval_loss": after})
   finally:
     log.close()
   if ckpt.latest_step() != run.step:
     _save(run, ckpt)
   ckpt.close()
   seconds = time.time() - start
-  summary = RunSummary(run.step, seconds, tokens / max(seconds, 1e-9), last.get("loss"),
+  train_loss = last.get("loss", log.latest("loss"))
+  summary = RunSummary(run.step, seconds, tokens / max(seconds, 1e-9), train_loss,
                        before, after, run.truncated, samples_before, sample(run))
   plot_loss(log.records(), log_dir / "loss.png")
-  (log_dir / "summary.txt").write_text(summary.text() + "\n")
+  summary.save(log_dir)
   return summary
+
+
+def _before_training(run: Run, log: MetricsLog) -> tuple[float | None, list]:
+  """Eval loss and samples of the untrained adapters: measured (and logged with step 0) by a
+  fresh run, read back from the log by a resumed one."""
+  if run.step > 0:
+    return log.latest("eval_loss", step=0), log.latest("samples", step=0) or []
+  before, samples = evaluate(run), sample(run)
+  log.write({"step": 0, "eval_loss": before, **({"samples": samples} if samples else {})})
+  print(f"eval loss before training: {before:.4f}")
+  return before, samples
 
 
 def _loop(run: Run, ckpt: Checkpointer, log: MetricsLog, lrs) -> tuple[dict, int]:
