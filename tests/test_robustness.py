@@ -228,3 +228,49 @@ def test_memory_estimate_of_an_unknown_shape_is_one_line():
                       "--shape", "foo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
   assert r.stderr.startswith("error: unknown shape 'foo'; choose one of")
+
+
+def test_a_run_resumes_only_with_its_own_settings(tiny_model_dir, finished_run, tmp_path):
+  """The README's second command after the quick start (lora_targets changed) used to fail in
+  orbax internals; a changed learning rate or dataset was applied silently. Now anything but
+  the resumable keys is refused in one line listing the keys, and nothing in the folder
+  changes; more steps resume, and config.json records them."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  before = _tree(run)
+  for change, key in (("lora_targets=q_proj,v_proj", "lora_targets"), ("lora_rank=8", "lora_rank"),
+                      ("learning_rate=5e-4", "learning_rate")):
+    r = _cli(*RUN, f"model_dir={tiny_model_dir}", f"output_dir={run}", change)
+    assert r.returncode == 2 and len(_messages(r.stderr)) == 1, r.stderr[-2000:]
+    assert f"changed: {key}" in r.stderr and "output_dir=<new folder>" in r.stderr, r.stderr
+  assert _tree(run) == before
+  steps = json.loads((run / "config.json").read_text())["optim"]["steps"]
+  r = _cli(*RUN, f"model_dir={tiny_model_dir}", f"output_dir={run}", f"steps={steps + 2}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads((run / "config.json").read_text())["optim"]["steps"] == steps + 2
+
+
+def test_a_converted_folder_is_not_used_for_other_quant_settings(tiny_model_dir, tmp_path):
+  r = _cli(*RUN, f"model_dir={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "quant_type=fp4",
+           "blocksize=128")
+  assert r.returncode == 2 and "holds a quant_type=nf4 blocksize=64" in r.stderr, r.stderr[-2000:]
+  assert "asks for quant_type=fp4 blocksize=128" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_rows_longer_than_the_context_are_refused(tiny_model_dir, tmp_path):
+  from qlora_jax.nn.model_config import ModelConfig
+
+  context = ModelConfig.from_file(tiny_model_dir / "config.json").max_position_embeddings
+  r = _cli(*RUN, f"model_dir={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+           f"source_max_len={context}", "target_max_len=8")
+  assert r.returncode == 2 and f"more than the model's context of {context}" in r.stderr, r.stderr[-2000:]
+
+
+def test_wrong_columns_are_found_before_the_model_is_converted(tmp_path):
+  data = tmp_path / "qa.jsonl"
+  data.write_text('{"question": "2+2?", "answer": "4"}\n' * 3)
+  r = _cli("--config", "tiny_test", f"dataset={data}", "dataset_format=alpaca",
+           f"model_dir={tmp_path / 'never_made'}", "model_source=default", f"output_dir={tmp_path / 'run'}")
+  assert r.returncode == 2 and "needs a 'instruction' column" in r.stderr, r.stderr[-2000:]
+  assert "columns found: ['question', 'answer']" in r.stderr
+  assert not (tmp_path / "never_made").exists()

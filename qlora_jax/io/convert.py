@@ -21,7 +21,7 @@ from qlora_jax.format.bnb_format import BNB_QUANT_TYPES, to_bnb_state
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize
 from qlora_jax.io.sources import Source, default_gguf, open_source
-from qlora_jax.format.folder import FORMAT_VERSION, META_FILE, ShardWriter
+from qlora_jax.format.folder import FORMAT_VERSION, META_FILE, ShardWriter, read_meta
 from qlora_jax.io.loading import expected_tensors
 from qlora_jax.nn.families import classify
 
@@ -131,11 +131,16 @@ def _write_metadata(source: Source, folder: pathlib.Path, quant: QuantConfig, de
   (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def _quant_text(q: QuantConfig) -> str:
+  return f"quant_type={q.quant_type} blocksize={q.blocksize} double_quant={q.double_quant}"
+
+
 def ensure_converted(model_dir: str, source: str, quant: QuantConfig) -> pathlib.Path:
   """model_dir, converting `source` ("default": the embedded SmolLM2) into it first if it is
   not there yet; ValueError naming the fix when neither is usable."""
   folder = pathlib.Path(model_dir)
   if (folder / META_FILE).is_file():
+    check_converted(folder, quant)
     return folder
   if folder.exists():
     raise ValueError(f"model_dir {folder} exists but is not a converted model (no {META_FILE}); "
@@ -147,3 +152,17 @@ def ensure_converted(model_dir: str, source: str, quant: QuantConfig) -> pathlib
   print(f"converting {src} -> {folder} (once)")
   print(f"  {convert(src, folder, quant)}")
   return folder
+
+
+def check_converted(folder: pathlib.Path, quant: QuantConfig) -> None:
+  """ValueError when the converted `folder` was quantized otherwise than `quant` asks (a
+  bitsandbytes 4-bit source keeps its own quantization: said in one line)."""
+  meta = read_meta(folder)
+  stored = QuantConfig(**meta["quant"])
+  if stored != quant and meta.get("requantized", True):
+    raise ValueError(f"model_dir {folder} holds a {_quant_text(stored)} conversion but the config "
+                     f"asks for {_quant_text(quant)}; set the quant settings to match, or point "
+                     "model_dir at a new folder to convert the model again")
+  if stored != quant:  # a bitsandbytes 4-bit source: its own quantization is the model
+    print(f"note: {folder} keeps its source's bitsandbytes {_quant_text(stored)} (the config's "
+          f"{_quant_text(quant)} does not apply to an already 4-bit checkpoint)")

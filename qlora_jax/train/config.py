@@ -26,6 +26,9 @@ from qlora_jax.nn.model import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelO
 from qlora_jax.nn.sharding import LORA_SHARDINGS, MESH_AXES
 
 EMBEDDINGS = ("auto", "device", "host")  # DeviceConfig.embedding
+# What a run may change when it resumes from its folder: how long and how often, not what trains.
+RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "keep_checkpoints", "sample_prompts",
+             "sample_max_new_tokens", "device_memory_gib", "output_dir")
 
 DATA_FORMATS = FORMATS
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -256,6 +259,13 @@ class TrainConfig:
     return ModelOptions(dtype=m.dtype, quant=quant or self.quant, lora=self.lora, remat=m.remat,
                         attention=m.attention, backend=backends.get_backend(m.backend),
                         scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk)
+
+  def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
+    """The settings that differ from `saved` (the config a run folder was started with) and may
+    not change when the run resumes: "key: old -> new" each. RESUMABLE lists those that may."""
+    old, new = saved.to_flat_dict(), self.to_flat_dict()
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new
+            if k not in RESUMABLE and old.get(k) != new.get(k)]
 
   def check_context(self, max_positions: int) -> None:
     """ValueError when a row (source + target tokens) can be longer than the model's context."""

@@ -8,6 +8,7 @@ out; with one device nothing changes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -18,13 +19,15 @@ import numpy as np
 from tqdm import tqdm
 
 from qlora_jax import data as data_lib
-from qlora_jax.io.convert import ensure_converted
+from qlora_jax.format.folder import META_FILE
+from qlora_jax.io.convert import check_converted, ensure_converted
 from qlora_jax.nn.generate import SamplingConfig, complete
+from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, initialize_distributed, make_layout, mesh_shape
 from qlora_jax.train import memory
 from qlora_jax.train.builder import Trainable, build_from_folder
 from qlora_jax.train.checkpoint import Checkpointer
-from qlora_jax.train.config import TrainConfig, save_config
+from qlora_jax.train.config import RESUMABLE, TrainConfig, save_config
 from qlora_jax.train.metrics import MetricsLog, RunSummary, plot_loss
 
 
@@ -49,12 +52,14 @@ def setup(cfg: TrainConfig, layout: Layout | None = None) -> Run:
   """Data, model (converted if needed), optimizer: a Run at step 0, laid out over the layout's
   devices (None: one device). The data is read before the model, so bad data fails fast."""
   d = cfg.data
-  train_rows, eval_rows = data_lib.train_eval_rows(d.dataset, d.eval_dataset, d.eval_size, cfg.loop.seed)
+  train_rows, eval_rows = data_lib.train_eval_rows(d.dataset, d.eval_dataset, d.eval_size, cfg.loop.seed,
+                                                   dataset_format=d.dataset_format)
   folder = ensure_converted(cfg.model.model_dir, cfg.model.model_source, cfg.quant)
+  cfg.check_context(ModelConfig.from_file(folder / "config.json").max_position_embeddings)
   memory.check_run(cfg, folder, layout)
   trainable, tokenizer = build_from_folder(cfg, folder, layout)
   train_data, eval_data = (data_lib.tokenize(rows, d.dataset_format, tokenizer, d.source_max_len,
-                                             d.target_max_len, d.train_on_source)
+                                             d.target_max_len, d.train_on_source, chat_turns=d.chat_turns)
                            for rows in (train_rows, eval_rows))
   batches = data_lib.Batches(train_data, cfg.optim.batch_size, d.max_seq_len, seed=cfg.loop.seed,
                              packing=d.packing, group_by_length=d.group_by_length)
@@ -84,6 +89,32 @@ def _check_resume_choice(ckpt: Checkpointer, resume: bool | None) -> None:
   if resume is False and latest is not None:
     raise ValueError(f"--no-resume: {ckpt.folder} already holds checkpoints (step {latest}); "
                      "choose another output_dir or remove it")
+
+
+def _check_model(cfg: TrainConfig) -> None:
+  """A converted model_dir must hold the quantization cfg asks for and a context its rows fit
+  (checked before the run folder is touched; a folder still to convert, after converting)."""
+  folder = pathlib.Path(cfg.model.model_dir)
+  if (folder / META_FILE).is_file():
+    check_converted(folder, cfg.quant)
+    cfg.check_context(ModelConfig.from_file(folder / "config.json").max_position_embeddings)
+
+
+def _check_same_run(cfg: TrainConfig, ckpt: Checkpointer, log_dir: pathlib.Path) -> None:
+  """A folder with checkpoints resumes only under the config it was started with, but for the
+  RESUMABLE keys (steps, cadence, logging); anything else is refused, the keys listed."""
+  saved = log_dir / "config.json"
+  if ckpt.latest_step() is None or not saved.is_file():
+    return
+  try:
+    conflicts = cfg.resume_conflicts(TrainConfig.from_dict(json.loads(saved.read_text())))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{saved} is not a config this version can read ({e}); resume with the "
+                     "version that wrote it, or train into another output_dir") from None
+  if conflicts:
+    raise ValueError(f"{ckpt.folder.parent} is a run started with other settings; changed: "
+                     + "; ".join(conflicts) + ". Resuming may change only " + ", ".join(RESUMABLE)
+                     + ". Restore those values, or start a new run: output_dir=<new folder>")
 
 
 def _devices(cfg: TrainConfig) -> Layout | None:
@@ -142,11 +173,13 @@ def _log_dir(run_dir: pathlib.Path) -> pathlib.Path:
 def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
   """Run (or resume) a training run in cfg.loop.output_dir; returns its summary."""
   print(cfg.text())
+  _check_model(cfg)
   run_dir = pathlib.Path(cfg.loop.output_dir)
   layout = _devices(cfg)
   ckpt = Checkpointer(run_dir, cfg.loop.keep_checkpoints)
   _check_resume_choice(ckpt, resume)
   log_dir = _log_dir(run_dir)
+  _check_same_run(cfg, ckpt, log_dir)
   finished = _finished(ckpt, log_dir, cfg)
   if finished is not None:
     ckpt.close()
@@ -155,8 +188,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
     return finished
   run = setup(cfg, layout)
   _restore(run, ckpt)
-  if run.step == 0:  # a resumed run keeps the config it was started with
-    save_config(cfg, log_dir / "config.json")
+  save_config(cfg, log_dir / "config.json")  # a resumed run differs at most in RESUMABLE keys
   steps = cfg.optim.steps
   lrs = np.asarray(jax.vmap(run.trainable.schedule)(jnp.arange(steps)))  # read on the host once
   log = MetricsLog(log_dir, resumed_at=run.step)
