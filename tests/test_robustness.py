@@ -274,3 +274,15 @@ def test_wrong_columns_are_found_before_the_model_is_converted(tmp_path):
   assert r.returncode == 2 and "needs a 'instruction' column" in r.stderr, r.stderr[-2000:]
   assert "columns found: ['question', 'answer']" in r.stderr
   assert not (tmp_path / "never_made").exists()
+
+
+def test_a_truncated_model_file_is_one_line(tiny_model_dir, tmp_path):
+  folder = tmp_path / "model"
+  shutil.copytree(tiny_model_dir, folder)
+  weights = folder / "model.safetensors"
+  with open(weights, "r+b") as f:
+    f.truncate(weights.stat().st_size // 2)
+  r = subprocess.run([sys.executable, "-m", "qlora_jax.chat", str(folder), "--prompt", "hi"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and len(_messages(r.stderr)) == 1, r.stderr[-2000:]
+  assert "model.safetensors is not a readable safetensors file" in r.stderr

@@ -28,6 +28,16 @@ META_FILE = "qlora_jax.json"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def _keys(path: pathlib.Path) -> list[str]:
+  """The tensor names of a safetensors file; ValueError when its header cannot be read."""
+  try:
+    with safe_open(str(path), "numpy") as f:
+      return list(f.keys())
+  except Exception as e:  # safetensors' own error types: truncated header, not safetensors
+    raise ValueError(f"{path} is not a readable safetensors file ({e}); it is truncated or "
+                     "damaged: convert the model again into a new folder") from None
+
+
 class TensorIndex(Mapping):
   """Read-only name -> numpy array over one or several safetensors files, loaded on access."""
 
@@ -47,8 +57,7 @@ class TensorIndex(Mapping):
       return cls(files)
     single = folder / "model.safetensors"
     if single.is_file():
-      with safe_open(str(single), "numpy") as f:
-        return cls({k: single for k in f.keys()})
+      return cls({k: single for k in _keys(single)})
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
       raise ValueError(f"{folder} has only pickle-based weights (.bin/.pt), which are never loaded "
                        "(unsafe); save the model with safetensors first")
@@ -61,7 +70,8 @@ class TensorIndex(Mapping):
       with safe_open(str(self._files[name]), "numpy") as f:
         return f.get_tensor(name)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-      raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: {e}") from e
+      raise ValueError(f"cannot read tensor {name!r} from {self._files[name]} ({e}); the file is "
+                       "damaged: convert the model again into a new folder") from None
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._files)
