@@ -29,7 +29,7 @@ from qlora_jax.format.atomic import atomic_dir
 from qlora_jax.format.folder import ShardWriter, read_meta
 from qlora_jax.format.quantization import dequantize
 from qlora_jax.io.loading import expected_tensors, load_model
-from qlora_jax.io.sources import DEFAULT_GGUF
+from qlora_jax.io.sources import DEFAULT_GGUF, DEFAULT_ORIGINAL
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model import ModelOptions, variable_names
@@ -43,7 +43,6 @@ PEFT_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 # The hub model the embedded default GGUF (io/sources.py DEFAULT_GGUF) is a llama.cpp copy of.
-DEFAULT_ORIGINAL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # adapter_config.json fields that change what a LoRA computes (or the base it applies to), with
 # the value of plain LoRA: any other value is refused, as qlora_jax cannot compute it exactly.
 PLAIN_LORA = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
@@ -196,8 +195,8 @@ def load_adapter(model_dir, adapter, dtype=jnp.bfloat16) -> tuple[object, object
                     targets=tuple(k for k in LINEAR_NAMES if any(n.endswith(f".{k}") for n in adapted)),
                     use_rslora=bool(pc.get("use_rslora")))
   model, tokenizer = load_model(model_dir, dtype, ModelOptions(lora=lora))
-  with safe_open(str(adapter / "adapter_model.safetensors"), "numpy") as f:
-    weights = {k: f.get_tensor(k) for k in f.keys()}
+  with safe_open(str(adapter / "adapter_model.safetensors"), "flax") as f:  # bf16 too
+    weights = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
   fill_adapters(model, adapted, weights, adapter)
   model.eval()
   return model, tokenizer

