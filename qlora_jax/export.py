@@ -36,7 +36,7 @@ from qlora_jax.nn.model import ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.variables import FrozenParam
 from qlora_jax.train.builder import build_from_folder
-from qlora_jax.train.checkpoint import Checkpointer
+from qlora_jax.train.checkpoint import BEST_DIR, Checkpointer
 from qlora_jax.train.config import TrainConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -64,13 +64,15 @@ def run_config(run_dir: pathlib.Path) -> TrainConfig:
     raise ValueError(f"{path} is not a config this version can read ({type(e).__name__}: {e})") from e
 
 
-def load_run(run_dir, model_dir=None) -> tuple[TrainConfig, object, object]:
-  """(config, model with the run's latest LoRA weights, tokenizer); model_dir overrides the
-  base model folder the run recorded."""
+def load_run(run_dir, model_dir=None, best: bool = False) -> tuple[TrainConfig, object, object]:
+  """(config, model with the run's latest LoRA weights, or with those of its lowest eval loss,
+  tokenizer); model_dir overrides the base model folder the run recorded."""
   cfg = run_config(run_dir)
-  ckpt = Checkpointer(pathlib.Path(run_dir), cfg.loop.keep_checkpoints)
+  ckpt = (Checkpointer(pathlib.Path(run_dir), 1, BEST_DIR) if best
+          else Checkpointer(pathlib.Path(run_dir), cfg.loop.keep_checkpoints))
   if ckpt.latest_step() is None:
-    raise ValueError(f"{run_dir} holds no checkpoint yet")
+    ckpt.close()
+    raise ValueError(f"{run_dir} holds no {'best (evaluated) ' if best else ''}checkpoint yet")
   trainable, tokenizer = build_from_folder(cfg, pathlib.Path(model_dir or cfg.model.model_dir))
   state, _ = ckpt.restore(trainable.restore_template())
   ckpt.close()
@@ -329,10 +331,11 @@ def main(argv=None) -> int:
   p.add_argument("out")
   p.add_argument("--merge", action="store_true", help="write a merged bf16 transformers checkpoint")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--best", action="store_true", help="the adapters of the lowest eval loss, not the last")
   args = p.parse_args(argv)
 
   def export() -> str:
-    cfg, model, _ = load_run(args.run_dir)
+    cfg, model, _ = load_run(args.run_dir, best=args.best)
     if args.merge:
       write_merged(model, cfg.model.model_dir, args.out, args.overwrite)
     else:

@@ -286,3 +286,21 @@ def test_a_truncated_model_file_is_one_line(tiny_model_dir, tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and len(_messages(r.stderr)) == 1, r.stderr[-2000:]
   assert "model.safetensors is not a readable safetensors file" in r.stderr
+
+
+def test_the_best_checkpoint_by_eval_loss_is_kept_and_exported(tiny_model_dir, tmp_path):
+  """eval every 2 of 6 steps: run/best/ holds the step of the lowest logged eval loss (steps > 0),
+  each eval record carries its perplexity, and `export --best` writes that step's adapters."""
+  from qlora_jax import export
+  from qlora_jax.train.checkpoint import BEST_DIR
+
+  run = tmp_path / "run"
+  trainer.train(_tiny(tiny_model_dir, run, "steps=6", "eval_every=2", "save_every=3",
+                      "learning_rate=5e-3"))
+  evals = [r for r in MetricsLog(run).records() if "eval_loss" in r and r["step"] > 0]
+  assert [r["step"] for r in evals] == [2, 4, 6]
+  assert all(r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"])) for r in evals)
+  best = min(evals, key=lambda r: r["eval_loss"])["step"]
+  assert sorted(p.name for p in (run / BEST_DIR).iterdir() if p.name.isdigit()) == [str(best)]
+  assert export.main([str(run), str(tmp_path / "adapter"), "--best"]) == 0
+  assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -108,11 +108,15 @@ def _save_then_die(manager, folder: pathlib.Path, step: int, args) -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Checkpointer:
-  """Keeps the last `keep` checkpoints of a run under run_dir/checkpoints/<step>."""
+BEST_DIR = "best"  # a run's checkpoint with the lowest eval loss so far
 
-  def __init__(self, run_dir: pathlib.Path, keep: int):
-    self.folder = (pathlib.Path(run_dir) / "checkpoints").absolute()
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of a run under run_dir/<subdir>/<step> (checkpoints/; the
+  best by eval loss: best/, keep=1)."""
+
+  def __init__(self, run_dir: pathlib.Path, keep: int, subdir: str = "checkpoints"):
+    self.folder = (pathlib.Path(run_dir) / subdir).absolute()
     self.manager = ocp.CheckpointManager(
         self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                           enable_async_checkpointing=False))

@@ -26,7 +26,7 @@ from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, initialize_distributed, make_layout, mesh_shape
 from qlora_jax.train import memory
 from qlora_jax.train.builder import Trainable, build_from_folder
-from qlora_jax.train.checkpoint import Checkpointer
+from qlora_jax.train.checkpoint import BEST_DIR, Checkpointer
 from qlora_jax.train.config import RESUMABLE, TrainConfig, save_config
 from qlora_jax.train.metrics import MetricsLog, RunSummary, plot_loss
 
@@ -156,6 +156,23 @@ def _finished(ckpt: Checkpointer, log_dir: pathlib.Path, cfg: TrainConfig) -> Ru
   return summary if summary is not None and summary.steps == latest else None
 
 
+def _perplexity(loss: float) -> float:
+  return math.exp(min(loss, 700.0))
+
+
+def _keep_if_best(run: Run, log: MetricsLog, loss: float) -> None:
+  """Save the adapters to run_dir/best/ when `loss` is the lowest eval loss of the run after
+  step 0 (the log, written first, holds every earlier one); `export --best` exports them."""
+  earlier = [r["eval_loss"] for r in log.records()
+             if "eval_loss" in r and 0 < r["step"] < run.step]
+  if earlier and min(earlier) <= loss:
+    return
+  best = Checkpointer(pathlib.Path(run.cfg.loop.output_dir), 1, BEST_DIR)
+  best.save(run.step, run.trainable.checkpoint_state(),
+            {"step": run.step, "data": run.batches.state(), "eval_loss": loss})
+  best.close()
+
+
 def _save(run: Run, ckpt: Checkpointer) -> None:
   ckpt.save(run.step, run.trainable.checkpoint_state(), {"step": run.step, "data": run.batches.state()})
 
@@ -199,7 +216,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
     last, tokens = _loop(run, ckpt, log, lrs)
     after = evaluate(run)
     if log.latest("eval_loss", step=run.step) is None:  # a finished run, resumed, has it already
-      log.write({"step": run.step, "eval_loss": after})
+      log.write({"step": run.step, "eval_loss": after, "eval_perplexity": _perplexity(after)})
+      _keep_if_best(run, log, after)
   finally:
     log.close()
   if ckpt.latest_step() != run.step:
@@ -243,8 +261,9 @@ def _loop(run: Run, ckpt: Checkpointer, log: MetricsLog, lrs) -> tuple[dict, int
       pending = None
     if run.step % loop.eval_every == 0 and run.step < optim.steps:
       loss = evaluate(run)
-      log.write({"step": run.step, "eval_loss": loss})
-      bar.write(f"step {run.step}: eval loss {loss:.4f}")
+      log.write({"step": run.step, "eval_loss": loss, "eval_perplexity": _perplexity(loss)})
+      bar.write(f"step {run.step}: eval loss {loss:.4f} (perplexity {_perplexity(loss):.3f})")
+      _keep_if_best(run, log, loss)
     if run.step % loop.save_every == 0:
       _save(run, ckpt)
   if pending is not None:
