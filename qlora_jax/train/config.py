@@ -26,9 +26,11 @@ from qlora_jax.nn.model import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelO
 from qlora_jax.nn.sharding import LORA_SHARDINGS, MESH_AXES
 
 EMBEDDINGS = ("auto", "device", "host")  # DeviceConfig.embedding
-# What a run may change when it resumes from its folder: how long and how often, not what trains.
+# What a run may change when it resumes from its folder: how long, how often, and where and how
+# it computes (devices, memory placement, kernels), not what it trains.
 RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "keep_checkpoints", "sample_prompts",
-             "sample_max_new_tokens", "device_memory_gib", "output_dir")
+             "sample_max_new_tokens", "output_dir", "mesh", "lora_sharding", "device_memory_gib",
+             "embedding", "remat", "mlp_chunk", "attention", "backend")
 
 DATA_FORMATS = FORMATS
 LR_SCHEDULES = ("constant", "cosine", "linear")
