@@ -6,7 +6,8 @@ same random-weight Llama shapes, then one table of tokens/s, peak GiB and our ra
       --systems ours,unsloth --json docs/results/compare.json
 
 Ours: bench/train_step.py (cuDNN attention; --ours adds its flags, e.g. "--remat offload"), one
-process a row. Theirs: `bash .anchors/run.sh`, one process a row. Every row is the median of
+process a row. --cap-gib N caps every system's device memory (XLA_PYTHON_CLIENT_MEM_FRACTION;
+torch.cuda.set_per_process_memory_fraction): the longest row that still trains under the cap. Theirs: `bash .anchors/run.sh`, one process a row. Every row is the median of
 --steps timed steps after warm-up; peak = JAX peak_bytes_in_use / torch max_memory_allocated.
 """
 
@@ -32,20 +33,43 @@ def _shape(text: str) -> tuple[str, int, int]:
   return model, int(batch), int(seq)
 
 
-def ours(model: str, batch: int, seq: int, steps: int, extra: str) -> dict:
+def ours(model: str, batch: int, seq: int, steps: int, extra: str, fraction: float = 0.0) -> dict:
   cmd = [sys.executable, str(HERE / "train_step.py"), "--model", model, "--batch", str(batch),
          "--seq", str(seq), "--steps", str(steps), "--attention", "cudnn", *shlex.split(extra)]
-  return _last_json(subprocess.run(cmd, capture_output=True, text=True), "ours")
+  env = dict(os.environ, **({"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.4f}"} if fraction else {}))
+  return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env), "ours")
 
 
-def theirs(system: str, model: str, batch: int, seq: int, steps: int, anchors: pathlib.Path) -> dict:
+# Unsloth & co. under a device-memory cap: torch's per-process fraction, set as the interpreter
+# starts (run.sh puts /tmp/site first on PYTHONPATH), only where TORCH_MEM_FRACTION is set.
+CAP_HOOK = """import os
+if os.environ.get("TORCH_MEM_FRACTION"):
+    import torch
+    torch.cuda.set_per_process_memory_fraction(float(os.environ["TORCH_MEM_FRACTION"]))
+"""
+
+
+def theirs(system: str, model: str, batch: int, seq: int, steps: int, anchors: pathlib.Path,
+           fraction: float = 0.0) -> dict:
   args = f"{ANCHOR_SYSTEMS[system]} --shape {model} --batch {batch} --seq {seq} --steps {steps}"
+  env = dict(os.environ)
+  if fraction:
+    pathlib.Path("/tmp/site").mkdir(exist_ok=True)
+    pathlib.Path("/tmp/site/sitecustomize.py").write_text(CAP_HOOK)
+    env["TORCH_MEM_FRACTION"] = f"{fraction:.4f}"
   with tempfile.TemporaryDirectory() as out:
     r = subprocess.run(["bash", str(anchors / "run.sh"), args], capture_output=True, text=True,
-                       env=dict(os.environ, OUT=out))
+                       env=dict(env, OUT=out))
     lines = pathlib.Path(out, "anchor_fast.jsonl").read_text().splitlines() if r.returncode == 0 else []
   row = json.loads(lines[-1]) if lines else {"error": f"run.sh exit {r.returncode}: {r.stderr[-300:]}"}
   return {**row, "system": system}
+
+
+def _device_bytes() -> int:
+  """The first GPU's memory, from nvidia-smi (no framework is started in this process)."""
+  out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True, check=True).stdout
+  return int(out.split()[0]) * 2**20
 
 
 def _last_json(r: subprocess.CompletedProcess, system: str) -> dict:
@@ -79,14 +103,17 @@ def main() -> None:
   p.add_argument("--ours", default="", help="extra flags for bench/train_step.py")
   p.add_argument("--anchors", default=str(HERE.parent / ".anchors"))
   p.add_argument("--json", help="write the rows here")
+  p.add_argument("--cap-gib", type=float, default=0.0,
+                 help="cap every system's device memory (the longest-sequence comparison)")
   args = p.parse_args()
+  fraction = args.cap_gib * 2**30 / _device_bytes() if args.cap_gib else 0.0
   rows = []
   for shape in args.shapes.split(","):
     model, batch, seq = _shape(shape)
     for system in args.systems.split(","):
-      row = (ours(model, batch, seq, args.steps, args.ours) if system == "ours" else
-             theirs(system, model, batch, seq, args.steps, pathlib.Path(args.anchors)))
-      rows.append({**row, "shape_arg": shape})
+      row = (ours(model, batch, seq, args.steps, args.ours, fraction) if system == "ours" else
+             theirs(system, model, batch, seq, args.steps, pathlib.Path(args.anchors), fraction))
+      rows.append({**row, "shape_arg": shape, "cap_gib": args.cap_gib})
       print(json.dumps(rows[-1]), flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
