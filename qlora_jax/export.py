@@ -42,7 +42,6 @@ from qlora_jax.train.config import TrainConfig
 PEFT_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
-# The hub model the embedded default GGUF (io/sources.py DEFAULT_GGUF) is a llama.cpp copy of.
 # adapter_config.json fields that change what a LoRA computes (or the base it applies to), with
 # the value of plain LoRA: any other value is refused, as qlora_jax cannot compute it exactly.
 PLAIN_LORA = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
