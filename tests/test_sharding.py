@@ -352,3 +352,34 @@ def test_multi_gpu_bench_on_8_simulated_devices():
   result = json.loads(out.strip().splitlines()[-1])
   assert result["devices"] == 8 and result["global_batch"] == 8 and result["mesh"] == {"fsdp": 8}
   assert result["tokens_per_s"] > 0 and len(result["peak_gib_per_device"]) == 8 and result["first_step_s"] > 0
+
+
+HOST_EMBEDDING_WORKER = """
+import jax, numpy as np
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.sharding import make_layout
+from qlora_jax.testing import random_model
+from qlora_jax.train.builder import build
+from qlora_jax.train.config import OptimConfig
+
+ids = np.random.default_rng(0).integers(0, 1024, (1, 4, 17)).astype(np.int32)
+batch = {{"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+          "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (1, 4, 16)).copy()}}
+losses = []
+for host in (False, True):
+  layout = make_layout((("fsdp", 4),))
+  options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4), remat="full", scan_layers=True)
+  t = build(random_model(ModelConfig(**{tiny}), options, seed=2, layout=layout), OptimConfig(steps=10),
+            layout, host_embedding=host)
+  losses.append([float(t.train_step(t.put_batch(batch, leading=1))["loss"]) for _ in range(2)])
+assert losses[0] == losses[1], losses
+print("equal", losses)
+"""
+
+
+def test_embedding_in_host_memory_under_fsdp():
+  """fsdp:4 with the embedding table in host memory (rows looked up by put_batch, sharded with
+  the batch): the same losses as the table split over the devices."""
+  assert "equal" in _on_devices(4, HOST_EMBEDDING_WORKER.format(tiny=TINY))
