@@ -17,12 +17,21 @@ FAMILIES = {
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 16}),
+    # Llama 3.2: llama3 rope scaling with tied embeddings, GQA 3.
+    "llama3.2": dict(cls="LlamaConfig", hidden_size=96, intermediate_size=176, num_attention_heads=6,
+                     num_key_value_heads=2, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8}),
     # Mistral: no GQA (ratio 1), tied embeddings, a sliding window shorter than the sequence.
     "mistral": dict(cls="MistralConfig", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                     num_key_value_heads=4, tie_word_embeddings=True, sliding_window=6),
     # Qwen2: q/k/v biases, GQA 3.
     "qwen2": dict(cls="Qwen2Config", hidden_size=192, intermediate_size=320, num_attention_heads=6,
                   num_key_value_heads=2, tie_word_embeddings=False),
+    # Qwen3: q/k RMSNorm per head before RoPE, head_dim (40) independent of hidden / heads (24).
+    "qwen3": dict(cls="Qwen3Config", hidden_size=96, intermediate_size=200, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=40, tie_word_embeddings=True),
 }
 
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip
 TOL = 1e-4  # max |ours - hf| / max |hf|, float32
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3"])
 def pair(request, tmp_path_factory):
   from tests.hf_reference import load_ours_into_torch, save, tiny_hf_model
 
@@ -30,13 +30,17 @@ def test_config_features_are_read(pair):
   family, ours, _, _ = pair
   cfg = ours.config
   expect = {"llama": dict(rope_type="llama3", ratio=4, tied=False),
+            "llama3.2": dict(rope_type="llama3", ratio=3, tied=True),
             "mistral": dict(rope_type="default", ratio=1, tied=True),
-            "qwen2": dict(rope_type="default", ratio=3, tied=False)}[family]
+            "qwen2": dict(rope_type="default", ratio=3, tied=False),
+            "qwen3": dict(rope_type="default", ratio=2, tied=True)}[family]
   assert cfg.rope.rope_type == expect["rope_type"]
   assert cfg.num_attention_heads // cfg.num_key_value_heads == expect["ratio"]
   assert cfg.tie_word_embeddings == expect["tied"]
   assert cfg.qkv_bias == (family == "qwen2")
   assert cfg.sliding_window == (6 if family == "mistral" else None)
+  assert cfg.qk_norm == (family == "qwen3")
+  assert cfg.head_dim == (40 if family == "qwen3" else cfg.hidden_size // cfg.num_attention_heads)
 
 
 def test_logits_match_transformers(pair):

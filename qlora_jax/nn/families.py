@@ -22,7 +22,8 @@ class Family:
   gguf_architecture: str | None = None  # llama.cpp's general.architecture, where it exports it
   qkv_bias_always: bool = False  # q/k/v carry a bias whatever attention_bias says (Qwen2)
   o_bias_never: bool = False  # o_proj never carries one (Qwen2)
-  window_needs_flag: bool = False  # sliding_window applies only with use_sliding_window (Qwen2)
+  window_needs_flag: bool = False  # sliding_window applies only with use_sliding_window (Qwen2/3)
+  qk_norm: bool = False  # an RMSNorm over each head of q and k before RoPE (Qwen3)
 
   def hf_fields(self, hf: dict) -> dict:
     """The ModelConfig fields whose reading differs by family, from a transformers config."""
@@ -30,8 +31,14 @@ class Family:
     window = hf.get("sliding_window")
     if self.window_needs_flag and not hf.get("use_sliding_window", False):
       window = None
+    kinds = set(hf.get("layer_types") or ())
+    if window is not None and len(kinds) > 1:
+      raise ValueError(f"model_type={self.model_type!r} with sliding-window attention on some layers "
+                       f"only (layer_types {sorted(kinds)}) is not supported; use the model with "
+                       "use_sliding_window=false")
     return {"qkv_bias": self.qkv_bias_always or attention_bias,
-            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window}
+            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window,
+            "qk_norm": self.qk_norm}
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -39,6 +46,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mistral"),
     Family("qwen2", gguf_architecture="qwen2", qkv_bias_always=True, o_bias_never=True,
            window_needs_flag=True),
+    Family("qwen3", gguf_architecture="qwen3", window_needs_flag=True, qk_norm=True),
 )}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -67,6 +75,7 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     (r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight", "dense"),
     (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight", "quantized"),
     (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias", "dense"),
+    (r"model\.layers\.\d+\.self_attn\.[qk]_norm\.weight", "dense"),
     (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", "quantized"),
     (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.bias", "dense"),
 )

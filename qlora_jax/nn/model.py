@@ -134,14 +134,22 @@ class Attention(nnx.Module):
     self.o_proj = _linear("o_proj", *shapes["o_proj"], cfg.o_bias, opts, rngs)
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, opts.dtype)
+      self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, opts.dtype)
+    else:
+      self.q_norm = self.k_norm = None
 
   def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None):
     """mask_BxTxS: bool, or None for causal attention (within `window` tokens, if set), which
     the attention kernel computes without a [T, S] mask. kv: this layer's (k, v) cache
     [B, S, KV, H] and the slot to write, or None."""
     b, t, _ = x_BxTxD.shape
-    q = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim), cos, sin)
-    k = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+    q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
+    k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
     if kv is not None:
       k_cache, v_cache, index = kv

@@ -48,6 +48,7 @@ class ModelConfig:
   o_bias: bool = False  # bias on o_proj (Llama's attention_bias; never in Qwen2)
   mlp_bias: bool = False
   sliding_window: int | None = None
+  qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
