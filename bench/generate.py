@@ -58,7 +58,7 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0),
                          backend=get_backend("xla" if variant == "xla" else "auto"),
                          scan_layers=variant == "scan")
-  model = random_model(ModelConfig(model_type="llama", **shape), options)
+  model = random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
 
   def run(n):  # one cache length (max_new_tokens) for every run: one compiled step
     for i, _ in enumerate(generate(model, [prompt], SamplingConfig(max_new_tokens=args.long))):

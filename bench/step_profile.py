@@ -49,7 +49,7 @@ def main() -> None:
   p.add_argument("--json")
   p.add_argument("--hlo")
   args = p.parse_args()
-  cfg = ModelConfig(model_type="llama", **dict(SHAPES[args.model], num_hidden_layers=args.layers))
+  cfg = ModelConfig(**{"model_type": "llama", **SHAPES[args.model], "num_hidden_layers": args.layers})
   options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0, param_dtype=args.lora_dtype),
                          remat=args.remat, mlp_chunk=args.mlp_chunk, scan_layers=True, attention="cudnn")
   trainable = random_trainable(cfg, options)

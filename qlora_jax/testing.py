@@ -23,6 +23,9 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128),
     "llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
                       num_attention_heads=64, num_key_value_heads=64, head_dim=128),
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=40960),
 }
 
 
@@ -30,7 +33,7 @@ def shape_config(name: str) -> ModelConfig:
   """The ModelConfig of a named shape; ValueError naming the shapes otherwise."""
   if name not in SHAPES:
     raise ValueError(f"unknown shape {name!r}; choose one of {sorted(SHAPES)}")
-  return ModelConfig(model_type="llama", **SHAPES[name])
+  return ModelConfig(**{"model_type": "llama", **SHAPES[name]})
 
 
 def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig) -> QuantizedArray:

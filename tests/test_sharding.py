@@ -383,3 +383,16 @@ def test_embedding_in_host_memory_under_fsdp():
   """fsdp:4 with the embedding table in host memory (rows looked up by put_batch, sharded with
   the batch): the same losses as the table split over the devices."""
   assert "equal" in _on_devices(4, HOST_EMBEDDING_WORKER.format(tiny=TINY))
+
+
+def test_the_shipped_qwen3_config_fits_one_h100():
+  """configs/qwen3_8b_h100.py on the Qwen3-8B shape (q/k norms, 152k vocabulary): the start-up
+  estimate fits an 80 GiB device with room for the 4-bit base and its adapters."""
+  from qlora_jax.testing import shape_config
+
+  cfg = load_config("qwen3_8b_h100", ["attention=cudnn"])
+  model = shape_config("qwen3-8b")
+  assert model.qk_norm and model.model_type == "qwen3"
+  est = memory.estimate(model, cfg.model_options(), cfg, {"data": 1})
+  memory.check_fits(est, 80 * 2**30, "H100", cfg, {"data": 1})
+  assert 3 * 2**30 < est.terms["4-bit base weights (stored)"] < 4 * 2**30, est.text()

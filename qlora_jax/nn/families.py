@@ -37,8 +37,7 @@ class Family:
                        f"only (layer_types {sorted(kinds)}) is not supported; use the model with "
                        "use_sliding_window=false")
     return {"qkv_bias": self.qkv_bias_always or attention_bias,
-            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window,
-            "qk_norm": self.qk_norm}
+            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window}
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (

@@ -48,7 +48,6 @@ class ModelConfig:
   o_bias: bool = False  # bias on o_proj (Llama's attention_bias; never in Qwen2)
   mlp_bias: bool = False
   sliding_window: int | None = None
-  qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -61,6 +60,11 @@ class ModelConfig:
       raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+  @property
+  def qk_norm(self) -> bool:
+    """RMSNorm over each head of q and k before RoPE: the family's (Qwen3)."""
+    return family(self.model_type).qk_norm
 
   @property
   def q_dim(self) -> int:
