@@ -6,9 +6,10 @@ same random-weight Llama shapes, then one table of tokens/s, peak GiB and our ra
       --systems ours,unsloth --json docs/results/compare.json
 
 Ours: bench/train_step.py (cuDNN attention; --ours adds its flags, e.g. "--remat offload"), one
-process a row. --cap-gib N caps every system's device memory (XLA_PYTHON_CLIENT_MEM_FRACTION;
-torch.cuda.set_per_process_memory_fraction): the longest row that still trains under the cap. Theirs: `bash .anchors/run.sh`, one process a row. Every row is the median of
+process a row. Theirs: `bash .anchors/run.sh`, one process a row. Every row is the median of
 --steps timed steps after warm-up; peak = JAX peak_bytes_in_use / torch max_memory_allocated.
+--cap-gib N caps every system's device memory (XLA_PYTHON_CLIENT_MEM_FRACTION;
+torch.cuda.set_per_process_memory_fraction): the longest row that still trains under the cap.
 """
 
 from __future__ import annotations

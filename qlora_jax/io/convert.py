@@ -140,7 +140,7 @@ def ensure_converted(model_dir: str, source: str, quant: QuantConfig) -> pathlib
   not there yet; ValueError naming the fix when neither is usable."""
   folder = pathlib.Path(model_dir)
   if (folder / META_FILE).is_file():
-    check_converted(folder, quant)
+    _check_converted(folder, quant)
     return folder
   if folder.exists():
     raise ValueError(f"model_dir {folder} exists but is not a converted model (no {META_FILE}); "
@@ -154,7 +154,7 @@ def ensure_converted(model_dir: str, source: str, quant: QuantConfig) -> pathlib
   return folder
 
 
-def check_converted(folder: pathlib.Path, quant: QuantConfig) -> None:
+def _check_converted(folder: pathlib.Path, quant: QuantConfig) -> None:
   """ValueError when the converted `folder` was quantized otherwise than `quant` asks (a
   bitsandbytes 4-bit source keeps its own quantization: said in one line)."""
   meta = read_meta(folder)

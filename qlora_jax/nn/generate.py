@@ -91,11 +91,12 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   context = model.config.max_position_embeddings
   if not prompts or not all(prompts):
     raise ValueError("generate needs at least one prompt, and no empty prompt")
-  if max(len(p) for p in prompts) >= context:
-    raise ValueError(f"the prompt has {max(len(p) for p in prompts)} tokens, the model's context "
-                     f"{context}: shorten the prompt (or start a new conversation)")
+  prompt_len = max(len(p) for p in prompts)
+  if prompt_len >= context:
+    raise ValueError(f"the prompt has {prompt_len} tokens, the model's context {context}: shorten "
+                     "the prompt (or start a new conversation)")
   # Left-pad to a multiple of PROMPT_BUCKET: prompts of similar length share compiled code.
-  b, longest = len(prompts), -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+  b, longest = len(prompts), -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET
   ids = np.zeros((b, longest), np.int32)
   mask = np.zeros((b, longest), np.int32)
   for i, p in enumerate(prompts):
@@ -109,7 +110,7 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   token, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
   pending = np.asarray(token)[:, None]  # [B, n]: computed, not yet yielded
   done = np.zeros((b,), bool)
-  for _ in range(min(sampling.max_new_tokens, context - max(len(p) for p in prompts))):
+  for _ in range(min(sampling.max_new_tokens, context - prompt_len)):
     if not pending.shape[1]:
       key, sub = jax.random.split(key)
       tokens, cache = chunk(state, token, cache, sub)

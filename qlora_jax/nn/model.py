@@ -40,6 +40,13 @@ REMAT_POLICIES = {
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
+def mlp_pieces(tokens: int, chunk: int) -> tuple[int, int]:
+  """(pieces, tokens a piece) of ModelOptions.mlp_chunk: equal pieces of at most `chunk` tokens
+  (the last one padded); (1, tokens) when chunk is 0 or covers them all."""
+  pieces = -(-tokens // chunk) if 0 < chunk < tokens else 1
+  return pieces, -(-tokens // pieces)
+
+
 def attention_implementation(requested: str, dtype: str, head_dim: int) -> str:
   """"auto": cuDNN flash attention on a GPU for 16-bit compute and head_dim a multiple of 8 up to
   128 (what it supports; faster training: docs/BENCHMARKS.md, "Attention implementation"),
@@ -195,7 +202,7 @@ class DecoderLayer(nnx.Module):
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
     attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window)
     h_BxTxD = h_BxTxD + attn
-    if kv is None and 0 < self.mlp_chunk < h_BxTxD.shape[0] * h_BxTxD.shape[1]:
+    if kv is None and mlp_pieces(h_BxTxD.shape[0] * h_BxTxD.shape[1], self.mlp_chunk)[0] > 1:
       return h_BxTxD + self._chunked_mlp(h_BxTxD), kv
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
 
@@ -206,8 +213,7 @@ class DecoderLayer(nnx.Module):
     its dense frozen weight."""
     b, t, d = h_BxTxD.shape
     tokens = b * t
-    pieces = -(-tokens // self.mlp_chunk)
-    size = -(-tokens // pieces)
+    pieces, size = mlp_pieces(tokens, self.mlp_chunk)
     flat = jnp.pad(h_BxTxD.reshape(tokens, d), ((0, pieces * size - tokens), (0, 0)))
     modules = (self.post_attention_layernorm, self.mlp)
     graphdef, rng, quant, rest = nnx.split(modules, nnx.RngState, QuantWeight, ...)

@@ -32,7 +32,6 @@ RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "keep_checkpoints
              "sample_max_new_tokens", "output_dir", "mesh", "lora_sharding", "device_memory_gib",
              "embedding", "remat", "mlp_chunk", "attention", "backend")
 
-DATA_FORMATS = FORMATS
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("bfloat16", "float32")
 
@@ -131,7 +130,7 @@ class DataConfig:
     _check_types(self)
     _require([
         (bool(self.dataset), "dataset must name a file or a hub dataset"),
-        (self.dataset_format in DATA_FORMATS, f"dataset_format must be one of {DATA_FORMATS}"),
+        (self.dataset_format in FORMATS, f"dataset_format must be one of {FORMATS}"),
         (self.chat_turns in CHAT_TURNS, f"chat_turns must be one of {CHAT_TURNS}"),
         (self.eval_size >= 1, "eval_size must be >= 1"),
         (self.source_max_len >= 1 and self.target_max_len >= 1, "max lengths must be >= 1"),

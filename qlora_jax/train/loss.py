@@ -43,7 +43,7 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
 @jax.custom_vjp
 def _chunk_loss(w_VxD, h_CxD, labels_C):
   """(sum of the chunk's token losses, counted tokens) against the frozen w (never
-  differentiated: its cotangent is zero): float32 logits of compute-dtype operands."""
+  differentiated): float32 logits of compute-dtype operands."""
   return _chunk_forward(w_VxD, h_CxD, labels_C)[0]
 
 
@@ -68,7 +68,7 @@ def _chunk_backward(residuals, cotangents):
   dlogits = (jnp.where(valid[:, None], probs - onehot, 0.0) * cotangents[0]).astype(h.dtype)
   dh = jnp.einsum("cv,vd->cd", dlogits, w, preferred_element_type=jnp.float32,
                   precision=precision_for(w.dtype)).astype(h.dtype)
-  return jnp.zeros_like(w), dh, None
+  return None, dh, None  # lm_head (or the tied embedding) is frozen: no cotangent
 
 
 _chunk_loss.defvjp(_chunk_forward, _chunk_backward)

@@ -23,7 +23,7 @@ from flax import nnx
 from qlora_jax import cli
 from qlora_jax.format.folder import read_meta
 from qlora_jax.format.quantization import QuantConfig
-from qlora_jax.nn.model import CausalLM, ModelOptions, attention_implementation
+from qlora_jax.nn.model import CausalLM, ModelOptions, attention_implementation, mlp_pieces
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, mesh_shape, per_device_bytes, specs
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
@@ -152,10 +152,8 @@ def _layer_working_set(model: ModelConfig, options: ModelOptions, rows: int, seq
   for the tokens of one MLP piece (mlp_chunk; with it the other two MLP weights dequantized
   once for all pieces), and XLA attention's scores."""
   tokens = rows * seq
-  mlp_tokens, weights = tokens, 0
-  if 0 < options.mlp_chunk < tokens:
-    mlp_tokens = -(-tokens // -(-tokens // options.mlp_chunk))  # equal pieces of <= mlp_chunk
-    weights = 2 * model.hidden_size * model.intermediate_size * cb // tensor
+  pieces, mlp_tokens = mlp_pieces(tokens, options.mlp_chunk)
+  weights = 2 * model.hidden_size * model.intermediate_size * cb // tensor if pieces > 1 else 0
   dense = (tokens * LAYER_HIDDEN_TENSORS * model.hidden_size
            + mlp_tokens * LAYER_MLP_TENSORS * model.intermediate_size // tensor) * cb
   return dense + weights + _attention_scores(model, options, rows, seq, tensor)

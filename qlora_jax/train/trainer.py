@@ -19,8 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qlora_jax import data as data_lib
-from qlora_jax.format.folder import META_FILE
-from qlora_jax.io.convert import check_converted, ensure_converted
+from qlora_jax.io.convert import ensure_converted
 from qlora_jax.nn.generate import SamplingConfig, complete
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, initialize_distributed, make_layout, mesh_shape
@@ -48,15 +47,24 @@ class Run:
   step: int = 0
 
 
-def setup(cfg: TrainConfig, layout: Layout | None = None) -> Run:
-  """Data, model (converted if needed), optimizer: a Run at step 0, laid out over the layout's
-  devices (None: one device). The data is read before the model, so bad data fails fast."""
+def prepare(cfg: TrainConfig, layout: Layout | None = None) -> tuple[tuple, pathlib.Path]:
+  """((train rows, eval rows), the converted model folder), checked against cfg (columns,
+  quantization, context, memory) before any weight is loaded or a run folder is touched. The
+  data is read before the model is converted, so bad data fails fast."""
   d = cfg.data
-  train_rows, eval_rows = data_lib.train_eval_rows(d.dataset, d.eval_dataset, d.eval_size, cfg.loop.seed,
-                                                   dataset_format=d.dataset_format)
+  rows = data_lib.train_eval_rows(d.dataset, d.eval_dataset, d.eval_size, cfg.loop.seed,
+                                  dataset_format=d.dataset_format)
   folder = ensure_converted(cfg.model.model_dir, cfg.model.model_source, cfg.quant)
   cfg.check_context(ModelConfig.from_file(folder / "config.json").max_position_embeddings)
   memory.check_run(cfg, folder, layout)
+  return rows, folder
+
+
+def setup(cfg: TrainConfig, layout: Layout | None = None, prepared=None) -> Run:
+  """Data, model (converted if needed), optimizer: a Run at step 0, laid out over the layout's
+  devices (None: one device). prepared: what prepare(cfg, layout) returned, if it ran already."""
+  d = cfg.data
+  (train_rows, eval_rows), folder = prepared or prepare(cfg, layout)
   trainable, tokenizer = build_from_folder(cfg, folder, layout)
   train_data, eval_data = (data_lib.tokenize(rows, d.dataset_format, tokenizer, d.source_max_len,
                                              d.target_max_len, d.train_on_source, chat_turns=d.chat_turns)
@@ -89,15 +97,6 @@ def _check_resume_choice(ckpt: Checkpointer, resume: bool | None) -> None:
   if resume is False and latest is not None:
     raise ValueError(f"--no-resume: {ckpt.folder} already holds checkpoints (step {latest}); "
                      "choose another output_dir or remove it")
-
-
-def _check_model(cfg: TrainConfig) -> None:
-  """A converted model_dir must hold the quantization cfg asks for and a context its rows fit
-  (checked before the run folder is touched; a folder still to convert, after converting)."""
-  folder = pathlib.Path(cfg.model.model_dir)
-  if (folder / META_FILE).is_file():
-    check_converted(folder, cfg.quant)
-    cfg.check_context(ModelConfig.from_file(folder / "config.json").max_position_embeddings)
 
 
 def _check_same_run(cfg: TrainConfig, ckpt: Checkpointer, log_dir: pathlib.Path) -> None:
@@ -160,11 +159,13 @@ def _perplexity(loss: float) -> float:
   return math.exp(min(loss, 700.0))
 
 
-def _keep_if_best(run: Run, log: MetricsLog, loss: float) -> None:
-  """Save the adapters to run_dir/best/ when `loss` is the lowest eval loss of the run after
-  step 0 (the log, written first, holds every earlier one); `export --best` exports them."""
+def _record_eval(run: Run, log: MetricsLog, loss: float) -> None:
+  """Log an evaluation after step 0 (loss and perplexity), and save the adapters to
+  run_dir/best/ when it is the run's lowest yet (the log holds every earlier one); `export
+  --best` exports them."""
   earlier = [r["eval_loss"] for r in log.records()
              if "eval_loss" in r and 0 < r["step"] < run.step]
+  log.write({"step": run.step, "eval_loss": loss, "eval_perplexity": _perplexity(loss)})
   if earlier and min(earlier) <= loss:
     return
   best = Checkpointer(pathlib.Path(run.cfg.loop.output_dir), 1, BEST_DIR)
@@ -190,9 +191,9 @@ def _log_dir(run_dir: pathlib.Path) -> pathlib.Path:
 def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
   """Run (or resume) a training run in cfg.loop.output_dir; returns its summary."""
   print(cfg.text())
-  _check_model(cfg)
   run_dir = pathlib.Path(cfg.loop.output_dir)
   layout = _devices(cfg)
+  prepared = prepare(cfg, layout)
   ckpt = Checkpointer(run_dir, cfg.loop.keep_checkpoints)
   _check_resume_choice(ckpt, resume)
   log_dir = _log_dir(run_dir)
@@ -203,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
     print(f"{run_dir} already finished at step {finished.steps}; nothing was changed "
           "(raise steps to train further)")
     return finished
-  run = setup(cfg, layout)
+  run = setup(cfg, layout, prepared)
   _restore(run, ckpt)
   save_config(cfg, log_dir / "config.json")  # a resumed run differs at most in RESUMABLE keys
   steps = cfg.optim.steps
@@ -216,8 +217,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> RunSummary:
     last, tokens = _loop(run, ckpt, log, lrs)
     after = evaluate(run)
     if log.latest("eval_loss", step=run.step) is None:  # a finished run, resumed, has it already
-      log.write({"step": run.step, "eval_loss": after, "eval_perplexity": _perplexity(after)})
-      _keep_if_best(run, log, after)
+      _record_eval(run, log, after)
   finally:
     log.close()
   if ckpt.latest_step() != run.step:
@@ -261,9 +261,8 @@ def _loop(run: Run, ckpt: Checkpointer, log: MetricsLog, lrs) -> tuple[dict, int
       pending = None
     if run.step % loop.eval_every == 0 and run.step < optim.steps:
       loss = evaluate(run)
-      log.write({"step": run.step, "eval_loss": loss, "eval_perplexity": _perplexity(loss)})
+      _record_eval(run, log, loss)
       bar.write(f"step {run.step}: eval loss {loss:.4f} (perplexity {_perplexity(loss):.3f})")
-      _keep_if_best(run, log, loss)
     if run.step % loop.save_every == 0:
       _save(run, ckpt)
   if pending is not None:
