@@ -7,7 +7,7 @@ config = TrainConfig(
     model=ModelSetup(
         model_dir="models/llama3-8b-nf4",
         model_source="meta-llama/Meta-Llama-3-8B",
-        remat="save_dots",
+        remat="offload",  # layer inputs in host memory: faster than Unsloth in less memory (docs/BENCHMARKS.md)
     ),
     lora=LoraConfig(
         rank=64,

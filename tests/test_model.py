@@ -153,6 +153,21 @@ def test_offloaded_layer_inputs_equal_full_remat_and_live_in_host_memory():
   assert "<host>" not in full_jaxpr
 
 
+def test_offloaded_attention_residuals_skip_the_attention_recomputation():
+  """remat="offload_attention" keeps the attention's output and statistics in pinned host
+  memory beside the layer inputs: equal loss and gradients, and the compiled gradient does
+  fewer FLOPs than "offload" (the attention's forward is not run again in the backward)."""
+  flops = []
+  offload, g_offload, _ = _tiny_loss_and_grads("offload", flops=flops)
+  kept, g_kept, jaxpr = _tiny_loss_and_grads("offload_attention", jaxpr=True, flops=flops)
+  np.testing.assert_allclose(kept, offload, rtol=1e-6)
+  for a, b in zip(g_kept, g_offload):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert "f32<host>[2,24,64]" in jaxpr, "the layer input is not offloaded"
+  assert "f32<host>[2,24,4,16]" in jaxpr, "the attention output is not offloaded"
+  assert flops[1] < flops[0], flops
+
+
 @pytest.mark.parametrize("remat", ["full", "offload"])
 def test_chunked_mlp_equals_the_whole_mlp_without_extra_recomputation(remat):
   """mlp_chunk=10 runs the 48 tokens' MLP in 5 scanned pieces (the last one padded), each recomputed on

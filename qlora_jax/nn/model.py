@@ -22,19 +22,10 @@ from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.qmatmul import check_backend
+from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES, with_named_residuals
 from qlora_jax.nn.rope import apply_rope, cos_sin, inverse_frequencies
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
-LAYER_INPUT = "layer_input"  # each decoder layer's input, named for the remat policies
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    # full, with each layer's saved input in pinned host memory instead of on the device
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
-        offload_src="device", offload_dst="pinned_host"),
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -64,7 +55,7 @@ class ModelOptions:
   dtype: str = "bfloat16"  # compute dtype, and the dtype of the dense weights
   quant: QuantConfig = QuantConfig()
   lora: LoraConfig | None = None  # None: no adapters (inference on the base model)
-  remat: str = "none"  # none | full | offload | save_dots
+  remat: str = "none"  # a REMAT_POLICIES key (nn/remat.py)
   attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
   backend: Backend = get_backend(DEFAULT)  # the 4-bit matmul's backend (pallas_kernels.backends)
   scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
@@ -141,6 +132,7 @@ class Attention(nnx.Module):
     self.o_proj = _linear("o_proj", *shapes["o_proj"], cfg.o_bias, opts, rngs)
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim)
+    self.name_residuals = opts.remat == "offload_attention"
     if cfg.qk_norm:
       self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, opts.dtype)
       self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, opts.dtype)
@@ -166,12 +158,18 @@ class Attention(nnx.Module):
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
     # dot_product_attention takes no precision argument: float32 asks for it by context
     full = precision_for(q.dtype) == jax.lax.Precision.HIGHEST
-    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
-      out = jax.nn.dot_product_attention(
-          q, k.astype(q.dtype), v.astype(q.dtype),
+
+    def attend(q, k, v):
+      return jax.nn.dot_product_attention(
+          q, k, v,
           mask=None if mask_BxTxS is None else mask_BxTxS[:, None], is_causal=mask_BxTxS is None,
           local_window_size=(window - 1, 0) if mask_BxTxS is None and window else None,
           implementation="xla" if kv is not None else self.implementation)
+
+    if self.name_residuals and kv is None:
+      attend = with_named_residuals(attend)
+    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+      out = attend(q, k.astype(q.dtype), v.astype(q.dtype))
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 

@@ -122,15 +122,15 @@ def _lora_outputs(model: ModelConfig, options: ModelOptions) -> int:
 def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int) -> int:
   """What the remat policy keeps per layer between forward and backward, times the depth.
 
-  full keeps each layer's input; offload keeps it in pinned host memory (two layers' worth on
-  the device as they move). save_dots also keeps the float32 outputs of the LoRA dots (the
+  full keeps each layer's input; offload (and offload_attention, which moves the attention's
+  output there too) keeps it in pinned host memory (two layers' worth on the device as they move). save_dots also keeps the float32 outputs of the LoRA dots (the
   4-bit matmuls sit behind a custom VJP, whose outputs the policy does not save; checked against
   XLA's buffer assignment on CPU). none keeps everything: attention scores and elementwise
   intermediates as well.
   """
   tokens = rows * seq
   per_layer = tokens * model.hidden_size * cb
-  if options.remat == "offload":  # the inputs live in host memory: two layers' in flight
+  if options.remat in ("offload", "offload_attention"):  # in host memory: two layers' in flight
     return 2 * per_layer
   if options.remat != "full":
     per_layer += tokens * _lora_outputs(model, options) * 4
@@ -183,7 +183,7 @@ def check_fits(est: Estimate, limit: int | None, device: str, cfg: TrainConfig, 
   if cfg.optim.batch_size > 1:
     fixes.append(f"fewer rows per step (batch_size={max(1, cfg.optim.batch_size // 2)}, "
                  f"grad_accum={cfg.optim.grad_accum * 2})")
-  if cfg.model.remat not in ("full", "offload"):
+  if cfg.model.remat not in ("full", "offload", "offload_attention"):
     fixes.append("remat=full")
   fixes += ["a shorter source_max_len/target_max_len", "a smaller lora_rank or fewer lora_targets"]
   raise ValueError(
