@@ -37,7 +37,11 @@ def _shape(text: str) -> tuple[str, int, int]:
 def ours(model: str, batch: int, seq: int, steps: int, extra: str, fraction: float = 0.0) -> dict:
   cmd = [sys.executable, str(HERE / "train_step.py"), "--model", model, "--batch", str(batch),
          "--seq", str(seq), "--steps", str(steps), "--attention", "cudnn", *shlex.split(extra)]
-  env = dict(os.environ, **({"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.4f}"} if fraction else {}))
+  # Under a cap the pool is reserved whole (PREALLOCATE): grown on demand it is several regions, and
+  # a step's temporaries (one buffer of ~10 GiB at 98k tokens) found no region to fit in
+  # (docs/results/ours_cap24_h100_2026-12-05_98304_fail.txt). The peak reported is still bytes in use.
+  cap = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.4f}", "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+  env = dict(os.environ, **(cap if fraction else {}))
   return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env), "ours")
 
 

@@ -396,3 +396,14 @@ def test_the_shipped_qwen3_config_fits_one_h100():
   est = memory.estimate(model, cfg.model_options(), cfg, {"data": 1})
   memory.check_fits(est, 80 * 2**30, "H100", cfg, {"data": 1})
   assert 3 * 2**30 < est.terms["4-bit base weights (stored)"] < 4 * 2**30, est.text()
+
+
+def test_step_memory_bench_reads_growth_with_the_row():
+  """bench/step_memory.py compiles the whole step without running it: XLA's temporaries grow
+  with the row."""
+  out = subprocess.run([sys.executable, str(ROOT / "bench" / "step_memory.py"), "--model", "tiny",
+                        "--seq", "32", "128", "--attention", "xla", "--remat", "offload_attention"],
+                       capture_output=True, text=True, check=True).stdout
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["seq"] for r in rows] == [32, 128] and rows[0]["remat"] == "offload_attention"
+  assert 0 < rows[0]["temp"] < rows[1]["temp"] and rows[1]["temp_bytes_per_token"] > 0
