@@ -32,6 +32,19 @@ FAMILIES = {
     # Qwen3: q/k RMSNorm per head before RoPE, head_dim (40) independent of hidden / heads (24).
     "qwen3": dict(cls="Qwen3Config", hidden_size=96, intermediate_size=200, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=40, tie_word_embeddings=True),
+    # Gemma 2: (1 + w) norms, sandwich norms, GeGLU, scaled embeddings, attention and final
+    # softcaps, query_pre_attn_scalar != head_dim, sliding window on alternate layers, tied.
+    "gemma2": dict(cls="Gemma2Config", hidden_size=96, intermediate_size=176, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, sliding_window=6, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=1.0, final_logit_softcapping=0.5, tie_word_embeddings=True),
+    # Gemma 3 (text): q/k norms, a sliding layer then a full one with their own rope (the full
+    # one linearly scaled), no softcaps, GQA 4.
+    "gemma3": dict(cls="Gemma3TextConfig", hidden_size=96, intermediate_size=176, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=32, sliding_window=5, query_pre_attn_scalar=32,
+                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": 1000000.0}}),
 }
 
 

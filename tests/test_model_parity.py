@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip
 TOL = 1e-4  # max |ours - hf| / max |hf|, float32
 
 
-@pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def pair(request, tmp_path_factory):
   from tests.hf_reference import load_ours_into_torch, save, tiny_hf_model
 
@@ -33,14 +33,24 @@ def test_config_features_are_read(pair):
             "llama3.2": dict(rope_type="llama3", ratio=3, tied=True),
             "mistral": dict(rope_type="default", ratio=1, tied=True),
             "qwen2": dict(rope_type="default", ratio=3, tied=False),
-            "qwen3": dict(rope_type="default", ratio=2, tied=True)}[family]
+            "qwen3": dict(rope_type="default", ratio=2, tied=True),
+            "gemma2": dict(rope_type="default", ratio=2, tied=True),
+            "gemma3": dict(rope_type="linear", ratio=4, tied=True)}[family]
+  gemma = family.startswith("gemma")
   assert cfg.rope.rope_type == expect["rope_type"]
   assert cfg.num_attention_heads // cfg.num_key_value_heads == expect["ratio"]
   assert cfg.tie_word_embeddings == expect["tied"]
   assert cfg.qkv_bias == (family == "qwen2")
-  assert cfg.sliding_window == (6 if family == "mistral" else None)
-  assert cfg.qk_norm == (family == "qwen3")
-  assert cfg.head_dim == (40 if family == "qwen3" else cfg.hidden_size // cfg.num_attention_heads)
+  assert cfg.sliding_window == {"mistral": 6, "gemma2": 6, "gemma3": 5}.get(family)
+  assert cfg.local_layers == ((True, False) if gemma else ())
+  assert cfg.qk_norm == (family in ("qwen3", "gemma3"))
+  assert cfg.norm_plus_one == cfg.sandwich_norms == cfg.scaled_embedding == gemma
+  assert cfg.hidden_act == ("gelu_pytorch_tanh" if gemma else "silu")
+  assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == ((1.0, 0.5) if family == "gemma2" else (None, None))
+  assert (cfg.rope_local is not None and cfg.rope_local.theta) == (family == "gemma3" and 10000.0)
+  assert cfg.attention_scale == {"gemma2": 24 ** -0.5}.get(family, cfg.head_dim ** -0.5)
+  head_dim = {"qwen3": 40, "gemma2": 32, "gemma3": 32}.get(family, cfg.hidden_size // cfg.num_attention_heads)
+  assert cfg.head_dim == head_dim
 
 
 def test_logits_match_transformers(pair):
@@ -116,17 +126,46 @@ def _set_adapters(model, rank=4):
       var[...] = value if i is None else var[...].at[i].set(value)
 
 
-def test_scan_and_remat_give_the_same_logits_and_gradients(tmp_path):
+@pytest.mark.skipif(not has("peft"), reason="needs peft")
+def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
+  """Our PEFT export of adapters on all seven layers of the family loads in peft on the
+  transformers model (PEFT's own module names for it) and gives our float32 logits."""
+  import copy
+
+  import peft
+  import torch
+
+  from qlora_jax.export import write_peft
+  from qlora_jax.train.config import DataConfig, ModelSetup, TrainConfig
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  family, _, hf, folder = pair
+  lora = q.LoraConfig(rank=4, alpha=8.0)
+  ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, scan_layers=True), tokenizer=False)
+  _set_adapters(ours)
+  cfg = TrainConfig(model=ModelSetup(model_dir=str(folder)), lora=lora, data=DataConfig(dataset="-"))
+  write_peft(cfg, ours, tmp_path / "adapter")
+  adapted = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "adapter")).eval()
+  ids = np.random.default_rng(5).integers(0, 160, (2, 16)).astype(np.int32)
+  with torch.no_grad():
+    ref = adapted(torch.from_numpy(ids).long()).logits.numpy()
+  assert max_rel_error(hf_logits(hf, ids), ref) > 1e-2, "the adapter must change the logits"
+  assert max_rel_error(ours(jnp.asarray(ids)), ref) <= TOL, family
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_scan_and_remat_give_the_same_logits_and_gradients(tmp_path, family):
   """Unrolled vs scanned layers, and every remat policy: same loss and LoRA gradients."""
   from flax import nnx
 
   from qlora_jax.export import linear_modules
   from tests.hf_reference import save, tiny_hf_model
 
-  convert(str(save(tiny_hf_model("llama"), tmp_path / "src")), tmp_path / "out", progress=False)
+  convert(str(save(tiny_hf_model(family), tmp_path / "src")), tmp_path / "out", progress=False)
   ids = jnp.asarray(np.random.default_rng(4).integers(0, 160, (2, 8)), jnp.int32)
   results = []
-  for scan, remat in ((False, "none"), (False, "full"), (False, "save_dots"), (True, "none"), (True, "full")):
+  for scan, remat in ((False, "none"), (False, "full"), (False, "save_dots"), (True, "none"), (True, "full"),
+                      (True, "offload_attention")):
     opts = q.ModelOptions(lora=q.LoraConfig(rank=4), remat=remat, scan_layers=scan)
     model, _ = q.load_model(tmp_path / "out", jnp.float32, opts, tokenizer=False)
     _set_adapters(model)

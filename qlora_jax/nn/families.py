@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
+# transformers' layer_types: a sliding-window layer or a full-attention one.
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
 # The seven linear layers of a decoder block, transformers' names: the 4-bit, LoRA-able layers.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -23,7 +26,11 @@ class Family:
   qkv_bias_always: bool = False  # q/k/v carry a bias whatever attention_bias says (Qwen2)
   o_bias_never: bool = False  # o_proj never carries one (Qwen2)
   window_needs_flag: bool = False  # sliding_window applies only with use_sliding_window (Qwen2/3)
-  qk_norm: bool = False  # an RMSNorm over each head of q and k before RoPE (Qwen3)
+  qk_norm: bool = False  # an RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3)
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+  scaled_embedding: bool = False  # embeddings times sqrt(hidden), in the model's dtype (Gemma)
+  sandwich_norms: bool = False  # norms after attention and around the MLP too (Gemma 2/3)
+  layer_rope: bool = False  # local (sliding) layers take their own rope base (Gemma 3)
 
   def hf_fields(self, hf: dict) -> dict:
     """The ModelConfig fields whose reading differs by family, from a transformers config."""
@@ -31,13 +38,19 @@ class Family:
     window = hf.get("sliding_window")
     if self.window_needs_flag and not hf.get("use_sliding_window", False):
       window = None
-    kinds = set(hf.get("layer_types") or ())
-    if window is not None and len(kinds) > 1:
-      raise ValueError(f"model_type={self.model_type!r} with sliding-window attention on some layers "
-                       f"only (layer_types {sorted(kinds)}) is not supported; use the model with "
-                       "use_sliding_window=false")
+    types = tuple(hf.get("layer_types") or ())
+    unknown = set(types) - set(LAYER_TYPES)
+    if unknown:
+      raise ValueError(f"model_type={self.model_type!r}: unknown layer_types {sorted(unknown)}; "
+                       f"supported: {LAYER_TYPES}")
+    if window is None or len(set(types)) < 2:
+      types = ()  # one kind of layer: the window (if any) applies to all
+    if hf.get("use_bidirectional_attention"):
+      raise ValueError(f"model_type={self.model_type!r} with use_bidirectional_attention is an "
+                       "encoder, not a causal LM; use a causal checkpoint")
     return {"qkv_bias": self.qkv_bias_always or attention_bias,
-            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window}
+            "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window,
+            "layer_types": types}
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -46,6 +59,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2", gguf_architecture="qwen2", qkv_bias_always=True, o_bias_never=True,
            window_needs_flag=True),
     Family("qwen3", gguf_architecture="qwen3", window_needs_flag=True, qk_norm=True),
+    Family("gemma2", norm_plus_one=True, scaled_embedding=True, sandwich_norms=True),
+    Family("gemma3_text", qk_norm=True, norm_plus_one=True, scaled_embedding=True,
+           sandwich_norms=True, layer_rope=True),
 )}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -71,7 +87,7 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     (r"model\.embed_tokens\.weight", "dense"),
     (r"model\.norm\.weight", "dense"),
     (r"lm_head\.weight", "dense"),
-    (r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight", "dense"),
+    (r"model\.layers\.\d+\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm\.weight", "dense"),
     (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight", "quantized"),
     (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias", "dense"),
     (r"model\.layers\.\d+\.self_attn\.[qk]_norm\.weight", "dense"),

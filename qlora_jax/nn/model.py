@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 1/2/3/3.1, Mistral, Qwen2) in Flax NNX with QLoRA linear layers.
+"""The decoder of the families in nn/families.py (Llama 1-3.2, Mistral, Qwen2/3, Gemma 2/3) in Flax
+NNX with QLoRA linear layers; where the families differ is read from ModelConfig's fields.
 
 Module and attribute names mirror transformers' (`model.layers.3.self_attn.q_proj.weight`), so a
 checkpoint key is the dotted path of the variable it fills. All seven linear layers of a block are
@@ -7,28 +8,28 @@ checkpoint key is the dotted path of the variable it fills. All seven linear lay
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import frozen_weight, precision_for
+from qlora_jax.nn.attention import ATTENTION_IMPLEMENTATIONS, attend, attention_implementation, make_mask
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray
 from qlora_jax.nn.families import LINEAR_NAMES
+from qlora_jax.nn.kv_cache import KVCache
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.qmatmul import check_backend
-from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES, with_named_residuals
+from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES
 from qlora_jax.nn.rope import apply_rope, cos_sin, inverse_frequencies
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
-
-
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "CausalLM", "KVCache", "ModelOptions", "attention_implementation",
+           "make_mask", "mlp_pieces"]
 
 
 def mlp_pieces(tokens: int, chunk: int) -> tuple[int, int]:
@@ -36,16 +37,6 @@ def mlp_pieces(tokens: int, chunk: int) -> tuple[int, int]:
   (the last one padded); (1, tokens) when chunk is 0 or covers them all."""
   pieces = -(-tokens // chunk) if 0 < chunk < tokens else 1
   return pieces, -(-tokens // pieces)
-
-
-def attention_implementation(requested: str, dtype: str, head_dim: int) -> str:
-  """"auto": cuDNN flash attention on a GPU for 16-bit compute and head_dim a multiple of 8 up to
-  128 (what it supports; faster training: docs/BENCHMARKS.md, "Attention implementation"),
-  XLA elsewhere."""
-  if requested != "auto":
-    return requested
-  fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
-  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,24 +68,6 @@ class ModelOptions:
       raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LINEAR_NAMES}")
 
 
-@struct.dataclass
-class KVCache:
-  """Keys and values of every layer for generation, written slot by slot."""
-
-  k: jax.Array  # [L, B, S, KV, H]
-  v: jax.Array  # [L, B, S, KV, H]
-  valid: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
-  next_position: jax.Array  # [B] int32: rotary position of the next token
-  index: jax.Array  # [] int32: next slot to write
-
-  @classmethod
-  def empty(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, length), bool), next_position=jnp.zeros((batch,), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
-
-
 def _linear(name: str, d_in: int, d_out: int, bias: bool, opts: ModelOptions, rngs) -> QLoRALinear:
   lora = opts.lora if opts.lora is not None and name in opts.lora.targets else None
   return QLoRALinear(d_in, d_out, lora=lora, quant=opts.quant, use_bias=bias,
@@ -102,16 +75,23 @@ def _linear(name: str, d_in: int, d_out: int, bias: bool, opts: ModelOptions, rn
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * weight, the statistics in float32."""
+  """x / rms(x) * weight, the statistics in float32; plus_one (Gemma): x / rms(x) * (1 + weight),
+  all in float32, rounded once."""
 
-  def __init__(self, dim: int, eps: float, dtype: str):
-    self.weight = FrozenParam(jnp.ones((dim,), dtype))
-    self.eps = eps
+  def __init__(self, dim: int, eps: float, dtype: str, plus_one: bool = False):
+    self.weight = FrozenParam(jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype))
+    self.eps, self.plus_one = eps, plus_one
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     xf = x_BxTxD.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x_BxTxD.dtype)
     return (self.weight[...] * normed.astype(x_BxTxD.dtype)).astype(x_BxTxD.dtype)
+
+
+def _norm(cfg: ModelConfig, opts: ModelOptions, dim: int | None = None) -> RMSNorm:
+  return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, cfg.norm_plus_one)
 
 
 class VocabMatrix(nnx.Module):
@@ -131,11 +111,11 @@ class Attention(nnx.Module):
     self.v_proj = _linear("v_proj", *shapes["v_proj"], cfg.qkv_bias, opts, rngs)
     self.o_proj = _linear("o_proj", *shapes["o_proj"], cfg.o_bias, opts, rngs)
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim)
+    self.softcap, self.scale = cfg.attn_logit_softcapping, cfg.attention_scale
+    self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim, self.softcap)
     self.name_residuals = opts.remat == "offload_attention"
     if cfg.qk_norm:
-      self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, opts.dtype)
-      self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, opts.dtype)
+      self.q_norm, self.k_norm = _norm(cfg, opts, cfg.head_dim), _norm(cfg, opts, cfg.head_dim)
     else:
       self.q_norm = self.k_norm = None
 
@@ -156,53 +136,63 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       kv = (k, v)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
-    # dot_product_attention takes no precision argument: float32 asks for it by context
-    full = precision_for(q.dtype) == jax.lax.Precision.HIGHEST
-
-    def attend(q, k, v):
-      return jax.nn.dot_product_attention(
-          q, k, v,
-          mask=None if mask_BxTxS is None else mask_BxTxS[:, None], is_causal=mask_BxTxS is None,
-          local_window_size=(window - 1, 0) if mask_BxTxS is None and window else None,
-          implementation="xla" if kv is not None else self.implementation)
-
-    if self.name_residuals and kv is None:
-      attend = with_named_residuals(attend)
-    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
-      out = attend(q, k.astype(q.dtype), v.astype(q.dtype))
+    out = attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
+                 scale=self.scale, window=window, softcap=self.softcap,
+                 name_residuals=self.name_residuals and kv is None)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU or GeGLU (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+    self.act = ACTIVATIONS[cfg.hidden_act]
     shapes = cfg.linear_shapes
     self.gate_proj = _linear("gate_proj", *shapes["gate_proj"], cfg.mlp_bias, opts, rngs)
     self.up_proj = _linear("up_proj", *shapes["up_proj"], cfg.mlp_bias, opts, rngs)
     self.down_proj = _linear("down_proj", *shapes["down_proj"], cfg.mlp_bias, opts, rngs)
 
   def __call__(self, x_BxTxD):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+    return self.down_proj(self.act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm attention and MLP, each with a residual connection."""
+  """Pre-norm attention and MLP, each with a residual connection. With sandwich norms (Gemma)
+  post_attention_layernorm normalizes the attention's output, and the MLP is wrapped in
+  pre_feedforward_layernorm and post_feedforward_layernorm."""
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+    self.input_layernorm = _norm(cfg, opts)
     self.self_attn = Attention(cfg, opts, rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+    self.post_attention_layernorm = _norm(cfg, opts)
+    sandwich = cfg.sandwich_norms
+    self.pre_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
+    self.post_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     self.mlp = MLP(cfg, opts, rngs)
     self.mlp_chunk = opts.mlp_chunk
 
-  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None):
+  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):
+    """local: for layers of two kinds (Gemma 2/3), whether this one is a sliding-window layer;
+    cos, sin and the mask then come as (full layers', sliding layers') pairs."""
+    if local is not None:
+      cos, sin, mask_BxTxS = (_pick(local, pair) for pair in (cos, sin, mask_BxTxS))
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
     attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window)
+    if self.pre_feedforward_layernorm is not None:
+      attn = self.post_attention_layernorm(attn)
     h_BxTxD = h_BxTxD + attn
     if kv is None and mlp_pieces(h_BxTxD.shape[0] * h_BxTxD.shape[1], self.mlp_chunk)[0] > 1:
       return h_BxTxD + self._chunked_mlp(h_BxTxD), kv
-    return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv
+    return h_BxTxD + _in_turn(self._mlp_modules(), h_BxTxD), kv
+
+  def _mlp_modules(self) -> tuple:
+    """The MLP block's modules in order: its norm(s) and the MLP."""
+    if self.pre_feedforward_layernorm is None:
+      return self.post_attention_layernorm, self.mlp
+    return self.pre_feedforward_layernorm, self.mlp, self.post_feedforward_layernorm
 
   def _chunked_mlp(self, h_BxTxD):
     """norm + MLP over equal pieces of at most mlp_chunk tokens (the last padded), scanned so
@@ -213,19 +203,32 @@ class DecoderLayer(nnx.Module):
     tokens = b * t
     pieces, size = mlp_pieces(tokens, self.mlp_chunk)
     flat = jnp.pad(h_BxTxD.reshape(tokens, d), ((0, pieces * size - tokens), (0, 0)))
-    modules = (self.post_attention_layernorm, self.mlp)
+    modules = self._mlp_modules()
     graphdef, rng, quant, rest = nnx.split(modules, nnx.RngState, QuantWeight, ...)
     dense = jax.tree.map(lambda q: frozen_weight(q, h_BxTxD.dtype), quant,
                          is_leaf=lambda x: isinstance(x, QuantizedArray))
 
     @jax.checkpoint
     def piece(rng, x):  # pure: the dropout streams' advanced state comes back out
-      norm, mlp = nnx.merge(graphdef, rng, dense, rest)
-      return nnx.state((norm, mlp), nnx.RngState), mlp(norm(x))
+      merged = nnx.merge(graphdef, rng, dense, rest)
+      return nnx.state(merged, nnx.RngState), _in_turn(merged, x)
 
     rng, out = jax.lax.scan(piece, rng, flat.reshape(pieces, size, d))
     nnx.update(modules, rng)
     return out.reshape(pieces * size, d)[:tokens].reshape(b, t, d)
+
+
+def _in_turn(modules, x):
+  for module in modules:
+    x = module(x)
+  return x
+
+
+def _pick(local, pair):
+  """pair[1] for a sliding-window layer, pair[0] for a full one (local: bool, or traced)."""
+  if isinstance(local, bool):
+    return pair[1] if local else pair[0]
+  return jnp.where(local, pair[1], pair[0])
 
 
 class Decoder(nnx.Module):
@@ -240,7 +243,7 @@ class Decoder(nnx.Module):
       self.layers = _stacked_layers(cfg, opts, rngs)
     else:
       self.layers = nnx.List([DecoderLayer(cfg, opts, rngs) for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+    self.norm = _norm(cfg, opts)
 
 
 def _stacked_layers(cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs) -> DecoderLayer:
@@ -258,17 +261,6 @@ def variable_names(path: tuple, config: ModelConfig, options: ModelOptions) -> l
     rest = ".".join(map(str, path[2:]))
     return [(f"model.layers.{i}.{rest}", i) for i in range(config.num_hidden_layers)]
   return [(".".join(map(str, path)), None)]
-
-
-def make_mask(q_slot_BxT, k_slot_BxS, k_valid_BxS, q_segment_BxT=None, k_segment_BxS=None,
-                   window: int | None = None) -> jax.Array:
-  """bool [B, T, S]: causal by slot, only real keys, same packed segment, within the window."""
-  mask = (k_slot_BxS[:, None, :] <= q_slot_BxT[:, :, None]) & k_valid_BxS[:, None, :]
-  if q_segment_BxT is not None:
-    mask &= q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
-  if window is not None:
-    mask &= (q_slot_BxT[:, :, None] - k_slot_BxS[:, None, :]) < window
-  return mask
 
 
 class CausalLM(nnx.Module):
@@ -297,10 +289,18 @@ class CausalLM(nnx.Module):
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = slots if positions is None else positions
     mask = None
-    if attention_mask is not None or segment_ids is not None:
+    if attention_mask is not None or segment_ids is not None or self.config.layer_types:
       valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-      mask = make_mask(slots, slots, valid, segment_ids, segment_ids, self.config.sliding_window)
+      mask = self._masks(slots, slots, valid, segment_ids, segment_ids)
     return self._run(input_ids, positions, mask, None, inputs_embeds)[0]
+
+  def _masks(self, q_slots, k_slots, valid, q_segments=None, k_segments=None):
+    """The attention mask; for layers of two kinds, the (full, sliding-window) pair."""
+    window = self.config.sliding_window
+    if not self.config.layer_types:
+      return make_mask(q_slots, k_slots, valid, q_segments, k_segments, window)
+    return (make_mask(q_slots, k_slots, valid, q_segments, k_segments),
+            make_mask(q_slots, k_slots, valid, q_segments, k_segments, window))
 
   def head_weight(self) -> jax.Array:
     """lm_head's [V, D] matrix (the embedding when tied)."""
@@ -308,9 +308,12 @@ class CausalLM(nnx.Module):
     return head.weight[...]
 
   def logits(self, h_BxTxD: jax.Array) -> jax.Array:
-    """float32 logits [B, T, V]: compute-dtype operands, float32 accumulation."""
-    return jnp.einsum("btd,vd->btv", h_BxTxD, self.head_weight().astype(h_BxTxD.dtype),
-                      preferred_element_type=jnp.float32, precision=precision_for(h_BxTxD.dtype))
+    """float32 logits [B, T, V]: compute-dtype operands, float32 accumulation (softcapped where
+    the model says: cap * tanh(logits / cap))."""
+    logits = jnp.einsum("btd,vd->btv", h_BxTxD, self.head_weight().astype(h_BxTxD.dtype),
+                        preferred_element_type=jnp.float32, precision=precision_for(h_BxTxD.dtype))
+    cap = self.config.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
   def decode(self, input_ids, cache: KVCache, attention_mask=None):
     """Append input_ids [B, T] to the cache; logits [B, T, V] and the updated cache.
@@ -325,7 +328,7 @@ class CausalLM(nnx.Module):
     q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
     k_slots = jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
-    mask = make_mask(q_slots, k_slots, valid, window=self.config.sliding_window)
+    mask = self._masks(q_slots, k_slots, valid)
     h, (k, v) = self._run(input_ids, positions, mask, (cache.k, cache.v, cache.index))
     logits = self.logits(h)
     cache = KVCache(k=k, v=v, valid=valid, next_position=cache.next_position + real.sum(1, dtype=jnp.int32),
@@ -333,45 +336,59 @@ class CausalLM(nnx.Module):
     return logits, cache
 
   def _run(self, input_ids, positions, mask, cache, embeds=None):
-    dtype = jnp.dtype(self.options.dtype)
+    cfg, dtype = self.config, jnp.dtype(self.options.dtype)
     h = (self.model.embed_tokens.weight[...][input_ids] if embeds is None else embeds).astype(dtype)
-    cos, sin = cos_sin(positions, inverse_frequencies(self.config.rope, self.config.head_dim))
+    if cfg.scaled_embedding:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
+      h = h * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
+    cos, sin = cos_sin(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
+    if cfg.layer_types:  # (full, sliding) layers' rotations; each layer picks its own
+      local = cos_sin(positions, inverse_frequencies(cfg.rope_local or cfg.rope, cfg.head_dim))
+      cos, sin = (cos, local[0]), (sin, local[1])
     if self.options.scan_layers:
       h, kv = self._scan(h, cos, sin, mask, cache)
       return self.model.norm(h), kv
     ks, vs = [], []
-    for i, layer in enumerate(self.model.layers):
+    kinds = cfg.local_layers or (None,) * cfg.num_hidden_layers
+    for i, (layer, local) in enumerate(zip(self.model.layers, kinds)):
       kv = None if cache is None else (cache[0][i], cache[1][i], cache[2])
-      h, kv = self._layer_call(layer, h, cos, sin, mask, kv)
+      h, kv = self._layer_call(layer, h, cos, sin, mask, kv, local)
       if kv is not None:
         ks.append(kv[0])
         vs.append(kv[1])
     h = self.model.norm(h)
     return h, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
 
+  def _window(self):
+    """The static window of a causal (mask-free) call; layers of two kinds carry it in masks."""
+    return None if self.config.layer_types else self.config.sliding_window
+
   def _scan(self, h, cos, sin, mask, cache):
-    """lax.scan over the stacked layer (with the per-layer caches as scanned inputs)."""
+    """lax.scan over the stacked layer (with the per-layer caches, and for layers of two kinds
+    each layer's kind, as scanned inputs)."""
     policy = REMAT_POLICIES[self.options.remat]
+    mixed = bool(self.config.layer_types)
+    kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
+    window = self._window()
     if cache is None:
-      def body(h, layer):
-        return layer(h, cos, sin, mask, None, self.config.sliding_window)[0]
+      def body(h, layer, local):
+        return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
       if self.options.remat != "none":
         body = nnx.remat(body, policy=policy)
-      return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.model.layers), None
+      return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(h, self.model.layers, kinds), None
 
-    def body_kv(h, layer, k, v):
-      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]))
+    def body_kv(h, layer, k, v, local):
+      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]), None, local if mixed else None)
       return h, (k, v)
-    h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
-        h, self.model.layers, cache[0], cache[1])
+    h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+        h, self.model.layers, cache[0], cache[1], kinds)
     return h, kv
 
-  def _layer_call(self, layer, h, cos, sin, mask, kv):
+  def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]
     if kv is not None:
-      return layer(h, cos, sin, mask, kv)
+      return layer(h, cos, sin, mask, kv, None, local)
+    window = self._window()
     if self.options.remat == "none":
-      return layer(h, cos, sin, mask, None, self.config.sliding_window)
-    window = self.config.sliding_window
-    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, window),
+      return layer(h, cos, sin, mask, None, window, local)
+    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, window, local),
                      policy=policy)(layer, h, cos, sin, mask)

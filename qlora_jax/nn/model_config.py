@@ -10,6 +10,7 @@ from typing import Any
 from qlora_jax.nn.families import family
 
 ROPE_TYPES = ("default", "llama3", "linear")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +49,13 @@ class ModelConfig:
   o_bias: bool = False  # bias on o_proj (Llama's attention_bias; never in Qwen2)
   mlp_bias: bool = False
   sliding_window: int | None = None
+  # per layer, where the window applies to some layers only (Gemma 2/3); () = every layer alike
+  layer_types: tuple[str, ...] = ()
+  rope_local: RopeConfig | None = None  # the sliding layers' rotary embedding, where it differs
+  hidden_act: str = "silu"  # the gated MLP's activation
+  attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+  final_logit_softcapping: float | None = None  # the same on the output logits
+  query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (else head_dim's)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -60,6 +68,32 @@ class ModelConfig:
       raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+    if self.layer_types and (len(self.layer_types) != self.num_hidden_layers or self.sliding_window is None):
+      raise ValueError(f"layer_types needs one entry per layer ({self.num_hidden_layers}) and a "
+                       f"sliding_window, got {len(self.layer_types)} entries, window {self.sliding_window}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"unsupported hidden activation {self.hidden_act!r}; supported: {ACTIVATIONS}")
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer: does it attend within sliding_window only? () when all layers are alike."""
+    return tuple(t == "sliding_attention" for t in self.layer_types)
+
+  @property
+  def attention_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
+  def norm_plus_one(self) -> bool:
+    return family(self.model_type).norm_plus_one
+
+  @property
+  def scaled_embedding(self) -> bool:
+    return family(self.model_type).scaled_embedding
+
+  @property
+  def sandwich_norms(self) -> bool:
+    return family(self.model_type).sandwich_norms
 
   @property
   def qk_norm(self) -> bool:
@@ -99,7 +133,12 @@ class ModelConfig:
         intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope=_rope_from_hf(hf),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope=_rope_from_hf(hf, "full_attention"),
+        rope_local=_rope_from_hf(hf, "sliding_attention") if fam.layer_rope else None,
+        hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "silu",
+        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        final_logit_softcapping=hf.get("final_logit_softcapping"),
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
@@ -116,8 +155,14 @@ class ModelConfig:
       raise ValueError(f"{path} is not valid JSON ({e})") from e
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+def _rope_from_hf(hf: dict[str, Any], layer_type: str) -> RopeConfig:
+  """The rotary embedding of one kind of layer: transformers 5 keys rope_parameters by layer
+  type where they differ (Gemma 3); before it, the local layers' base was rope_local_base_freq."""
   params = dict(hf.get("rope_parameters") or {})
+  if layer_type in params:
+    params = dict(params[layer_type])
+  elif layer_type == "sliding_attention":
+    return RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
   scaling = hf.get("rope_scaling") or {}
   params = {**scaling, **params}
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))

@@ -37,28 +37,31 @@ REMAT_POLICIES = {
 
 
 def with_named_residuals(attend: Callable) -> Callable:
-  """attend(q, k, v) -> out, differentiated through its own VJP, with the residuals that VJP
-  keeps beyond q, k and v (the output, the softmax statistics) named ATTENTION_RESIDUALS, and
-  the output named too, so a policy that keeps them never re-runs the attention's forward."""
+  """attend(q, k, v, mask) -> out, differentiated through its own VJP, with the residuals that
+  VJP keeps beyond q, k, v and the mask (the output, the softmax statistics) named
+  ATTENTION_RESIDUALS, and the output named too, so a policy that keeps them never re-runs the
+  attention's forward. The mask (bool, or None) is an argument, not a closure: a custom VJP
+  may not close over traced values."""
 
   @jax.custom_vjp
-  def attention(q, k, v):
-    return attend(q, k, v)
+  def attention(q, k, v, mask):
+    return attend(q, k, v, mask)
 
-  def forward(q, k, v):
-    out, pullback = jax.vjp(attend, q, k, v)
+  def forward(q, k, v, mask):
+    out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
     named_out = checkpoint_name(out, ATTENTION_RESIDUALS)
     leaves, tree = jax.tree.flatten(pullback)
+    inputs = (q, k, v, *jax.tree.leaves(mask))
 
     def name(x):
-      if any(x is y for y in (q, k, v)):
+      if any(x is y for y in inputs):
         return x  # the inputs: recomputed from the layer's input (cheap, linear in the row)
       return named_out if x is out else checkpoint_name(x, ATTENTION_RESIDUALS)
 
     return named_out, jax.tree.unflatten(tree, [name(x) for x in leaves])
 
   def backward(pullback, g):
-    return pullback(g)
+    return (*pullback(g), None)
 
   attention.defvjp(forward, backward)
   return attention

@@ -3,6 +3,8 @@ logits never exist at once (each chunk's logits are recomputed in the backward).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,9 +23,10 @@ def loss_chunk(vocab: int) -> int:
 
 
 def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Array,
-                          chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+                          chunk: int | None = None, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """(sum of token losses, number of counted tokens); labels == IGNORE are skipped. chunk:
-  tokens whose logits exist at once (default: loss_chunk of the vocabulary)."""
+  tokens whose logits exist at once (default: loss_chunk of the vocabulary). softcap: the
+  logits are cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping)."""
   n = h_NxD.shape[0]
   chunk = min(chunk or loss_chunk(w_VxD.shape[0]), n)
   pad = -n % chunk
@@ -33,22 +36,22 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
 
   def body(carry, xs):
     total, count = carry
-    s, c = _chunk_loss(w, *xs)
+    s, c = _chunk_loss(softcap, w, *xs)
     return (total + s, count + c), None
 
   (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h, labels))
   return total, count
 
 
-@jax.custom_vjp
-def _chunk_loss(w_VxD, h_CxD, labels_C):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_loss(softcap, w_VxD, h_CxD, labels_C):
   """(sum of the chunk's token losses, counted tokens) against the frozen w (never
   differentiated): float32 logits of compute-dtype operands."""
-  return _chunk_forward(w_VxD, h_CxD, labels_C)[0]
+  return _chunk_forward(softcap, w_VxD, h_CxD, labels_C)[0]
 
 
-def _chunk_forward(w_VxD, h_CxD, labels_C):
-  logits = _logits(h_CxD, w_VxD)
+def _chunk_forward(softcap, w_VxD, h_CxD, labels_C):
+  logits = _logits(h_CxD, w_VxD, softcap)
   valid = labels_C != IGNORE
   target = jnp.take_along_axis(logits, jnp.where(valid, labels_C, 0)[:, None], axis=-1)[:, 0]
   lse = jax.nn.logsumexp(logits, axis=-1)
@@ -56,16 +59,21 @@ def _chunk_forward(w_VxD, h_CxD, labels_C):
   return (jnp.sum(jnp.where(valid, lse - target, 0.0)), jnp.sum(valid)), (w_VxD, h_CxD, labels_C, lse)
 
 
-def _chunk_backward(residuals, cotangents):
+def _chunk_backward(softcap, residuals, cotangents):
   """d loss / d h = (softmax - onehot) @ W over counted tokens, the logits recomputed (only h,
   the labels and the log-normalisers are kept). The [C, V] factor is rounded to the compute
   dtype before the product, as a bf16 autocast backward has it, so the product is one
-  compute-dtype GEMM (a float32 factor made XLA fuse the rounding into a slower GEMM)."""
+  compute-dtype GEMM (a float32 factor made XLA fuse the rounding into a slower GEMM). A
+  softcap multiplies it by the cap's slope, 1 - (logits / cap)^2."""
   w, h, labels, lse = residuals
   valid = labels != IGNORE
-  probs = jnp.exp(_logits(h, w) - lse[:, None])
+  logits = _logits(h, w, softcap)
+  probs = jnp.exp(logits - lse[:, None])
   onehot = jnp.arange(w.shape[0])[None, :] == jnp.where(valid, labels, -1)[:, None]
-  dlogits = (jnp.where(valid[:, None], probs - onehot, 0.0) * cotangents[0]).astype(h.dtype)
+  dlogits = jnp.where(valid[:, None], probs - onehot, 0.0) * cotangents[0]
+  if softcap is not None:
+    dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
+  dlogits = dlogits.astype(h.dtype)
   dh = jnp.einsum("cv,vd->cd", dlogits, w, preferred_element_type=jnp.float32,
                   precision=precision_for(w.dtype)).astype(h.dtype)
   return None, dh, None  # lm_head (or the tied embedding) is frozen: no cotangent
@@ -74,9 +82,10 @@ def _chunk_backward(residuals, cotangents):
 _chunk_loss.defvjp(_chunk_forward, _chunk_backward)
 
 
-def _logits(h_CxD, w_VxD):
-  return jnp.einsum("cd,vd->cv", h_CxD, w_VxD, preferred_element_type=jnp.float32,
-                    precision=precision_for(w_VxD.dtype))
+def _logits(h_CxD, w_VxD, softcap=None):
+  logits = jnp.einsum("cd,vd->cv", h_CxD, w_VxD, preferred_element_type=jnp.float32,
+                      precision=precision_for(w_VxD.dtype))
+  return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
 def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -90,8 +99,9 @@ def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Arra
   h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                           segment_ids=batch.get("segment_ids"), inputs_embeds=batch.get("inputs_embeds"))
   w, labels = model.head_weight(), batch["labels"]
+  loss = functools.partial(chunked_cross_entropy, softcap=model.config.final_logit_softcapping)
   if shards == 1:
-    return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
-  totals, counts = jax.vmap(chunked_cross_entropy, in_axes=(0, None, 0))(
+    return loss(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
+  totals, counts = jax.vmap(loss, in_axes=(0, None, 0))(
       h.reshape(shards, -1, h.shape[-1]), w, labels.reshape(shards, -1))
   return jnp.sum(totals), jnp.sum(counts)
