@@ -13,7 +13,7 @@ from qlora_jax.nn.model import CausalLM, ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
-# Llama shapes the benchmarks and the memory estimate name (transformers config fields).
+# Model shapes the benchmarks and the memory estimate name (transformers config fields).
 SHAPES = {
     "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, head_dim=64),
@@ -26,6 +26,13 @@ SHAPES = {
     "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      max_position_embeddings=40960),
+    # Gemma 3 12B (text): 5 sliding-window layers to each global one, head_dim 256, 262k vocabulary.
+    "gemma3-12b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                       num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       max_position_embeddings=131072, tie_word_embeddings=True, sliding_window=1024,
+                       layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                         for i in range(48)),
+                       hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256),
 }
 
 

@@ -385,6 +385,20 @@ def test_embedding_in_host_memory_under_fsdp():
   assert "equal" in _on_devices(4, HOST_EMBEDDING_WORKER.format(tiny=TINY))
 
 
+def test_the_shipped_gemma3_config_fits_one_h100():
+  """configs/gemma3_12b_h100.py on the Gemma-3-12B shape (5:1 sliding layers, tied 262k
+  vocabulary on the device, XLA attention at head_dim 256): the start-up estimate fits 80 GiB."""
+  from qlora_jax.testing import shape_config
+
+  cfg = load_config("gemma3_12b_h100")
+  model = shape_config("gemma3-12b")
+  assert model.local_layers.count(False) == 8 and model.tie_word_embeddings
+  est = memory.estimate(model, cfg.model_options(), cfg, {"data": 1})
+  memory.check_fits(est, 80 * 2**30, "H100", cfg, {"data": 1})
+  assert 5 * 2**30 < est.terms["4-bit base weights (stored)"] < 6.5 * 2**30, est.text()
+  assert est.terms["attention masks"] > 0 and est.total < 40 * 2**30, est.text()
+
+
 def test_the_shipped_qwen3_config_fits_one_h100():
   """configs/qwen3_8b_h100.py on the Qwen3-8B shape (q/k norms, 152k vocabulary): the start-up
   estimate fits an 80 GiB device with room for the 4-bit base and its adapters."""

@@ -108,8 +108,10 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
   terms["activations kept for backward"] = _saved_activations(model, options, rows, seq, cb)
   terms["one layer recomputed + differentiated"] = _layer_working_set(model, options, rows, seq, cb, tensor)
   terms["loss chunk (float32 logits)"] = 2 * min(loss_chunk(model.vocab_size), tokens) * model.vocab_size * 4
-  if cfg.data.packing:  # packed rows attend through a [B, T, T] mask and its bias (unpacked: causal)
-    terms["attention mask of packed rows"] = rows * seq * seq * (1 + cb)
+  if cfg.data.packing or model.layer_types:  # attention through [B, T, T] masks and a bias
+    # (unpacked rows of one kind of layer: causal, no mask); layers of two kinds keep both masks
+    masks = 2 if model.layer_types else 1
+    terms["attention masks"] = rows * seq * seq * (masks + cb)
   return Estimate(terms, math.prod(sizes.values()))
 
 
@@ -142,7 +144,7 @@ def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq
 
 def _attention_scores(model: ModelConfig, options: ModelOptions, rows: int, seq: int, tensor: int) -> int:
   """XLA attention materialises float32 scores and probabilities [B, H, T, T]; cuDNN's is fused."""
-  impl = attention_implementation(options.attention, options.dtype, model.head_dim)
+  impl = attention_implementation(options.attention, options.dtype, model.head_dim, model.attn_logit_softcapping)
   return 0 if impl == "cudnn" else 2 * rows * (model.num_attention_heads // tensor) * seq * seq * 4
 
 
