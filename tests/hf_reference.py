@@ -45,6 +45,14 @@ FAMILIES = {
                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                     "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                        "rope_theta": 1000000.0}}),
+    # Phi-3: fused qkv_proj and gate_up_proj, a sliding window (Phi-3-mini's 2047, here 7).
+    "phi3": dict(cls="Phi3Config", hidden_size=96, intermediate_size=176, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=7, tie_word_embeddings=False, pad_token_id=0),
+    # Phi-4-mini: fused as Phi-3, partial rotary factor 0.75 (18 of 24 dimensions), tied, GQA 3.
+    "phi4mini": dict(cls="Phi3Config", hidden_size=144, intermediate_size=176, num_attention_heads=6,
+                     num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                      "partial_rotary_factor": 0.75}),
 }
 
 
@@ -72,11 +80,18 @@ def load_ours_into_torch(ours: q.CausalLM, hf_model) -> None:
   """Replace hf_model's linear weights by our dequantized ones, and its dense weights by ours."""
   from flax import nnx
 
+  from qlora_jax.nn.families import fused_parts
+
   state = hf_model.state_dict()
   for path, module in nnx.iter_modules(ours):
     if isinstance(module, QLoRALinear):
       name = ".".join(str(p) for p in path) + ".weight"
       state[name] = torch.from_numpy(np.asarray(q.dequantize(module.weight.get_value(), jnp.float32)))
+  for name in list(state):  # a fused layer (Phi-3) takes its parts' rows in order
+    found = fused_parts(name)
+    if found is not None:
+      prefix, _, parts = found
+      state[name] = torch.cat([state.pop(f"{prefix}{part}.weight") for part in parts])
   for path, var in nnx.to_flat_state(nnx.state(ours, q.FrozenParam)):
     name = ".".join(str(p) for p in path)
     state[name] = torch.from_numpy(np.asarray(var.get_value(), np.float32))

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip
 TOL = 1e-4  # max |ours - hf| / max |hf|, float32
 
 
-@pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3",
+                                                "phi3", "phi4mini"])
 def pair(request, tmp_path_factory):
   from tests.hf_reference import load_ours_into_torch, save, tiny_hf_model
 
@@ -35,13 +36,16 @@ def test_config_features_are_read(pair):
             "qwen2": dict(rope_type="default", ratio=3, tied=False),
             "qwen3": dict(rope_type="default", ratio=2, tied=True),
             "gemma2": dict(rope_type="default", ratio=2, tied=True),
-            "gemma3": dict(rope_type="linear", ratio=4, tied=True)}[family]
+            "gemma3": dict(rope_type="linear", ratio=4, tied=True),
+            "phi3": dict(rope_type="default", ratio=2, tied=False),
+            "phi4mini": dict(rope_type="default", ratio=3, tied=True)}[family]
   gemma = family.startswith("gemma")
   assert cfg.rope.rope_type == expect["rope_type"]
   assert cfg.num_attention_heads // cfg.num_key_value_heads == expect["ratio"]
   assert cfg.tie_word_embeddings == expect["tied"]
   assert cfg.qkv_bias == (family == "qwen2")
-  assert cfg.sliding_window == {"mistral": 6, "gemma2": 6, "gemma3": 5}.get(family)
+  assert cfg.sliding_window == {"mistral": 6, "gemma2": 6, "gemma3": 5, "phi3": 7}.get(family)
+  assert cfg.rotary_dim == (18 if family == "phi4mini" else cfg.head_dim)
   assert cfg.local_layers == ((True, False) if gemma else ())
   assert cfg.qk_norm == (family in ("qwen3", "gemma3"))
   assert cfg.norm_plus_one == cfg.sandwich_norms == cfg.scaled_embedding == gemma
@@ -135,7 +139,7 @@ def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
   import peft
   import torch
 
-  from qlora_jax.export import write_peft
+  from qlora_jax.export import load_adapter, write_peft
   from qlora_jax.train.config import DataConfig, ModelSetup, TrainConfig
   from tests.hf_reference import hf_logits, max_rel_error
 
@@ -151,6 +155,35 @@ def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
     ref = adapted(torch.from_numpy(ids).long()).logits.numpy()
   assert max_rel_error(hf_logits(hf, ids), ref) > 1e-2, "the adapter must change the logits"
   assert max_rel_error(ours(jnp.asarray(ids)), ref) <= TOL, family
+  back, _ = load_adapter(folder, tmp_path / "adapter", jnp.float32, tokenizer=False)  # and back to us
+  assert max_rel_error(back(jnp.asarray(ids)), ref) <= TOL, family
+
+
+@pytest.mark.skipif(not has("peft"), reason="needs peft")
+def test_adapter_made_by_peft_loads_with_peft_logits(pair, tmp_path):
+  """An adapter PEFT makes on the transformers model (its module names: Phi-3's fused qkv_proj
+  and gate_up_proj) loads into our split layers with PEFT's float32 logits."""
+  import copy
+
+  import peft
+  import torch
+
+  from qlora_jax.export import load_adapter
+  from qlora_jax.nn.families import LINEAR_NAMES, family as family_of
+  from tests.hf_reference import max_rel_error
+
+  _, ours, hf, folder = pair
+  targets = (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family_of(ours.config.model_type).fused
+             else list(LINEAR_NAMES))
+  torch.manual_seed(0)
+  made = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights=False)).eval()
+  made.save_pretrained(str(tmp_path / "adapter"))
+  loaded, _ = load_adapter(folder, tmp_path / "adapter", jnp.float32, tokenizer=False)
+  ids = np.random.default_rng(6).integers(0, 160, (2, 16)).astype(np.int32)
+  with torch.no_grad():
+    ref = made(torch.from_numpy(ids).long()).logits.numpy()
+  assert max_rel_error(loaded(jnp.asarray(ids)), ref) <= TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])

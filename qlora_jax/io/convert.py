@@ -19,11 +19,11 @@ from tqdm import tqdm
 from qlora_jax.format.atomic import atomic_dir, check_out
 from qlora_jax.format.bnb_format import BNB_QUANT_TYPES, to_bnb_state
 from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize
+from qlora_jax.format.quantization import QuantConfig, QuantizedArray, dequantize, quantize
 from qlora_jax.io.sources import Source, default_gguf, open_source
 from qlora_jax.format.folder import FORMAT_VERSION, META_FILE, ShardWriter, read_meta
 from qlora_jax.io.loading import expected_tensors
-from qlora_jax.nn.families import classify
+from qlora_jax.nn.families import classify, fused_parts
 
 DENSE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -75,8 +75,7 @@ def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dens
   seen, params, used = set(), 0, None
   writer = ShardWriter(folder, shard_bytes)
   bar = tqdm(total=source.num_tensors, desc="converting", unit="tensor", disable=not progress)
-  for name, load in source.tensors():
-    bar.update(1)
+  for name, load in _unfused(source.tensors(), config, bar):
     if config.tie_word_embeddings and name == "lm_head.weight" or classify(name) == "ignored":
       continue
     if name not in expected:
@@ -102,6 +101,29 @@ def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dens
     raise ValueError(f"the source lacks {len(missing)} tensor(s) the model needs: {missing[:6]}")
   writer.close()
   return params, used or quant
+
+
+def _unfused(tensors, config: ModelConfig, bar):
+  """The source's (name, load) pairs with each fused projection (Phi-3's qkv_proj, gate_up_proj)
+  split by rows into the layers it fuses (q, k, v / gate, up; sizes from config.json). A fused
+  tensor already in 4 bits (a bitsandbytes source) is dequantized to be split and re-quantized."""
+  for name, load in tensors:
+    bar.update(1)
+    found = fused_parts(name)
+    if found is None:
+      yield name, load
+      continue
+    prefix, fused, parts = found
+    value = load()
+    if isinstance(value, QuantizedArray):
+      value = dequantize(value, jnp.float32)
+    value = np.asarray(value)
+    sizes = [config.linear_shapes[part][1] for part in parts]
+    if value.ndim != 2 or value.shape[0] != sum(sizes):
+      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}; config.json implies "
+                       f"{sum(sizes)} rows ({' + '.join(map(str, sizes))} for {', '.join(parts)})")
+    for part, rows in zip(parts, np.split(value, np.cumsum(sizes)[:-1], axis=0)):
+      yield f"{prefix}{part}.weight", (lambda rows=rows: rows)
 
 
 def _same_quant(used: QuantConfig | None, qw: QuantizedArray, name: str) -> QuantConfig:

@@ -31,6 +31,7 @@ class Family:
   scaled_embedding: bool = False  # embeddings times sqrt(hidden), in the model's dtype (Gemma)
   sandwich_norms: bool = False  # norms after attention and around the MLP too (Gemma 2/3)
   layer_rope: bool = False  # local (sliding) layers take their own rope base (Gemma 3)
+  fused: bool = False  # stores qkv_proj and gate_up_proj (Phi-3): split at conversion (FUSED)
 
   def hf_fields(self, hf: dict) -> dict:
     """The ModelConfig fields whose reading differs by family, from a transformers config."""
@@ -62,7 +63,22 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma2", norm_plus_one=True, scaled_embedding=True, sandwich_norms=True),
     Family("gemma3_text", qk_norm=True, norm_plus_one=True, scaled_embedding=True,
            sandwich_norms=True, layer_rope=True),
+    Family("phi3", fused=True),
 )}
+
+# Fused projections a family may store, and the layers each is split into, in its row order.
+# Splitting at conversion keeps one layout for the kernels, LoRA, sharding and the estimate (a
+# fused matmul would be one kernel call instead of three: the split costs launches, not FLOPs);
+# PEFT export fuses the adapters back under these names (export.py).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_PARENT = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
+
+
+def fused_parts(name: str) -> tuple[str, str, tuple[str, ...]] | None:
+  """(prefix, fused layer, its parts) of a fused tensor's name, e.g.
+  model.layers.3.self_attn.qkv_proj.weight -> ("model.layers.3.self_attn.", "qkv_proj", (q, k, v))."""
+  m = re.fullmatch(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.)(qkv_proj|gate_up_proj)\.weight", name)
+  return (m.group(1), m.group(2), FUSED[m.group(2)]) if m else None
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

@@ -56,6 +56,7 @@ class ModelConfig:
   attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
   final_logit_softcapping: float | None = None  # the same on the output logits
   query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (else head_dim's)
+  partial_rotary_factor: float = 1.0  # the leading fraction of each head that rotates (Phi-4-mini)
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -71,6 +72,9 @@ class ModelConfig:
     if self.layer_types and (len(self.layer_types) != self.num_hidden_layers or self.sliding_window is None):
       raise ValueError(f"layer_types needs one entry per layer ({self.num_hidden_layers}) and a "
                        f"sliding_window, got {len(self.layer_types)} entries, window {self.sliding_window}")
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+      raise ValueError(f"partial_rotary_factor must be in (0, 1] and leave an even rotary_dim, got "
+                       f"{self.partial_rotary_factor} (rotary_dim {self.rotary_dim})")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden activation {self.hidden_act!r}; supported: {ACTIVATIONS}")
 
@@ -78,6 +82,11 @@ class ModelConfig:
   def local_layers(self) -> tuple[bool, ...]:
     """Per layer: does it attend within sliding_window only? () when all layers are alike."""
     return tuple(t == "sliding_attention" for t in self.layer_types)
+
+  @property
+  def rotary_dim(self) -> int:
+    """The leading dimensions of each head the rotary embedding turns (all: head_dim)."""
+    return int(self.head_dim * self.partial_rotary_factor)
 
   @property
   def attention_scale(self) -> float:
@@ -139,6 +148,8 @@ class ModelConfig:
         attn_logit_softcapping=hf.get("attn_logit_softcapping"),
         final_logit_softcapping=hf.get("final_logit_softcapping"),
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+        partial_rotary_factor=float((hf.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),

@@ -43,7 +43,12 @@ def cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
 
 
 def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
-  """x * cos + rotate_half(x) * sin, in x's dtype."""
+  """x * cos + rotate_half(x) * sin, in x's dtype, over the leading cos.shape[-1] dimensions of
+  each head (a partial rotary factor leaves the rest as they are)."""
+  rotary = cos_BxTxH.shape[-1]
+  if rotary < x_BxTxNxH.shape[-1]:
+    turned = apply_rope(x_BxTxNxH[..., :rotary], cos_BxTxH, sin_BxTxH)
+    return jnp.concatenate([turned, x_BxTxNxH[..., rotary:]], axis=-1)
   half = x_BxTxNxH.shape[-1] // 2
   rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
   cos = cos_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
