@@ -53,6 +53,14 @@ FAMILIES = {
                      num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                       "partial_rotary_factor": 0.75}),
+    # Phi-3.5 / Phi-4-mini's longrope: short and long per-frequency factors (long past the
+    # original 32 positions), attention factor from 64 / 32, with a partial rotary factor.
+    "phi3.5": dict(cls="Phi3Config", hidden_size=96, intermediate_size=176, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0,
+                   original_max_position_embeddings=32,
+                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                    "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}),
 }
 
 

@@ -266,3 +266,23 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path):
                      capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
   assert r.returncode == 2 and "could not download 'some-org/some-model'" in r.stderr, r.stderr[-2000:]
   assert "pass the local folder" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_every_key_table_row_is_used_and_every_variable_is_covered():
+  """STYLE guideline 10 for the conversion key table: over one model of each family (with every
+  optional bias on), each model variable's name classifies as the kind it is stored as, and each
+  row of the table names some variable."""
+  import re
+
+  from qlora_jax.nn.families import FAMILIES, KEY_TABLE, classify
+  from qlora_jax.nn.model_config import ModelConfig
+
+  used = set()
+  for fam in FAMILIES:
+    config = ModelConfig(model_type=fam, vocab_size=64, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         qkv_bias=True, o_bias=True, mlp_bias=True)
+    for name, (kind, _) in expected_tensors(config).items():
+      assert classify(name) == kind, (fam, name)
+      used |= {pattern for pattern, _ in KEY_TABLE if re.fullmatch(pattern, name)}
+  assert used == {pattern for pattern, _ in KEY_TABLE}

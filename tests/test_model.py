@@ -17,6 +17,18 @@ def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():
   assert attention_implementation("xla", "bfloat16", 64) == "xla"
 
 
+def test_softcapped_attention_falls_back_to_xla_saying_so_once(capfd):
+  """Gemma 2's attention-logit softcap has no cuDNN kernel: asked for cuDNN, XLA runs, and one
+  line says why, however many layers ask."""
+  from qlora_jax.nn import attention
+
+  attention._say_once.cache_clear()  # once per process: start this test's count afresh
+  for _ in range(3):
+    assert attention_implementation("cudnn", "bfloat16", 128, softcap=50.0) == "xla"
+  err = capfd.readouterr().err
+  assert err.count("cuDNN has no logit softcapping") == 1, err
+
+
 @pytest.mark.parametrize("kw, match", [(dict(remat="sometimes"), "remat"), (dict(attention="flash"), "attention"),
                                        (dict(lora=LoraConfig(targets=("qkv",))), "lora_targets"),
                                        (dict(backend="xla"), "backend must be a")])

@@ -15,7 +15,7 @@ TOL = 1e-4  # max |ours - hf| / max |hf|, float32
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3",
-                                                "phi3", "phi4mini"])
+                                                "phi3", "phi4mini", "phi3.5"])
 def pair(request, tmp_path_factory):
   from tests.hf_reference import load_ours_into_torch, save, tiny_hf_model
 
@@ -38,14 +38,15 @@ def test_config_features_are_read(pair):
             "gemma2": dict(rope_type="default", ratio=2, tied=True),
             "gemma3": dict(rope_type="linear", ratio=4, tied=True),
             "phi3": dict(rope_type="default", ratio=2, tied=False),
-            "phi4mini": dict(rope_type="default", ratio=3, tied=True)}[family]
+            "phi4mini": dict(rope_type="default", ratio=3, tied=True),
+            "phi3.5": dict(rope_type="longrope", ratio=2, tied=False)}[family]
   gemma = family.startswith("gemma")
   assert cfg.rope.rope_type == expect["rope_type"]
   assert cfg.num_attention_heads // cfg.num_key_value_heads == expect["ratio"]
   assert cfg.tie_word_embeddings == expect["tied"]
   assert cfg.qkv_bias == (family == "qwen2")
   assert cfg.sliding_window == {"mistral": 6, "gemma2": 6, "gemma3": 5, "phi3": 7}.get(family)
-  assert cfg.rotary_dim == (18 if family == "phi4mini" else cfg.head_dim)
+  assert cfg.rotary_dim == {"phi4mini": 18, "phi3.5": 12}.get(family, cfg.head_dim)
   assert cfg.local_layers == ((True, False) if gemma else ())
   assert cfg.qk_norm == (family in ("qwen3", "gemma3"))
   assert cfg.norm_plus_one == cfg.sandwich_norms == cfg.scaled_embedding == gemma
@@ -65,6 +66,19 @@ def test_logits_match_transformers(pair):
   err = max_rel_error(ours(jnp.asarray(ids)), hf_logits(hf, ids))
   print(f"\n{family}: max relative logit error {err:.1e}")
   assert err <= TOL
+
+
+def test_longrope_past_the_original_context_matches_transformers(pair):
+  """40 tokens, past longrope's original 32: the long factors and the attention factor apply
+  (with the short ones the logits are 6e-3 off), as transformers decides per call."""
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  family, ours, hf, _ = pair
+  if ours.config.rope.rope_type != "longrope":
+    pytest.skip("longrope only")
+  assert ours.config.rope.attention_factor == pytest.approx((1 + np.log(64 / 32) / np.log(32)) ** 0.5)
+  ids = np.random.default_rng(7).integers(0, 160, (2, 40)).astype(np.int32)
+  assert max_rel_error(ours(jnp.asarray(ids)), hf_logits(hf, ids)) <= TOL
 
 
 def test_padded_batch_matches_transformers(pair):

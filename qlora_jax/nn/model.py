@@ -25,7 +25,7 @@ from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.qmatmul import check_backend
 from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES
-from qlora_jax.nn.rope import apply_rope, cos_sin, inverse_frequencies
+from qlora_jax.nn.rope import apply_rope, rotation
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "CausalLM", "KVCache", "ModelOptions", "attention_implementation",
@@ -340,9 +340,9 @@ class CausalLM(nnx.Module):
     h = (self.model.embed_tokens.weight[...][input_ids] if embeds is None else embeds).astype(dtype)
     if cfg.scaled_embedding:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
       h = h * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
-    cos, sin = cos_sin(positions, inverse_frequencies(cfg.rope, cfg.rotary_dim))
+    cos, sin = rotation(positions, cfg.rope, cfg.rotary_dim)
     if cfg.layer_types:  # (full, sliding) layers' rotations; each layer picks its own
-      local = cos_sin(positions, inverse_frequencies(cfg.rope_local or cfg.rope, cfg.rotary_dim))
+      local = rotation(positions, cfg.rope_local or cfg.rope, cfg.rotary_dim)
       cos, sin = (cos, local[0]), (sin, local[1])
     if self.options.scan_layers:
       h, kv = self._scan(h, cos, sin, mask, cache)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
 from qlora_jax.nn.families import family
 
-ROPE_TYPES = ("default", "llama3", "linear")
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeConfig:
-  """Rotary embedding: theta and optional frequency scaling ("llama3" as in Llama 3.1)."""
+  """Rotary embedding: theta and optional frequency scaling ("llama3" as in Llama 3.1; "longrope"
+  as in Phi-3.5 / Phi-4-mini: per-frequency factors, short ones up to the original context and
+  long ones past it, the rotation scaled by attention_factor)."""
 
   theta: float = 10000.0
   rope_type: str = "default"
@@ -23,10 +26,15 @@ class RopeConfig:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+  short_factor: tuple[float, ...] = ()
+  long_factor: tuple[float, ...] = ()
+  attention_factor: float = 1.0
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {ROPE_TYPES}")
+    if self.rope_type == "longrope" and not (self.short_factor and len(self.short_factor) == len(self.long_factor)):
+      raise ValueError("longrope needs short_factor and long_factor lists of one length (rotary_dim / 2)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -178,6 +186,15 @@ def _rope_from_hf(hf: dict[str, Any], layer_type: str) -> RopeConfig:
   params = {**scaling, **params}
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
+  if "original_max_position_embeddings" not in params and "original_max_position_embeddings" in hf:
+    params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
   keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-  return RopeConfig(theta=float(theta), rope_type=rope_type,
-                    **{k: params[k] for k in keys if k in params})
+  fields = {k: params[k] for k in keys if k in params}
+  if rope_type == "longrope":  # Phi-3's: the attention factor from the context's growth
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or hf.get("max_position_embeddings", original) / original
+    attention = params.get("attention_factor") or (
+        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+    fields.update(short_factor=tuple(map(float, params["short_factor"])),
+                  long_factor=tuple(map(float, params["long_factor"])), attention_factor=float(attention))
+  return RopeConfig(theta=float(theta), rope_type=rope_type, **fields)

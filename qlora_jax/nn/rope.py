@@ -11,9 +11,25 @@ import numpy as np
 from qlora_jax.nn.model_config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
-  """float32[head_dim // 2] rotation frequencies, scaled as the rope type asks."""
+def rotation(positions_BxT: jax.Array, rope: RopeConfig, dim: int) -> tuple[jax.Array, jax.Array]:
+  """float32 cos and sin [B, T, dim] of the rope at integer positions. longrope takes its long
+  factors when the call reaches past the original context (transformers decides per call by the
+  largest position, so do we) and scales both by its attention factor."""
+  if rope.rope_type != "longrope":
+    return cos_sin(positions_BxT, inverse_frequencies(rope, dim))
+  short = cos_sin(positions_BxT, inverse_frequencies(rope, dim))
+  long = cos_sin(positions_BxT, inverse_frequencies(rope, dim, long=True))
+  use_long = jnp.max(positions_BxT) + 1 > rope.original_max_position_embeddings
+  return tuple(jnp.where(use_long, b, a) * np.float32(rope.attention_factor) for a, b in zip(short, long))
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int, long: bool = False) -> np.ndarray:
+  """float32[head_dim // 2] rotation frequencies, scaled as the rope type asks (longrope: by its
+  short factors, or its long ones)."""
   exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  if rope.rope_type == "longrope":
+    factors = np.asarray(rope.long_factor if long else rope.short_factor, np.float32)
+    return (1.0 / (factors * np.power(np.float32(rope.theta), exponents))).astype(np.float32)
   inv = (1.0 / np.power(np.float32(rope.theta), exponents)).astype(np.float32)
   if rope.rope_type == "linear":
     return (inv / np.float32(rope.factor)).astype(np.float32)
