@@ -33,6 +33,18 @@ SHAPES = {
                        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                                          for i in range(48)),
                        hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256),
+    # Gemma 2 9B: sliding-window layers alternating with global ones, softcaps, 256k vocabulary.
+    "gemma2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                      num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                      max_position_embeddings=8192, tie_word_embeddings=True, sliding_window=4096,
+                      layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                        for i in range(42)),
+                      hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    # Phi-4-mini: fused projections split at conversion, 3/4 of each head rotated, 200k vocabulary.
+    "phi4-mini": dict(model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
+                      num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=131072, tie_word_embeddings=True, partial_rotary_factor=0.75),
 }
 
 

@@ -282,3 +282,35 @@ def test_sections_check_their_field_types_and_keep_the_recipe_defaults():
   assert TrainConfig.from_dict(partial).lora.dropout == TrainConfig.from_dict(
       {"model_dir": "m", "dataset": "d"}).lora.dropout == 0.1  # the recipe's, not LoraConfig's
   assert cfg.replace(lora_rank=8).lora.dropout == cfg.lora.dropout
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("gemma2", dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)),
+    ("gemma3_text", dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                         rope_local_base_freq=10000.0, rope_theta=1000000.0)),
+])
+def test_new_families_train_through_the_trainer(tmp_path, smollm2_dir, model_type, extra):
+  """A converted Gemma 2 / Gemma 3 folder trains through train.py's trainer (scanned layers,
+  remat=offload_attention, packed rows): finite losses, adapters moved, a PEFT export."""
+  import shutil
+
+  from qlora_jax.io.convert import convert
+  from tests.test_convert import synthetic_checkpoint
+
+  cfg = dict(model_type=model_type, vocab_size=49152, hidden_size=64, intermediate_size=96,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+             bos_token_id=1, eos_token_id=2, **extra)
+  synthetic_checkpoint(tmp_path / "src", cfg, shard_bytes=1 << 30, seed=5)
+  for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    if (smollm2_dir / f).is_file():
+      shutil.copy(smollm2_dir / f, tmp_path / "src" / f)
+  convert(str(tmp_path / "src"), tmp_path / "nf4", progress=False)
+  run = tmp_path / "run"
+  summary = trainer.train(_tiny(tmp_path / "nf4", run, "steps=3", "remat=offload_attention",
+                                "learning_rate=1e-2"))
+  assert summary.steps == 3 and np.isfinite(summary.eval_loss_after)
+  assert any(np.abs(b).max() > 0 for _, b in _lora_arrays(run).values())
+  from qlora_jax.export import main as export_main
+  assert export_main([str(run), str(tmp_path / "adapter")]) == 0
