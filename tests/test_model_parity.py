@@ -48,8 +48,8 @@ def test_config_features_are_read(pair):
   assert cfg.sliding_window == {"mistral": 6, "gemma2": 6, "gemma3": 5, "phi3": 7}.get(family)
   assert cfg.rotary_dim == {"phi4mini": 18, "phi3.5": 12}.get(family, cfg.head_dim)
   assert cfg.local_layers == ((True, False) if gemma else ())
-  assert cfg.qk_norm == (family in ("qwen3", "gemma3"))
-  assert cfg.norm_plus_one == cfg.sandwich_norms == cfg.scaled_embedding == gemma
+  assert cfg.family.qk_norm == (family in ("qwen3", "gemma3"))
+  assert cfg.family.norm_plus_one == cfg.family.sandwich_norms == cfg.family.scaled_embedding == gemma
   assert cfg.hidden_act == ("gelu_pytorch_tanh" if gemma else "silu")
   assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == ((1.0, 0.5) if family == "gemma2" else (None, None))
   assert (cfg.rope_local is not None and cfg.rope_local.theta) == (family == "gemma3" and 10000.0)

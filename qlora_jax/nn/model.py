@@ -91,7 +91,7 @@ class RMSNorm(nnx.Module):
 
 
 def _norm(cfg: ModelConfig, opts: ModelOptions, dim: int | None = None) -> RMSNorm:
-  return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, cfg.norm_plus_one)
+  return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, opts.dtype, cfg.family.norm_plus_one)
 
 
 class VocabMatrix(nnx.Module):
@@ -114,7 +114,7 @@ class Attention(nnx.Module):
     self.softcap, self.scale = cfg.attn_logit_softcapping, cfg.attention_scale
     self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim, self.softcap)
     self.name_residuals = opts.remat == "offload_attention"
-    if cfg.qk_norm:
+    if cfg.family.qk_norm:
       self.q_norm, self.k_norm = _norm(cfg, opts, cfg.head_dim), _norm(cfg, opts, cfg.head_dim)
     else:
       self.q_norm = self.k_norm = None
@@ -168,7 +168,7 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = _norm(cfg, opts)
     self.self_attn = Attention(cfg, opts, rngs)
     self.post_attention_layernorm = _norm(cfg, opts)
-    sandwich = cfg.sandwich_norms
+    sandwich = cfg.family.sandwich_norms
     self.pre_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     self.post_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     self.mlp = MLP(cfg, opts, rngs)
@@ -338,7 +338,7 @@ class CausalLM(nnx.Module):
   def _run(self, input_ids, positions, mask, cache, embeds=None):
     cfg, dtype = self.config, jnp.dtype(self.options.dtype)
     h = (self.model.embed_tokens.weight[...][input_ids] if embeds is None else embeds).astype(dtype)
-    if cfg.scaled_embedding:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
+    if cfg.family.scaled_embedding:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
       h = h * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
     cos, sin = rotation(positions, cfg.rope, cfg.rotary_dim)
     if cfg.layer_types:  # (full, sliding) layers' rotations; each layer picks its own

@@ -8,7 +8,7 @@ import math
 import pathlib
 from typing import Any
 
-from qlora_jax.nn.families import family
+from qlora_jax.nn.families import Family, family as family_of
 
 ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
@@ -69,7 +69,7 @@ class ModelConfig:
   eos_token_id: int | list[int] | None = None
 
   def __post_init__(self):
-    family(self.model_type)
+    family_of(self.model_type)
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                        f"num_key_value_heads ({self.num_key_value_heads})")
@@ -101,21 +101,9 @@ class ModelConfig:
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
   @property
-  def norm_plus_one(self) -> bool:
-    return family(self.model_type).norm_plus_one
-
-  @property
-  def scaled_embedding(self) -> bool:
-    return family(self.model_type).scaled_embedding
-
-  @property
-  def sandwich_norms(self) -> bool:
-    return family(self.model_type).sandwich_norms
-
-  @property
-  def qk_norm(self) -> bool:
-    """RMSNorm over each head of q and k before RoPE: the family's (Qwen3)."""
-    return family(self.model_type).qk_norm
+  def family(self) -> Family:
+    """The family's switches (nn/families.py: qk_norm, norm_plus_one, sandwich_norms, ...)."""
+    return family_of(self.model_type)
 
   @property
   def q_dim(self) -> int:
@@ -143,7 +131,7 @@ class ModelConfig:
   @classmethod
   def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
     model_type = hf.get("model_type")
-    fam = family(model_type, hf.get("architectures"))
+    fam = family_of(model_type, hf.get("architectures"))
     heads = hf["num_attention_heads"]
     return cls(
         model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
