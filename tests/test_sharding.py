@@ -154,18 +154,23 @@ def test_estimate_tracks_measured_h100_peaks(shape, batch, attention, measured_g
   assert abs(est.total / 2**30 / measured_gib - 1) < 0.06, est.text()
 
 
-@pytest.mark.parametrize("remat, measured_gib", [("offload", 8.49), ("full", 10.49)])
-def test_estimate_tracks_measured_peaks_with_host_embedding(remat, measured_gib):
-  """llama3-8b 4 x 2048 on one H100 with bf16 LoRA, cuDNN attention, the embedding table in host
-  memory and the loss backward as one bf16 GEMM (docs/results/ours_h100_2026-12-05_b.jsonl)."""
+@pytest.mark.parametrize("remat, batch, seq, chunk, measured_gib, tol", [
+    ("offload", 4, 2048, 0, 8.49, 0.04), ("full", 4, 2048, 0, 10.49, 0.04),
+    ("offload", 4, 2048, 4096, 8.12, 0.04),
+    ("offload_attention", 1, 32768, 4096, 9.63, 0.08), ("offload_attention", 1, 98304, 4096, 16.46, 0.08)])
+def test_estimate_tracks_measured_peaks_with_host_embedding(remat, batch, seq, chunk, measured_gib, tol):
+  """llama3-8b on one H100 with bf16 LoRA, cuDNN attention, the embedding table in host memory
+  and the loss backward as one bf16 GEMM, from 4 x 2048 to 1 x 98,304 with the MLP in pieces
+  (docs/results/ours_h100_2026-12-05_{b,d}.jsonl, ours_h100_2026-12-05_98304_uncapped.jsonl;
+  the long rows within 8%: 32k over by 6%, 98k under by 4.5%)."""
   model = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
-  cfg = TrainConfig(model=ModelSetup(model_dir="-", remat=remat, attention="cudnn"),
-                    data=DataConfig(dataset="-", source_max_len=1, target_max_len=2047),
-                    optim=OptimConfig(batch_size=4)).replace(lora_dtype="bfloat16", embedding="host")
+  cfg = TrainConfig(model=ModelSetup(model_dir="-", remat=remat, attention="cudnn", mlp_chunk=chunk),
+                    data=DataConfig(dataset="-", source_max_len=1, target_max_len=seq - 1),
+                    optim=OptimConfig(batch_size=batch)).replace(lora_dtype="bfloat16", embedding="host")
   est = memory.estimate(model, cfg.model_options(), cfg, {"data": 1})
   assert "embedded batch (from the host)" in est.terms
-  assert abs(est.total / 2**30 / measured_gib - 1) < 0.04, est.text()
+  assert abs(est.total / 2**30 / measured_gib - 1) < tol, est.text()
 
 
 def test_65b_on_a_v5e_host_fits_only_when_split():
