@@ -160,7 +160,7 @@ def peft_targets(pc: dict, name: str) -> bool:
     return False
   targets = pc["target_modules"]
   if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT expands it to these
-    targets = list(LINEAR_NAMES)
+    targets = [*LINEAR_NAMES, *FUSED]
   if isinstance(targets, str):  # a regex, full-matched; layers_to_transform does not apply
     return re.fullmatch(targets, name) is not None
   if name in targets:

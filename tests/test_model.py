@@ -276,3 +276,42 @@ def test_generation_stays_inside_the_context():
     list(generate(model, [list(range(1, 41))], SamplingConfig(max_new_tokens=4)))
   tokens = list(generate(model, [list(range(1, 29))], SamplingConfig(max_new_tokens=20)))
   assert len(tokens) == 4
+
+
+def test_softcapped_attention_without_a_mask_keeps_the_window():
+  """The causal (mask-free) call of the softcapped attention applies the sliding window as the
+  explicit mask does."""
+  import jax.numpy as jnp
+
+  from qlora_jax.nn.attention import attend, make_mask
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 9, 4, 8), (2, 9, 2, 8), (2, 9, 2, 8)))
+  slots = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  mask = make_mask(slots, slots, jnp.ones((2, 9), bool), window=3)
+  kw = dict(implementation="xla", scale=0.3, softcap=2.0)
+  np.testing.assert_allclose(attend(q, k, v, None, window=3, **kw), attend(q, k, v, mask, **kw), rtol=1e-6)
+  assert not np.allclose(attend(q, k, v, None, **kw), attend(q, k, v, mask, **kw))
+
+
+@pytest.mark.parametrize("cls, hf", [
+    ("Gemma2Config", dict(model_type="gemma2", num_hidden_layers=5, sliding_window=4096)),
+    ("Gemma3TextConfig", dict(model_type="gemma3_text", num_hidden_layers=7, sliding_window=512,
+                              sliding_window_pattern=3)),
+    ("Gemma3TextConfig", dict(model_type="gemma3_text", num_hidden_layers=7, sliding_window=512)),
+])
+def test_gemma_configs_without_layer_types_read_as_transformers_reads_them(cls, hf):
+  """Hub configs written before layer_types (and ones omitting tie_word_embeddings, whose class
+  default is True): the layer kinds and tying come out as transformers' own config class makes
+  them."""
+  transformers = pytest.importorskip("transformers")
+  from qlora_jax.nn.model_config import ModelConfig
+
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=16, **hf)
+  ref = getattr(transformers, cls)(**{k: v for k, v in base.items() if k != "model_type"})
+  ours = ModelConfig.from_hf(base)
+  assert ours.local_layers == tuple(t == "sliding_attention" for t in ref.layer_types)
+  assert ours.tie_word_embeddings == ref.tie_word_embeddings is True
+  all_full = ModelConfig.from_hf({**base, "layer_types": ["full_attention"] * hf["num_hidden_layers"]})
+  assert all_full.sliding_window is None and all_full.layer_types == ()

@@ -183,6 +183,28 @@ def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
   assert max_rel_error(back(jnp.asarray(ids)), ref) <= TOL, family
 
 
+def test_merged_checkpoint_loads_in_transformers(pair, tmp_path):
+  """The merged export (adapters folded into bf16 weights; a fused family's tensors fused back)
+  loads in transformers with our logits, within bf16 rounding."""
+  import torch
+  import transformers
+
+  from qlora_jax.export import write_merged
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  family, _, _, folder = pair
+  ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=q.LoraConfig(rank=4, alpha=8.0)),
+                         tokenizer=False)
+  _set_adapters(ours)
+  write_merged(ours, folder, tmp_path / "merged")
+  merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+  ids = np.random.default_rng(8).integers(0, 160, (2, 16)).astype(np.int32)
+  # bf16 weights: 3e-2 of the largest logit; Gemma 2's final softcap (0.5 here) squeezes the
+  # logits, so the same rounding is 4.2e-2 of them (2.4e-6 with the weights kept in float32)
+  tol = 5e-2 if family == "gemma2" else 3e-2
+  assert max_rel_error(ours(jnp.asarray(ids)), hf_logits(merged, ids)) < tol, family
+
+
 @pytest.mark.skipif(not has("peft"), reason="needs peft")
 def test_adapter_made_by_peft_loads_with_peft_logits(pair, tmp_path):
   """An adapter PEFT makes on the transformers model (its module names: Phi-3's fused qkv_proj
@@ -271,3 +293,36 @@ def test_smollm2_answers_a_factual_question(smollm2):
   answer = complete(model, tok, [{"role": "user", "content": question}], SamplingConfig(max_new_tokens=24))
   print(f"\nQ: {question}\nA: {answer}")
   assert "Paris" in answer
+
+
+def test_multimodal_gemma3_checkpoint_converts_to_its_language_model(tmp_path):
+  """A Gemma 3 image-text checkpoint (google/gemma-3-*b-pt's layout: text_config,
+  language_model.* names, a vision tower): the converted folder is its language model alone,
+  and our logits equal transformers' image-text model on text, on the same weights."""
+  import json
+
+  import torch
+  import transformers
+
+  from tests.hf_reference import hf_logits, load_ours_into_torch, max_rel_error
+
+  text = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
+              layer_types=["sliding_attention", "full_attention"])
+  vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                patch_size=14)
+  torch.manual_seed(0)
+  mm = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=159,
+      boi_token_index=157, eoi_token_index=158)).eval()
+  mm.save_pretrained(str(tmp_path / "src"))
+  convert(str(tmp_path / "src"), tmp_path / "out", dense_dtype="float32", progress=False)
+  cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
+  ours, _ = q.load_model(tmp_path / "out", jnp.float32, tokenizer=False)
+  causal = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**text)).eval()
+  load_ours_into_torch(ours, causal)  # our dequantized weights, then into the image-text model
+  language = {k.removeprefix("model."): v for k, v in causal.state_dict().items() if k.startswith("model.")}
+  mm.model.language_model.load_state_dict(language)
+  ids = np.random.default_rng(9).integers(0, 150, (2, 12)).astype(np.int32)
+  assert max_rel_error(ours(jnp.asarray(ids)), hf_logits(mm, ids)) <= TOL

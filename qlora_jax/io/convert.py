@@ -23,7 +23,7 @@ from qlora_jax.format.quantization import QuantConfig, QuantizedArray, dequantiz
 from qlora_jax.io.sources import Source, default_gguf, open_source
 from qlora_jax.format.folder import FORMAT_VERSION, META_FILE, ShardWriter, read_meta
 from qlora_jax.io.loading import expected_tensors
-from qlora_jax.nn.families import classify, fused_parts
+from qlora_jax.nn.families import classify, fused_parts, text_config, text_name
 
 DENSE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -75,7 +75,7 @@ def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dens
   seen, params, used = set(), 0, None
   writer = ShardWriter(folder, shard_bytes)
   bar = tqdm(total=source.num_tensors, desc="converting", unit="tensor", disable=not progress)
-  for name, load in _unfused(source.tensors(), config, bar):
+  for name, load in _language_model(source.tensors(), config, bar):
     if config.tie_word_embeddings and name == "lm_head.weight" or classify(name) == "ignored":
       continue
     if name not in expected:
@@ -103,19 +103,24 @@ def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dens
   return params, used or quant
 
 
-def _unfused(tensors, config: ModelConfig, bar):
-  """The source's (name, load) pairs with each fused projection (Phi-3's qkv_proj, gate_up_proj)
-  split by rows into the layers it fuses (q, k, v / gate, up; sizes from config.json). A fused
-  tensor already in 4 bits (a bitsandbytes source) is dequantized to be split and re-quantized."""
+def _language_model(tensors, config: ModelConfig, bar):
+  """The source's (name, load) pairs as the language model's: a multimodal checkpoint's prefixes
+  taken off and its other parts (vision tower, projector) left out; each fused projection
+  (Phi-3's qkv_proj, gate_up_proj) split by rows into the layers it fuses (q, k, v / gate, up;
+  sizes from config.json). A fused tensor already in 4 bits (a bitsandbytes source) is
+  dequantized to be split and re-quantized as the source was."""
   for name, load in tensors:
     bar.update(1)
+    name = text_name(name)
+    if name is None:
+      continue
     found = fused_parts(name)
     if found is None:
       yield name, load
       continue
     prefix, fused, parts = found
-    value = load()
-    if isinstance(value, QuantizedArray):
+    value = requant = load()
+    if isinstance(value, QuantizedArray):  # split, then re-quantized as the source was
       value = dequantize(value, jnp.float32)
     value = np.asarray(value)
     sizes = [config.linear_shapes[part][1] for part in parts]
@@ -123,6 +128,8 @@ def _unfused(tensors, config: ModelConfig, bar):
       raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}; config.json implies "
                        f"{sum(sizes)} rows ({' + '.join(map(str, sizes))} for {', '.join(parts)})")
     for part, rows in zip(parts, np.split(value, np.cumsum(sizes)[:-1], axis=0)):
+      if isinstance(requant, QuantizedArray):
+        rows = quantize(jnp.asarray(rows), requant.quant_type, requant.blocksize, requant.nested_absmax is not None)
       yield f"{prefix}{part}.weight", (lambda rows=rows: rows)
 
 
@@ -137,7 +144,7 @@ def _same_quant(used: QuantConfig | None, qw: QuantizedArray, name: str) -> Quan
 
 def _write_metadata(source: Source, folder: pathlib.Path, quant: QuantConfig, dense_dtype: str,
                     export_bnb: bool, params: int) -> None:
-  hf = {k: v for k, v in source.hf_config.items() if k != "quantization_config"}
+  hf = {k: v for k, v in text_config(source.hf_config).items() if k != "quantization_config"}
   hf["torch_dtype"] = dense_dtype
   if export_bnb:
     hf["quantization_config"] = {

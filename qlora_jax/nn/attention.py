@@ -56,7 +56,7 @@ def attend(q, k, v, mask, *, implementation: str, scale: float, window: int | No
   mask None). name_residuals: the residuals named for remat="offload_attention"."""
   def core(q, k, v, mask):
     if softcap is not None:
-      return _softcapped(q, k, v, mask, scale, softcap)
+      return _softcapped(q, k, v, mask, scale, softcap, window)
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=scale,
         local_window_size=(window - 1, 0) if mask is None and window else None,
@@ -69,8 +69,9 @@ def attend(q, k, v, mask, *, implementation: str, scale: float, window: int | No
     return fn(q, k.astype(q.dtype), v.astype(q.dtype), mask)
 
 
-def _softcapped(q, k, v, mask, scale: float, cap: float) -> jax.Array:
-  """softmax(cap * tanh(q k^T * scale / cap), masked) v, the scores and softmax in float32."""
+def _softcapped(q, k, v, mask, scale: float, cap: float, window: int | None = None) -> jax.Array:
+  """softmax(cap * tanh(q k^T * scale / cap), masked) v, the scores and softmax in float32
+  (mask None: causal, within `window` tokens if set)."""
   b, t, n, h = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, h)
@@ -78,7 +79,8 @@ def _softcapped(q, k, v, mask, scale: float, cap: float) -> jax.Array:
   scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32, precision=prec)
   scores = cap * jnp.tanh(scores * scale / cap)
   if mask is None:
-    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
+    slots = jnp.arange(t)
+    mask = make_mask(slots[None], slots[None], jnp.ones((1, t), bool), window=window)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32, precision=prec)

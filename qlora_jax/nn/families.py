@@ -32,6 +32,8 @@ class Family:
   sandwich_norms: bool = False  # norms after attention and around the MLP too (Gemma 2/3)
   layer_rope: bool = False  # local (sliding) layers take their own rope base (Gemma 3)
   fused: bool = False  # stores qkv_proj and gate_up_proj (Phi-3): split at conversion (FUSED)
+  layer_pattern: int = 0  # without layer_types: every Nth layer full, the rest sliding (Gemma 2: 2, 3: 6)
+  tied_default: bool = False  # tie_word_embeddings when config.json omits it (its class default)
 
   def hf_fields(self, hf: dict) -> dict:
     """The ModelConfig fields whose reading differs by family, from a transformers config."""
@@ -40,10 +42,16 @@ class Family:
     if self.window_needs_flag and not hf.get("use_sliding_window", False):
       window = None
     types = tuple(hf.get("layer_types") or ())
+    if not types and window is not None and self.layer_pattern:  # as transformers' config class
+      every = int(hf.get("sliding_window_pattern") or self.layer_pattern)
+      types = tuple("full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                    for i in range(hf["num_hidden_layers"]))
     unknown = set(types) - set(LAYER_TYPES)
     if unknown:
       raise ValueError(f"model_type={self.model_type!r}: unknown layer_types {sorted(unknown)}; "
                        f"supported: {LAYER_TYPES}")
+    if types and set(types) == {"full_attention"}:
+      window = None  # no layer slides
     if window is None or len(set(types)) < 2:
       types = ()  # one kind of layer: the window (if any) applies to all
     if hf.get("use_bidirectional_attention"):
@@ -51,7 +59,7 @@ class Family:
                        "encoder, not a causal LM; use a causal checkpoint")
     return {"qkv_bias": self.qkv_bias_always or attention_bias,
             "o_bias": not self.o_bias_never and attention_bias, "sliding_window": window,
-            "layer_types": types}
+            "layer_types": types, "tie_word_embeddings": bool(hf.get("tie_word_embeddings", self.tied_default))}
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -60,11 +68,41 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2", gguf_architecture="qwen2", qkv_bias_always=True, o_bias_never=True,
            window_needs_flag=True),
     Family("qwen3", gguf_architecture="qwen3", window_needs_flag=True, qk_norm=True),
-    Family("gemma2", norm_plus_one=True, scaled_embedding=True, sandwich_norms=True),
+    Family("gemma2", norm_plus_one=True, scaled_embedding=True, sandwich_norms=True, layer_pattern=2,
+           tied_default=True),
     Family("gemma3_text", qk_norm=True, norm_plus_one=True, scaled_embedding=True,
-           sandwich_norms=True, layer_rope=True),
+           sandwich_norms=True, layer_rope=True, layer_pattern=6, tied_default=True),
     Family("phi3", fused=True),
 )}
+
+# Multimodal checkpoints whose language model is a supported family: the model is config.json's
+# text_config, its tensors carry a prefix (transformers 4's and 5's), the vision tower and the
+# projector are not read, and a converted folder holds the language model alone.
+MULTIMODAL = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.")
+
+
+def text_config(hf: dict) -> dict:
+  """The language model's transformers config: hf itself, or a multimodal checkpoint's text_config."""
+  if hf.get("model_type") not in MULTIMODAL or "text_config" not in hf:
+    return hf
+  model_type, architecture = MULTIMODAL[hf["model_type"]]
+  text = {**hf["text_config"], "model_type": model_type, "architectures": [architecture]}
+  if "tie_word_embeddings" in hf:
+    text.setdefault("tie_word_embeddings", hf["tie_word_embeddings"])
+  return text
+
+
+def text_name(name: str) -> str | None:
+  """A tensor's name in the language model's terms; None for a multimodal model's other parts."""
+  for old, new in TEXT_PREFIXES:
+    if name.startswith(old):
+      return new + name[len(old):]
+  return None if name.startswith(NON_TEXT_PREFIXES) else name
+
 
 # Fused projections a family may store, and the layers each is split into, in its row order.
 # Splitting at conversion keeps one layout for the kernels, LoRA, sharding and the estimate (a

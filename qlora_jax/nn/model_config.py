@@ -8,7 +8,7 @@ import math
 import pathlib
 from typing import Any
 
-from qlora_jax.nn.families import Family, family as family_of
+from qlora_jax.nn.families import Family, family as family_of, text_config
 
 ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
@@ -130,6 +130,7 @@ class ModelConfig:
 
   @classmethod
   def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    hf = text_config(hf)
     model_type = hf.get("model_type")
     fam = family_of(model_type, hf.get("architectures"))
     heads = hf["num_attention_heads"]
@@ -147,7 +148,6 @@ class ModelConfig:
         partial_rotary_factor=float((hf.get("rope_parameters") or {}).get(
             "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"), **fam.hf_fields(hf))
 
@@ -174,7 +174,7 @@ def _rope_from_hf(hf: dict[str, Any], layer_type: str) -> RopeConfig:
   params = {**scaling, **params}
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
-  if "original_max_position_embeddings" not in params and "original_max_position_embeddings" in hf:
+  if "original_max_position_embeddings" in hf:  # the top-level field wins, as in transformers
     params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
   keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
   fields = {k: params[k] for k in keys if k in params}

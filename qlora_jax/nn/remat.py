@@ -38,9 +38,10 @@ REMAT_POLICIES = {
 
 def with_named_residuals(attend: Callable) -> Callable:
   """attend(q, k, v, mask) -> out, differentiated through its own VJP, with the residuals that
-  VJP keeps beyond q, k, v and the mask (the output, the softmax statistics) named
-  ATTENTION_RESIDUALS, and the output named too, so a policy that keeps them never re-runs the
-  attention's forward. The mask (bool, or None) is an argument, not a closure: a custom VJP
+  VJP keeps beyond q, k, v and the mask and no larger than the output (the output, the softmax
+  statistics) named ATTENTION_RESIDUALS, so a policy that keeps them never re-runs cuDNN's fused
+  attention forward. Larger ones ([T, S]: a mask's bias, XLA attention's probabilities) stay
+  unnamed and are recomputed: quadratic in the row, they would swamp host memory. The mask (bool, or None) is an argument, not a closure: a custom VJP
   may not close over traced values."""
 
   @jax.custom_vjp
@@ -56,7 +57,11 @@ def with_named_residuals(attend: Callable) -> Callable:
     def name(x):
       if any(x is y for y in inputs):
         return x  # the inputs: recomputed from the layer's input (cheap, linear in the row)
-      return named_out if x is out else checkpoint_name(x, ATTENTION_RESIDUALS)
+      if x is out:
+        return named_out
+      if x.size > out.size:  # [T, S]-sized (a mask's bias, XLA's probabilities): not to the host
+        return x
+      return checkpoint_name(x, ATTENTION_RESIDUALS)
 
     return named_out, jax.tree.unflatten(tree, [name(x) for x in leaves])
 
