@@ -80,7 +80,7 @@ def _profile(model, cache_length: int) -> dict:
   from flax import nnx
 
   from qlora_jax.nn.generate import CHUNK, _decoder
-  from qlora_jax.nn.model import KVCache
+  from qlora_jax.nn.kv_cache import KVCache
   from step_profile import kernels_by_name
 
   graphdef, state = nnx.split(model)

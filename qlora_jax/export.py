@@ -27,7 +27,7 @@ from qlora_jax.format.folder import ShardWriter, read_meta
 from qlora_jax.format.quantization import dequantize
 from qlora_jax.io.loading import expected_tensors, load_model
 from qlora_jax.io.sources import DEFAULT_GGUF, DEFAULT_ORIGINAL
-from qlora_jax.nn.families import FUSED, LINEAR_NAMES, family
+from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family
 from qlora_jax.nn.lora import LoraConfig
 from qlora_jax.nn.model import ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
@@ -35,7 +35,7 @@ from qlora_jax.nn.variables import FrozenParam
 from qlora_jax.train.builder import build_from_folder
 from qlora_jax.train.checkpoint import BEST_DIR, Checkpointer
 from qlora_jax.peft_format import (check_plain_lora, fill_adapters, layer_slice, linear_modules,
-                                   peft_config, peft_modules, peft_source, peft_tensors)
+                                   peft_config, peft_modules, peft_tensors)
 from qlora_jax.train.config import TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -108,18 +108,15 @@ def merged_tensors(model):
     return np.asarray(w.astype(jnp.bfloat16))
 
   fused = family(model.config.model_type).fused
-  parts = {}  # name -> (module, index) of the layers a fused tensor is made of
+  groups = {}  # (prefix, fused layer) -> {part: (module, index)}
   for name, module, i in linear_modules(model):
-    if fused and peft_source(name, model.config)[1] is not None:
-      parts[name] = (module, i)
+    prefix, part = name.rsplit(".", 1)
+    if fused and part in FUSED_INTO:
+      groups.setdefault((prefix, FUSED_INTO[part]), {})[part] = (module, i)
     else:
       yield f"{name}.weight", merged(module, i)
-  for name in parts:
-    fused_name, rows = peft_source(name, model.config)
-    if rows.start == 0:  # the first part: gather its group
-      prefix = fused_name.rsplit(".", 1)[0]
-      group = FUSED[fused_name.rsplit(".", 1)[1]]
-      yield f"{fused_name}.weight", np.concatenate([merged(*parts[f"{prefix}.{p}"]) for p in group])
+  for (prefix, group), parts in groups.items():
+    yield f"{prefix}.{group}.weight", np.concatenate([merged(*parts[p]) for p in FUSED[group]])
   for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
     for name, i in variable_names(path, model.config, model.options):
       yield name, np.asarray(layer_slice(var.get_value(), i).astype(jnp.bfloat16))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.nn.families import FUSED, LINEAR_NAMES, family
+from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family, fused_rows
 from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model import variable_names
 from qlora_jax.nn.model_config import ModelConfig
@@ -61,20 +61,16 @@ def _fuse(tensors: dict, config: ModelConfig) -> dict:
   out = dict(tensors)
   for name in [n.removesuffix(".lora_A.weight") for n in tensors if n.endswith(".lora_A.weight")]:
     prefix, part = name.rsplit(".", 1)
-    group = next((f for f, parts in FUSED.items() if part in parts), None)
+    group = FUSED_INTO.get(part)
     if group is None or f"{prefix}.{group}.lora_A.weight" in out:
       continue
-    parts = FUSED[group]
-    rows = [config.linear_shapes[p][1] for p in parts]
-    adapted = [p for p in parts if f"{prefix}.{p}.lora_A.weight" in tensors]
+    rows = fused_rows(group, config.linear_shapes)
+    adapted = [p for p in rows if f"{prefix}.{p}.lora_A.weight" in tensors]
     a = [out.pop(f"{prefix}.{p}.lora_A.weight") for p in adapted]
-    b_parts = {p: out.pop(f"{prefix}.{p}.lora_B.weight") for p in adapted}
     rank = a[0].shape[0]
-    b = np.zeros((sum(rows), rank * len(adapted)), np.float32)
-    for p, start in zip(parts, np.cumsum([0, *rows[:-1]])):
-      if p in b_parts:
-        col = adapted.index(p) * rank
-        b[start:start + b_parts[p].shape[0], col:col + rank] = b_parts[p]
+    b = np.zeros((max(r.stop for r in rows.values()), rank * len(adapted)), np.float32)
+    for col, p in enumerate(adapted):
+      b[rows[p], col * rank:(col + 1) * rank] = out.pop(f"{prefix}.{p}.lora_B.weight")
     out[f"{prefix}.{group}.lora_A.weight"] = np.concatenate(a)
     out[f"{prefix}.{group}.lora_B.weight"] = b
   return out
@@ -135,19 +131,16 @@ def peft_modules(pc: dict, names: list[str], config: ModelConfig | None = None) 
   return out
 
 
-def peft_source(name: str, config: ModelConfig | None) -> tuple[str, slice | None]:
-  """(the module PEFT names, the rows of its lora_B that are this layer's): a layer that a
-  fused family's checkpoints fuse (Phi-3's q_proj in qkv_proj) reads the fused adapter's A
-  whole and its own rows of B, exactly as PEFT's fused product splits."""
-  if config is None or not family(config.model_type).fused:
-    return name, None
+def peft_source(name: str, config: ModelConfig | None) -> tuple[str, slice | None, int | None]:
+  """(the module PEFT names, this layer's rows of its lora_B, that lora_B's rows): a layer that a
+  fused family's checkpoints fuse (Phi-3's q_proj in qkv_proj) reads the fused adapter's A whole
+  and its own rows of B, exactly as PEFT's fused product splits; (name, None, None) otherwise."""
   prefix, part = name.rsplit(".", 1)
-  for group, parts in FUSED.items():
-    if part in parts:
-      rows = [config.linear_shapes[p][1] for p in parts]
-      start = sum(rows[:parts.index(part)])
-      return f"{prefix}.{group}", slice(start, start + rows[parts.index(part)])
-  return name, None
+  group = FUSED_INTO.get(part)
+  if config is None or group is None or not family(config.model_type).fused:
+    return name, None, None
+  rows = fused_rows(group, config.linear_shapes)
+  return f"{prefix}.{group}", rows[part], max(r.stop for r in rows.values())
 
 
 def peft_targets(pc: dict, name: str) -> bool:
@@ -222,10 +215,9 @@ def _padded_lora(name: str, spec, weights: dict, layer: QLoRALinear, used: set, 
   if spec is None:  # not adapted: zero A and B add exactly nothing
     return a_KxR, b_RxN
   r, own = spec
-  peft_name, rows = peft_source(name, config)
-  out_rows = layer.out_features if rows is None else sum(config.linear_shapes[p][1] for p in FUSED[peft_name.rsplit(".", 1)[1]])
+  peft_name, rows, height = peft_source(name, config)
   a_RxK = _peft_weight(weights, f"{PEFT_PREFIX}{peft_name}.lora_A.weight", (r, layer.in_features), used)
-  b_NxR = _peft_weight(weights, f"{PEFT_PREFIX}{peft_name}.lora_B.weight", (out_rows, r), used)
+  b_NxR = _peft_weight(weights, f"{PEFT_PREFIX}{peft_name}.lora_B.weight", (height or layer.out_features, r), used)
   b_NxR = b_NxR if rows is None else b_NxR[rows]
   a_KxR[:, :r] = a_RxK.T
   # Folded in float64 and rounded once; a ratio of 1 (one rank and alpha) leaves B bit-identical.

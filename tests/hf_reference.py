@@ -88,7 +88,7 @@ def load_ours_into_torch(ours: q.CausalLM, hf_model) -> None:
   """Replace hf_model's linear weights by our dequantized ones, and its dense weights by ours."""
   from flax import nnx
 
-  from qlora_jax.nn.families import fused_parts
+  from qlora_jax.nn.families import FUSED, fused_parts
 
   state = hf_model.state_dict()
   for path, module in nnx.iter_modules(ours):
@@ -98,8 +98,8 @@ def load_ours_into_torch(ours: q.CausalLM, hf_model) -> None:
   for name in list(state):  # a fused layer (Phi-3) takes its parts' rows in order
     found = fused_parts(name)
     if found is not None:
-      prefix, _, parts = found
-      state[name] = torch.cat([state.pop(f"{prefix}{part}.weight") for part in parts])
+      prefix, group = found
+      state[name] = torch.cat([state.pop(f"{prefix}{part}.weight") for part in FUSED[group]])
   for path, var in nnx.to_flat_state(nnx.state(ours, q.FrozenParam)):
     name = ".".join(str(p) for p in path)
     state[name] = torch.from_numpy(np.asarray(var.get_value(), np.float32))

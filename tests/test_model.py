@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from qlora_jax.nn.lora import LoraConfig
-from qlora_jax.nn.model import ModelOptions, attention_implementation
+from qlora_jax.nn.attention import attention_implementation
+from qlora_jax.nn.model import ModelOptions
 
 
 def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():

@@ -7,7 +7,7 @@ import pytest
 
 import qlora_jax as q
 from qlora_jax.io.convert import convert
-from qlora_jax.nn.model import KVCache
+from qlora_jax.nn.kv_cache import KVCache
 from tests.conftest import has
 
 pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip install -e .[test]")

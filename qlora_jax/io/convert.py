@@ -23,7 +23,7 @@ from qlora_jax.format.quantization import QuantConfig, QuantizedArray, dequantiz
 from qlora_jax.io.sources import Source, default_gguf, open_source
 from qlora_jax.format.folder import FORMAT_VERSION, META_FILE, ShardWriter, read_meta
 from qlora_jax.io.loading import expected_tensors
-from qlora_jax.nn.families import classify, fused_parts, text_config, text_name
+from qlora_jax.nn.families import classify, fused_parts, fused_rows, text_config, text_name
 
 DENSE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -118,19 +118,21 @@ def _language_model(tensors, config: ModelConfig, bar):
     if found is None:
       yield name, load
       continue
-    prefix, fused, parts = found
-    value = requant = load()
+    prefix, fused = found
+    value = source = load()
     if isinstance(value, QuantizedArray):  # split, then re-quantized as the source was
       value = dequantize(value, jnp.float32)
     value = np.asarray(value)
-    sizes = [config.linear_shapes[part][1] for part in parts]
-    if value.ndim != 2 or value.shape[0] != sum(sizes):
-      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}; config.json implies "
-                       f"{sum(sizes)} rows ({' + '.join(map(str, sizes))} for {', '.join(parts)})")
-    for part, rows in zip(parts, np.split(value, np.cumsum(sizes)[:-1], axis=0)):
-      if isinstance(requant, QuantizedArray):
-        rows = quantize(jnp.asarray(rows), requant.quant_type, requant.blocksize, requant.nested_absmax is not None)
-      yield f"{prefix}{part}.weight", (lambda rows=rows: rows)
+    rows = fused_rows(fused, config.linear_shapes)
+    height = max(r.stop for r in rows.values())
+    if value.ndim != 2 or value.shape[0] != height:
+      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}; config.json implies {height} rows "
+                       f"({' + '.join(f'{r.stop - r.start} for {p}' for p, r in rows.items())})")
+    for part, r in rows.items():
+      piece = value[r]
+      if isinstance(source, QuantizedArray):
+        piece = quantize(jnp.asarray(piece), source.quant_type, source.blocksize, source.double_quant)
+      yield f"{prefix}{part}.weight", (lambda piece=piece: piece)
 
 
 def _same_quant(used: QuantConfig | None, qw: QuantizedArray, name: str) -> QuantConfig:

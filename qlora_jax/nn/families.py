@@ -109,14 +109,25 @@ def text_name(name: str) -> str | None:
 # fused matmul would be one kernel call instead of three: the split costs launches, not FLOPs);
 # PEFT export fuses the adapters back under these names (export.py).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-FUSED_PARENT = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
+FUSED_INTO = {part: group for group, parts in FUSED.items() for part in parts}
 
 
-def fused_parts(name: str) -> tuple[str, str, tuple[str, ...]] | None:
-  """(prefix, fused layer, its parts) of a fused tensor's name, e.g.
-  model.layers.3.self_attn.qkv_proj.weight -> ("model.layers.3.self_attn.", "qkv_proj", (q, k, v))."""
-  m = re.fullmatch(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.)(qkv_proj|gate_up_proj)\.weight", name)
-  return (m.group(1), m.group(2), FUSED[m.group(2)]) if m else None
+def fused_rows(group: str, linear_shapes: dict[str, tuple[int, int]]) -> dict[str, slice]:
+  """Each part's rows of the fused tensor `group`, in order (sizes: ModelConfig.linear_shapes)."""
+  rows, start = {}, 0
+  for part in FUSED[group]:
+    rows[part] = slice(start, start + linear_shapes[part][1])
+    start = rows[part].stop
+  return rows
+
+
+def fused_parts(name: str) -> tuple[str, str] | None:
+  """(prefix, fused layer) of a fused tensor's name, e.g.
+  model.layers.3.self_attn.qkv_proj.weight -> ("model.layers.3.self_attn.", "qkv_proj")."""
+  m = re.fullmatch(rf"(model\.layers\.\d+\.\w+\.)({'|'.join(FUSED)})\.weight", name)
+  return (m.group(1), m.group(2)) if m else None
+
+
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

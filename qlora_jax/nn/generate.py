@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.nn.model import CausalLM, KVCache
+from qlora_jax.nn.kv_cache import KVCache
+from qlora_jax.nn.model import CausalLM
 
 PROMPT_BUCKET = 64
 

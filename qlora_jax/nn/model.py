@@ -28,10 +28,6 @@ from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES
 from qlora_jax.nn.rope import apply_rope, rotation
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "CausalLM", "KVCache", "ModelOptions", "attention_implementation",
-           "make_mask", "mlp_pieces"]
-
-
 def mlp_pieces(tokens: int, chunk: int) -> tuple[int, int]:
   """(pieces, tokens a piece) of ModelOptions.mlp_chunk: equal pieces of at most `chunk` tokens
   (the last one padded); (1, tokens) when chunk is 0 or covers them all."""

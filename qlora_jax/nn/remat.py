@@ -41,8 +41,8 @@ def with_named_residuals(attend: Callable) -> Callable:
   VJP keeps beyond q, k, v and the mask and no larger than the output (the output, the softmax
   statistics) named ATTENTION_RESIDUALS, so a policy that keeps them never re-runs cuDNN's fused
   attention forward. Larger ones ([T, S]: a mask's bias, XLA attention's probabilities) stay
-  unnamed and are recomputed: quadratic in the row, they would swamp host memory. The mask (bool, or None) is an argument, not a closure: a custom VJP
-  may not close over traced values."""
+  unnamed and are recomputed: quadratic in the row, they would swamp host memory. The mask
+  (bool, or None) is an argument, not a closure: a custom VJP may not close over traced values."""
 
   @jax.custom_vjp
   def attention(q, k, v, mask):

@@ -22,7 +22,8 @@ from qlora_jax.data import CHAT_TURNS, FORMATS
 from qlora_jax.format.quantization import QuantConfig
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.lora import LoraConfig
-from qlora_jax.nn.model import ATTENTION_IMPLEMENTATIONS, ModelOptions
+from qlora_jax.nn.attention import ATTENTION_IMPLEMENTATIONS
+from qlora_jax.nn.model import ModelOptions
 from qlora_jax.nn.remat import REMAT_POLICIES
 from qlora_jax.nn.sharding import LORA_SHARDINGS, MESH_AXES
 
@@ -92,7 +93,7 @@ class ModelSetup:
   model_dir: str
   model_source: str = ""
   dtype: str = "bfloat16"  # compute dtype, and the dtype of embeddings, norms and lm_head
-  remat: str = "full"  # per layer, a REMAT_POLICIES key (nn/remat.py): none | full | offload | offload_attention | save_dots
+  remat: str = "full"  # per layer, a REMAT_POLICIES key (nn/remat.py)
   scan_layers: bool = True  # scan over one stacked layer: compile time independent of depth
   attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
   backend: str = backends.DEFAULT  # the 4-bit matmul: auto | pallas | xla

@@ -23,7 +23,8 @@ from flax import nnx
 from qlora_jax import cli
 from qlora_jax.format.folder import read_meta
 from qlora_jax.format.quantization import QuantConfig
-from qlora_jax.nn.model import CausalLM, ModelOptions, attention_implementation, mlp_pieces
+from qlora_jax.nn.attention import attention_implementation
+from qlora_jax.nn.model import CausalLM, ModelOptions, mlp_pieces
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, mesh_shape, per_device_bytes, specs
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
@@ -125,7 +126,8 @@ def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq
   """What the remat policy keeps per layer between forward and backward, times the depth.
 
   full keeps each layer's input; offload (and offload_attention, which moves the attention's
-  output there too) keeps it in pinned host memory (two layers' worth on the device as they move). save_dots also keeps the float32 outputs of the LoRA dots (the
+  output there too) keeps it in pinned host memory (two layers' worth on the device as they
+  move). save_dots also keeps the float32 outputs of the LoRA dots (the
   4-bit matmuls sit behind a custom VJP, whose outputs the policy does not save; checked against
   XLA's buffer assignment on CPU). none keeps everything: attention scores and elementwise
   intermediates as well.
