@@ -11,6 +11,7 @@ fusion names up).
 
 import argparse
 import collections
+import gzip
 import json
 import pathlib
 import statistics
@@ -36,6 +37,66 @@ def kernels_by_name(fn, *args) -> tuple:
   return out, sorted(((ms, n, name) for name, (n, ms) in by_name.items()), reverse=True)
 
 
+def _union(spans: list) -> list:
+  out = []
+  for a, b in sorted(spans):
+    if out and a <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], b)
+    else:
+      out.append([a, b])
+  return out
+
+
+def _overlap(spans: list, cover: list) -> float:
+  """Microseconds of `spans` that fall inside the union `cover` (both lists of [start, end])."""
+  total, j = 0.0, 0
+  for a, b in sorted(spans):
+    while j < len(cover) and cover[j][1] <= a:
+      j += 1
+    k = j
+    while k < len(cover) and cover[k][0] < b:
+      total += min(b, cover[k][1]) - max(a, cover[k][0])
+      k += 1
+  return total
+
+
+def copy_overlap(trace_dir: str) -> dict:
+  """From a perfetto trace of one step: per copy kind (host to device, device to host), its
+  summed time and how much of it ran while a kernel ran (overlapped), plus the span of device
+  activity and the time no kernel ran: do the host copies hide behind compute?"""
+  path = next(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+  trace = json.load(gzip.open(path))["traceEvents"]
+  gpu = {e["pid"] for e in trace if e.get("ph") == "M" and e.get("name") == "process_name"
+         and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  streams = {(e["pid"], e["tid"]) for e in trace if e.get("ph") == "M" and e.get("name") == "thread_name"
+             and e.get("pid") in gpu and "stream" in str(e.get("args", {}).get("name", "")).lower()}
+  copies = collections.defaultdict(list)
+  kernels = []
+  names = collections.Counter()
+  for e in trace:
+    if e.get("ph") != "X" or "dur" not in e or e.get("pid") not in gpu:
+      continue
+    if streams and (e["pid"], e.get("tid")) not in streams:
+      continue  # the XLA-op and module lines over the streams' kernels
+    name, span = e["name"].lower(), [e["ts"], e["ts"] + e["dur"]]
+    if "memcpy" in name or "memset" in name:
+      kind = ("htod" if ("htod" in name or "h2d" in name) else
+              "dtoh" if ("dtoh" in name or "d2h" in name) else "other:" + e["name"][:40])
+      copies[kind].append(span)
+      names[e["name"][:60]] += 1
+    else:
+      kernels.append(span)
+  busy = _union(kernels)
+  lo = min(a for a, _ in busy) if busy else 0
+  hi = max(b for _, b in busy) if busy else 0
+  out = {"kernel_busy_ms": sum(b - a for a, b in busy) / 1e3, "device_span_ms": (hi - lo) / 1e3,
+         "copy_names": dict(names.most_common(6))}
+  for kind, spans in copies.items():
+    out[kind] = {"calls": len(spans), "ms": sum(b - a for a, b in spans) / 1e3,
+                 "overlapped_ms": _overlap(spans, busy) / 1e3}
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--model", default="llama-65b", choices=sorted(SHAPES))
@@ -44,14 +105,17 @@ def main() -> None:
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--remat", default="full")
   p.add_argument("--mlp-chunk", type=int, default=0)
+  p.add_argument("--scan-unroll", type=int, default=1)
   p.add_argument("--lora-dtype", default="bfloat16", choices=["float32", "bfloat16"])
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--json")
   p.add_argument("--hlo")
+  p.add_argument("--trace", help="a folder: trace one step and report how host copies overlap kernels")
   args = p.parse_args()
   cfg = ModelConfig(**{"model_type": "llama", **SHAPES[args.model], "num_hidden_layers": args.layers})
   options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0, param_dtype=args.lora_dtype),
-                         remat=args.remat, mlp_chunk=args.mlp_chunk, scan_layers=True, attention="cudnn")
+                         remat=args.remat, mlp_chunk=args.mlp_chunk, scan_layers=True,
+                         scan_unroll=args.scan_unroll, attention="cudnn")
   trainable = random_trainable(cfg, options)
   lora, rng, opt, frozen = trainable.lora, trainable.rng, trainable.opt_state, trainable.frozen
   step = trainable.step.programs["whole"]
@@ -67,6 +131,13 @@ def main() -> None:
   lora, rng, opt = trainable.lora, trainable.rng, trainable.opt_state
   (lora, rng, opt, _), rows = kernels_by_name(run, lora, rng, opt, frozen, data)
   total = sum(ms for ms, _, _ in rows)
+  overlap = None
+  if args.trace:
+    jax.block_until_ready(trainable.train_step(data))
+    with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+      jax.block_until_ready(trainable.train_step(data))
+    overlap = copy_overlap(args.trace)
+    print("copies:", json.dumps(overlap))
   print(f"{args.model} x {args.layers} layers, {args.batch} x {args.seq}, remat {args.remat}: step {statistics.median(walls[2:]) * 1e3:.1f} ms wall, "
         f"{total:.1f} ms of kernels")
   for ms, n, name in rows[:args.top]:
@@ -75,7 +146,7 @@ def main() -> None:
     with open(args.json, "w") as f:
       json.dump({"model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
                  "remat": args.remat, "lora_dtype": args.lora_dtype, "wall_ms": statistics.median(walls[2:]) * 1e3,
-                 "kernel_ms": total, "kernels": [(ms, n, name) for ms, n, name in rows]}, f, indent=1)
+                 "kernel_ms": total, "copies": overlap, "kernels": [(ms, n, name) for ms, n, name in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

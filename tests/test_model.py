@@ -103,7 +103,7 @@ def test_float32_models_ask_for_float32_products():
 
 
 def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr: bool = False,
-                         mlp_chunk: int = 0, flops: list | None = None):
+                         mlp_chunk: int = 0, flops: list | None = None, scan_unroll: int = 1, layers: int = 2):
   """(loss, LoRA gradients, the gradient's jaxpr text if asked) of a tiny float32 model on
   right-padded rows; `flops` (a list) gets the compiled gradient's FLOP count appended."""
   import jax.numpy as jnp
@@ -116,7 +116,7 @@ def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr:
   from qlora_jax.train.loss import batch_loss
 
   config = ModelConfig(model_type="mistral" if window else "llama", vocab_size=128, hidden_size=64,
-                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, sliding_window=window)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 24)), jnp.int32)
   real = jnp.arange(24)[None, :] < jnp.asarray([[24], [17]])  # the second row: 7 padding tokens
@@ -125,7 +125,7 @@ def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr:
   if segments:  # the masked path: one segment a row, padding segment 0
     batch["segment_ids"] = real.astype(jnp.int32)
   options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4), remat=remat, scan_layers=True,
-                         attention="xla", mlp_chunk=mlp_chunk)
+                         attention="xla", mlp_chunk=mlp_chunk, scan_unroll=scan_unroll)
   model = random_model(config, options, seed=3)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   lora = jax.tree.map(lambda x: x + 0.05, lora)  # B != 0: the adapters act
@@ -194,6 +194,18 @@ def test_chunked_mlp_equals_the_whole_mlp_without_extra_recomputation(remat):
   for a, b in zip(g_chunked, g_whole):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   assert flops[1] <= flops[0] * 1.001, flops
+
+
+def test_unrolled_layer_scan_equals_the_plain_scan():
+  """scan_unroll=2 over 3 layers (one iteration of two, one left over) computes what the plain
+  scan does: loss and LoRA gradients, with offloaded checkpoints."""
+  plain, g_plain, _ = _tiny_loss_and_grads("offload", layers=3)
+  unrolled, g_unrolled, _ = _tiny_loss_and_grads("offload", layers=3, scan_unroll=2)
+  np.testing.assert_allclose(unrolled, plain, rtol=1e-6)
+  for a, b in zip(g_unrolled, g_plain):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    ModelOptions(scan_unroll=0)
 
 
 def test_mlp_chunk_must_be_a_non_negative_int():

@@ -50,6 +50,9 @@ class ModelOptions:
   # recomputed in the backward pass on its own: the [tokens, intermediate] tensors of a layer's
   # backward then scale with the piece, not the batch. 0: the whole batch at once.
   mlp_chunk: int = 0
+  # Layers per iteration of the layer scan: with 2, one layer's host copies (its offloaded
+  # checkpoint coming back for the backward) can run beside the other's compute.
+  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -59,6 +62,8 @@ class ModelOptions:
     check_backend(self.backend)
     if not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 0):
       raise ValueError(f"mlp_chunk must be an int >= 0 (tokens; 0 = no chunking), got {self.mlp_chunk!r}")
+    if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
+      raise ValueError(f"scan_unroll must be an int >= 1 (layers per scan iteration), got {self.scan_unroll!r}")
     unknown = set(self.lora.targets if self.lora else ()) - set(LINEAR_NAMES)
     if unknown:
       raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LINEAR_NAMES}")
@@ -370,7 +375,8 @@ class CausalLM(nnx.Module):
         return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
       if self.options.remat != "none":
         body = nnx.remat(body, policy=policy)
-      return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(h, self.model.layers, kinds), None
+      return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, unroll=self.options.scan_unroll)(
+          h, self.model.layers, kinds), None
 
     def body_kv(h, layer, k, v, local):
       h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]), None, local if mixed else None)
