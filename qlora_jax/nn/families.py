@@ -68,11 +68,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2", gguf_architecture="qwen2", qkv_bias_always=True, o_bias_never=True,
            window_needs_flag=True),
     Family("qwen3", gguf_architecture="qwen3", window_needs_flag=True, qk_norm=True),
-    Family("gemma2", norm_plus_one=True, scaled_embedding=True, sandwich_norms=True, layer_pattern=2,
-           tied_default=True),
-    Family("gemma3_text", qk_norm=True, norm_plus_one=True, scaled_embedding=True,
-           sandwich_norms=True, layer_rope=True, layer_pattern=6, tied_default=True),
-    Family("phi3", fused=True),
+    Family("gemma2", gguf_architecture="gemma2", norm_plus_one=True, scaled_embedding=True,
+           sandwich_norms=True, layer_pattern=2, tied_default=True),
+    Family("gemma3_text", gguf_architecture="gemma3", qk_norm=True, norm_plus_one=True,
+           scaled_embedding=True, sandwich_norms=True, layer_rope=True, layer_pattern=6, tied_default=True),
+    Family("phi3", gguf_architecture="phi3", fused=True),
 )}
 
 # Multimodal checkpoints whose language model is a supported family: the model is config.json's
