@@ -8,24 +8,33 @@ at trace time.
           about even with XLA's path and a whole step slower (docs/kernels.md); on CPU, XLA.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
-uses is printed once, at the first trace, never per call. Under a mesh of several devices (a
-sharded step) both take XLA's path: a Pallas call is one device's program, and GSPMD would
-replicate its operands (a whole 4-bit weight per device) rather than split it.
+uses is printed once, at the first trace, never per call.
+
+Under a mesh of several devices (a sharded step) a Pallas call is one device's program, so the
+training kernels run inside `shard_map` (`on_mesh`): the kernel operands are made from the
+stored weight by XLA as on one device (GSPMD gathers the fsdp-split 4-bit codes and scales, as
+XLA's own path does), then each device multiplies its rows of the batch (the batch axes) by its
+output rows of the weight (the tensor axis): the forward product's output stays split along
+the tensor axis, the backward product's partial sums over it are added (psum). The decode
+kernel reads the stored weight itself and stays single-device: under a mesh decode-sized
+products take XLA's path.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import gpu_decode, gpu_matmul, layout, tpu, xla
 from qlora_jax.format.quantization import QuantizedArray
 
 POLICIES = ("pallas", "auto")
 
-INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU)
+INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU); "hlo": tpu._interpret
 _ANNOUNCED: set[tuple[str, str]] = set()
 
 
@@ -45,6 +54,41 @@ def _announce(policy: str, platform: str) -> None:
         flush=True)
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split a batch's rows (nn/sharding.py)
+TENSOR_AXIS = "tensor"  # the mesh axis that splits a weight's output rows
+
+
+def on_mesh(kernel, a, operands, n_dims, product: str, supported):
+  """kernel(a, *operands) run per device under the current mesh: a's rows split over the batch
+  axes where they divide them, the weight's output rows N (dimension n_dims[i] of operand i;
+  for the forward product also a's result columns, for the backward a's columns) split over
+  the tensor axis where supported(shards) says the kernel takes an N split that many ways.
+  Returns the global result."""
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(mesh.shape)
+  rows = tuple(ax for ax in BATCH_AXES if sizes.get(ax, 1) > 1)
+  if a.shape[0] % math.prod(sizes[ax] for ax in rows):
+    rows = ()  # a decode-sized batch: every device takes all rows
+  t = sizes.get(TENSOR_AXIS, 1)
+  tensor = TENSOR_AXIS if t > 1 and supported(t) else None
+  row_spec = rows or None
+
+  def spec(ndim, dim):
+    return P(*[tensor if d == dim else None for d in range(ndim)])
+
+  operand_specs = tuple(spec(x.ndim, d) for x, d in zip(operands, n_dims))
+  if product == "forward":
+    in_specs, out_spec = (P(row_spec, None), *operand_specs), P(row_spec, tensor)
+    body = kernel
+  else:
+    in_specs, out_spec = (P(row_spec, tensor), *operand_specs), P(row_spec, None)
+
+    def body(a, *ops):
+      out = kernel(a, *ops).astype(jnp.float32)
+      return jax.lax.psum(out, TENSOR_AXIS) if tensor else out
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(a, *operands)
+
+
 def product_fn(policy: str, product: str):
   """The function computing `product` ("forward" | "backward") under `policy`."""
   fallback = getattr(xla, product)
@@ -52,20 +96,30 @@ def product_fn(policy: str, product: str):
   def run(a, qw: QuantizedArray, compute_dtype):
     platform = jax.default_backend()
     _announce(policy, platform)
-    if (not isinstance(qw, QuantizedArray) or jnp.dtype(compute_dtype) != jnp.bfloat16
-        or jax.sharding.get_abstract_mesh().size > 1):
+    sharded = jax.sharding.get_abstract_mesh().size > 1
+    if not isinstance(qw, QuantizedArray) or jnp.dtype(compute_dtype) != jnp.bfloat16:
       return fallback(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
+    n, k = qw.shape if len(qw.shape) == 2 else (0, 0)
     if platform == "gpu":
-      if product == "forward" and gpu_decode.unsupported_reason(a.shape[0], qw) is None:
+      if (not sharded and product == "forward"
+          and gpu_decode.unsupported_reason(a.shape[0], qw) is None):
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
-      if (policy == "pallas" and layout.unsupported_reason(qw) is None
-          and gpu_matmul.supported(*qw.shape)):
+      if policy == "pallas" and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):
+        kernel = lambda a, codes, sc: getattr(gpu_matmul, product)(  # noqa: E731
+            a, codes, sc, table=table, interpret=INTERPRET)
         operands = layout.gpu_operands(qw, product)
-        return getattr(gpu_matmul, product)(a, *operands, table=table, interpret=INTERPRET)
-    if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(*qw.shape):
-      operands = layout.kernel_operands(qw, transposed=True)
-      return getattr(tpu, product)(a, *operands, table=table, interpret=INTERPRET)
+        if not sharded:
+          return kernel(a, *operands)
+        n_dims = (0, 1) if product == "forward" else (1, 1)  # codes [N, K/2] or W^T's [K, N/2]
+        return on_mesh(kernel, a, operands, n_dims, product,
+                       lambda t: n % t == 0 and gpu_matmul.supported(n // t, k))
+    if platform == "tpu" and layout.unsupported_reason(qw) is None and tpu.supported(n, k):
+      kernel = lambda a, codes, sc: getattr(tpu, product)(a, codes, sc, table=table, interpret=INTERPRET)  # noqa: E731
+      operands = layout.kernel_operands(qw, transposed=True)  # [K/2, N], [K/64, N]
+      if not sharded:
+        return kernel(a, *operands)
+      return on_mesh(kernel, a, operands, (1, 1), product, lambda t: n % t == 0 and tpu.supported(n // t, k))
     return fallback(a, qw, compute_dtype)
 
   return run

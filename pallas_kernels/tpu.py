@@ -76,7 +76,12 @@ def _backward_kernel(dy_ref, codes_ref, scales_ref, dx_ref, acc_ref, *, table):
     dx_ref[...] = acc_ref[...]
 
 
-def _interpret(interpret: bool):
+def _interpret(interpret: bool | str):
+  """False: Mosaic TPU. True: Pallas' TPU interpreter (host callbacks, uninitialized memory
+  NaN). "hlo": the kernel discharged into plain XLA ops, without callbacks, so it also runs
+  under remat and on several simulated devices at once (tests/test_kernels_mesh.py)."""
+  if interpret == "hlo":
+    return True
   return pltpu.InterpretParams(uninitialized_memory="nan") if interpret else False
 
 
@@ -86,7 +91,7 @@ def supported(n: int, k: int) -> bool:
 
 
 def _call(product: str, a, codes_T, scales_T, *, table, out_cols: int, steps: int, tn: int,
-          tk: int, interpret: bool):
+          tk: int, interpret: bool | str):
   """The pallas_call shared by both products: grid (M/tm, out_cols/tile, steps), steps innermost.
 
   forward: a = x, output tile (tm, tn), step s walks K; backward: a = dy, output tile (tm, tk),
@@ -116,7 +121,7 @@ def _call(product: str, a, codes_T, scales_T, *, table, out_cols: int, steps: in
 
 
 @functools.partial(jax.jit, static_argnames=("table", "interpret"))
-def forward(x_MxK, codes_T, scales_T, *, table, interpret: bool = False):
+def forward(x_MxK, codes_T, scales_T, *, table, interpret: bool | str = False):
   """Y [M, N] f32 = x @ W^T; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
   k, n = x_MxK.shape[1], codes_T.shape[1]
   return _call("forward", x_MxK, codes_T, scales_T, table=table, out_cols=n, steps=k // TILE_K,
@@ -124,7 +129,7 @@ def forward(x_MxK, codes_T, scales_T, *, table, interpret: bool = False):
 
 
 @functools.partial(jax.jit, static_argnames=("table", "interpret"))
-def backward(dy_MxN, codes_T, scales_T, *, table, interpret: bool = False):
+def backward(dy_MxN, codes_T, scales_T, *, table, interpret: bool | str = False):
   """dX [M, K] f32 = dy @ W; codes_T [K/2, N] split packing, scales_T [K/64, N]."""
   n, k = dy_MxN.shape[1], codes_T.shape[0] * 2
   tn = pick(n, TILE_N)

@@ -93,7 +93,7 @@ def test_partial_last_block_matches_over_many_inputs(quant_type):
   # The input that exposed it (bf16, blocksize 128: an element on the -0.8333 FP4 boundary),
   # then a sweep of fresh random lengths and scales.
   cases = [((np.random.default_rng(26).standard_normal((333, 129)) * 0.02).astype(np.float32), 128)]
-  for seed in range(40):
+  for seed in range(16):
     rng = np.random.default_rng(seed)
     cases.append(((rng.standard_normal(int(rng.integers(65, 700))) * rng.uniform(0.01, 3)).astype(np.float32), 64))
   for i, (x, blocksize) in enumerate(cases):
