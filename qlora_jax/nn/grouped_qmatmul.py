@@ -1,0 +1,60 @@
+"""The frozen 4-bit experts' matmul: rows grouped by expert, each group times its expert's weight.
+
+  y[r] = x[r] @ dequant(W[e])^T   for the rows r of group e (rows sorted by expert, group_sizes[e]
+                                  of them, in expert order; rows past the groups' total get 0)
+
+W is one QuantizedArray [experts, out, in] (NF4/FP4 blocks over the flattened tensor, each
+expert's blocks contiguous). The product is `jax.lax.ragged_dot` over the dequantized experts:
+one grouped matmul, neither a loop over experts nor every token through every expert, and no
+token dropped. Behind one custom VJP like the dense 4-bit matmul (qmatmul.py): the backward
+returns dX = dY @ dequant(W[e]) per group and nothing for the frozen weight or the group sizes,
+and keeps nothing but the quantized weight and the sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.format.quantization import QuantizedArray, dequantize
+
+
+def grouped_qmatmul(x: jax.Array, qw: QuantizedArray, group_sizes: jax.Array,
+                    compute_dtype=jnp.bfloat16) -> jax.Array:
+  """y [M, out] in compute_dtype for x [M, in] sorted by expert; group_sizes int32 [experts]."""
+  if len(qw.shape) != 3:
+    raise ValueError(f"grouped_qmatmul takes experts' weights [experts, out, in], got shape {qw.shape}")
+  if x.ndim != 2 or x.shape[1] != qw.shape[2]:
+    raise ValueError(f"x must be [rows, {qw.shape[2]}], got {x.shape}")
+  if group_sizes.shape != (qw.shape[0],):
+    raise ValueError(f"group_sizes must be [{qw.shape[0]}] (one per expert), got {group_sizes.shape}")
+  return _grouped(x, qw, group_sizes.astype(jnp.int32), jnp.dtype(compute_dtype), jnp.dtype(x.dtype))
+
+
+def _product(a, w_ExKxN, group_sizes, compute_dtype):
+  """ragged_dot with compute_dtype operands and float32 accumulation, rounded once."""
+  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+  out = jax.lax.ragged_dot(a.astype(compute_dtype), w_ExKxN.astype(compute_dtype), group_sizes,
+                           precision=precision, preferred_element_type=jnp.float32)
+  return out.astype(compute_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped(x, qw, group_sizes, compute_dtype, x_dtype):
+  weights = dequantize(qw, compute_dtype)  # [E, N, K]
+  return _product(x, jnp.swapaxes(weights, 1, 2), group_sizes, compute_dtype)
+
+
+def _grouped_fwd(x, qw, group_sizes, compute_dtype, x_dtype):
+  return _grouped(x, qw, group_sizes, compute_dtype, x_dtype), (qw, group_sizes)
+
+
+def _grouped_bwd(compute_dtype, x_dtype, residuals, dy):
+  qw, group_sizes = residuals
+  dx = _product(dy, dequantize(qw, compute_dtype), group_sizes, compute_dtype)  # [E, N, K]: dy @ W
+  return dx.astype(x_dtype), None, None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
