@@ -42,6 +42,11 @@ SHAPES = {
                       hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     # Phi-4-mini: fused projections split at conversion, 3/4 of each head rotated, 200k vocabulary.
+    # Qwen3-30B-A3B: 48 layers of 128 experts (intermediate 768), 8 a token, renormalized.
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True),
     "phi4-mini": dict(model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
                       num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
                       max_position_embeddings=131072, tie_word_embeddings=True, partial_rotary_factor=0.75),

@@ -279,9 +279,10 @@ def test_every_key_table_row_is_used_and_every_variable_is_covered():
 
   used = set()
   for fam in FAMILIES:
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24) if FAMILIES[fam].experts else {}
     config = ModelConfig(model_type=fam, vocab_size=64, hidden_size=32, intermediate_size=48,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                         qkv_bias=True, o_bias=True, mlp_bias=True)
+                         qkv_bias=True, o_bias=True, mlp_bias=True, **experts)
     for name, (kind, _) in expected_tensors(config).items():
       assert classify(name) == kind, (fam, name)
       used |= {pattern for pattern, _ in KEY_TABLE if re.fullmatch(pattern, name)}

@@ -20,6 +20,7 @@ from qlora_jax.format.atomic import atomic_dir, check_out
 from qlora_jax.format.bnb_format import BNB_QUANT_TYPES, to_bnb_state
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, dequantize, quantize
+from qlora_jax.io.experts import packed_experts
 from qlora_jax.io.sources import Source, default_gguf, open_source
 from qlora_jax.format.folder import FORMAT_VERSION, META_FILE, ShardWriter, read_meta
 from qlora_jax.io.loading import expected_tensors
@@ -75,7 +76,7 @@ def _write_tensors(source: Source, config: ModelConfig, quant: QuantConfig, dens
   seen, params, used = set(), 0, None
   writer = ShardWriter(folder, shard_bytes)
   bar = tqdm(total=source.num_tensors, desc="converting", unit="tensor", disable=not progress)
-  for name, load in _language_model(source.tensors(), config, bar):
+  for name, load in packed_experts(_language_model(source.tensors(), config, bar), config.num_experts):
     if config.tie_word_embeddings and name == "lm_head.weight" or classify(name) == "ignored":
       continue
     if name not in expected:

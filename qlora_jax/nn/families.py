@@ -34,6 +34,8 @@ class Family:
   fused: bool = False  # stores qkv_proj and gate_up_proj (Phi-3): split at conversion (FUSED)
   layer_pattern: int = 0  # without layer_types: every Nth layer full, the rest sliding (Gemma 2: 2, 3: 6)
   tied_default: bool = False  # tie_word_embeddings when config.json omits it (its class default)
+  experts: bool = False  # every layer's MLP is a mixture of experts (nn/moe.py)
+  norm_topk_default: bool = False  # renormalize the top-k router weights when config.json is silent
 
   def hf_fields(self, hf: dict) -> dict:
     """The ModelConfig fields whose reading differs by family, from a transformers config."""
@@ -73,6 +75,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma3_text", gguf_architecture="gemma3", qk_norm=True, norm_plus_one=True,
            scaled_embedding=True, sandwich_norms=True, layer_rope=True, layer_pattern=6, tied_default=True),
     Family("phi3", gguf_architecture="phi3", fused=True),
+    Family("qwen3_moe", window_needs_flag=True, qk_norm=True, experts=True),
+    Family("mixtral", experts=True, norm_topk_default=True),
 )}
 
 # Multimodal checkpoints whose language model is a supported family: the model is config.json's
@@ -158,6 +162,8 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     (r"model\.layers\.\d+\.self_attn\.[qk]_norm\.weight", "dense"),
     (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", "quantized"),
     (r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.bias", "dense"),
+    (r"model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj", "quantized"),  # [experts, out, in]
+    (r"model\.layers\.\d+\.mlp\.gate\.weight", "dense"),  # the router [experts, hidden]
 )
 # Buffers some checkpoints carry that are recomputed rather than loaded.
 IGNORED_KEYS = (r".*\.rotary_emb\.inv_freq",)

@@ -23,6 +23,7 @@ from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.kv_cache import KVCache
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.moe import SparseMoeBlock
 from qlora_jax.nn.qmatmul import check_backend
 from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES
 from qlora_jax.nn.rope import apply_rope, rotation
@@ -172,8 +173,9 @@ class DecoderLayer(nnx.Module):
     sandwich = cfg.family.sandwich_norms
     self.pre_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     self.post_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
-    self.mlp = MLP(cfg, opts, rngs)
-    self.mlp_chunk = opts.mlp_chunk
+    moe = bool(cfg.num_experts)  # no MLP pieces for experts: each sees only its own tokens
+    self.mlp = SparseMoeBlock(cfg, opts.quant, opts.dtype, ACTIVATIONS[cfg.hidden_act]) if moe else MLP(cfg, opts, rngs)
+    self.mlp_chunk = 0 if moe else opts.mlp_chunk
 
   def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):
     """local: for layers of two kinds (Gemma 2/3), whether this one is a sliding-window layer;

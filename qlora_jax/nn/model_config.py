@@ -65,6 +65,13 @@ class ModelConfig:
   final_logit_softcapping: float | None = None  # the same on the output logits
   query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (else head_dim's)
   partial_rotary_factor: float = 1.0  # the leading fraction of each head that rotates (Phi-4-mini)
+  # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is num_experts gated MLPs of
+  # moe_intermediate_size, num_experts_per_tok of them per token, weighted by the router's
+  # softmax over its top-k (renormalized over them when norm_topk_prob). 0 experts: dense MLPs.
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = True
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -83,6 +90,12 @@ class ModelConfig:
     if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
       raise ValueError(f"partial_rotary_factor must be in (0, 1] and leave an even rotary_dim, got "
                        f"{self.partial_rotary_factor} (rotary_dim {self.rotary_dim})")
+    if family_of(self.model_type).experts != bool(self.num_experts):
+      raise ValueError(f"model_type={self.model_type!r} {'needs' if self.num_experts == 0 else 'has no'} "
+                       f"experts (num_experts={self.num_experts})")
+    if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts and self.moe_intermediate_size > 0):
+      raise ValueError(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}) and "
+                       f"moe_intermediate_size > 0, got {self.num_experts_per_tok}, {self.moe_intermediate_size}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden activation {self.hidden_act!r}; supported: {ACTIVATIONS}")
 
@@ -99,6 +112,11 @@ class ModelConfig:
   @property
   def attention_scale(self) -> float:
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
+  def mlp_width(self) -> int:
+    """Features of a token's [tokens, intermediate] MLP tensors: with experts, its k copies'."""
+    return self.num_experts_per_tok * self.moe_intermediate_size if self.num_experts else self.intermediate_size
 
   @property
   def family(self) -> Family:
@@ -149,7 +167,7 @@ class ModelConfig:
             "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         mlp_bias=bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"), **fam.hf_fields(hf))
+        eos_token_id=hf.get("eos_token_id"), **fam.hf_fields(hf), **_experts_from_hf(hf, fam))
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path) -> "ModelConfig":
@@ -160,6 +178,21 @@ class ModelConfig:
       return cls.from_hf(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def _experts_from_hf(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
+  """The mixture-of-experts fields (Qwen3-MoE's names, or Mixtral's num_local_experts with
+  experts of intermediate_size that always renormalize their top-k)."""
+  if not fam.experts:
+    return {}
+  if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+    raise ValueError(f"model_type={hf.get('model_type')!r} with dense layers among the expert layers "
+                     f"(mlp_only_layers={hf.get('mlp_only_layers')}, decoder_sparse_step="
+                     f"{hf.get('decoder_sparse_step')}) is not supported: every layer must have experts")
+  return {"num_experts": int(hf.get("num_experts") or hf["num_local_experts"]),
+          "num_experts_per_tok": int(hf["num_experts_per_tok"]),
+          "moe_intermediate_size": int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+          "norm_topk_prob": bool(hf.get("norm_topk_prob", fam.norm_topk_default))}
 
 
 def _rope_from_hf(hf: dict[str, Any], layer_type: str) -> RopeConfig:

@@ -119,7 +119,8 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
 def _lora_outputs(model: ModelConfig, options: ModelOptions) -> int:
   """Features of the LoRA dot outputs a layer computes: [tokens, r] and [tokens, out] a target."""
   rank = options.lora.rank if options.lora else 0
-  return sum(model.linear_shapes[t][1] + rank for t in options.lora.targets) if options.lora else 0
+  mlp = ("gate_proj", "up_proj", "down_proj") if model.num_experts else ()  # experts take no LoRA
+  return sum(model.linear_shapes[t][1] + rank for t in options.lora.targets if t not in mlp) if options.lora else 0
 
 
 def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int) -> int:
@@ -140,7 +141,7 @@ def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq
     per_layer += tokens * _lora_outputs(model, options) * 4
   if options.remat == "none":
     per_layer += _attention_scores(model, options, rows, seq, 1)
-    per_layer += tokens * (4 * model.hidden_size + 3 * model.intermediate_size) * 4
+    per_layer += tokens * (4 * model.hidden_size + 3 * model.mlp_width) * 4
   return per_layer * model.num_hidden_layers
 
 
@@ -154,12 +155,13 @@ def _layer_working_set(model: ModelConfig, options: ModelOptions, rows: int, seq
                        tensor: int) -> int:
   """The [tokens, hidden] tensors of a layer's backward, the MLP's [tokens, intermediate] ones
   for the tokens of one MLP piece (mlp_chunk; with it the other two MLP weights dequantized
-  once for all pieces), and XLA attention's scores."""
+  once for all pieces; with experts: every token's k copies; the experts dequantized for a
+  grouped product are the "widest matrix" term), and XLA attention's scores."""
   tokens = rows * seq
-  pieces, mlp_tokens = mlp_pieces(tokens, options.mlp_chunk)
+  pieces, mlp_tokens = mlp_pieces(tokens, options.mlp_chunk if not model.num_experts else 0)
   weights = 2 * model.hidden_size * model.intermediate_size * cb // tensor if pieces > 1 else 0
   dense = (tokens * LAYER_HIDDEN_TENSORS * model.hidden_size
-           + mlp_tokens * LAYER_MLP_TENSORS * model.intermediate_size // tensor) * cb
+           + mlp_tokens * LAYER_MLP_TENSORS * model.mlp_width // tensor) * cb
   return dense + weights + _attention_scores(model, options, rows, seq, tensor)
 
 
