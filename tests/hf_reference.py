@@ -8,7 +8,6 @@ import torch
 import transformers
 
 import qlora_jax as q
-from qlora_jax.nn.lora import QLoRALinear
 
 FAMILIES = {
     # Llama 3.1-style rope scaling, untied, GQA 4, intermediate not a multiple of 64.
@@ -84,17 +83,28 @@ def save(model, folder: pathlib.Path) -> pathlib.Path:
   return folder
 
 
+def converted(hf_model, tmp: pathlib.Path):
+  """(our float32 model of hf_model's checkpoint converted to 4 bits, the converted folder), and
+  hf_model given our dequantized weights: both compute with the same numbers."""
+  from qlora_jax.io.convert import convert
+
+  convert(str(save(hf_model, tmp / "src")), tmp / "out", dense_dtype="float32", progress=False)
+  ours, _ = q.load_model(tmp / "out", jnp.float32, tokenizer=False)
+  load_ours_into_torch(ours, hf_model)
+  return ours, tmp / "out"
+
+
 def load_ours_into_torch(ours: q.CausalLM, hf_model) -> None:
-  """Replace hf_model's linear weights by our dequantized ones, and its dense weights by ours."""
+  """Replace hf_model's 4-bit-able weights (linear layers, experts) by our dequantized ones, and
+  its dense weights by ours."""
   from flax import nnx
 
   from qlora_jax.nn.families import FUSED, fused_parts
 
   state = hf_model.state_dict()
-  for path, module in nnx.iter_modules(ours):
-    if isinstance(module, QLoRALinear):
-      name = ".".join(str(p) for p in path) + ".weight"
-      state[name] = torch.from_numpy(np.asarray(q.dequantize(module.weight.get_value(), jnp.float32)))
+  for path, var in nnx.to_flat_state(nnx.state(ours, q.QuantWeight)):  # linear layers and experts
+    name = ".".join(str(p) for p in path)
+    state[name] = torch.from_numpy(np.asarray(q.dequantize(var.get_value(), jnp.float32)))
   for name in list(state):  # a fused layer (Phi-3) takes its parts' rows in order
     found = fused_parts(name)
     if found is not None:
@@ -112,6 +122,20 @@ def hf_logits(hf_model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
   with torch.no_grad():
     kw = {} if mask is None else {"attention_mask": torch.from_numpy(mask)}
     return hf_model(torch.from_numpy(ids).long(), **kw).logits.float().numpy()
+
+
+def assert_greedy_matches(ours, hf_model, max_new_tokens: int = 20, seed: int = 4) -> None:
+  """Our generate() on two left-padded prompts equals transformers' greedy generate of each."""
+  from qlora_jax.nn.generate import SamplingConfig, generate
+
+  rng = np.random.default_rng(seed)
+  prompts = [rng.integers(1, 160, 9).tolist(), rng.integers(1, 160, 4).tolist()]
+  got = np.stack(list(generate(ours, prompts, SamplingConfig(max_new_tokens=max_new_tokens))), axis=1)
+  for tokens, prompt in zip(got, prompts):
+    with torch.no_grad():
+      want = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(tokens, want[0, len(prompt):].numpy())
 
 
 def max_rel_error(ours, ref) -> float:

@@ -17,14 +17,11 @@ TOL = 1e-4  # max |ours - hf| / max |hf|, float32
 @pytest.fixture(scope="module", params=["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma2", "gemma3",
                                                 "phi3", "phi4mini", "phi3.5"])
 def pair(request, tmp_path_factory):
-  from tests.hf_reference import load_ours_into_torch, save, tiny_hf_model
+  from tests.hf_reference import converted, tiny_hf_model
 
-  tmp = tmp_path_factory.mktemp(request.param)
   hf = tiny_hf_model(request.param)
-  convert(str(save(hf, tmp / "src")), tmp / "out", dense_dtype="float32", progress=False)
-  ours, _ = q.load_model(tmp / "out", jnp.float32, tokenizer=False)
-  load_ours_into_torch(ours, hf)
-  return request.param, ours, hf, tmp / "out"
+  ours, folder = converted(hf, tmp_path_factory.mktemp(request.param))
+  return request.param, ours, hf, folder
 
 
 def test_config_features_are_read(pair):
@@ -122,22 +119,13 @@ def test_kv_cache_decode_equals_full_forward(pair, scan):
 def test_greedy_generation_matches_transformers(pair, scan):
   """generate() (prompts left-padded into one batch, the KV cache, the prefill and two compiled
   chunks of steps) against transformers' greedy generate of each prompt alone, float32."""
-  import torch
-
-  from qlora_jax.nn.generate import SamplingConfig, generate
+  from tests.hf_reference import assert_greedy_matches
 
   family, ours, hf, folder = pair
   _skip_unrolled_decoding(family, scan)
   if scan:
     ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(scan_layers=True), tokenizer=False)
-  rng = np.random.default_rng(4)
-  prompts = [rng.integers(1, 160, 9).tolist(), rng.integers(1, 160, 4).tolist()]
-  got = np.stack(list(generate(ours, prompts, SamplingConfig(max_new_tokens=20))), axis=1)
-  for tokens, prompt in zip(got, prompts):
-    with torch.no_grad():
-      want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=20, do_sample=False, pad_token_id=0)
-    np.testing.assert_array_equal(tokens, want[0, len(prompt):].numpy())
+  assert_greedy_matches(ours, hf)
 
 
 def _set_adapters(model, rank=4):

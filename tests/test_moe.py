@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import qlora_jax as q
-from qlora_jax.io.convert import convert
 from tests.conftest import has
 
 pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip install -e .[test]")
@@ -27,38 +26,17 @@ MOE = {
 }
 
 
-def _load_ours_into_torch(ours, hf):
-  """hf's 4-bit-able weights replaced by our dequantized ones (linear layers and experts)."""
-  import torch
-  from flax import nnx
-
-  from qlora_jax.nn.variables import FrozenParam, QuantWeight
-  state = hf.state_dict()
-  for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Any(QuantWeight, FrozenParam))):
-    name = ".".join(map(str, path))
-    value = var.get_value()
-    value = q.dequantize(value, jnp.float32) if isinstance(var, QuantWeight) else value
-    state[name] = torch.from_numpy(np.asarray(value, np.float32))
-  if hf.config.tie_word_embeddings:
-    state["lm_head.weight"] = state["model.embed_tokens.weight"]
-  hf.load_state_dict(state)
-
-
 @pytest.fixture(scope="module", params=sorted(MOE))
 def pair(request, tmp_path_factory):
   from tests import hf_reference
 
-  tmp = tmp_path_factory.mktemp(request.param)
   hf_reference.FAMILIES[request.param] = MOE[request.param]
   try:
     hf = hf_reference.tiny_hf_model(request.param)
   finally:
     del hf_reference.FAMILIES[request.param]
-  hf.save_pretrained(str(tmp / "src"))
-  convert(str(tmp / "src"), tmp / "out", dense_dtype="float32", progress=False)
-  ours, _ = q.load_model(tmp / "out", jnp.float32, tokenizer=False)
-  _load_ours_into_torch(ours, hf)
-  return request.param, ours, hf, tmp / "out"
+  ours, folder = hf_reference.converted(hf, tmp_path_factory.mktemp(request.param))
+  return request.param, ours, hf, folder
 
 
 def test_config_reads_the_experts(pair):
@@ -86,20 +64,11 @@ def test_logits_match_transformers(pair):
 def test_greedy_generation_matches_transformers(pair):
   """generate() on the scanned model (left-padded prompts, KV cache, compiled decode chunks)
   against transformers' greedy generate of each prompt alone."""
-  import torch
-
-  from qlora_jax.nn.generate import SamplingConfig, generate
+  from tests.hf_reference import assert_greedy_matches
 
   _, _, hf, folder = pair
   ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(scan_layers=True), tokenizer=False)
-  rng = np.random.default_rng(4)
-  prompts = [rng.integers(1, 160, 9).tolist(), rng.integers(1, 160, 4).tolist()]
-  got = np.stack(list(generate(ours, prompts, SamplingConfig(max_new_tokens=12))), axis=1)
-  for tokens, prompt in zip(got, prompts):
-    with torch.no_grad():
-      want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=12, do_sample=False, pad_token_id=0)
-    np.testing.assert_array_equal(tokens, want[0, len(prompt):].numpy())
+  assert_greedy_matches(ours, hf, max_new_tokens=12)
 
 
 def test_adapters_train_through_the_experts_under_scan_and_remat(pair):
