@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import qlora_jax as q
+from qlora_jax.io.convert import convert
 from tests.conftest import has
 
 pytestmark = pytest.mark.skipif(not has("torch"), reason="needs torch (CPU): pip install -e .[test]")
@@ -102,3 +103,48 @@ def test_adapters_train_through_the_experts_under_scan_and_remat(pair):
   for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     assert np.all(np.abs(np.asarray(b)).reshape(b.shape[0], -1).max(1) > 0), "a layer got no gradient"
+
+
+def test_bitsandbytes_experts_are_packed_as_stored(tmp_path):
+  """A bitsandbytes 4-bit Mixtral checkpoint (each expert's w1/w3/w2 and the attention stored as
+  bnb NF4 + double quant): the experts are dequantized, packed and re-quantized as stored; the
+  packed experts equal the stored ones element by element to the re-encoded block scales (the
+  4-bit codes kept), and the logits match transformers' on those weights."""
+  import json
+  import re
+
+  from safetensors.numpy import load_file, save_file
+
+  from tests import hf_reference
+
+  hf_reference.FAMILIES["mixtral"] = MOE["mixtral"]
+  try:
+    hf = hf_reference.tiny_hf_model("mixtral", seed=5)
+  finally:
+    del hf_reference.FAMILIES["mixtral"]
+  src = tmp_path / "src"
+  hf.save_pretrained(str(src))
+  stored, experts = {}, {}
+  for name, w in load_file(str(src / "model.safetensors")).items():
+    if re.search(r"experts\.\d+\.w[123]\.weight|self_attn\.[qkvo]_proj\.weight", name):
+      qw = q.quantize(jnp.asarray(w), "nf4", 64, True)
+      experts[name] = np.asarray(q.dequantize(qw, jnp.float32))
+      stored.update({k: np.asarray(v) for k, v in q.to_bnb_state(qw, name).items()})
+    else:
+      stored[name] = w
+  save_file(stored, str(src / "model.safetensors"))
+  config = json.loads((src / "config.json").read_text())
+  config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                   "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+  (src / "config.json").write_text(json.dumps(config))
+  convert(str(src), tmp_path / "out", dense_dtype="float32", progress=False)
+  ours, _ = q.load_model(tmp_path / "out", jnp.float32, tokenizer=False)
+  packed = np.asarray(q.dequantize(ours.model.layers[1].mlp.experts.gate_up_proj.get_value(), jnp.float32))
+  want = np.stack([np.concatenate([experts[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"]
+                                   for w in ("w1", "w3")]) for e in range(4)])
+  # The codes kept; each block's scale re-encoded by the double quantization (its 8-bit code
+  # of the scale moves it by under 1%).
+  np.testing.assert_allclose(packed, want, rtol=1e-2, atol=1e-7)
+  hf_reference.load_ours_into_torch(ours, hf)
+  ids = np.random.default_rng(1).integers(0, 160, (2, 16)).astype(np.int32)
+  assert hf_reference.max_rel_error(ours(jnp.asarray(ids)), hf_reference.hf_logits(hf, ids)) <= 1e-4
