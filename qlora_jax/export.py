@@ -31,7 +31,7 @@ from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family
 from qlora_jax.nn.lora import LoraConfig
 from qlora_jax.nn.model import ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.nn.variables import FrozenParam
+from qlora_jax.nn.variables import FrozenParam, QuantWeight
 from qlora_jax.train.builder import build_from_folder
 from qlora_jax.train.checkpoint import BEST_DIR, Checkpointer
 from qlora_jax.peft_format import (check_plain_lora, fill_adapters, layer_slice, linear_modules,
@@ -99,7 +99,7 @@ def write_peft(cfg: TrainConfig, model, out, overwrite: bool = False) -> None:
 def merged_tensors(model):
   """(name, bf16 array) of a plain transformers checkpoint: W + scaling * (A @ B)^T folded in.
   A fused family (Phi-3) gets its fused tensors back: the parts' rows in order, one layer at a
-  time."""
+  time; an experts model its packed experts, dequantized."""
   def merged(module, i):
     w = dequantize(layer_slice(module.weight.get_value(), i), jnp.float32)
     if module.lora is not None:
@@ -120,6 +120,10 @@ def merged_tensors(model):
   for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
     for name, i in variable_names(path, model.config, model.options):
       yield name, np.asarray(layer_slice(var.get_value(), i).astype(jnp.bfloat16))
+  for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):  # experts, packed (no LoRA)
+    if "experts" in path:
+      for name, i in variable_names(path, model.config, model.options):
+        yield name, np.asarray(dequantize(layer_slice(var.get_value(), i), jnp.bfloat16))
 
 
 def write_merged(model, model_dir, out, overwrite: bool = False) -> None:
