@@ -167,6 +167,8 @@ def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
   from tests.test_model_parity import _set_adapters
 
   name, _, hf, folder = pair
+  if name == "qwen3_moe_raw":
+    pytest.skip("the export does not depend on the routing: qwen3_moe and mixtral cover it")
   lora = q.LoraConfig(rank=4, alpha=8.0)
   ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, scan_layers=True), tokenizer=False)
   _set_adapters(ours)
