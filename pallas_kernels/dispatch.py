@@ -45,10 +45,13 @@ def _announce(policy: str, platform: str) -> None:
   what = {
       ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows, XLA dequantize + cuBLAS "
                        "for training shapes",
-      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (decode for <= 64 rows, warp-specialized "
-                         "wgmma for training shapes) where the shape suits them, else XLA",
-      ("auto", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
-      ("pallas", "tpu"): "Pallas Mosaic TPU kernels where the shape suits them, else XLA",
+      ("pallas", "gpu"): "Pallas Mosaic GPU kernels (decode for <= 64 rows on one device, "
+                         "warp-specialized wgmma for training shapes, per device under a mesh) "
+                         "where the shape suits them, else XLA",
+      ("auto", "tpu"): "Pallas Mosaic TPU kernels (per device under a mesh) where the shape suits "
+                       "them, else XLA",
+      ("pallas", "tpu"): "Pallas Mosaic TPU kernels (per device under a mesh) where the shape suits "
+                         "them, else XLA",
   }.get((policy, platform), f"XLA dequantize + dot (no Pallas kernels on {platform})")
   print(f"qlora_jax: 4-bit matmul backend {policy!r} on {platform}: {what}", file=sys.stderr,
         flush=True)
