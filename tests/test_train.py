@@ -289,9 +289,10 @@ def test_sections_check_their_field_types_and_keep_the_recipe_defaults():
                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)),
     ("gemma3_text", dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"],
                          rope_local_base_freq=10000.0, rope_theta=1000000.0)),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
 ])
 def test_new_families_train_through_the_trainer(tmp_path, smollm2_dir, model_type, extra):
-  """A converted Gemma 2 / Gemma 3 folder trains through train.py's trainer (scanned layers,
+  """A converted Gemma 2 / Gemma 3 / Qwen3-MoE folder trains through train.py's trainer (scanned layers,
   remat=offload_attention, packed rows): finite losses, adapters moved, a PEFT export."""
   import shutil
 
