@@ -395,6 +395,7 @@ def test_embedding_in_host_memory_under_fsdp():
     ("gemma2_9b_h100", "gemma2-9b", (3.5, 4.5)),  # softcaps: XLA attention; tied 256k on the device
     ("gemma3_12b_h100", "gemma3-12b", (5, 6.5)),  # 5:1 sliding layers, head_dim 256: XLA attention
     ("phi4_mini_h100", "phi4-mini", (1.2, 2)),  # fused projections split at conversion
+    ("qwen3_30b_a3b_h100", "qwen3-30b-a3b", (13.5, 15.5)),  # 128 experts a layer, 4-bit
 ])
 def test_the_shipped_family_configs_fit_one_h100(config, shape, base_gib):
   """Each new family's shipped config on its model's shape: the start-up estimate fits an
