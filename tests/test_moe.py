@@ -185,3 +185,18 @@ def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
   write_merged(ours, folder, tmp_path / "merged")
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
   assert max_rel_error(hf_logits(merged.eval(), ids), ref) <= 5e-2, name  # bf16 weights
+
+
+def test_expert_configs_we_cannot_run_are_refused_by_name():
+  from qlora_jax.nn.model_config import ModelConfig
+
+  base = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=16)
+  assert ModelConfig.from_hf(base).num_experts == 4
+  with pytest.raises(ValueError, match="mlp_only_layers=.*every layer must have experts"):
+    ModelConfig.from_hf({**base, "mlp_only_layers": [0]})
+  with pytest.raises(ValueError, match="num_experts_per_tok must be in 1..num_experts"):
+    ModelConfig.from_hf({**base, "num_experts_per_tok": 5})
+  with pytest.raises(ValueError, match="needs experts"):
+    ModelConfig(head_dim=16, **{k: v for k, v in base.items() if not k.startswith(("num_experts", "moe"))})
