@@ -142,10 +142,9 @@ def _set_adapters(model, rank=4):
       var[...] = value if i is None else var[...].at[i].set(value)
 
 
-@pytest.mark.skipif(not has("peft"), reason="needs peft")
-def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
-  """Our PEFT export of adapters on all seven layers of the family loads in peft on the
-  transformers model (PEFT's own module names for it) and gives our float32 logits."""
+def peft_round_trip(folder, hf, out, tol: float = TOL):
+  """Adapters set on our model of `folder`, exported to PEFT in `out`, loaded by peft on hf:
+  (our model, ids, peft's logits), checked to equal ours and our import of the export's."""
   import copy
 
   import peft
@@ -155,20 +154,28 @@ def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
   from qlora_jax.train.config import DataConfig, ModelSetup, TrainConfig
   from tests.hf_reference import hf_logits, max_rel_error
 
-  family, _, hf, folder = pair
   lora = q.LoraConfig(rank=4, alpha=8.0)
   ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, scan_layers=True), tokenizer=False)
   _set_adapters(ours)
   cfg = TrainConfig(model=ModelSetup(model_dir=str(folder)), lora=lora, data=DataConfig(dataset="-"))
-  write_peft(cfg, ours, tmp_path / "adapter")
-  adapted = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "adapter")).eval()
+  write_peft(cfg, ours, out)
+  adapted = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
   ids = np.random.default_rng(5).integers(0, 160, (2, 16)).astype(np.int32)
   with torch.no_grad():
     ref = adapted(torch.from_numpy(ids).long()).logits.numpy()
   assert max_rel_error(hf_logits(hf, ids), ref) > 1e-2, "the adapter must change the logits"
-  assert max_rel_error(ours(jnp.asarray(ids)), ref) <= TOL, family
-  back, _ = load_adapter(folder, tmp_path / "adapter", jnp.float32, tokenizer=False)  # and back to us
-  assert max_rel_error(back(jnp.asarray(ids)), ref) <= TOL, family
+  assert max_rel_error(ours(jnp.asarray(ids)), ref) <= tol
+  back, _ = load_adapter(folder, out, jnp.float32, tokenizer=False)  # and back to us
+  assert max_rel_error(back(jnp.asarray(ids)), ref) <= tol
+  return ours, ids, ref
+
+
+@pytest.mark.skipif(not has("peft"), reason="needs peft")
+def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
+  """Our PEFT export of adapters on all seven layers of the family loads in peft on the
+  transformers model (PEFT's own module names for it) and gives our float32 logits."""
+  _, _, hf, folder = pair
+  peft_round_trip(folder, hf, tmp_path / "adapter")
 
 
 def test_merged_checkpoint_loads_in_transformers(pair, tmp_path):

@@ -154,34 +154,18 @@ def test_bitsandbytes_experts_are_packed_as_stored(tmp_path):
 def test_exported_adapter_loads_in_peft_with_our_logits(pair, tmp_path):
   """Adapters on the attention of an experts model: PEFT loads our export on the transformers
   model with our float32 logits, and our import of it gives them back; the merged export (the
-  experts written back per expert, in bf16) loads in transformers with them too."""
-  import copy
-
-  import peft
+  packed experts dequantized to bf16) loads in transformers with them too."""
   import torch
   import transformers
 
-  from qlora_jax.export import load_adapter, write_merged, write_peft
-  from qlora_jax.train.config import DataConfig, ModelSetup, TrainConfig
+  from qlora_jax.export import write_merged
   from tests.hf_reference import hf_logits, max_rel_error
-  from tests.test_model_parity import _set_adapters
+  from tests.test_model_parity import peft_round_trip
 
   name, _, hf, folder = pair
   if name == "qwen3_moe_raw":
     pytest.skip("the export does not depend on the routing: qwen3_moe and mixtral cover it")
-  lora = q.LoraConfig(rank=4, alpha=8.0)
-  ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, scan_layers=True), tokenizer=False)
-  _set_adapters(ours)
-  cfg = TrainConfig(model=ModelSetup(model_dir=str(folder)), lora=lora, data=DataConfig(dataset="-"))
-  write_peft(cfg, ours, tmp_path / "adapter")
-  adapted = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "adapter")).eval()
-  ids = np.random.default_rng(5).integers(0, 160, (2, 16)).astype(np.int32)
-  with torch.no_grad():
-    ref = adapted(torch.from_numpy(ids).long()).logits.numpy()
-  assert max_rel_error(hf_logits(hf, ids), ref) > 1e-2, "the adapter must change the logits"
-  assert max_rel_error(ours(jnp.asarray(ids)), ref) <= 1e-4, name
-  back, _ = load_adapter(folder, tmp_path / "adapter", jnp.float32, tokenizer=False)
-  assert max_rel_error(back(jnp.asarray(ids)), ref) <= 1e-4, name
+  ours, ids, ref = peft_round_trip(folder, hf, tmp_path / "adapter", tol=1e-4)
   write_merged(ours, folder, tmp_path / "merged")
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
   assert max_rel_error(hf_logits(merged.eval(), ids), ref) <= 5e-2, name  # bf16 weights
