@@ -100,10 +100,11 @@ def product_fn(policy: str, product: str):
     platform = jax.default_backend()
     _announce(policy, platform)
     sharded = jax.sharding.get_abstract_mesh().size > 1
-    if not isinstance(qw, QuantizedArray) or jnp.dtype(compute_dtype) != jnp.bfloat16:
+    if (not isinstance(qw, QuantizedArray) or len(qw.shape) != 2
+        or jnp.dtype(compute_dtype) != jnp.bfloat16):
       return fallback(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
-    n, k = qw.shape if len(qw.shape) == 2 else (0, 0)
+    n, k = qw.shape
     if platform == "gpu":
       if (not sharded and product == "forward"
           and gpu_decode.unsupported_reason(a.shape[0], qw) is None):

@@ -28,7 +28,7 @@ from qlora_jax.format.quantization import dequantize
 from qlora_jax.io.loading import expected_tensors, load_model
 from qlora_jax.io.sources import DEFAULT_GGUF, DEFAULT_ORIGINAL
 from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family
-from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model import ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
@@ -120,8 +120,9 @@ def merged_tensors(model):
   for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
     for name, i in variable_names(path, model.config, model.options):
       yield name, np.asarray(layer_slice(var.get_value(), i).astype(jnp.bfloat16))
-  for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):  # experts, packed (no LoRA)
-    if "experts" in path:
+  linear = {path for path, module in nnx.iter_modules(model) if isinstance(module, QLoRALinear)}
+  for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):  # 4-bit beyond the linear layers:
+    if tuple(path[:-1]) not in linear:                                # experts, without adapters
       for name, i in variable_names(path, model.config, model.options):
         yield name, np.asarray(dequantize(layer_slice(var.get_value(), i), jnp.bfloat16))
 

@@ -56,25 +56,21 @@ def packed_experts(tensors, num_experts: int):
       loads = pending.pop(layer)
       prefix = f"model.layers.{layer}.mlp.experts."
       yield prefix + "gate_up_proj", lambda loads=loads: _pack(
-          [np.concatenate([_dense(loads[("gate", e)]), _dense(loads[("up", e)])]) for e in range(num_experts)],
-          loads[("gate", 0)])
-      yield prefix + "down_proj", lambda loads=loads: _pack(
-          [_dense(loads[("down", e)]) for e in range(num_experts)], loads[("down", 0)])
+          [[loads[("gate", e)], loads[("up", e)]] for e in range(num_experts)])
+      yield prefix + "down_proj", lambda loads=loads: _pack([[loads[("down", e)]] for e in range(num_experts)])
   if pending:
     layer, parts = next(iter(pending.items()))
     raise ValueError(f"layer {layer} stores {len(parts)} of its {3 * num_experts} expert tensors "
                      "(gate, up and down for each of num_experts): the checkpoint is incomplete")
 
 
-def _dense(load) -> np.ndarray:
-  value = load()
-  return np.asarray(dequantize(value, jnp.float32) if isinstance(value, QuantizedArray) else value, np.float32)
-
-
-def _pack(arrays: list[np.ndarray], first_load):
-  """The experts stacked; re-quantized as the source was when it came in 4 bits."""
-  stacked = np.stack(arrays)
-  source = first_load()
-  if isinstance(source, QuantizedArray):
-    return quantize(jnp.asarray(stacked), source.quant_type, source.blocksize, source.double_quant)
-  return stacked.astype(np.asarray(source).dtype)
+def _pack(experts: list[list]):
+  """[experts, rows, cols]: each expert's tensors (loaded once each) stacked along its rows,
+  the experts stacked; re-quantized as the source was when it came in 4 bits."""
+  values = [[load() for load in loads] for loads in experts]
+  first = values[0][0]
+  dense = lambda v: dequantize(v, jnp.float32) if isinstance(v, QuantizedArray) else v  # noqa: E731
+  stacked = np.stack([np.concatenate([np.asarray(dense(v), np.float32) for v in vs]) for vs in values])
+  if isinstance(first, QuantizedArray):
+    return quantize(jnp.asarray(stacked), first.quant_type, first.blocksize, first.double_quant)
+  return stacked.astype(np.asarray(first).dtype)

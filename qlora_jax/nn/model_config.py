@@ -133,10 +133,13 @@ class ModelConfig:
 
   @property
   def linear_shapes(self) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each of a decoder layer's seven linear layers, by name."""
+    """(in, out) features of each of a decoder layer's linear layers, by name: the seven, or with
+    experts (whose MLPs are nn/moe.py's packed tensors) the attention's four."""
     h, f = self.hidden_size, self.intermediate_size
-    return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h), "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+    attention = {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                 "o_proj": (self.q_dim, h)}
+    return attention if self.num_experts else {**attention, "gate_proj": (h, f), "up_proj": (h, f),
+                                                "down_proj": (f, h)}
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":

@@ -119,8 +119,8 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
 def _lora_outputs(model: ModelConfig, options: ModelOptions) -> int:
   """Features of the LoRA dot outputs a layer computes: [tokens, r] and [tokens, out] a target."""
   rank = options.lora.rank if options.lora else 0
-  mlp = ("gate_proj", "up_proj", "down_proj") if model.num_experts else ()  # experts take no LoRA
-  return sum(model.linear_shapes[t][1] + rank for t in options.lora.targets if t not in mlp) if options.lora else 0
+  shapes = model.linear_shapes  # a target the model lacks (an experts model's MLP) computes nothing
+  return sum(shapes[t][1] + rank for t in options.lora.targets if t in shapes) if options.lora else 0
 
 
 def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int) -> int:
