@@ -31,11 +31,13 @@ from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model import ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.moe import Experts
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 from qlora_jax.train.builder import build_from_folder
 from qlora_jax.train.checkpoint import BEST_DIR, Checkpointer
+from qlora_jax.peft_experts import EXPERT_PARAMS, expert_modules, expert_targets, merged_experts
 from qlora_jax.peft_format import (check_plain_lora, fill_adapters, layer_slice, linear_modules,
-                                   peft_config, peft_modules, peft_tensors)
+                                   peft_config, peft_modules, peft_rank, peft_tensors)
 from qlora_jax.train.config import TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -120,11 +122,14 @@ def merged_tensors(model):
   for path, var in nnx.to_flat_state(nnx.state(model, FrozenParam)):  # norms, embeddings, biases
     for name, i in variable_names(path, model.config, model.options):
       yield name, np.asarray(layer_slice(var.get_value(), i).astype(jnp.bfloat16))
-  linear = {path for path, module in nnx.iter_modules(model) if isinstance(module, QLoRALinear)}
-  for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):  # 4-bit beyond the linear layers:
-    if tuple(path[:-1]) not in linear:                                # experts, without adapters
-      for name, i in variable_names(path, model.config, model.options):
-        yield name, np.asarray(dequantize(layer_slice(var.get_value(), i), jnp.bfloat16))
+  for name, module, i in expert_modules(model):  # the experts' stacked products, adapters folded in
+    for param in EXPERT_PARAMS:
+      w = np.asarray(dequantize(layer_slice(getattr(module, param).get_value(), i), jnp.float32))
+      yield f"{name}.{param}", np.asarray(jnp.asarray(merged_experts(module, param, i, w)).astype(jnp.bfloat16))
+  covered = {path for path, m in nnx.iter_modules(model) if isinstance(m, (QLoRALinear, Experts))}
+  for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):
+    if tuple(path[:-1]) not in covered:
+      raise ValueError(f"the merged export does not know the 4-bit variable {path}")
 
 
 def write_merged(model, model_dir, out, overwrite: bool = False) -> None:
@@ -161,16 +166,18 @@ def load_adapter(model_dir, adapter, dtype=jnp.bfloat16, tokenizer: bool = True)
   config = ModelConfig.from_file(pathlib.Path(model_dir) / "config.json")
   names = [n.removesuffix(".weight") for n, (kind, _) in expected_tensors(config).items() if kind == "quantized"]
   adapted = peft_modules(pc, names, config)
-  if not adapted:
-    raise ValueError(f"{config_path}: target_modules {pc['target_modules']!r} adapt no linear layer of "
+  experts = expert_targets(pc, config)
+  if not adapted and not experts:
+    raise ValueError(f"{config_path}: target_modules {pc.get('target_modules')!r} adapt no linear layer of "
                      f"{model_dir}; give an adapter made for this model")
-  lora = LoraConfig(rank=max(r for r, _ in adapted.values()), alpha=float(pc["lora_alpha"]),
-                    targets=tuple(k for k in LINEAR_NAMES if any(n.endswith(f".{k}") for n in adapted)),
+  ranks = [r for r, _ in adapted.values()] + [peft_rank(pc, n)[0] for ns in experts.values() for n in ns]
+  lora = LoraConfig(rank=max(ranks), alpha=float(pc["lora_alpha"]),
+                    targets=tuple(k for k in LINEAR_NAMES if any(n.endswith(f".{k}") for n in adapted)) + tuple(experts),
                     use_rslora=bool(pc.get("use_rslora")))
   model, tok = load_model(model_dir, dtype, ModelOptions(lora=lora), tokenizer=tokenizer)
   with safe_open(str(adapter / "adapter_model.safetensors"), "flax") as f:  # bf16 too
     weights = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-  fill_adapters(model, adapted, weights, adapter)
+  fill_adapters(model, adapted, weights, adapter, pc)
   model.eval()
   return model, tok
 

@@ -18,13 +18,15 @@ from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family, fused
 from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model import variable_names
 from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.peft_experts import (check_target_parameters, expert_tensors, fill_expert_adapters,
+                                    target_parameters)
 from qlora_jax.train.config import TrainConfig
 
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields that change what a LoRA computes (or the base it applies to), with
 # the value of plain LoRA: any other value is refused, as qlora_jax cannot compute it exactly.
 PLAIN_LORA = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
-              "modules_to_save": None, "trainable_token_indices": None, "target_parameters": None,
+              "modules_to_save": None, "trainable_token_indices": None,
               "layer_replication": None, "megatron_config": None, "alora_invocation_tokens": None,
               "use_qalora": False, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
               "monteclora_config": None, "velora_config": None, "loftq_config": {}}
@@ -48,8 +50,9 @@ def layer_slice(tree, index: int | None):
 def peft_tensors(model) -> dict[str, np.ndarray]:
   """PEFT's adapter_model.safetensors entries (float32, PEFT's default). For a fused family the
   adapters of a fused layer's parts become one adapter of it: A the parts' A stacked [k r, in],
-  B block-diagonal [rows of all parts, k r] (zero where a part has none): the same sum exactly."""
-  out, fused = {}, family(model.config.model_type).fused
+  B block-diagonal [rows of all parts, k r] (zero where a part has none): the same sum exactly.
+  Experts' adapters are written as PEFT's target_parameters (peft_experts.py)."""
+  out, fused = expert_tensors(model), family(model.config.model_type).fused
   for name, layer, i in linear_modules(model):
     if layer.lora is not None:
       out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.asarray(layer_slice(layer.lora_a[...], i), np.float32).T.copy()
@@ -81,7 +84,7 @@ def peft_config(cfg: TrainConfig, base_model: str, fused: bool = False) -> dict:
   fused family (peft_tensors) targets its fused layers at k times the rank, and k times alpha
   (sqrt(k) with rsLoRA) so that PEFT's scaling is the run's."""
   lora = cfg.lora
-  targets, ranks, alphas = set(lora.targets), {}, {}
+  targets, ranks, alphas = set(lora.targets) & set(LINEAR_NAMES), {}, {}
   for group, parts in FUSED.items() if fused else ():
     k = len(set(parts) & targets)
     if k:
@@ -90,7 +93,8 @@ def peft_config(cfg: TrainConfig, base_model: str, fused: bool = False) -> dict:
       alphas[group] = lora.alpha * (math.sqrt(k) if lora.use_rslora else k)
   return {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-      "lora_dropout": lora.dropout, "target_modules": sorted(targets), "bias": "none",
+      "lora_dropout": lora.dropout, "target_modules": sorted(targets) or None, "bias": "none",
+      "target_parameters": target_parameters(lora.targets),
       "use_rslora": lora.use_rslora, "use_dora": False, "fan_in_fan_out": False,
       "base_model_name_or_path": base_model,
       "modules_to_save": None, "rank_pattern": ranks, "alpha_pattern": alphas, "init_lora_weights": True,
@@ -103,9 +107,10 @@ def check_plain_lora(pc: dict, config_path) -> None:
   if pc.get("peft_type") != "LORA" or "r" not in pc or "lora_alpha" not in pc:
     raise ValueError(f"{config_path}: peft_type {pc.get('peft_type')!r} is not a LoRA adapter (with r "
                      "and lora_alpha); only LoRA adapters load")
-  if not pc.get("target_modules"):
+  if not pc.get("target_modules") and not pc.get("target_parameters"):
     raise ValueError(f"{config_path}: target_modules is missing; re-save the adapter with PEFT's "
                      "save_pretrained, which records it")
+  check_target_parameters(pc, config_path)
   for field, plain in PLAIN_LORA.items():
     value = pc.get(field, plain)
     if value != plain and (value or plain):
@@ -122,12 +127,12 @@ def peft_modules(pc: dict, names: list[str], config: ModelConfig | None = None) 
   """name -> (rank, scaling) of each linear layer the adapter adapts, decided as PEFT decides it
   (for a fused family, on the fused layer PEFT sees: peft_source)."""
   out = {}
+  if not pc.get("target_modules"):
+    return out
   for name in names:
     peft_name = peft_source(name, config)[0]
     if peft_targets(pc, peft_name):
-      r = int(peft_pattern_value(pc.get("rank_pattern") or {}, peft_name, pc["r"]))
-      alpha = float(peft_pattern_value(pc.get("alpha_pattern") or {}, peft_name, pc["lora_alpha"]))
-      out[name] = (r, alpha / (math.sqrt(r) if pc.get("use_rslora") else r))
+      out[name] = peft_rank(pc, peft_name)
   return out
 
 
@@ -187,9 +192,17 @@ def peft_pattern_value(patterns: dict, name: str, default):
   return patterns.get(name, default)
 
 
-def fill_adapters(model, adapted: dict[str, tuple[int, float]], weights: dict, adapter) -> None:
+def peft_rank(pc: dict, name: str) -> tuple[int, float]:
+  """(rank, scaling) PEFT gives the module or parameter `name` (rank and alpha patterns)."""
+  r = int(peft_pattern_value(pc.get("rank_pattern") or {}, name, pc["r"]))
+  alpha = float(peft_pattern_value(pc.get("alpha_pattern") or {}, name, pc["lora_alpha"]))
+  return r, alpha / (math.sqrt(r) if pc.get("use_rslora") else r)
+
+
+def fill_adapters(model, adapted: dict[str, tuple[int, float]], weights: dict, adapter, pc: dict) -> None:
   """Set the model's LoRA weights from PEFT's: each module's A and B zero-padded to the model's
-  one rank, its own scaling folded into B; modules the adapter leaves alone get zeros."""
+  one rank, its own scaling folded into B; modules the adapter leaves alone get zeros. The
+  experts' adapters come from target_parameters (peft_experts.py)."""
   found: dict[tuple[int, str], list] = {}
   used = set()
   for name, layer, i in linear_modules(model):
@@ -201,10 +214,12 @@ def fill_adapters(model, adapted: dict[str, tuple[int, float]], weights: dict, a
   for layer, attr, arrays in found.values():  # one array per layer; stacked when scanned
     value = arrays[0] if len(arrays) == 1 and getattr(layer, attr)[...].ndim == 2 else np.stack(arrays)
     getattr(layer, attr)[...] = jnp.asarray(value, getattr(layer, attr).dtype)
+  fill_expert_adapters(model, pc, weights, used, lambda name: peft_rank(pc, name))
   unused = sorted(set(weights) - used)
   if unused:
     raise ValueError(f"{adapter}: weights for modules qlora_jax does not adapt here ({unused[:3]}, "
-                     f"{len(unused)} in all); only the decoder's linear layers {LINEAR_NAMES} load")
+                     f"{len(unused)} in all); only the decoder's linear layers {LINEAR_NAMES} "
+                     "and the experts' stacked products load")
 
 
 def _padded_lora(name: str, spec, weights: dict, layer: QLoRALinear, used: set, config: ModelConfig) -> tuple:

@@ -135,6 +135,8 @@ def _set_adapters(model, rank=4):
   from qlora_jax.export import linear_modules
 
   for name, layer, i in linear_modules(model):
+    if layer.lora is None:
+      continue
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     for attr, shape in (("lora_a", (layer.in_features, rank)), ("lora_b", (rank, layer.out_features))):
       value = jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.float32)

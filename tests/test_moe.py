@@ -184,3 +184,104 @@ def test_expert_configs_we_cannot_run_are_refused_by_name():
     ModelConfig.from_hf({**base, "num_experts_per_tok": 5})
   with pytest.raises(ValueError, match="needs experts"):
     ModelConfig(head_dim=16, **{k: v for k, v in base.items() if not k.startswith(("num_experts", "moe"))})
+
+
+def _set_expert_adapters(model, seed=7):
+  """Nonzero A and B on every expert adapter (and the attention's), so they change the logits."""
+  from flax import nnx
+
+  from qlora_jax.nn.moe import ExpertLoRA
+  from tests.test_model_parity import _set_adapters
+
+  _set_adapters(model)
+  rng = np.random.default_rng(seed)
+  for _, adapter in nnx.iter_modules(model):
+    if isinstance(adapter, ExpertLoRA):
+      for var in (adapter.lora_a, adapter.lora_b):
+        var[...] = jnp.asarray(rng.standard_normal(var[...].shape) * 0.1, var[...].dtype)
+
+
+@pytest.mark.skipif(not has("peft"), reason="needs peft")
+@pytest.mark.parametrize("targets", [("q_proj", "experts.gate_up_proj", "experts.down_proj"), ("experts.down_proj",)])
+def test_expert_adapters_export_to_peft_target_parameters(pair, tmp_path, targets):
+  """LoRA on the experts' stacked products: PEFT loads our export (target_parameters, its
+  nested wrappers' names) on the transformers model with our float32 logits, our import of it
+  gives them back, and the merged export folds each expert's adapter into its weights."""
+  import copy
+
+  import peft
+  import torch
+  import transformers
+
+  from qlora_jax.export import load_adapter, write_merged, write_peft
+  from qlora_jax.train.config import DataConfig, ModelSetup, TrainConfig
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  name, _, hf, folder = pair
+  if name == "qwen3_moe_raw":
+    pytest.skip("the adapters do not depend on the routing: qwen3_moe and mixtral cover them")
+  lora = q.LoraConfig(rank=4, alpha=8.0, targets=targets)
+  ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, scan_layers=True), tokenizer=False)
+  _set_expert_adapters(ours)
+  out = tmp_path / "adapter"
+  write_peft(TrainConfig(model=ModelSetup(model_dir=str(folder)), lora=lora, data=DataConfig(dataset="-")), ours, out)
+  adapted = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+  ids = np.random.default_rng(5).integers(0, 160, (2, 16)).astype(np.int32)
+  with torch.no_grad():
+    ref = adapted(torch.from_numpy(ids).long()).logits.numpy()
+  assert max_rel_error(hf_logits(hf, ids), ref) > 1e-2, "the adapters must change the logits"
+  assert max_rel_error(ours(jnp.asarray(ids)), ref) <= 1e-4
+  back, _ = load_adapter(folder, out, jnp.float32, tokenizer=False)
+  assert max_rel_error(back(jnp.asarray(ids)), ref) <= 1e-4
+  # The merged export against PEFT's own merge, tensor by tensor (logits would compare routing
+  # decisions that bf16 weights can flip).
+  write_merged(ours, folder, tmp_path / "merged")
+  want = adapted.merge_and_unload().state_dict()
+  got = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).state_dict()
+  assert set(got) == set(want)
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key].numpy(), value.numpy(), rtol=1e-2, atol=1e-2 * float(value.abs().max()),
+                               err_msg=key)
+
+
+def test_expert_adapters_train_under_remat_and_are_refused_where_they_cannot_apply(pair):
+  """The experts' LoRA gets gradients in every layer and every expert that takes tokens, equal
+  with full recomputation to none; expert targets on a dense model, or with dropout, are refused."""
+  import jax
+  from flax import nnx
+
+  from qlora_jax.train.loss import batch_loss
+
+  name, _, _, folder = pair
+  if name != "mixtral":
+    pytest.skip("one family is enough for the step")
+  ids = jnp.asarray(np.random.default_rng(2).integers(1, 160, (2, 12)), jnp.int32)
+  batch = dict(input_ids=ids, labels=jnp.roll(ids, -1, 1), positions=jnp.broadcast_to(jnp.arange(12), (2, 12)))
+  lora = q.LoraConfig(rank=4, targets=("experts.gate_up_proj", "experts.down_proj"))
+  grads = []
+  for remat in ("none", "full"):
+    model, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, remat=remat, scan_layers=True),
+                            tokenizer=False)
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+    params = jax.tree.map(lambda x: x + 0.02, params)
+
+    def loss(p, r):
+      total, count = batch_loss(nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in (p, r))), batch)
+      return total / count
+
+    grads.append(jax.jit(jax.grad(loss))(params, rest))
+  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  leaves = jax.tree.leaves(grads[0])
+  assert len(leaves) == 4 and all(g.shape[:2] == (2, 4) for g in leaves)  # [layers, experts, ...]
+  for g in leaves:
+    assert np.all(np.abs(np.asarray(g)).reshape(2, 4, -1).max(-1) > 0), "a layer's expert got no gradient"
+  with pytest.raises(ValueError, match="dropout"):
+    q.load_model(folder, jnp.float32, q.ModelOptions(lora=q.LoraConfig(targets=lora.targets, dropout=0.1)),
+                 tokenizer=False)
+  from qlora_jax.nn.model import CausalLM
+  from qlora_jax.nn.model_config import ModelConfig
+  dense = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+  with pytest.raises(ValueError, match="mixture-of-experts"):
+    CausalLM(dense, q.ModelOptions(lora=lora), rngs=nnx.Rngs(0))

@@ -15,6 +15,10 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 
 # The seven linear layers of a decoder block, transformers' names: the 4-bit, LoRA-able layers.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A mixture of experts' two stacked products (nn/moe.py), LoRA-able per expert when named in
+# lora targets; PEFT targets them as parameters (target_parameters "mlp.experts.<name>").
+EXPERT_NAMES = ("experts.gate_up_proj", "experts.down_proj")
+LORA_TARGETS = LINEAR_NAMES + EXPERT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)

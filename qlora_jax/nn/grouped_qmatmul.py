@@ -33,8 +33,9 @@ def grouped_qmatmul(x: jax.Array, qw: QuantizedArray, group_sizes: jax.Array,
   return _grouped(x, qw, group_sizes.astype(jnp.int32), jnp.dtype(compute_dtype), jnp.dtype(x.dtype))
 
 
-def _product(a, w_ExKxN, group_sizes, compute_dtype):
-  """ragged_dot with compute_dtype operands and float32 accumulation, rounded once."""
+def grouped_dot(a, w_ExKxN, group_sizes, compute_dtype):
+  """a [M, K] sorted by group times each group's w [K, N] (ragged_dot): compute_dtype operands,
+  float32 accumulation, rounded once. Differentiable in both operands (the experts' LoRA)."""
   precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
   out = jax.lax.ragged_dot(a.astype(compute_dtype), w_ExKxN.astype(compute_dtype), group_sizes,
                            precision=precision, preferred_element_type=jnp.float32)
@@ -44,7 +45,7 @@ def _product(a, w_ExKxN, group_sizes, compute_dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped(x, qw, group_sizes, compute_dtype, x_dtype):
   weights = dequantize(qw, compute_dtype)  # [E, N, K]
-  return _product(x, jnp.swapaxes(weights, 1, 2), group_sizes, compute_dtype)
+  return grouped_dot(x, jnp.swapaxes(weights, 1, 2), group_sizes, compute_dtype)
 
 
 def _grouped_fwd(x, qw, group_sizes, compute_dtype, x_dtype):
@@ -53,7 +54,7 @@ def _grouped_fwd(x, qw, group_sizes, compute_dtype, x_dtype):
 
 def _grouped_bwd(compute_dtype, x_dtype, residuals, dy):
   qw, group_sizes = residuals
-  dx = _product(dy, dequantize(qw, compute_dtype), group_sizes, compute_dtype)  # [E, N, K]: dy @ W
+  dx = grouped_dot(dy, dequantize(qw, compute_dtype), group_sizes, compute_dtype)  # [E, N, K]: dy @ W
   return dx.astype(x_dtype), None, None
 
 

@@ -19,7 +19,7 @@ from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import frozen_weight, precision_for
 from qlora_jax.nn.attention import ATTENTION_IMPLEMENTATIONS, attend, attention_implementation, make_mask
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray
-from qlora_jax.nn.families import LINEAR_NAMES
+from qlora_jax.nn.families import EXPERT_NAMES, LORA_TARGETS
 from qlora_jax.nn.kv_cache import KVCache
 from qlora_jax.nn.lora import LoraConfig, QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
@@ -65,9 +65,9 @@ class ModelOptions:
       raise ValueError(f"mlp_chunk must be an int >= 0 (tokens; 0 = no chunking), got {self.mlp_chunk!r}")
     if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
       raise ValueError(f"scan_unroll must be an int >= 1 (layers per scan iteration), got {self.scan_unroll!r}")
-    unknown = set(self.lora.targets if self.lora else ()) - set(LINEAR_NAMES)
+    unknown = set(self.lora.targets if self.lora else ()) - set(LORA_TARGETS)
     if unknown:
-      raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LINEAR_NAMES}")
+      raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
 
 
 def _linear(name: str, d_in: int, d_out: int, bias: bool, opts: ModelOptions, rngs) -> QLoRALinear:
@@ -151,6 +151,9 @@ class MLP(nnx.Module):
   """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU or GeGLU (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+    if opts.lora is not None and set(opts.lora.targets) & set(EXPERT_NAMES):
+      raise ValueError(f"lora targets {EXPERT_NAMES} need a mixture-of-experts model; "
+                       f"model_type={cfg.model_type!r} has none: drop them")
     self.act = ACTIVATIONS[cfg.hidden_act]
     shapes = cfg.linear_shapes
     self.gate_proj = _linear("gate_proj", *shapes["gate_proj"], cfg.mlp_bias, opts, rngs)
@@ -174,7 +177,8 @@ class DecoderLayer(nnx.Module):
     self.pre_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     self.post_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     moe = bool(cfg.num_experts)  # no MLP pieces for experts: each sees only its own tokens
-    self.mlp = SparseMoeBlock(cfg, opts.quant, opts.dtype, ACTIVATIONS[cfg.hidden_act]) if moe else MLP(cfg, opts, rngs)
+    self.mlp = (SparseMoeBlock(cfg, opts.quant, opts.dtype, ACTIVATIONS[cfg.hidden_act], opts.lora, rngs)
+                if moe else MLP(cfg, opts, rngs))
     self.mlp_chunk = 0 if moe else opts.mlp_chunk
 
   def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):

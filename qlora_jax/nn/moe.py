@@ -7,6 +7,10 @@ projections are stored fused ([experts, 2 x intermediate, hidden], gate rows fir
 down projection is [experts, hidden, intermediate], both NF4 + double quant. The token copies
 are sorted by expert and go through each product as one grouped matmul (grouped_qmatmul.py):
 no token is dropped, no expert is looped over, no token meets an expert it was not routed to.
+
+Either product may carry a LoRA per expert (lora targets "experts.gate_up_proj",
+"experts.down_proj"): A [experts, in, r] and B [experts, r, out], each expert's rows through its
+own A then B, as PEFT's LoRA on the stacked parameter computes (W[e] + scaling B[e] A[e]).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from flax import nnx
 
 from pallas_kernels.xla import compute_dot
 from qlora_jax.format.quantization import zeros_quantized
-from qlora_jax.nn.grouped_qmatmul import grouped_qmatmul
+from qlora_jax.nn.grouped_qmatmul import grouped_dot, grouped_qmatmul
+from qlora_jax.nn.lora import LoraConfig, lora_a_init
 from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.nn.variables import FrozenParam, QuantWeight
+from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
 
 
 class Router(nnx.Module):
@@ -27,19 +32,49 @@ class Router(nnx.Module):
     self.weight = FrozenParam(jnp.zeros((cfg.num_experts, cfg.hidden_size), dtype))
 
 
+class ExpertLoRA(nnx.Module):
+  """One LoRA per expert on a stacked product: A [experts, in, r] (each expert's A initialised
+  as PEFT's, U(+-1/sqrt(in))), B [experts, r, out] zeros."""
+
+  def __init__(self, experts: int, d_in: int, d_out: int, lora: LoraConfig, rngs: nnx.Rngs):
+    if lora.dropout:
+      raise ValueError(f"LoRA dropout {lora.dropout} cannot apply to the experts (PEFT's expert "
+                       "LoRA has none); set lora dropout to 0 or drop experts.* from lora targets")
+    keys = jax.random.split(rngs.params(), experts)
+    self.lora_a = LoRAWeight(jax.vmap(lambda k: lora_a_init(k, d_in, lora.rank, lora.param_dtype))(keys))
+    self.lora_b = LoRAWeight(jnp.zeros((experts, lora.rank, d_out), lora.param_dtype))
+    self.scaling = lora.scaling
+
+  def __call__(self, x_MxK, sizes, dtype):
+    h_MxR = grouped_dot(x_MxK, self.lora_a[...], sizes, dtype)
+    return grouped_dot(h_MxR, self.lora_b[...], sizes, dtype) * jnp.asarray(self.scaling, dtype)
+
+
 class Experts(nnx.Module):
-  def __init__(self, cfg: ModelConfig, quant, dtype: str):
+  def __init__(self, cfg: ModelConfig, quant, dtype: str, lora: LoraConfig | None = None,
+               rngs: nnx.Rngs | None = None):
     e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     self.gate_up_proj = QuantWeight(zeros_quantized((e, 2 * f, d), quant, dtype))
     self.down_proj = QuantWeight(zeros_quantized((e, d, f), quant, dtype))
+    targets = lora.targets if lora is not None else ()
+    adapt = lambda name, d_in, d_out: (ExpertLoRA(e, d_in, d_out, lora, rngs)  # noqa: E731
+                                       if f"experts.{name}" in targets else None)
+    self.gate_up_lora, self.down_lora = adapt("gate_up_proj", d, 2 * f), adapt("down_proj", f, d)
+
+  def product(self, name: str, x_MxK, sizes, dtype):
+    """One stacked product of the rows sorted by expert, plus its adapter where it has one."""
+    y = grouped_qmatmul(x_MxK, getattr(self, name).get_value(), sizes, dtype)
+    adapter = self.gate_up_lora if name == "gate_up_proj" else self.down_lora
+    return y if adapter is None else y + adapter(x_MxK, sizes, dtype)
 
 
 class SparseMoeBlock(nnx.Module):
   """x [B, T, D] -> the routed experts' weighted sum [B, T, D]."""
 
-  def __init__(self, cfg: ModelConfig, quant, dtype: str, activation):
+  def __init__(self, cfg: ModelConfig, quant, dtype: str, activation,
+               lora: LoraConfig | None = None, rngs: nnx.Rngs | None = None):
     self.gate = Router(cfg, dtype)
-    self.experts = Experts(cfg, quant, dtype)
+    self.experts = Experts(cfg, quant, dtype, lora, rngs)
     self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
     self.num_experts, self.dtype, self.act = cfg.num_experts, jnp.dtype(dtype), activation
 
@@ -60,8 +95,7 @@ class SparseMoeBlock(nnx.Module):
     order = jnp.argsort(flat, stable=True)  # the token copies grouped by expert
     token = order // self.top_k
     sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-    gate_up = grouped_qmatmul(x[token], self.experts.gate_up_proj.get_value(), sizes, self.dtype)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    out = grouped_qmatmul(self.act(gate) * up, self.experts.down_proj.get_value(), sizes, self.dtype)
+    gate, up = jnp.split(self.experts.product("gate_up_proj", x[token], sizes, self.dtype), 2, axis=-1)
+    out = self.experts.product("down_proj", self.act(gate) * up, sizes, self.dtype)
     out = out * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[token].add(out.astype(x.dtype)).reshape(b, t, d)

@@ -20,7 +20,7 @@ import jax
 from pallas_kernels import backends
 from qlora_jax.data import CHAT_TURNS, FORMATS
 from qlora_jax.format.quantization import QuantConfig
-from qlora_jax.nn.families import LINEAR_NAMES
+from qlora_jax.nn.families import LORA_TARGETS
 from qlora_jax.nn.lora import LoraConfig
 from qlora_jax.nn.attention import ATTENTION_IMPLEMENTATIONS
 from qlora_jax.nn.model import ModelOptions
@@ -252,8 +252,8 @@ class TrainConfig:
     _check_types(self)  # each section checked its own ranges as it was made
     _check_types(self.quant)  # the library's sections check ranges, not types
     _check_types(self.lora)
-    _require([(set(self.lora.targets) <= set(LINEAR_NAMES),
-               f"lora_targets must be among {LINEAR_NAMES}")])
+    _require([(set(self.lora.targets) <= set(LORA_TARGETS),
+               f"lora_targets must be among {LORA_TARGETS}")])
 
   def model_options(self, quant: QuantConfig | None = None) -> ModelOptions:
     """How the model runs: this config's compute settings, LoRA and backend (the one place a
