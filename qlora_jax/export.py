@@ -167,6 +167,9 @@ def load_adapter(model_dir, adapter, dtype=jnp.bfloat16, tokenizer: bool = True)
   names = [n.removesuffix(".weight") for n, (kind, _) in expected_tensors(config).items() if kind == "quantized"]
   adapted = peft_modules(pc, names, config)
   experts = expert_targets(pc, config)
+  if pc.get("target_parameters") and not experts:
+    raise ValueError(f"{config_path}: target_parameters {pc['target_parameters']!r} adapt no parameter of "
+                     f"{model_dir} (only a mixture of experts' stacked products take them)")
   if not adapted and not experts:
     raise ValueError(f"{config_path}: target_modules {pc.get('target_modules')!r} adapt no linear layer of "
                      f"{model_dir}; give an adapter made for this model")

@@ -200,6 +200,7 @@ def plain_peft_adapter(exact_base, tmp_path_factory):
     ("use_dora", True), ("bias", "all"), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
     ("fan_in_fan_out", True), ("init_lora_weights", "pissa"), ("layer_replication", [[0, 2]]),
     ("trainable_token_indices", [1, 2]), ("target_parameters", ["mlp.experts.gate_up_proj"]),
+    ("target_parameters", ["mlp.gate.weight"]),
     ("peft_type", "LOHA"),
 ])
 def test_what_we_cannot_compute_exactly_is_refused_naming_the_field(exact_base, plain_peft_adapter, tmp_path,

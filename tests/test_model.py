@@ -103,7 +103,8 @@ def test_float32_models_ask_for_float32_products():
 
 
 def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr: bool = False,
-                         mlp_chunk: int = 0, flops: list | None = None, scan_unroll: int = 1, layers: int = 2):
+                         mlp_chunk: int = 0, flops: list | None = None, scan_unroll: int = 1, layers: int = 2,
+                         dropout: float = 0.0):
   """(loss, LoRA gradients, the gradient's jaxpr text if asked) of a tiny float32 model on
   right-padded rows; `flops` (a list) gets the compiled gradient's FLOP count appended."""
   import jax.numpy as jnp
@@ -124,7 +125,7 @@ def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr:
                positions=jnp.broadcast_to(jnp.arange(24), (2, 24)) * real)
   if segments:  # the masked path: one segment a row, padding segment 0
     batch["segment_ids"] = real.astype(jnp.int32)
-  options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4), remat=remat, scan_layers=True,
+  options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4, dropout=dropout), remat=remat, scan_layers=True,
                          attention="xla", mlp_chunk=mlp_chunk, scan_unroll=scan_unroll)
   model = random_model(config, options, seed=3)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -164,6 +165,19 @@ def test_offloaded_layer_inputs_equal_full_remat_and_live_in_host_memory():
   assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(g_full, g_offload))
   assert "f32<host>[2,24,64]" in jaxpr, "the layer input is not offloaded"
   assert "<host>" not in full_jaxpr
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_prefetched_offload_equals_offload_and_keeps_layer_inputs_in_host_memory(dropout):
+  """remat="offload_prefetch" (one custom VJP over the scanned layers, each layer's input
+  fetched from host memory a layer ahead) gives the loss and LoRA gradients of "offload" with
+  the same dropout masks, and keeps the [L, B, T, D] layer inputs in host memory."""
+  offload, g_offload, _ = _tiny_loss_and_grads("offload", layers=3, dropout=dropout)
+  ahead, g_ahead, jaxpr = _tiny_loss_and_grads("offload_prefetch", layers=3, dropout=dropout, jaxpr=True)
+  np.testing.assert_allclose(ahead, offload, rtol=1e-6)
+  for a, b in zip(g_ahead, g_offload):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert "f32<host>[3,2,24,64]" in jaxpr, "the layer inputs are not kept in host memory"
 
 
 def test_offloaded_attention_residuals_skip_the_attention_recomputation():

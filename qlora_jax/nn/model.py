@@ -8,66 +8,31 @@ checkpoint key is the dotted path of the variable it fills. All seven linear lay
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import frozen_weight, precision_for
-from qlora_jax.nn.attention import ATTENTION_IMPLEMENTATIONS, attend, attention_implementation, make_mask
-from qlora_jax.format.quantization import QuantConfig, QuantizedArray
-from qlora_jax.nn.families import EXPERT_NAMES, LORA_TARGETS
+from qlora_jax.nn.attention import attend, attention_implementation, make_mask
+from qlora_jax.format.quantization import QuantizedArray
+from qlora_jax.nn.families import EXPERT_NAMES
+from qlora_jax.nn.layer_stack import scan_prefetched
 from qlora_jax.nn.kv_cache import KVCache
-from qlora_jax.nn.lora import LoraConfig, QLoRALinear
+from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.model_options import ModelOptions
 from qlora_jax.nn.moe import SparseMoeBlock
-from qlora_jax.nn.qmatmul import check_backend
 from qlora_jax.nn.remat import LAYER_INPUT, REMAT_POLICIES
 from qlora_jax.nn.rope import apply_rope, rotation
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
+
 
 def mlp_pieces(tokens: int, chunk: int) -> tuple[int, int]:
   """(pieces, tokens a piece) of ModelOptions.mlp_chunk: equal pieces of at most `chunk` tokens
   (the last one padded); (1, tokens) when chunk is 0 or covers them all."""
   pieces = -(-tokens // chunk) if 0 < chunk < tokens else 1
   return pieces, -(-tokens // pieces)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelOptions:
-  """How the model runs, as opposed to what it is (ModelConfig)."""
-
-  dtype: str = "bfloat16"  # compute dtype, and the dtype of the dense weights
-  quant: QuantConfig = QuantConfig()
-  lora: LoraConfig | None = None  # None: no adapters (inference on the base model)
-  remat: str = "none"  # a REMAT_POLICIES key (nn/remat.py)
-  attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
-  backend: Backend = get_backend(DEFAULT)  # the 4-bit matmul's backend (pallas_kernels.backends)
-  scan_layers: bool = False  # one stacked layer scanned over depth: compile time flat in depth
-  # Training runs the MLP (and its norm) over at most this many tokens at a time, each piece
-  # recomputed in the backward pass on its own: the [tokens, intermediate] tensors of a layer's
-  # backward then scale with the piece, not the batch. 0: the whole batch at once.
-  mlp_chunk: int = 0
-  # Layers per iteration of the layer scan: with 2, one layer's host copies (its offloaded
-  # checkpoint coming back for the backward) can run beside the other's compute.
-  scan_unroll: int = 1
-
-  def __post_init__(self):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
-    check_backend(self.backend)
-    if not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 0):
-      raise ValueError(f"mlp_chunk must be an int >= 0 (tokens; 0 = no chunking), got {self.mlp_chunk!r}")
-    if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
-      raise ValueError(f"scan_unroll must be an int >= 1 (layers per scan iteration), got {self.scan_unroll!r}")
-    unknown = set(self.lora.targets if self.lora else ()) - set(LORA_TARGETS)
-    if unknown:
-      raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
 
 
 def _linear(name: str, d_in: int, d_out: int, bias: bool, opts: ModelOptions, rngs) -> QLoRALinear:
@@ -376,6 +341,8 @@ class CausalLM(nnx.Module):
     mixed = bool(self.config.layer_types)
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
     window = self._window()
+    if cache is None and self.options.remat == "offload_prefetch":
+      return self._scan_prefetched(h, (cos, sin, mask), kinds, mixed, window), None
     if cache is None:
       def body(h, layer, local):
         return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
@@ -390,6 +357,19 @@ class CausalLM(nnx.Module):
     h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))(
         h, self.model.layers, cache[0], cache[1], kinds)
     return h, kv
+
+  def _scan_prefetched(self, h, consts, kinds, mixed, window):
+    """The layer scan of remat "offload_prefetch" (nn/layer_stack.py)."""
+    graphdef, lora, rng, rest = nnx.split(self.model.layers, nnx.LoRAParam, nnx.RngState, ...)
+
+    def apply(lora_i, rest_i, rng_i, h, local, consts):
+      layer = nnx.merge(graphdef, *jax.tree.map(lambda x: x, (lora_i, rng_i, rest_i)))  # own Variables
+      h = layer(h, *consts, None, window, local if mixed else None)[0]
+      return h, nnx.state(layer, nnx.RngState)
+
+    h, rng = scan_prefetched(apply, lora, rest, rng, h, kinds, consts)
+    nnx.update(self.model.layers, rng)
+    return h
 
   def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]
