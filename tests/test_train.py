@@ -293,7 +293,8 @@ def test_sections_check_their_field_types_and_keep_the_recipe_defaults():
 ])
 def test_new_families_train_through_the_trainer(tmp_path, smollm2_dir, model_type, extra):
   """A converted Gemma 2 / Gemma 3 / Qwen3-MoE folder trains through train.py's trainer (scanned layers,
-  remat=offload_attention, packed rows): finite losses, adapters moved, a PEFT export."""
+  remat=offload_attention, packed rows; the experts model with expert adapters and the router's
+  loss): finite losses, adapters moved, a PEFT export."""
   import shutil
 
   from qlora_jax.io.convert import convert
@@ -309,8 +310,11 @@ def test_new_families_train_through_the_trainer(tmp_path, smollm2_dir, model_typ
       shutil.copy(smollm2_dir / f, tmp_path / "src" / f)
   convert(str(tmp_path / "src"), tmp_path / "nf4", progress=False)
   run = tmp_path / "run"
+  # The experts model trains adapters on its experts too, with the router's load-balancing loss.
+  experts = ("router_aux_loss=0.01", "lora_dropout=0",
+             "lora_targets=q_proj,v_proj,experts.gate_up_proj,experts.down_proj") if model_type == "qwen3_moe" else ()
   summary = trainer.train(_tiny(tmp_path / "nf4", run, "steps=3", "remat=offload_attention",
-                                "learning_rate=1e-2"))
+                                "learning_rate=1e-2", *experts))
   assert summary.steps == 3 and np.isfinite(summary.eval_loss_after)
   assert any(np.abs(b).max() > 0 for _, b in _lora_arrays(run).values())
   from qlora_jax.export import main as export_main

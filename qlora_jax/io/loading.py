@@ -21,6 +21,7 @@ from qlora_jax.nn.families import ignored
 from qlora_jax.nn.lora import lora_a_init
 from qlora_jax.nn.model import CausalLM, ModelOptions, variable_names
 from qlora_jax.nn.model_config import ModelConfig
+from qlora_jax.nn.moe import RouterStats
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 
 
@@ -110,7 +111,7 @@ def init_trainable(rest: nnx.State, seed: int, place=lambda path, value: value) 
       in_features, rank = spec.shape[-2:]
       keys = jax.random.split(jax.random.fold_in(lora_key, i), math.prod(spec.shape[:-2]))
       value = jax.vmap(lambda k: lora_a_init(k, in_features, rank, spec.dtype))(keys).reshape(spec.shape)
-    elif isinstance(var, (nnx.LoRAParam, nnx.RngCount)):
+    elif isinstance(var, (nnx.LoRAParam, nnx.RngCount, RouterStats)):  # B = 0, counts, statistics
       value = jnp.zeros(spec.shape, spec.dtype)
     elif isinstance(var, nnx.RngKey):
       value = jax.random.split(jax.random.fold_in(rng_key, i), math.prod(spec.shape)).reshape(spec.shape)

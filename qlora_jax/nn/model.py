@@ -116,9 +116,9 @@ class MLP(nnx.Module):
   """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU or GeGLU (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
-    if opts.lora is not None and set(opts.lora.targets) & set(EXPERT_NAMES):
-      raise ValueError(f"lora targets {EXPERT_NAMES} need a mixture-of-experts model; "
-                       f"model_type={cfg.model_type!r} has none: drop them")
+    if opts.router_aux_loss or (opts.lora is not None and set(opts.lora.targets) & set(EXPERT_NAMES)):
+      raise ValueError(f"lora targets {EXPERT_NAMES} and router_aux_loss need a mixture-of-experts "
+                       f"model; model_type={cfg.model_type!r} has none: drop them")
     self.act = ACTIVATIONS[cfg.hidden_act]
     shapes = cfg.linear_shapes
     self.gate_proj = _linear("gate_proj", *shapes["gate_proj"], cfg.mlp_bias, opts, rngs)
@@ -142,8 +142,8 @@ class DecoderLayer(nnx.Module):
     self.pre_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     self.post_feedforward_layernorm = _norm(cfg, opts) if sandwich else None
     moe = bool(cfg.num_experts)  # no MLP pieces for experts: each sees only its own tokens
-    self.mlp = (SparseMoeBlock(cfg, opts.quant, opts.dtype, ACTIVATIONS[cfg.hidden_act], opts.lora, rngs)
-                if moe else MLP(cfg, opts, rngs))
+    self.mlp = (SparseMoeBlock(cfg, opts.quant, opts.dtype, ACTIVATIONS[cfg.hidden_act], opts.lora, rngs,
+                               record_stats=bool(opts.router_aux_loss)) if moe else MLP(cfg, opts, rngs))
     self.mlp_chunk = 0 if moe else opts.mlp_chunk
 
   def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):

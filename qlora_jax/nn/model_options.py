@@ -32,6 +32,9 @@ class ModelOptions:
   # Layers per iteration of the layer scan: with 2, one layer's host copies (its offloaded
   # checkpoint coming back for the backward) can run beside the other's compute.
   scan_unroll: int = 1
+  # Mixture of experts: the router's load-balancing loss (transformers' load_balancing_loss_func)
+  # times this is added to the training loss; 0: off, as in the usual recipes.
+  router_aux_loss: float = 0.0
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -43,6 +46,11 @@ class ModelOptions:
       raise ValueError(f"mlp_chunk must be an int >= 0 (tokens; 0 = no chunking), got {self.mlp_chunk!r}")
     if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
       raise ValueError(f"scan_unroll must be an int >= 1 (layers per scan iteration), got {self.scan_unroll!r}")
+    if not (isinstance(self.router_aux_loss, (int, float)) and 0 <= self.router_aux_loss < float("inf")):
+      raise ValueError(f"router_aux_loss must be a number >= 0 (0: off), got {self.router_aux_loss!r}")
+    if self.router_aux_loss and self.remat == "offload_prefetch":
+      raise ValueError("router_aux_loss needs the router statistics out of each layer, which remat "
+                       "offload_prefetch does not return; use remat offload (or full) with it")
     unknown = set(self.lora.targets if self.lora else ()) - set(LORA_TARGETS)
     if unknown:
       raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")

@@ -27,6 +27,11 @@ from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
 
 
+class RouterStats(nnx.Variable):
+  """A layer's routing statistics of its last forward (with router_aux_loss on): [2, experts],
+  row 0 the fraction of the token copies each expert took, row 1 its mean router probability."""
+
+
 class Router(nnx.Module):
   def __init__(self, cfg: ModelConfig, dtype: str):
     self.weight = FrozenParam(jnp.zeros((cfg.num_experts, cfg.hidden_size), dtype))
@@ -72,30 +77,45 @@ class SparseMoeBlock(nnx.Module):
   """x [B, T, D] -> the routed experts' weighted sum [B, T, D]."""
 
   def __init__(self, cfg: ModelConfig, quant, dtype: str, activation,
-               lora: LoraConfig | None = None, rngs: nnx.Rngs | None = None):
+               lora: LoraConfig | None = None, rngs: nnx.Rngs | None = None, record_stats: bool = False):
     self.gate = Router(cfg, dtype)
     self.experts = Experts(cfg, quant, dtype, lora, rngs)
     self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
     self.num_experts, self.dtype, self.act = cfg.num_experts, jnp.dtype(dtype), activation
+    self.router_stats = RouterStats(jnp.zeros((2, cfg.num_experts), jnp.float32)) if record_stats else None
 
-  def route(self, x_MxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(weights [M, k] in the model dtype, experts [M, k]) of each token."""
+  def route(self, x_MxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(weights [M, k] in the model dtype, experts [M, k], router probabilities [M, E] float32)."""
     logits = compute_dot("md,ed->me", x_MxD, self.gate.weight[...], self.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, self.top_k)
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights.astype(self.dtype), experts
+    return weights.astype(self.dtype), experts, probs
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
-    weights, experts = self.route(x)
+    weights, experts, probs = self.route(x)
     flat = experts.reshape(-1)  # token m's k-th choice at m * k + j
     order = jnp.argsort(flat, stable=True)  # the token copies grouped by expert
     token = order // self.top_k
     sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
+    if self.router_stats is not None:
+      self.router_stats[...] = jnp.stack([sizes / (b * t), jnp.mean(probs, axis=0)])
     gate, up = jnp.split(self.experts.product("gate_up_proj", x[token], sizes, self.dtype), 2, axis=-1)
     out = self.experts.product("down_proj", self.act(gate) * up, sizes, self.dtype)
     out = out * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[token].add(out.astype(x.dtype)).reshape(b, t, d)
+
+
+def router_aux_loss(model) -> jax.Array:
+  """transformers' load_balancing_loss_func over the last forward's layers (no attention mask:
+  every position of the batch): experts x sum_e (fraction of token copies to e) x (mean
+  probability of e), each averaged over the layers. Differentiable through the probabilities."""
+  stats = [v[...].reshape(-1, 2, v[...].shape[-1]) for _, v in nnx.to_flat_state(nnx.state(model, RouterStats))]
+  if not stats:
+    raise ValueError("router_aux_loss is on but the model records no routing (not a mixture of experts)")
+  stats = jnp.concatenate(stats)  # [layers, 2, E]
+  fraction, prob = jnp.mean(stats[:, 0], axis=0), jnp.mean(stats[:, 1], axis=0)
+  return stats.shape[-1] * jnp.sum(jax.lax.stop_gradient(fraction) * prob)

@@ -98,12 +98,15 @@ class ModelSetup:
   attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
   backend: str = backends.DEFAULT  # the 4-bit matmul: auto | pallas | xla
   mlp_chunk: int = 0  # tokens per MLP piece in training (0: the whole batch at once)
+  router_aux_loss: float = 0.0  # experts models: the router's load-balancing loss coefficient (0: off)
 
   def __post_init__(self):
     _check_types(self)
     _require([
         (bool(self.model_dir), "model_dir must name a folder"),
         (self.mlp_chunk >= 0, "mlp_chunk must be >= 0 (tokens; 0 = no chunking)"),
+        (_finite(self.router_aux_loss) and self.router_aux_loss >= 0,
+         f"router_aux_loss must be >= 0 and finite (0: off), got {self.router_aux_loss}"),
         (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
         (self.remat in REMAT_POLICIES, f"remat must be one of {tuple(REMAT_POLICIES)}"),
         (self.attention in ATTENTION_IMPLEMENTATIONS,
@@ -261,7 +264,7 @@ class TrainConfig:
     m = self.model
     return ModelOptions(dtype=m.dtype, quant=quant or self.quant, lora=self.lora, remat=m.remat,
                         attention=m.attention, backend=backends.get_backend(m.backend),
-                        scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk)
+                        scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk, router_aux_loss=m.router_aux_loss)
 
   def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
     """The settings that differ from `saved` (the config a run folder was started with) and may

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.nn.moe import router_aux_loss
 from qlora_jax.train.loss import batch_loss
 from qlora_jax.train.optimizer import HostState, Optimizer, apply_update, global_norm, make_streamed_update
 from qlora_jax.nn.sharding import Layout
@@ -44,6 +45,8 @@ def make_train_step(graphdef, tx: Optimizer, opt_sharding=None, layout: Layout |
     # advance the RNG count here; Variables made at an outer level refuse mutation.
     model = nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in (lora, rng, frozen)))
     total, count = batch_loss(model, micro, shards)
+    if model.options.router_aux_loss:  # per token of the micro-batch, as the mean loss is
+      total = total + model.options.router_aux_loss * router_aux_loss(model) * count
     return total, (count, nnx.state(model, nnx.RngState))
 
   def micro_grads(lora, rng, frozen, micro):
