@@ -21,6 +21,7 @@ from flax import nnx
 
 from pallas_kernels.xla import compute_dot
 from qlora_jax.format.quantization import zeros_quantized
+from qlora_jax.nn.expert_parallel import expert_shards, local_choices, on_experts, splits
 from qlora_jax.nn.grouped_qmatmul import grouped_dot, grouped_qmatmul
 from qlora_jax.nn.lora import LoraConfig, lora_a_init
 from qlora_jax.nn.model_config import ModelConfig
@@ -50,10 +51,6 @@ class ExpertLoRA(nnx.Module):
     self.lora_b = LoRAWeight(jnp.zeros((experts, lora.rank, d_out), lora.param_dtype))
     self.scaling = lora.scaling
 
-  def __call__(self, x_MxK, sizes, dtype):
-    h_MxR = grouped_dot(x_MxK, self.lora_a[...], sizes, dtype)
-    return grouped_dot(h_MxR, self.lora_b[...], sizes, dtype) * jnp.asarray(self.scaling, dtype)
-
 
 class Experts(nnx.Module):
   def __init__(self, cfg: ModelConfig, quant, dtype: str, lora: LoraConfig | None = None,
@@ -66,11 +63,9 @@ class Experts(nnx.Module):
                                        if f"experts.{name}" in targets else None)
     self.gate_up_lora, self.down_lora = adapt("gate_up_proj", d, 2 * f), adapt("down_proj", f, d)
 
-  def product(self, name: str, x_MxK, sizes, dtype):
-    """One stacked product of the rows sorted by expert, plus its adapter where it has one."""
-    y = grouped_qmatmul(x_MxK, getattr(self, name).get_value(), sizes, dtype)
-    adapter = self.gate_up_lora if name == "gate_up_proj" else self.down_lora
-    return y if adapter is None else y + adapter(x_MxK, sizes, dtype)
+  def adapters(self) -> tuple:
+    """((A, B) or None) of gate_up_proj and of down_proj, as the layer computes with them."""
+    return tuple(None if a is None else (a.lora_a[...], a.lora_b[...]) for a in (self.gate_up_lora, self.down_lora))
 
 
 class SparseMoeBlock(nnx.Module):
@@ -82,6 +77,7 @@ class SparseMoeBlock(nnx.Module):
     self.experts = Experts(cfg, quant, dtype, lora, rngs)
     self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
     self.num_experts, self.dtype, self.act = cfg.num_experts, jnp.dtype(dtype), activation
+    self.experts_scaling = lora.scaling if lora is not None else 1.0
     self.router_stats = RouterStats(jnp.zeros((2, cfg.num_experts), jnp.float32)) if record_stats else None
 
   def route(self, x_MxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,16 +93,37 @@ class SparseMoeBlock(nnx.Module):
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
     weights, experts, probs = self.route(x)
-    flat = experts.reshape(-1)  # token m's k-th choice at m * k + j
-    order = jnp.argsort(flat, stable=True)  # the token copies grouped by expert
-    token = order // self.top_k
-    sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
     if self.router_stats is not None:
+      sizes = jnp.bincount(experts.reshape(-1), length=self.num_experts)
       self.router_stats[...] = jnp.stack([sizes / (b * t), jnp.mean(probs, axis=0)])
-    gate, up = jnp.split(self.experts.product("gate_up_proj", x[token], sizes, self.dtype), 2, axis=-1)
-    out = self.experts.product("down_proj", self.act(gate) * up, sizes, self.dtype)
-    out = out * weights.reshape(-1)[order][:, None]
-    return jnp.zeros_like(x).at[token].add(out.astype(x.dtype)).reshape(b, t, d)
+    stored = (self.experts.gate_up_proj.get_value(), self.experts.down_proj.get_value())
+    shards = expert_shards()
+    if shards > 1 and all(splits(qa, shards) for qa in stored):  # expert parallelism
+      out = on_experts(self._combine, x, weights, experts, stored, self.experts.adapters(), shards)
+    else:
+      out = self._combine(x, weights, experts, 0, stored, self.experts.adapters())
+    return out.reshape(b, t, d)
+
+  def _combine(self, x, weights, experts, first, stored, adapters):
+    """sum_k weight_k expert_k(x) over each token's chosen experts among the `len(stored[0])`
+    from `first` on ([M, D]; 0 for a token with none of them)."""
+    count = stored[0].shape[0]
+    key, mine = local_choices(experts.reshape(-1), first, count)  # token m's k-th choice at m * k + j
+    order = jnp.argsort(key, stable=True)  # the token copies grouped by expert, others last
+    token = order // self.top_k
+    sizes = jnp.bincount(key, length=count + 1)[:count].astype(jnp.int32)
+    gate, up = jnp.split(self._product(x[token], stored[0], adapters[0], sizes), 2, axis=-1)
+    out = self._product(self.act(gate) * up, stored[1], adapters[1], sizes)
+    out = out * jnp.where(mine, weights.reshape(-1), 0)[order][:, None]
+    return jnp.zeros_like(x).at[token].add(out.astype(x.dtype))
+
+  def _product(self, x_MxK, qw, adapter, sizes):
+    """One stacked product of the rows sorted by expert, plus its adapter's where it has one."""
+    y = grouped_qmatmul(x_MxK, qw, sizes, self.dtype)
+    if adapter is None:
+      return y
+    h_MxR = grouped_dot(x_MxK, adapter[0], sizes, self.dtype)
+    return y + grouped_dot(h_MxR, adapter[1], sizes, self.dtype) * jnp.asarray(self.experts_scaling, self.dtype)
 
 
 def router_aux_loss(model) -> jax.Array:

@@ -6,6 +6,8 @@ Mesh axes:
   fsdp    splits the batch and stores the parameters split (FSDP): each 4-bit weight is gathered,
           as 4-bit codes and 8-bit scales, just before its layer uses it.
   tensor  splits the 4-bit matmuls by output rows: a weight stays split along it when used.
+  expert  splits a mixture of experts' stacked experts: each device keeps and computes its own
+          experts (nn/expert_parallel.py); the rest of the model is replicated along it.
 
 A 4-bit weight is stored as bitsandbytes does: the row-major [out, in] tensor flattened and cut
 into blocks of `blocksize` elements, packed codes [n / 2] and one scale per block [n / blocksize]
@@ -31,8 +33,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qlora_jax.format.quantization import QuantizedArray
+from qlora_jax.nn.expert_parallel import splits
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both
 LORA_SHARDINGS = ("fsdp", "replicated")  # LoRA params and their AdamW moments
 
@@ -41,6 +44,8 @@ LORA_SHARDINGS = ("fsdp", "replicated")  # LoRA params and their AdamW moments
 RULES: dict[str, tuple] = {
     "quant": (("tensor", "fsdp"),),  # codes [n/2], scales [nb]: tensor-major contiguous chunks
     "quant_in_use": (("tensor",),),  # what a layer computes with: gathered over fsdp
+    "experts": (("expert", "fsdp"),),  # stacked experts [E, out, in]: whole experts per expert shard
+    "experts_in_use": (("expert",),),  # each device computes with its own experts
     "vocab": (("fsdp",), None),  # embedding / lm_head [V, D], split by vocabulary rows
     "lora_a": (("fsdp",), None),  # [in, r]
     "lora_b": (None, ("fsdp",)),  # [r, out]
@@ -133,6 +138,8 @@ def quant_specs(qa: QuantizedArray, sizes: Mapping[str, int], in_use: bool = Fal
   the flat block axis when every chunk is whole blocks (and whole rows for `tensor`)."""
   whole = qa.size % qa.blocksize == 0 and qa.shape[0] % sizes.get("tensor", 1) == 0
   axes = RULES["quant_in_use" if in_use else "quant"][0]
+  if splits(qa, sizes.get("expert", 1)):
+    axes = RULES["experts_in_use" if in_use else "experts"][0]
   flat = _split(axes, qa.num_blocks, sizes) if whole else None
   blocks = lambda x: P() if flat is None else P(*([None] * (x.ndim - 1)), flat)  # noqa: E731
   whole_leaf = lambda x: None if x is None else P()  # noqa: E731
