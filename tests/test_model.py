@@ -23,7 +23,7 @@ def test_softcapped_attention_falls_back_to_xla_saying_so_once(capfd):
   line says why, however many layers ask."""
   from qlora_jax.nn import attention
 
-  attention._say_once.cache_clear()  # once per process: start this test's count afresh
+  attention.say_once.cache_clear()  # once per process: start this test's count afresh
   for _ in range(3):
     assert attention_implementation("cudnn", "bfloat16", 128, softcap=50.0) == "xla"
   err = capfd.readouterr().err

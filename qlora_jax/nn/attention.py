@@ -26,7 +26,7 @@ def attention_implementation(requested: str, dtype: str, head_dim: int, softcap:
   XLA elsewhere. Softcapped scores (Gemma 2) have no cuDNN kernel: XLA, said once."""
   if softcap is not None:
     if requested == "cudnn" or (requested == "auto" and jax.default_backend() == "gpu"):
-      _say_once("attention: XLA (cuDNN has no logit softcapping, which this model uses)")
+      say_once("attention: XLA (cuDNN has no logit softcapping, which this model uses)")
     return "xla"
   if requested != "auto":
     return requested
@@ -35,7 +35,7 @@ def attention_implementation(requested: str, dtype: str, head_dim: int, softcap:
 
 
 @functools.cache
-def _say_once(line: str) -> None:
+def say_once(line: str) -> None:
   print(f"qlora_jax: {line}", file=sys.stderr)
 
 

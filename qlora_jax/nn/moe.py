@@ -21,6 +21,7 @@ from flax import nnx
 
 from pallas_kernels.xla import compute_dot
 from qlora_jax.format.quantization import zeros_quantized
+from qlora_jax.nn.attention import say_once
 from qlora_jax.nn.expert_parallel import expert_shards, local_choices, on_experts, splits
 from qlora_jax.nn.grouped_qmatmul import grouped_dot, grouped_qmatmul
 from qlora_jax.nn.lora import LoraConfig, lora_a_init
@@ -101,6 +102,9 @@ class SparseMoeBlock(nnx.Module):
     if shards > 1 and all(splits(qa, shards) for qa in stored):  # expert parallelism
       out = on_experts(self._combine, x, weights, experts, stored, self.experts.adapters(), shards)
     else:
+      if shards > 1:
+        say_once(f"experts: {self.num_experts} experts do not split into {shards} shards of whole experts "
+                 "and double-quant groups; every device of the expert axis holds and computes them all")
       out = self._combine(x, weights, experts, 0, stored, self.experts.adapters())
     return out.reshape(b, t, d)
 
