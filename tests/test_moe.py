@@ -218,8 +218,8 @@ def test_expert_adapters_export_to_peft_target_parameters(pair, tmp_path, target
   from tests.hf_reference import hf_logits, max_rel_error
 
   name, _, hf, folder = pair
-  if name == "qwen3_moe_raw":
-    pytest.skip("the adapters do not depend on the routing: qwen3_moe and mixtral cover them")
+  if name == "qwen3_moe_raw" or (name == "mixtral" and len(targets) == 1):
+    pytest.skip("the adapters do not depend on the routing: qwen3_moe (both cases) and mixtral cover them")
   lora = q.LoraConfig(rank=4, alpha=8.0, targets=targets)
   ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(lora=lora, scan_layers=True), tokenizer=False)
   _set_expert_adapters(ours)
