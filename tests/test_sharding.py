@@ -413,6 +413,20 @@ def test_the_shipped_family_configs_fit_one_h100(config, shape, base_gib):
     assert est.terms["attention masks"] > 0, est.text()
 
 
+def test_expert_axis_divides_the_experts_in_the_estimate():
+  """Qwen3-30B-A3B on expert:8: each device stores and computes with an eighth of the experts
+  (the attention stays whole), so the stored base and the layer in use shrink by close to 8."""
+  from qlora_jax.testing import shape_config
+
+  cfg = load_config("qwen3_30b_a3b_h100")
+  model = shape_config("qwen3-30b-a3b")
+  one = memory.estimate(model, cfg.model_options(), cfg, {"data": 1})
+  ep = memory.estimate(model, cfg.model_options(), cfg, {"expert": 8})
+  stored, in_use = "4-bit base weights (stored)", "4-bit layer gathered for use (x2, prefetch)"
+  assert 6 < one.terms[stored] / ep.terms[stored] < 8, (one.text(), ep.text())
+  assert ep.terms[in_use] < 2 * one.terms[stored] / model.num_hidden_layers / 6, ep.text()
+
+
 def test_step_memory_bench_reads_growth_with_the_row():
   """bench/step_memory.py compiles the whole step without running it: XLA's temporaries grow
   with the row."""

@@ -26,7 +26,7 @@ from qlora_jax.format.quantization import QuantConfig
 from qlora_jax.nn.attention import attention_implementation
 from qlora_jax.nn.model import CausalLM, ModelOptions, mlp_pieces
 from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.nn.sharding import Layout, batch_shards, mesh_shape, per_device_bytes, specs
+from qlora_jax.nn.sharding import Layout, batch_shards, mesh_shape, per_device_bytes, quant_specs, specs
 from qlora_jax.nn.variables import FrozenParam, QuantWeight
 from qlora_jax.testing import shape_config
 from qlora_jax.train.config import TrainConfig
@@ -86,7 +86,9 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
   base = stored(quant)
   terms = {"4-bit base weights (stored)": base}
   if base < _bytes(quant):  # split over devices: one layer at a time is gathered to compute with
-    terms["4-bit layer gathered for use (x2, prefetch)"] = 2 * _bytes(quant) // model.num_hidden_layers // tensor
+    in_use = sum(per_device_bytes(v.get_value(), quant_specs(v.get_value(), sizes, in_use=True), sizes)
+                 for _, v in nnx.to_flat_state(quant))  # still split over tensor (and expert)
+    terms["4-bit layer gathered for use (x2, prefetch)"] = 2 * in_use // model.num_hidden_layers
   widest = max(math.prod(v.get_raw_value().shape) for v in jax.tree.leaves(
       quant, is_leaf=lambda x: isinstance(x, nnx.Variable)))
   terms["dequantized weight (widest matrix)"] = widest * cb // tensor
