@@ -125,7 +125,7 @@ def merged_tensors(model):
   for name, module, i in expert_modules(model):  # the experts' stacked products, adapters folded in
     for param in EXPERT_PARAMS:
       w = np.asarray(dequantize(layer_slice(getattr(module, param).get_value(), i), jnp.float32))
-      yield f"{name}.{param}", np.asarray(jnp.asarray(merged_experts(module, param, i, w)).astype(jnp.bfloat16))
+      yield f"{name}.{param}", merged_experts(module, param, i, w).astype(jnp.bfloat16)
   covered = {path for path, m in nnx.iter_modules(model) if isinstance(m, (QLoRALinear, Experts))}
   for path, var in nnx.to_flat_state(nnx.state(model, QuantWeight)):
     if tuple(path[:-1]) not in covered:

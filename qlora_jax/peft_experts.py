@@ -11,7 +11,6 @@ Ours (nn/moe.py ExpertLoRA): A [E, in, r], B [E, r, out].
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -103,10 +102,17 @@ def expert_targets(pc: dict, config) -> dict[str, list[str]]:
   return out
 
 
-def fill_expert_adapters(model, pc: dict, weights: dict, used: set, ranks) -> None:
-  """Set the experts' LoRA weights from PEFT's, each padded to the model's rank with its own
-  scaling folded into B (ranks: key -> (r, scaling), PEFT's rank and alpha patterns applied)."""
-  found: dict[tuple[int, str], list] = {}
+def fold_scaling(b: np.ndarray, own: float, scaling: float) -> np.ndarray:
+  """PEFT's B with its own scaling folded into ours: in float64, rounded once; a ratio of 1 (one
+  rank and alpha) leaves B bit-identical."""
+  return b if own == scaling else b.astype(np.float64) * (own / scaling)
+
+
+def expert_adapter_values(model, pc: dict, ranks, fetch):
+  """(ExpertLoRA, "lora_a" | "lora_b", float32 value) of each experts adapter, layer by layer:
+  PEFT's weights padded to the model's rank with their own scaling folded into B, zeros where
+  the adapter leaves a parameter alone. ranks(name) -> (r, scaling) as PEFT reads its patterns;
+  fetch(key, shape) -> the adapter's checked tensor."""
   for name, module, i in expert_modules(model):
     targeted = peft_targeted(pc, name)
     for param in adapted_params(module):
@@ -115,24 +121,13 @@ def fill_expert_adapters(model, pc: dict, weights: dict, used: set, ranks) -> No
       b = np.zeros(adapter.lora_b[...].shape[-3:], np.float32)
       if param in targeted:
         r, own = ranks(f"{name}.{param}")
-        a_key, b_key = (peft_key(name, param, targeted, part) for part in "AB")
         experts, k, n = a.shape[0], a.shape[1], b.shape[2]
-        for key, shape in ((a_key, (experts * r, k)), (b_key, (n, r * experts))):
-          if key not in weights:
-            raise ValueError(f"adapter lacks {key}, which its adapter_config.json adapts")
-          if tuple(weights[key].shape) != shape:
-            raise ValueError(f"adapter's {key} has shape {tuple(weights[key].shape)}; its "
-                             f"adapter_config.json (r, rank_pattern) and the base model imply {shape}")
-          used.add(key)
-        pa, pb = from_peft(weights[a_key], weights[b_key], experts)
+        pa, pb = from_peft(fetch(peft_key(name, param, targeted, "A"), (experts * r, k)),
+                           fetch(peft_key(name, param, targeted, "B"), (n, r * experts)), experts)
         a[..., :r] = pa
-        b[:, :r] = pb if own == adapter.scaling else pb.astype(np.float64) * (own / adapter.scaling)
-      for attr, value in (("lora_a", a), ("lora_b", b)):
-        found.setdefault((id(adapter), attr), [adapter, attr, []])[2].append(value)
-  for adapter, attr, arrays in found.values():  # one array per module; stacked when scanned
-    var = getattr(adapter, attr)
-    value = arrays[0] if len(arrays) == 1 and var[...].ndim == 3 else np.stack(arrays)
-    var[...] = jnp.asarray(value, var[...].dtype)
+        b[:, :r] = fold_scaling(pb, own, adapter.scaling)
+      yield adapter, "lora_a", a
+      yield adapter, "lora_b", b
 
 
 def merged_experts(module: Experts, param: str, index, weight: np.ndarray) -> np.ndarray:

@@ -18,8 +18,8 @@ from qlora_jax.nn.families import FUSED, FUSED_INTO, LINEAR_NAMES, family, fused
 from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model import variable_names
 from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.peft_experts import (check_target_parameters, expert_tensors, fill_expert_adapters,
-                                    target_parameters)
+from qlora_jax.peft_experts import (check_target_parameters, expert_adapter_values, expert_tensors,
+                                    fold_scaling, target_parameters)
 from qlora_jax.train.config import TrainConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -205,16 +205,18 @@ def fill_adapters(model, adapted: dict[str, tuple[int, float]], weights: dict, a
   experts' adapters come from target_parameters (peft_experts.py)."""
   found: dict[tuple[int, str], list] = {}
   used = set()
+  fetch = lambda key, shape: _peft_weight(weights, key, shape, used)  # noqa: E731
   for name, layer, i in linear_modules(model):
-    if layer.lora is None:
-      continue
-    a_KxR, b_RxN = _padded_lora(name, adapted.get(name), weights, layer, used, model.config)
-    for attr, value in (("lora_a", a_KxR), ("lora_b", b_RxN)):
-      found.setdefault((id(layer), attr), [layer, attr, []])[2].append(value)
-  for layer, attr, arrays in found.values():  # one array per layer; stacked when scanned
-    value = arrays[0] if len(arrays) == 1 and getattr(layer, attr)[...].ndim == 2 else np.stack(arrays)
-    getattr(layer, attr)[...] = jnp.asarray(value, getattr(layer, attr).dtype)
-  fill_expert_adapters(model, pc, weights, used, lambda name: peft_rank(pc, name))
+    if layer.lora is not None:
+      a_KxR, b_RxN = _padded_lora(name, adapted.get(name), fetch, layer, model.config)
+      found.setdefault((id(layer), "lora_a"), [layer, "lora_a", []])[2].append(a_KxR)
+      found.setdefault((id(layer), "lora_b"), [layer, "lora_b", []])[2].append(b_RxN)
+  for adapter, attr, value in expert_adapter_values(model, pc, lambda name: peft_rank(pc, name), fetch):
+    found.setdefault((id(adapter), attr), [adapter, attr, []])[2].append(value)
+  for module, attr, arrays in found.values():  # one array per module; stacked when scanned
+    var = getattr(module, attr)
+    value = arrays[0] if len(arrays) == 1 and var[...].ndim == arrays[0].ndim else np.stack(arrays)
+    var[...] = jnp.asarray(value, var.dtype)
   unused = sorted(set(weights) - used)
   if unused:
     raise ValueError(f"{adapter}: weights for modules qlora_jax does not adapt here ({unused[:3]}, "
@@ -222,7 +224,7 @@ def fill_adapters(model, adapted: dict[str, tuple[int, float]], weights: dict, a
                      "and the experts' stacked products load")
 
 
-def _padded_lora(name: str, spec, weights: dict, layer: QLoRALinear, used: set, config: ModelConfig) -> tuple:
+def _padded_lora(name: str, spec, fetch, layer: QLoRALinear, config: ModelConfig) -> tuple:
   """(A [in, R], B [R, out]) float32 of one module at the layer's rank R and scaling."""
   rank, scaling = layer.lora.rank, layer.lora.scaling
   a_KxR = np.zeros((layer.in_features, rank), np.float32)
@@ -231,12 +233,11 @@ def _padded_lora(name: str, spec, weights: dict, layer: QLoRALinear, used: set, 
     return a_KxR, b_RxN
   r, own = spec
   peft_name, rows, height = peft_source(name, config)
-  a_RxK = _peft_weight(weights, f"{PEFT_PREFIX}{peft_name}.lora_A.weight", (r, layer.in_features), used)
-  b_NxR = _peft_weight(weights, f"{PEFT_PREFIX}{peft_name}.lora_B.weight", (height or layer.out_features, r), used)
+  a_RxK = fetch(f"{PEFT_PREFIX}{peft_name}.lora_A.weight", (r, layer.in_features))
+  b_NxR = fetch(f"{PEFT_PREFIX}{peft_name}.lora_B.weight", (height or layer.out_features, r))
   b_NxR = b_NxR if rows is None else b_NxR[rows]
   a_KxR[:, :r] = a_RxK.T
-  # Folded in float64 and rounded once; a ratio of 1 (one rank and alpha) leaves B bit-identical.
-  b_RxN[:r] = b_NxR.T if own == scaling else b_NxR.T.astype(np.float64) * (own / scaling)
+  b_RxN[:r] = fold_scaling(b_NxR.T, own, scaling)
   return a_KxR, b_RxN
 
 

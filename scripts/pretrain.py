@@ -66,8 +66,8 @@ def pretrain(corpus: pathlib.Path, out: pathlib.Path, size: str = "140m", tokens
                                     **SIZES[size])
   model = transformers.LlamaForCausalLM(config).to(device)
   params = sum(p.numel() for p in model.parameters())
-  decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-  rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+  decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices; norms are not decayed
+  rest = [p for p in model.parameters() if p.ndim < 2]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                           lr=lr, betas=(0.9, 0.95), fused=cuda)
   steps = max(1, tokens // (batch * seq))

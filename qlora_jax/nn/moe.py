@@ -68,6 +68,10 @@ class Experts(nnx.Module):
     """((A, B) or None) of gate_up_proj and of down_proj, as the layer computes with them."""
     return tuple(None if a is None else (a.lora_a[...], a.lora_b[...]) for a in (self.gate_up_lora, self.down_lora))
 
+  def scalings(self) -> tuple:
+    """Each product's LoRA scaling (static; 0 where it has no adapter)."""
+    return tuple(0.0 if a is None else a.scaling for a in (self.gate_up_lora, self.down_lora))
+
 
 class SparseMoeBlock(nnx.Module):
   """x [B, T, D] -> the routed experts' weighted sum [B, T, D]."""
@@ -78,7 +82,6 @@ class SparseMoeBlock(nnx.Module):
     self.experts = Experts(cfg, quant, dtype, lora, rngs)
     self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
     self.num_experts, self.dtype, self.act = cfg.num_experts, jnp.dtype(dtype), activation
-    self.experts_scaling = lora.scaling if lora is not None else 1.0
     self.router_stats = RouterStats(jnp.zeros((2, cfg.num_experts), jnp.float32)) if record_stats else None
 
   def route(self, x_MxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -116,18 +119,19 @@ class SparseMoeBlock(nnx.Module):
     order = jnp.argsort(key, stable=True)  # the token copies grouped by expert, others last
     token = order // self.top_k
     sizes = jnp.bincount(key, length=count + 1)[:count].astype(jnp.int32)
-    gate, up = jnp.split(self._product(x[token], stored[0], adapters[0], sizes), 2, axis=-1)
-    out = self._product(self.act(gate) * up, stored[1], adapters[1], sizes)
+    scalings = self.experts.scalings()
+    gate, up = jnp.split(self._product(x[token], stored[0], adapters[0], scalings[0], sizes), 2, axis=-1)
+    out = self._product(self.act(gate) * up, stored[1], adapters[1], scalings[1], sizes)
     out = out * jnp.where(mine, weights.reshape(-1), 0)[order][:, None]
     return jnp.zeros_like(x).at[token].add(out.astype(x.dtype))
 
-  def _product(self, x_MxK, qw, adapter, sizes):
+  def _product(self, x_MxK, qw, adapter, scaling, sizes):
     """One stacked product of the rows sorted by expert, plus its adapter's where it has one."""
     y = grouped_qmatmul(x_MxK, qw, sizes, self.dtype)
     if adapter is None:
       return y
     h_MxR = grouped_dot(x_MxK, adapter[0], sizes, self.dtype)
-    return y + grouped_dot(h_MxR, adapter[1], sizes, self.dtype) * jnp.asarray(self.experts_scaling, self.dtype)
+    return y + grouped_dot(h_MxR, adapter[1], sizes, self.dtype) * jnp.asarray(scaling, self.dtype)
 
 
 def router_aux_loss(model) -> jax.Array:
