@@ -367,12 +367,12 @@ def run(mesh):
   step = make_train_step(graphdef, tx, None, layout, (lora, rng, opt, frozen))
   batch = to_device_batch(host) if layout is None else layout.put_batch(host, leading=1)
   lora, _, _, metrics = step(lora, rng, opt, frozen, batch)
-  return frozen, jax.device_get(metrics), jax.device_get(lora)
+  return (frozen, lora), jax.device_get(metrics), jax.device_get(lora)
 
 _, ref_m, ref = run(None)
 assert not calls
 for mesh in [(("expert", 8),), (("data", 2), ("expert", 4))]:
-  frozen, m, got = run(mesh)
+  (frozen, stored), m, got = run(mesh)
   assert calls and calls[-1] == dict(mesh)["expert"], calls
   np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5)
   np.testing.assert_allclose(m["grad_norm"], ref_m["grad_norm"], rtol=1e-4)
@@ -380,6 +380,8 @@ for mesh in [(("expert", 8),), (("data", 2), ("expert", 4))]:
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
   codes = frozen["model"]["layers"]["mlp"]["experts"]["down_proj"].get_raw_value().codes
   assert codes.sharding.spec == jax.sharding.PartitionSpec(None, "expert"), codes.sharding
+  a = stored["model"]["layers"]["mlp"]["experts"]["down_lora"]["lora_a"].get_raw_value()
+  assert a.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, None), a.sharding  # [L, E, in, r]
   print("equal", mesh, m["loss"], flush=True)
 """
 

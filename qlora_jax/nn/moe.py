@@ -26,7 +26,7 @@ from qlora_jax.nn.expert_parallel import expert_shards, local_choices, on_expert
 from qlora_jax.nn.grouped_qmatmul import grouped_dot, grouped_qmatmul
 from qlora_jax.nn.lora import LoraConfig, lora_a_init
 from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
+from qlora_jax.nn.variables import ExpertLoRAWeight, FrozenParam, QuantWeight
 
 
 class RouterStats(nnx.Variable):
@@ -48,8 +48,8 @@ class ExpertLoRA(nnx.Module):
       raise ValueError(f"LoRA dropout {lora.dropout} cannot apply to the experts (PEFT's expert "
                        "LoRA has none); set lora dropout to 0 or drop experts.* from lora targets")
     keys = jax.random.split(rngs.params(), experts)
-    self.lora_a = LoRAWeight(jax.vmap(lambda k: lora_a_init(k, d_in, lora.rank, lora.param_dtype))(keys))
-    self.lora_b = LoRAWeight(jnp.zeros((experts, lora.rank, d_out), lora.param_dtype))
+    self.lora_a = ExpertLoRAWeight(jax.vmap(lambda k: lora_a_init(k, d_in, lora.rank, lora.param_dtype))(keys))
+    self.lora_b = ExpertLoRAWeight(jnp.zeros((experts, lora.rank, d_out), lora.param_dtype))
     self.scaling = lora.scaling
 
 

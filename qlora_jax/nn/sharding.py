@@ -7,7 +7,8 @@ Mesh axes:
           as 4-bit codes and 8-bit scales, just before its layer uses it.
   tensor  splits the 4-bit matmuls by output rows: a weight stays split along it when used.
   expert  splits a mixture of experts' stacked experts: each device keeps and computes its own
-          experts (nn/expert_parallel.py); the rest of the model is replicated along it.
+          experts and their LoRA (nn/expert_parallel.py); the rest of the model is replicated
+          along it.
 
 A 4-bit weight is stored as bitsandbytes does: the row-major [out, in] tensor flattened and cut
 into blocks of `blocksize` elements, packed codes [n / 2] and one scale per block [n / blocksize]
@@ -50,6 +51,9 @@ RULES: dict[str, tuple] = {
     "lora_a": (("fsdp",), None),  # [in, r]
     "lora_b": (None, ("fsdp",)),  # [r, out]
     "lora_in_use": (),  # gathered whole: GSPMD would otherwise move the larger activations to it
+    "expert_lora_a": (("expert",), ("fsdp",), None),  # an experts' LoRA A [E, in, r]
+    "expert_lora_b": (("expert",), None, ("fsdp",)),  # B [E, r, out]
+    "expert_lora_in_use": (("expert",), None, None),  # each device's experts' adapters only
     "batch": (BATCH_AXES,),  # [B, ...] rows of a batch
     "replicated": (),  # norms, biases, RNG state, optimizer counts, double-quant side arrays
 }
@@ -156,7 +160,7 @@ def role(var: nnx.Variable | None, path) -> str:
   """The layout role of a variable (None: a plain array, e.g. an optimizer step count)."""
   names = _names(path)
   if isinstance(var, nnx.LoRAParam) and names[-1] in ("lora_a", "lora_b"):
-    return names[-1]
+    return ("expert_" if len(names) >= 3 and names[-3] == "experts" else "") + names[-1]
   # the frozen [V, D] matrices (model variables only: optimizer moments are LoRAParams)
   if (isinstance(var, nnx.Variable) and not isinstance(var, nnx.LoRAParam) and len(names) >= 2
       and names[-2:] in (["embed_tokens", "weight"], ["lm_head", "weight"])):
@@ -170,8 +174,8 @@ def var_specs(var: nnx.Variable, path, sizes: Mapping[str, int], lora_sharding: 
   if isinstance(value, QuantizedArray):
     return var.copy(quant_specs(value, sizes))
   r = role(var, path)
-  if r.startswith("lora") and lora_sharding == "replicated":
-    r = "replicated"
+  if lora_sharding == "replicated" and "lora" in r:  # an experts' LoRA keeps its expert split
+    r = "expert_lora_in_use" if r.startswith("expert") else "replicated"
   return jax.tree.map(lambda leaf: _fit(RULES[r], leaf.shape, sizes), var)
 
 
@@ -192,18 +196,18 @@ def per_device_bytes(tree, tree_specs, sizes: Mapping[str, int]) -> int:
   return total
 
 
-def gather_for_use(value):
+def gather_for_use(value, in_use: str = "lora_in_use"):
   """A split weight as a layer computes with it. Under a mesh (the jitted steps trace under one),
   a 4-bit weight is gathered over `fsdp` as codes and scales (4-bit bytes move, not bf16) and
-  stays split over `tensor`; a LoRA matrix is gathered whole. Without a mesh (one device):
-  returned as it is."""
+  stays split over `tensor`; a LoRA matrix is laid out by the `in_use` rule (whole; an experts'
+  LoRA stays split over `expert`). Without a mesh (one device): returned as it is."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return value
   sizes = dict(mesh.shape)
   if isinstance(value, QuantizedArray):
     return jax.lax.with_sharding_constraint(value, quant_specs(value, sizes, in_use=True))
-  return jax.lax.with_sharding_constraint(value, _fit(RULES["lora_in_use"], value.shape, sizes))
+  return jax.lax.with_sharding_constraint(value, _fit(RULES[in_use], value.shape, sizes))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,5 +27,13 @@ class LoRAWeight(nnx.LoRAParam):
     return gather_for_use(super().get_value(**kwargs))
 
 
+class ExpertLoRAWeight(LoRAWeight):
+  """A LoRA matrix of stacked experts (A [experts, in, r] or B [experts, r, out]): under an
+  expert axis each device keeps and computes with its own experts' slices."""
+
+  def get_value(self, **kwargs):
+    return gather_for_use(nnx.LoRAParam.get_value(self, **kwargs), "expert_lora_in_use")
+
+
 class FrozenParam(nnx.Variable):
   """A frozen full-precision base parameter (bias, norm scale, embedding, lm_head)."""
