@@ -7,9 +7,9 @@ pretrain_log.json), so that scripts/quality.py can compare QLoRA with 16-bit LoR
 exactly the transformers model that quality.py converts, with nothing of ours in between.
 
 Recipe: AdamW (0.9, 0.95), weight decay 0.1, linear warmup over 2% of the steps then cosine to
-10% of the peak, gradient clipping at 1.0, bf16 autocast on a GPU (float32 on CPU), random
-windows of the training stream, held-out loss on fixed validation windows every --eval-every
-steps. Progress lines as it goes, a summary at the end.
+10% of the peak, gradient clipping at 1.0, bf16 autocast over float32 master weights (on a CPU
+too: fast where it has AMX), random windows of the training stream, held-out loss on fixed
+validation windows every --eval-every steps. Progress lines as it goes, a summary at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import numpy as np
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=176),
+    "30m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                intermediate_size=1024),  # a CPU-sized model: 12.6M in its layers, 18.9M embedding
     "140m": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4,
                  intermediate_size=2048),
 }
@@ -76,7 +78,7 @@ def pretrain(corpus: pathlib.Path, out: pathlib.Path, size: str = "140m", tokens
 
   def loss_of(ids) -> torch.Tensor:
     ids = torch.from_numpy(ids).to(device)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast(device, dtype=torch.bfloat16):
       return model(input_ids=ids, labels=ids).loss  # seq + 1 tokens: seq predictions
 
   def evaluate() -> float:

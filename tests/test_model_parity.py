@@ -249,7 +249,7 @@ def test_scan_and_remat_give_the_same_logits_and_gradients(tmp_path, family):
     model, _ = q.load_model(tmp_path / "out", jnp.float32, opts, tokenizer=False)
     _set_adapters(model)
     loss = lambda m: jnp.mean(m(ids) ** 2)  # noqa: E731
-    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    value, grads = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
     with_grads = nnx.merge(nnx.graphdef(model), grads, nnx.state(model, nnx.Not(nnx.LoRAParam)))
     per_layer = {name: np.asarray(layer.lora_a[...] if i is None else layer.lora_a[...][i])
                  for name, layer, i in linear_modules(with_grads)}
