@@ -24,6 +24,7 @@ import numpy as np
 SUFFIXES = (".py", ".md", ".rst", ".txt")
 HELD_OUT = 50  # one file in this many goes to validation
 MAX_FILE_BYTES = 1 << 20  # larger files are data dumps more often than text
+BATCH_FILES = 1024  # files tokenized together (the fast tokenizer spreads a batch over the cores)
 
 
 def default_roots() -> list[pathlib.Path]:
@@ -77,21 +78,33 @@ def build(out: pathlib.Path, tokenizer: str | None = None, roots=None, max_token
   roots = [pathlib.Path(r) for r in roots] if roots else default_roots()
   seen, counts = set(), {"train": [0, 0], "val": [0, 0]}  # split -> [files, tokens]
   streams = {s: open(out / f"{s}.bin", "wb") for s in counts}
+  pending: list[tuple[str, str]] = []  # (split, text), tokenized a batch at a time (on every core)
+
+  def flush() -> bool:
+    """Tokenize and write the pending files in order; True once max_tokens is reached."""
+    encoded = tok([text for _, text in pending], add_special_tokens=False)["input_ids"] if pending else []
+    for (split, _), ids in zip(pending, encoded):
+      streams[split].write(np.asarray(ids + [tok.eos_token_id], np.uint16).tobytes())
+      counts[split][0] += 1
+      counts[split][1] += len(ids) + 1
+      if max_tokens and counts["train"][1] >= max_tokens:
+        return True
+    pending.clear()
+    if progress:
+      print(f"  {sum(c[1] for c in counts.values()):,} tokens from {len(seen):,} files", flush=True)
+    return False
+
   try:
-    for i, (name, text) in enumerate(documents(roots, pydoc)):
+    for name, text in documents(roots, pydoc):
       digest = hashlib.sha1(text.encode("utf-8", "replace")).digest()
       if not text.strip() or digest in seen:
         continue
       seen.add(digest)
-      split = "val" if int.from_bytes(digest[:4], "little") % HELD_OUT == 0 else "train"
-      ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-      streams[split].write(np.asarray(ids, np.uint16).tobytes())
-      counts[split][0] += 1
-      counts[split][1] += len(ids)
-      if progress and i % 2000 == 0:
-        print(f"  {sum(c[1] for c in counts.values()):,} tokens from {len(seen):,} files", flush=True)
-      if max_tokens and counts["train"][1] >= max_tokens:
+      pending.append(("val" if int.from_bytes(digest[:4], "little") % HELD_OUT == 0 else "train", text))
+      if len(pending) == BATCH_FILES and flush():
         break
+    else:
+      flush()
   finally:
     for f in streams.values():
       f.close()

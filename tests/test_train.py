@@ -261,7 +261,7 @@ def test_run_folder_has_metrics_plot_and_summary(tiny_model_dir, tmp_path, capsy
 def test_default_run_shortened(smollm2_dir, tmp_path):
   """The default config on the real SmolLM2, fewer steps: eval loss must drop clearly."""
   cfg = load_config("smollm2_135m_cpu", [f"model_dir={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
-                                         "steps=12", "eval_every=100", "save_every=100",
+                                         "steps=6", "eval_every=100", "save_every=100",
                                          "sample_prompts=What is the capital of Italy?"])
   summary = trainer.train(cfg)
   print("\n" + summary.text())
