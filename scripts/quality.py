@@ -1,6 +1,7 @@
 """python scripts/quality.py [--parts weights,ppl,finetune,textparity,placement,textplacement] [--seeds 0,1] ...
 
-Checks the QLoRA paper's quality claims at small scale on the embedded SmolLM2-135M-Instruct and
+Checks the QLoRA paper's quality claims at small scale on the embedded SmolLM2-135M-Instruct (or,
+with --model DIR, on a 16-bit transformers checkpoint such as scripts/pretrain.py's) and
 writes docs/QUALITY.md (plus docs/quality_finetune.png and the raw numbers in
 docs/quality_results.json), with the command that produced each table beside it:
 
@@ -11,7 +12,7 @@ docs/quality_results.json), with the command that produced each table beside it:
   placement      LoRA on q,v only vs on all linear layers at an equal trainable-parameter budget
   textplacement  the same comparison on held-out text
 
-The full-precision reference is the GGUF's weights dequantized to float32 (the file is Q4_1).
+The full-precision reference is the model's weights in float32 (the embedded GGUF's are Q4_1).
 A part run alone re-measures only its own table; the others are kept from the results file.
 CPU is enough: docs/QUALITY.md's Runtime table gives each part's time as last measured.
 The measurements are in scripts/quality_parts.py, the report's text in scripts/quality_report.py
@@ -78,7 +79,10 @@ def make_setup(args) -> Setup:
   from qlora_jax.io.convert import ensure_converted
   from qlora_jax.io.sources import default_gguf
 
-  cfg = load_config(args.config, [f"steps={args.steps}"] if args.steps else [])
+  overrides = [f"steps={args.steps}"] if args.steps else []
+  if args.model:  # a 16-bit checkpoint in place of the config's model, converted beside it once
+    overrides += [f"model_source={args.model}", f"model_dir={args.model.rstrip('/')}.converted"]
+  cfg = load_config(args.config, overrides)
   m = cfg.model
   source = str(default_gguf()) if m.model_source == "default" else m.model_source
   folder = ensure_converted(m.model_dir, m.model_source, cfg.quant)
@@ -200,13 +204,14 @@ RUNNERS = {"weights": run_weights, "ppl": run_ppl, "finetune": run_finetune, "te
 
 # --- command line ----------------------------------------------------------------------------------
 
-PART_ARGS = {"weights": ("config", "gaussian_elements"),
-             "ppl": ("config", "ppl_windows", "ppl_length", "ppl_batch"),
-             "finetune": ("config", "steps", "seeds", "eval_every"),
-             "textparity": ("config", "text_steps", "seeds", "text_eval_every", "text_length", "text_eval_windows"),
-             "textplacement": ("config", "text_steps", "seeds", "text_eval_every", "text_length",
+PART_ARGS = {"weights": ("config", "model", "gaussian_elements"),
+             "ppl": ("config", "model", "ppl_windows", "ppl_length", "ppl_batch"),
+             "finetune": ("config", "model", "steps", "seeds", "eval_every"),
+             "textparity": ("config", "model", "text_steps", "seeds", "text_eval_every", "text_length",
+                            "text_eval_windows"),
+             "textplacement": ("config", "model", "text_steps", "seeds", "text_eval_every", "text_length",
                                "text_eval_windows"),
-             "placement": ("config", "steps", "seeds", "eval_every")}
+             "placement": ("config", "model", "steps", "seeds", "eval_every")}
 
 
 def part_command(part: str, args) -> str:
@@ -214,7 +219,7 @@ def part_command(part: str, args) -> str:
   words = ["python scripts/quality.py --parts", part]
   for name in PART_ARGS[part]:
     value = getattr(args, name)
-    if name == "steps" and not value:
+    if name in ("steps", "model") and not value:
       continue
     words += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
   return " ".join(words)
@@ -225,6 +230,8 @@ def parse(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
   p.add_argument("--config", default="smollm2_135m_cpu", help="the fine-tuning recipe (configs/)")
+  p.add_argument("--model", default="", help="a 16-bit transformers checkpoint to study instead of the "
+                 "config's model (e.g. scripts/pretrain.py's output)")
   p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
   p.add_argument("--seeds", default="0,1", help="training seeds (LoRA init, data order, dropout)")
   p.add_argument("--eval-every", type=int, default=5, help="eval-loss points of the curves")
@@ -261,7 +268,24 @@ def _meta(args, setup: Setup, setup_seconds: float) -> dict:
   return {"machine": f"{platform.machine()}, {cores} CPU cores", "jax": jax.__version__,
           "backend": jax.default_backend(), "config": args.config, "recipe": recipe(setup.cfg),
           "linear_params": int(sum(w.size for n, w in setup.tensors.items() if is_linear(n))),
-          "setup_seconds": setup_seconds}
+          "params": int(sum(w.size for w in setup.tensors.values())),
+          "model": _model_facts(args.model), "setup_seconds": setup_seconds}
+
+
+def _model_facts(model: str) -> dict:
+  """What the report says about the model: the embedded GGUF, or a 16-bit checkpoint (with
+  scripts/pretrain.py's log when it made it)."""
+  if not model:
+    return {"kind": "gguf"}
+  log_path = pathlib.Path(model) / "pretrain_log.json"
+  if not log_path.is_file():
+    return {"kind": "checkpoint", "path": model}
+  log = json.loads(log_path.read_text())
+  return {"kind": "pretrained", "path": model, "size": log["size"], "parameters": log["parameters"],
+          "tokens": log["steps"] * log["batch"] * log["seq"], "device": log["device"],
+          "minutes": log.get("seconds", 0) / 60, "held_out_loss": log["eval"][-1][1] if log["eval"] else None,
+          "corpus": {k: log["corpus"].get(k) for k in ("train_tokens", "val_tokens", "train_files", "val_files")},
+          "pydoc_in_corpus": "pydoc topics" in log["corpus"].get("roots", [])}
 
 
 def _summary(results: dict, parts: list[str]) -> str:

