@@ -4,9 +4,10 @@
                                   of them, in expert order; rows past the groups' total get 0)
 
 W is one QuantizedArray [experts, out, in] (NF4/FP4 blocks over the flattened tensor, each
-expert's blocks contiguous). The product is `jax.lax.ragged_dot` over the dequantized experts:
-one grouped matmul, neither a loop over experts nor every token through every expert, and no
-token dropped. Behind one custom VJP like the dense 4-bit matmul (qmatmul.py): the backward
+expert's blocks contiguous). The product is one grouped matmul over the dequantized experts
+(pallas_kernels/grouped.py: JAX's Hopper grouped-GEMM kernels on a GPU, `jax.lax.ragged_dot`
+elsewhere): neither a loop over experts nor every token through every expert, and no token
+dropped. Behind one custom VJP like the dense 4-bit matmul (qmatmul.py): the backward
 returns dX = dY @ dequant(W[e]) per group and nothing for the frozen weight or the group sizes,
 and keeps nothing but the quantized weight and the sizes.
 """
@@ -18,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped import ragged_contraction, ragged_rows
 from qlora_jax.format.quantization import QuantizedArray, dequantize
 
 
@@ -34,18 +36,36 @@ def grouped_qmatmul(x: jax.Array, qw: QuantizedArray, group_sizes: jax.Array,
 
 
 def grouped_dot(a, w_ExKxN, group_sizes, compute_dtype):
-  """a [M, K] sorted by group times each group's w [K, N] (ragged_dot): compute_dtype operands,
-  float32 accumulation, rounded once. Differentiable in both operands (the experts' LoRA)."""
-  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
-  out = jax.lax.ragged_dot(a.astype(compute_dtype), w_ExKxN.astype(compute_dtype), group_sizes,
-                           precision=precision, preferred_element_type=jnp.float32)
-  return out.astype(compute_dtype)
+  """a [M, K] sorted by group times each group's w [K, N]: compute_dtype operands, float32
+  accumulation, rounded once. Differentiable in both operands (the experts' LoRA): the gradient
+  to `a` is a grouped product too, the one to `w` a grouped contraction."""
+  return _dot(a.astype(compute_dtype), w_ExKxN.astype(compute_dtype), group_sizes, jnp.dtype(compute_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dot(a, w, group_sizes, compute_dtype):
+  return ragged_rows(a, w, group_sizes, False, compute_dtype)
+
+
+def _dot_fwd(a, w, group_sizes, compute_dtype):
+  return _dot(a, w, group_sizes, compute_dtype), (a, w, group_sizes)
+
+
+def _dot_bwd(compute_dtype, residuals, g):
+  a, w, group_sizes = residuals
+  g = g.astype(compute_dtype)
+  da = ragged_rows(g, w, group_sizes, True, a.dtype)  # g @ w[e]^T
+  dw = ragged_contraction(a, g, group_sizes, w.dtype)  # a_e^T g_e
+  return da, dw, None
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped(x, qw, group_sizes, compute_dtype, x_dtype):
   weights = dequantize(qw, compute_dtype)  # [E, N, K]
-  return grouped_dot(x, jnp.swapaxes(weights, 1, 2), group_sizes, compute_dtype)
+  return ragged_rows(x.astype(compute_dtype), weights, group_sizes, True, compute_dtype)
 
 
 def _grouped_fwd(x, qw, group_sizes, compute_dtype, x_dtype):
@@ -54,7 +74,8 @@ def _grouped_fwd(x, qw, group_sizes, compute_dtype, x_dtype):
 
 def _grouped_bwd(compute_dtype, x_dtype, residuals, dy):
   qw, group_sizes = residuals
-  dx = grouped_dot(dy, dequantize(qw, compute_dtype), group_sizes, compute_dtype)  # [E, N, K]: dy @ W
+  dx = ragged_rows(dy.astype(compute_dtype), dequantize(qw, compute_dtype), group_sizes, False,
+                   compute_dtype)  # dy @ W[e], W[e] [N, K]
   return dx.astype(x_dtype), None, None
 
 
