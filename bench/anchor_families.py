@@ -76,7 +76,23 @@ def ensure_model(a):
   return path
 
 
+def check_moe_qlora(model, quant, n_layers):
+  """A mixture of experts as Unsloth loads it: its 4-bit `Linear4bit`s are the 4 attention
+  projections of each layer (the stacked experts are parameters, not Linear modules: their
+  storage dtype is recorded), LoRA on those and on the experts' parameters. Refuses anything else
+  (no 4-bit base at all, or no LoRA)."""
+  n_lora = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+  quant["lora_modules"] = n_lora
+  experts = [p for n, p in model.named_parameters() if "experts" in n and p.ndim == 3]
+  quant["experts_dtype"] = str(experts[0].dtype).replace("torch.", "") if experts else None
+  if quant["linear4bit_modules"] != 4 * n_layers or quant.get("quant_type") != "nf4" or n_lora < 4 * n_layers:
+    raise RuntimeError(f"not the QLoRA workload: {quant['linear4bit_modules']} NF4 Linear4bit and "
+                       f"{n_lora} LoRA modules, expected {4 * n_layers} attention projections of each")
+
+
 def main():
+  if "moe" in FAMILY_SHAPES.get(next((a for a in sys.argv if a in FAMILY_SHAPES), ""), {}).get("model_type", ""):
+    anchor_fast.check_qlora = check_moe_qlora
   for name, shape in FAMILY_SHAPES.items():
     anchor_fast.SHAPES[name] = {k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                       "num_attention_heads", "num_key_value_heads", "vocab_size")}
