@@ -22,6 +22,7 @@ from jax.experimental.mosaic.gpu import profiler
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from bench.common import SHAPES, random_batch, random_trainable, timings  # noqa: E402
+from pallas_kernels.backends import get_backend  # noqa: E402
 from qlora_jax.nn.lora import LoraConfig  # noqa: E402
 from qlora_jax.nn.model import ModelOptions  # noqa: E402
 from qlora_jax.nn.model_config import ModelConfig  # noqa: E402
@@ -110,12 +111,13 @@ def main() -> None:
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--json")
   p.add_argument("--hlo")
+  p.add_argument("--backend", default="auto", choices=["auto", "pallas", "xla"], help="4-bit matmul backend")
   p.add_argument("--trace", help="a folder: trace one step and report how host copies overlap kernels")
   args = p.parse_args()
   cfg = ModelConfig(**{"model_type": "llama", **SHAPES[args.model], "num_hidden_layers": args.layers})
   options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0, param_dtype=args.lora_dtype),
                          remat=args.remat, mlp_chunk=args.mlp_chunk, scan_layers=True,
-                         scan_unroll=args.scan_unroll, attention="cudnn")
+                         scan_unroll=args.scan_unroll, attention="cudnn", backend=get_backend(args.backend))
   trainable = random_trainable(cfg, options)
   lora, rng, opt, frozen = trainable.lora, trainable.rng, trainable.opt_state, trainable.frozen
   step = trainable.step.programs["whole"]

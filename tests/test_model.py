@@ -167,18 +167,6 @@ def test_offloaded_layer_inputs_equal_full_remat_and_live_in_host_memory():
   assert "<host>" not in full_jaxpr
 
 
-def test_prefetched_offload_equals_offload_and_keeps_layer_inputs_in_host_memory(dropout=0.3):
-  """remat="offload_prefetch" (one custom VJP over the scanned layers, each layer's input
-  fetched from host memory a layer ahead) gives the loss and LoRA gradients of "offload" with
-  the same dropout masks, and keeps the [L, B, T, D] layer inputs in host memory."""
-  offload, g_offload, _ = _tiny_loss_and_grads("offload", layers=3, dropout=dropout)
-  ahead, g_ahead, jaxpr = _tiny_loss_and_grads("offload_prefetch", layers=3, dropout=dropout, jaxpr=True)
-  np.testing.assert_allclose(ahead, offload, rtol=1e-6)
-  for a, b in zip(g_ahead, g_offload):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  assert "f32<host>[3,2,24,64]" in jaxpr, "the layer inputs are not kept in host memory"
-
-
 def test_offloaded_attention_residuals_skip_the_attention_recomputation():
   """remat="offload_attention" keeps the attention's output and statistics in pinned host
   memory beside the layer inputs: equal loss and gradients, and the compiled gradient does

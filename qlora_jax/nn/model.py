@@ -17,7 +17,6 @@ from pallas_kernels.xla import frozen_weight, precision_for
 from qlora_jax.nn.attention import attend, attention_implementation, make_mask
 from qlora_jax.format.quantization import QuantizedArray
 from qlora_jax.nn.families import EXPERT_NAMES
-from qlora_jax.nn.layer_stack import scan_prefetched
 from qlora_jax.nn.kv_cache import KVCache
 from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
@@ -341,8 +340,6 @@ class CausalLM(nnx.Module):
     mixed = bool(self.config.layer_types)
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
     window = self._window()
-    if cache is None and self.options.remat == "offload_prefetch":
-      return self._scan_prefetched(h, (cos, sin, mask), kinds, mixed, window), None
     if cache is None:
       def body(h, layer, local):
         return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
@@ -357,19 +354,6 @@ class CausalLM(nnx.Module):
     h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))(
         h, self.model.layers, cache[0], cache[1], kinds)
     return h, kv
-
-  def _scan_prefetched(self, h, consts, kinds, mixed, window):
-    """The layer scan of remat "offload_prefetch" (nn/layer_stack.py)."""
-    graphdef, lora, rng, rest = nnx.split(self.model.layers, nnx.LoRAParam, nnx.RngState, ...)
-
-    def apply(lora_i, rest_i, rng_i, h, local, consts):
-      layer = nnx.merge(graphdef, *jax.tree.map(lambda x: x, (lora_i, rng_i, rest_i)))  # own Variables
-      h = layer(h, *consts, None, window, local if mixed else None)[0]
-      return h, nnx.state(layer, nnx.RngState)
-
-    h, rng = scan_prefetched(apply, lora, rest, rng, h, kinds, consts)
-    nnx.update(self.model.layers, rng)
-    return h
 
   def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]

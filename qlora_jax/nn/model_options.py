@@ -48,9 +48,6 @@ class ModelOptions:
       raise ValueError(f"scan_unroll must be an int >= 1 (layers per scan iteration), got {self.scan_unroll!r}")
     if not (isinstance(self.router_aux_loss, (int, float)) and 0 <= self.router_aux_loss < float("inf")):
       raise ValueError(f"router_aux_loss must be a number >= 0 (0: off), got {self.router_aux_loss!r}")
-    if self.router_aux_loss and self.remat == "offload_prefetch":
-      raise ValueError("router_aux_loss needs the router statistics out of each layer, which remat "
-                       "offload_prefetch does not return; use remat offload (or full) with it")
     unknown = set(self.lora.targets if self.lora else ()) - set(LORA_TARGETS)
     if unknown:
       raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")

@@ -3,8 +3,6 @@
 Every policy but "none" recomputes a layer's forward in the backward pass from what it kept:
   full               the layer's input, on the device
   offload            the layer's input, in pinned host memory
-  offload_prefetch   the same, with the scanned layers' inputs fetched back one layer ahead in
-                     the backward (nn/layer_stack.py); unscanned layers: as offload
   offload_attention  that, and the attention's own residuals (its output and softmax statistics)
                      in host memory too, so the backward recomputes the projections but not the
                      attention: at long rows the attention's forward is the larger part of the
@@ -33,7 +31,6 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "offload": _offloaded(LAYER_INPUT),
-    "offload_prefetch": _offloaded(LAYER_INPUT),  # the policy of unscanned layers
     "offload_attention": _offloaded(LAYER_INPUT, ATTENTION_RESIDUALS),
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }

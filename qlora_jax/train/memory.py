@@ -191,7 +191,7 @@ def check_fits(est: Estimate, limit: int | None, device: str, cfg: TrainConfig, 
   if cfg.optim.batch_size > 1:
     fixes.append(f"fewer rows per step (batch_size={max(1, cfg.optim.batch_size // 2)}, "
                  f"grad_accum={cfg.optim.grad_accum * 2})")
-  if cfg.model.remat not in ("full", "offload", "offload_prefetch", "offload_attention"):
+  if cfg.model.remat not in ("full", "offload", "offload_attention"):
     fixes.append("remat=full")
   fixes += ["a shorter source_max_len/target_max_len", "a smaller lora_rank or fewer lora_targets"]
   raise ValueError(
