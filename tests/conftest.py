@@ -23,6 +23,10 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# ... and the same cache for the train.py / convert_weights.py / 8-device subprocesses tests
+# start (JAX reads its options from JAX_* variables), which compile the same steps again.
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 # Float32 references mean float32: on a GPU, JAX lets float32 matmuls use TF32 (a 10-bit
 # mantissa, ~5e-4 relative error) unless told otherwise, as torch does not. (CPU: unchanged.)
