@@ -8,5 +8,6 @@ bash bench/device/next_families.sh
 # 4-bit kernels against XLA's dequantize + cuBLAS):
 #   python bench/step_profile.py --model llama3-8b --layers 4 --batch 4 --seq 2048 --remat offload --top 40
 #   python bench/step_profile.py --model llama3-8b --layers 4 --batch 4 --seq 2048 --remat offload --backend pallas --top 40
+#   python bench/fused_projections_probe.py --tokens 8192   # one GEMM per shared input: worth building?
 # Call 3 (issue 30): bash bench/device/pretrain_quality.sh pretrain, then at once
 #   bash bench/device/pretrain_quality.sh quality (same warm machine).
