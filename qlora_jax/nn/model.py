@@ -8,6 +8,8 @@ checkpoint key is the dotted path of the variable it fills. All seven linear lay
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,7 +20,6 @@ from qlora_jax.nn.attention import attend, attention_implementation, make_mask
 from qlora_jax.format.quantization import QuantizedArray
 from qlora_jax.nn.families import EXPERT_NAMES
 from qlora_jax.nn.kv_cache import KVCache
-from qlora_jax.nn.layer_periods import pattern_period, scan_by_period
 from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.model_options import ModelOptions
@@ -344,8 +345,7 @@ class CausalLM(nnx.Module):
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
     window = self._window()
     if cache is None and mixed and mask is None:
-      return scan_by_period(self.model.layers, self.config.local_layers, h, cos, sin,
-                            self.config.sliding_window, policy, self.options.scan_unroll), None
+      return self._scan_periods(h, cos, sin, policy), None
     if cache is None:
       def body(h, layer, local):
         return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
@@ -363,13 +363,47 @@ class CausalLM(nnx.Module):
 
   def _static_kinds(self) -> bool:
     """Whether every layer's kind (full / sliding-window) is known when tracing: unscanned
-    layers, or a scan over periods of the layer pattern (nn/layer_periods.py)."""
+    layers, or a scan over periods of the layer pattern (_scan_periods)."""
     return not self.options.scan_layers or self._period() is not None
 
   def _period(self) -> int | None:
-    """The layer pattern's period (nn/layer_periods.py); None without kinds or with experts
-    (their routing statistics are not carried through the period scan)."""
-    return None if self.config.num_experts else pattern_period(self.config.local_layers)
+    """The length of the repeating unit of layer kinds (Gemma 2: 2, Gemma 3: 6), when the layers
+    are whole repeats of it; None otherwise (or without a router-free stack to group)."""
+    kinds, n = self.config.local_layers, self.config.num_hidden_layers
+    if not kinds or self.config.num_experts:
+      return None
+    return next((p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n))), None)
+
+  def _scan_periods(self, h, cos, sin, policy):
+    """Layers of two kinds without a mask: the scan steps over periods of the layer pattern, so
+    each layer's kind, rotation and window are static and its attention is the mask-free causal
+    kernel (cuDNN's sliding-window causal kernel for the local layers). Each layer is its own
+    remat unit, as in the per-layer scan."""
+    period = self._period()
+    kinds = self.config.local_layers[:period]
+    graphdef, rng, rest = nnx.split(self.model.layers, nnx.RngState, ...)
+    group = lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:])  # noqa: E731
+    rng, rest = jax.tree.map(group, (rng, rest))
+
+    def run_layer(local, rng_j, rest_j, h):
+      layer = nnx.merge(graphdef, rng_j, rest_j)
+      h = layer(h, cos, sin, None, None, self.config.sliding_window if local else None, local)[0]
+      return h, nnx.state(layer, nnx.RngState)
+
+    def body(h, xs):
+      rng_p, rest_p = xs
+      rngs = []
+      for j, local in enumerate(kinds):
+        fn = functools.partial(run_layer, local)
+        if policy is not None:
+          fn = jax.checkpoint(fn, policy=policy)
+        h, rng_j = fn(*jax.tree.map(lambda x: x[j], (rng_p, rest_p)), h)
+        rngs.append(rng_j)
+      return h, jax.tree.map(lambda *x: jnp.stack(x), *rngs)
+
+    h, rng = jax.lax.scan(body, h, (rng, rest), unroll=self.options.scan_unroll)
+    nnx.update(self.model.layers, jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), rng))
+    return h
 
   def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]
