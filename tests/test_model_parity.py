@@ -1,7 +1,6 @@
 """Logits parity with transformers (torch, float32) on the same dequantized weights."""
 
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,25 +63,6 @@ def test_logits_match_transformers(pair):
   err = max_rel_error(ours(jnp.asarray(ids)), hf_logits(hf, ids))
   print(f"\n{family}: max relative logit error {err:.1e}")
   assert err <= TOL
-
-
-def test_layers_of_two_kinds_scan_by_period_without_a_mask(pair):
-  """Gemma 2 / 3 (sliding-window and full layers) scanned with no attention mask: the scan steps
-  over periods of the layer pattern so each layer's window is static, and no [B, T, T] mask is
-  built; the logits equal the masked path's (an all-ones attention_mask), windows included."""
-  family, _, _, folder = pair
-  if not family.startswith("gemma"):
-    pytest.skip("layers of two kinds: gemma2 and gemma3")
-  ours, _ = q.load_model(folder, jnp.float32, q.ModelOptions(scan_layers=True, remat="full"), tokenizer=False)
-  ids = jnp.asarray(np.random.default_rng(2).integers(0, 160, (2, 16)), jnp.int32)
-  free = ours(ids)
-  masked = ours(ids, attention_mask=jnp.ones_like(ids))
-  np.testing.assert_allclose(np.asarray(free), np.asarray(masked), rtol=1e-5, atol=1e-5)
-  from flax import nnx
-
-  graphdef, state = nnx.split(ours)
-  jaxpr = lambda **kw: str(jax.make_jaxpr(lambda st, i: nnx.merge(graphdef, st)(i, **kw))(state, ids))  # noqa: E731
-  assert "bool[2,16,16]" not in jaxpr() and "bool[2,16,16]" in jaxpr(attention_mask=jnp.ones_like(ids))
 
 
 def test_longrope_past_the_original_context_matches_transformers(pair):

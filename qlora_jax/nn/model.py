@@ -8,8 +8,6 @@ checkpoint key is the dotted path of the variable it fills. All seven linear lay
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -151,8 +149,7 @@ class DecoderLayer(nnx.Module):
     """local: for layers of two kinds (Gemma 2/3), whether this one is a sliding-window layer;
     cos, sin and the mask then come as (full layers', sliding layers') pairs."""
     if local is not None:
-      cos, sin = _pick(local, cos), _pick(local, sin)
-      mask_BxTxS = None if mask_BxTxS is None else _pick(local, mask_BxTxS)
+      cos, sin, mask_BxTxS = (_pick(local, pair) for pair in (cos, sin, mask_BxTxS))
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
     attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window)
     if self.pre_feedforward_layernorm is not None:
@@ -263,8 +260,7 @@ class CausalLM(nnx.Module):
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = slots if positions is None else positions
     mask = None
-    if attention_mask is not None or segment_ids is not None or (self.config.layer_types
-                                                                 and not self._static_kinds()):
+    if attention_mask is not None or segment_ids is not None or self.config.layer_types:
       valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
       mask = self._masks(slots, slots, valid, segment_ids, segment_ids)
     return self._run(input_ids, positions, mask, None, inputs_embeds)[0]
@@ -344,8 +340,6 @@ class CausalLM(nnx.Module):
     mixed = bool(self.config.layer_types)
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
     window = self._window()
-    if cache is None and mixed and mask is None:
-      return self._scan_periods(h, cos, sin, policy), None
     if cache is None:
       def body(h, layer, local):
         return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
@@ -361,55 +355,11 @@ class CausalLM(nnx.Module):
         h, self.model.layers, cache[0], cache[1], kinds)
     return h, kv
 
-  def _static_kinds(self) -> bool:
-    """Whether every layer's kind (full / sliding-window) is known when tracing: unscanned
-    layers, or a scan over periods of the layer pattern (_scan_periods)."""
-    return not self.options.scan_layers or self._period() is not None
-
-  def _period(self) -> int | None:
-    """The length of the repeating unit of layer kinds (Gemma 2: 2, Gemma 3: 6), when the layers
-    are whole repeats of it; None otherwise (or without a router-free stack to group)."""
-    kinds, n = self.config.local_layers, self.config.num_hidden_layers
-    if not kinds or self.config.num_experts:
-      return None
-    return next((p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n))), None)
-
-  def _scan_periods(self, h, cos, sin, policy):
-    """Layers of two kinds without a mask: the scan steps over periods of the layer pattern, so
-    each layer's kind, rotation and window are static and its attention is the mask-free causal
-    kernel (cuDNN's sliding-window causal kernel for the local layers). Each layer is its own
-    remat unit, as in the per-layer scan."""
-    period = self._period()
-    kinds = self.config.local_layers[:period]
-    graphdef, rng, rest = nnx.split(self.model.layers, nnx.RngState, ...)
-    group = lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:])  # noqa: E731
-    rng, rest = jax.tree.map(group, (rng, rest))
-
-    def run_layer(local, rng_j, rest_j, h):
-      layer = nnx.merge(graphdef, rng_j, rest_j)
-      h = layer(h, cos, sin, None, None, self.config.sliding_window if local else None, local)[0]
-      return h, nnx.state(layer, nnx.RngState)
-
-    def body(h, xs):
-      rng_p, rest_p = xs
-      rngs = []
-      for j, local in enumerate(kinds):
-        fn = functools.partial(run_layer, local)
-        if policy is not None:
-          fn = jax.checkpoint(fn, policy=policy)
-        h, rng_j = fn(*jax.tree.map(lambda x: x[j], (rng_p, rest_p)), h)
-        rngs.append(rng_j)
-      return h, jax.tree.map(lambda *x: jnp.stack(x), *rngs)
-
-    h, rng = jax.lax.scan(body, h, (rng, rest), unroll=self.options.scan_unroll)
-    nnx.update(self.model.layers, jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), rng))
-    return h
-
   def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]
     if kv is not None:
       return layer(h, cos, sin, mask, kv, None, local)
-    window = self.config.sliding_window if (mask is None and local) else self._window()
+    window = self._window()
     if self.options.remat == "none":
       return layer(h, cos, sin, mask, None, window, local)
     return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, window, local),
