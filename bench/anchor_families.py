@@ -76,11 +76,16 @@ def ensure_model(a):
   return path
 
 
-def check_moe_qlora(model, quant, n_layers):
-  """A mixture of experts as Unsloth loads it: its 4-bit `Linear4bit`s are the 4 attention
-  projections of each layer (the stacked experts are parameters, not Linear modules: their
-  storage dtype is recorded), LoRA on those and on the experts' parameters. Refuses anything else
-  (no 4-bit base at all, or no LoRA)."""
+_check_dense_qlora = anchor_fast.check_qlora
+
+
+def check_qlora(model, quant, n_layers):
+  """The anchors' check for dense models; a mixture of experts as Unsloth loads it: its 4-bit
+  `Linear4bit`s are the 4 attention projections of each layer (the stacked experts are
+  parameters, not Linear modules: their storage dtype is recorded), LoRA on those and on the
+  experts' parameters. Refuses anything else (no 4-bit base at all, or no LoRA)."""
+  if not (getattr(model.config, "num_experts", 0) or getattr(model.config, "num_local_experts", 0)):
+    return _check_dense_qlora(model, quant, n_layers)
   n_lora = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
   quant["lora_modules"] = n_lora
   experts = [p for n, p in model.named_parameters() if "experts" in n and p.ndim == 3]
@@ -91,8 +96,7 @@ def check_moe_qlora(model, quant, n_layers):
 
 
 def main():
-  if "moe" in FAMILY_SHAPES.get(next((a for a in sys.argv if a in FAMILY_SHAPES), ""), {}).get("model_type", ""):
-    anchor_fast.check_qlora = check_moe_qlora
+  anchor_fast.check_qlora = check_qlora
   for name, shape in FAMILY_SHAPES.items():
     anchor_fast.SHAPES[name] = {k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                       "num_attention_heads", "num_key_value_heads", "vocab_size")}

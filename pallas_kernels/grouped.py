@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.xla import precision_for
+
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 # Tiles of JAX's example tuning for these kernels on an H100 (rows, columns, contraction).
 BLOCK_M, BLOCK_N, BLOCK_K, STEPS, GRID_BLOCK_N = 128, 128, 64, 4, 1
@@ -37,8 +39,9 @@ def _block(dim: int, largest: int) -> int | None:
   return b if b >= 64 else None
 
 
-def _rows_in_groups(y: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  return jnp.where(jnp.arange(y.shape[0])[:, None] < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
+def _rows_in_groups(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """x [M, ...] with its rows past the groups' total set to 0."""
+  return jnp.where(jnp.arange(x.shape[0])[:, None] < jnp.sum(group_sizes), x, jnp.zeros((), x.dtype))
 
 
 def ragged_rows(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool,
@@ -57,29 +60,25 @@ def ragged_rows(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpos
     return _rows_in_groups(out, group_sizes).astype(out_dtype)
   if transpose_rhs:
     rhs = jnp.swapaxes(rhs, 1, 2)
-  precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
-  out = jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision, preferred_element_type=jnp.float32)
+  out = jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision_for(lhs.dtype),
+                           preferred_element_type=jnp.float32)
   return out.astype(out_dtype)
 
 
 def ragged_contraction(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, out_dtype) -> jax.Array:
   """out [G, K, N] = for each group g, lhs[rows of g]^T @ rhs[rows of g] (lhs [M, K], rhs [M, N]):
   a weight gradient per group. Rows past the total contribute nothing."""
-  m, k = lhs.shape
-  n = rhs.shape[1]
+  k, n = lhs.shape[1], rhs.shape[1]
   block_m, block_n = _block(k, BLOCK_M), _block(n, BLOCK_N)
   if _on_gpu_kernels(lhs, rhs) and block_m and block_n:
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
-    rows = jnp.arange(m)[:, None] < jnp.sum(group_sizes)
-    lhs = jnp.where(rows, lhs, jnp.zeros((), lhs.dtype))
     out = transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        lhs, rhs, group_sizes=group_sizes, block_m=block_m, block_n=block_n, block_k=BLOCK_K,
+        _rows_in_groups(lhs, group_sizes), rhs, group_sizes=group_sizes, block_m=block_m, block_n=block_n, block_k=BLOCK_K,
         max_concurrent_steps=STEPS, grid_block_n=GRID_BLOCK_N)
     return out.astype(out_dtype)
-  precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
   dims = jax.lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-  out = jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
+  out = jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision_for(lhs.dtype),
                                    preferred_element_type=jnp.float32)
   return out.astype(out_dtype)

@@ -28,8 +28,6 @@ import numpy as np
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=176),
-    "30m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
-                intermediate_size=1024),  # a CPU-sized model: 12.6M in its layers, 18.9M embedding
     "140m": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4,
                  intermediate_size=2048),
 }

@@ -39,6 +39,9 @@ from qlora_jax.nn.expert_parallel import splits
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both
 LORA_SHARDINGS = ("fsdp", "replicated")  # LoRA params and their AdamW moments
+# lora_sharding="replicated": each LoRA role's layout instead (an experts' LoRA keeps its expert split)
+REPLICATED_LORA = {"lora_a": "replicated", "lora_b": "replicated",
+                   "expert_lora_a": "expert_lora_in_use", "expert_lora_b": "expert_lora_in_use"}
 
 # Role -> mesh axes of each trailing dimension (leading stacked-layer axes are never split).
 # The one declaration of the layout; `quant` is the flat block axis of the 4-bit codes and scales.
@@ -174,8 +177,8 @@ def var_specs(var: nnx.Variable, path, sizes: Mapping[str, int], lora_sharding: 
   if isinstance(value, QuantizedArray):
     return var.copy(quant_specs(value, sizes))
   r = role(var, path)
-  if lora_sharding == "replicated" and "lora" in r:  # an experts' LoRA keeps its expert split
-    r = "expert_lora_in_use" if r.startswith("expert") else "replicated"
+  if lora_sharding == "replicated":
+    r = REPLICATED_LORA.get(r, r)
   return jax.tree.map(lambda leaf: _fit(RULES[r], leaf.shape, sizes), var)
 
 

@@ -23,16 +23,17 @@ class QuantWeight(nnx.Variable):
 class LoRAWeight(nnx.LoRAParam):
   """A trainable LoRA matrix (A [in, r] or B [r, out]); every LoRAParam filter selects it."""
 
+  IN_USE = "lora_in_use"  # its layout while a layer computes with it (sharding.RULES)
+
   def get_value(self, **kwargs):
-    return gather_for_use(super().get_value(**kwargs))
+    return gather_for_use(super().get_value(**kwargs), self.IN_USE)
 
 
 class ExpertLoRAWeight(LoRAWeight):
   """A LoRA matrix of stacked experts (A [experts, in, r] or B [experts, r, out]): under an
   expert axis each device keeps and computes with its own experts' slices."""
 
-  def get_value(self, **kwargs):
-    return gather_for_use(nnx.LoRAParam.get_value(self, **kwargs), "expert_lora_in_use")
+  IN_USE = "expert_lora_in_use"
 
 
 class FrozenParam(nnx.Variable):
