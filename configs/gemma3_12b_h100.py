@@ -2,7 +2,7 @@
 layers, Guanaco, each layer's saved input in host memory) on Gemma 3. The hub checkpoint is the
 image-text model: conversion keeps its language model (Gemma3ForCausalLM) and leaves the vision
 tower out. Its tied 262k x 3840 embedding stays on the device (it is the lm_head too); head_dim
-256 takes XLA's attention."""
+256 takes cuDNN's attention on Hopper (XLA's on earlier GPUs)."""
 
 from qlora_jax.train.config_files import load_config
 

@@ -13,7 +13,23 @@ def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():
   on_gpu = "cudnn" if jax.default_backend() == "gpu" else "xla"
   assert attention_implementation("auto", "bfloat16", 128) == on_gpu
   assert attention_implementation("auto", "float32", 128) == "xla"  # cuDNN's is 16-bit only
-  assert attention_implementation("auto", "bfloat16", 160) == "xla"  # head_dim > 128
+  assert attention_implementation("auto", "bfloat16", 320) == "xla"  # head_dim > 256
+  assert attention_implementation("auto", "bfloat16", 100) == "xla"  # not a multiple of 8
+
+
+def test_attention_auto_takes_cudnn_for_wide_heads_on_hopper_only(monkeypatch):
+  """head_dim 256 (Gemma 3) goes to cuDNN on sm_90+, to XLA on earlier GPUs."""
+  from qlora_jax.nn import attention
+
+  class Gpu:
+    def __init__(self, capability):
+      self.compute_capability = capability
+
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  for capability, wide in (("9.0", "cudnn"), ("8.0", "xla")):
+    monkeypatch.setattr(attention.jax, "devices", lambda c=capability: [Gpu(c)])
+    assert attention_implementation("auto", "bfloat16", 256) == wide
+    assert attention_implementation("auto", "bfloat16", 128) == "cudnn"
   assert attention_implementation("cudnn", "float32", 64) == "cudnn"
   assert attention_implementation("xla", "bfloat16", 64) == "xla"
 

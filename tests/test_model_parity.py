@@ -1,6 +1,7 @@
 """Logits parity with transformers (torch, float32) on the same dequantized weights."""
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,6 +64,50 @@ def test_logits_match_transformers(pair):
   err = max_rel_error(ours(jnp.asarray(ids)), hf_logits(hf, ids))
   print(f"\n{family}: max relative logit error {err:.1e}")
   assert err <= TOL
+
+
+def test_scanned_layers_of_two_kinds_attend_without_masks(pair):
+  """Gemma 2 / 3 scanned, rows longer than the window, no attention_mask: each layer's kernel
+  applies its own window (lax.cond between the local and the global kernel), no [B, T, T] mask is
+  built, and the logits still equal transformers'."""
+  from tests.hf_reference import hf_logits, max_rel_error
+
+  family, _, hf, folder = pair
+  if not family.startswith("gemma"):
+    pytest.skip("layers of two kinds: gemma2, gemma3")
+  scanned, _ = q.load_model(folder, jnp.float32, q.ModelOptions(scan_layers=True), tokenizer=False)
+  ids = np.random.default_rng(2).integers(0, 160, (2, 16)).astype(np.int32)
+  from flax import nnx
+
+  graphdef, state = nnx.split(scanned)
+  jaxpr = str(jax.make_jaxpr(lambda st, i: nnx.merge(graphdef, st)(i))(state, jnp.asarray(ids)))
+  assert "cond[" in jaxpr and "bool[2,16,16]" not in jaxpr
+  assert max_rel_error(scanned(jnp.asarray(ids)), hf_logits(hf, ids)) <= TOL
+
+
+@pytest.mark.parametrize("remat", ["full", "offload_attention"])
+def test_mask_free_layers_of_two_kinds_train_like_the_masked_path(pair, remat):
+  """With LoRA dropout, scanned and rematerialized: the loss and every LoRA gradient of the
+  mask-free path (no attention_mask) equal the masked path's (an all-ones attention_mask), the
+  dropout streams drawn alike."""
+  from flax import nnx
+
+  family, _, _, folder = pair
+  if family != "gemma3":
+    pytest.skip("gemma3's run covers the layers of two kinds in training")
+  ids = jnp.asarray(np.random.default_rng(5).integers(0, 160, (2, 12)), jnp.int32)
+  out = []
+  for mask in (None, jnp.ones(ids.shape, jnp.int32)):
+    opts = q.ModelOptions(lora=q.LoraConfig(rank=4, dropout=0.25), remat=remat, scan_layers=True)
+    model, _ = q.load_model(folder, jnp.float32, opts, tokenizer=False)
+    _set_adapters(model)
+    model.train()
+    loss = lambda m: jnp.mean(m(ids, mask) ** 2)  # noqa: E731
+    value, grads = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
+    out.append((float(value), [np.asarray(g) for g in jax.tree.leaves(grads)]))
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+  for a, b in zip(out[0][1], out[1][1], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_longrope_past_the_original_context_matches_transformers(pair):

@@ -22,16 +22,26 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 def attention_implementation(requested: str, dtype: str, head_dim: int, softcap: float | None = None) -> str:
   """"auto": cuDNN flash attention on a GPU for 16-bit compute and head_dim a multiple of 8 up to
-  128 (what it supports; faster training: docs/BENCHMARKS.md, "Attention implementation"),
-  XLA elsewhere. Softcapped scores (Gemma 2) have no cuDNN kernel: XLA, said once."""
+  cudnn_head_dim_limit() (what it supports; faster training: docs/BENCHMARKS.md, "Attention
+  implementation"), XLA elsewhere. Softcapped scores (Gemma 2) have no cuDNN kernel: XLA, said
+  once."""
   if softcap is not None:
     if requested == "cudnn" or (requested == "auto" and jax.default_backend() == "gpu"):
       say_once("attention: XLA (cuDNN has no logit softcapping, which this model uses)")
     return "xla"
   if requested != "auto":
     return requested
-  fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
-  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+  if jax.default_backend() != "gpu":
+    return "xla"
+  fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= cudnn_head_dim_limit()
+  return "cudnn" if fits else "xla"
+
+
+def cudnn_head_dim_limit() -> int:
+  """The widest head cuDNN's flash kernels train here: 256 on Hopper (sm_90+: Gemma 3's heads,
+  trained through cuDNN on an H100 in docs/BENCHMARKS.md), 128 on earlier GPUs."""
+  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  return 256 if float(capability) >= 9.0 else 128
 
 
 @functools.cache

@@ -8,6 +8,8 @@ checkpoint key is the dotted path of the variable it fills. All seven linear lay
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -85,10 +87,12 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None):
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):
     """mask_BxTxS: bool, or None for causal attention (within `window` tokens, if set), which
-    the attention kernel computes without a [T, S] mask. kv: this layer's (k, v) cache
-    [B, S, KV, H] and the slot to write, or None."""
+    the attention kernel computes without a [T, S] mask. local: for layers of two kinds, whether
+    the window applies to this one (bool, or traced under the layer scan: then both kernels are
+    compiled and lax.cond picks one). kv: this layer's (k, v) cache [B, S, KV, H] and the slot
+    to write, or None."""
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
@@ -102,9 +106,15 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       kv = (k, v)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
-    out = attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
-                 scale=self.scale, window=window, softcap=self.softcap,
-                 name_residuals=self.name_residuals and kv is None)
+    def attention(q, k, v, window):
+      return attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
+                    scale=self.scale, window=window, softcap=self.softcap,
+                    name_residuals=self.name_residuals and kv is None)
+    if mask_BxTxS is not None or not window or local is None or isinstance(local, bool):
+      out = attention(q, k, v, window if local is None or local is True else None)
+    else:  # a scanned layer of either kind, mask-free: each branch a causal kernel with a static window
+      out = jax.lax.cond(local, functools.partial(attention, window=window),
+                         functools.partial(attention, window=None), q, k, v)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 
@@ -149,9 +159,10 @@ class DecoderLayer(nnx.Module):
     """local: for layers of two kinds (Gemma 2/3), whether this one is a sliding-window layer;
     cos, sin and the mask then come as (full layers', sliding layers') pairs."""
     if local is not None:
-      cos, sin, mask_BxTxS = (_pick(local, pair) for pair in (cos, sin, mask_BxTxS))
+      cos, sin = _pick(local, cos), _pick(local, sin)
+      mask_BxTxS = None if mask_BxTxS is None else _pick(local, mask_BxTxS)
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
-    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window)
+    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window, local)
     if self.pre_feedforward_layernorm is not None:
       attn = self.post_attention_layernorm(attn)
     h_BxTxD = h_BxTxD + attn
@@ -253,14 +264,15 @@ class CausalLM(nnx.Module):
     """The final normed hidden states [B, T, D] (the loss applies lm_head in chunks).
 
     With neither attention_mask nor segment_ids, attention is causal and no [B, T, T] mask is
-    built (cuDNN's causal kernel skips the masked half; a right-padded row needs nothing more).
+    built (cuDNN's causal kernel skips the masked half; a right-padded row needs nothing more;
+    a sliding-window layer takes the kernel's window).
     inputs_embeds [B, T, D]: input_ids' embedding rows, looked up already (the table kept in
     host memory: train/builder.py); the model's own table is then not read."""
     b, t = input_ids.shape
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = slots if positions is None else positions
     mask = None
-    if attention_mask is not None or segment_ids is not None or self.config.layer_types:
+    if attention_mask is not None or segment_ids is not None:
       valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
       mask = self._masks(slots, slots, valid, segment_ids, segment_ids)
     return self._run(input_ids, positions, mask, None, inputs_embeds)[0]
@@ -329,17 +341,13 @@ class CausalLM(nnx.Module):
     h = self.model.norm(h)
     return h, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
 
-  def _window(self):
-    """The static window of a causal (mask-free) call; layers of two kinds carry it in masks."""
-    return None if self.config.layer_types else self.config.sliding_window
-
   def _scan(self, h, cos, sin, mask, cache):
     """lax.scan over the stacked layer (with the per-layer caches, and for layers of two kinds
     each layer's kind, as scanned inputs)."""
     policy = REMAT_POLICIES[self.options.remat]
     mixed = bool(self.config.layer_types)
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
-    window = self._window()
+    window = self.config.sliding_window  # mask-free calls' window (two kinds: the local layers')
     if cache is None:
       def body(h, layer, local):
         return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
@@ -359,7 +367,7 @@ class CausalLM(nnx.Module):
     policy = REMAT_POLICIES[self.options.remat]
     if kv is not None:
       return layer(h, cos, sin, mask, kv, None, local)
-    window = self._window()
+    window = self.config.sliding_window  # mask-free calls' window (two kinds: the local layers')
     if self.options.remat == "none":
       return layer(h, cos, sin, mask, None, window, local)
     return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, window, local),
