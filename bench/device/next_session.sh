@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Next session, call 1 (~7 min, H100): issue 27's and 29's Unsloth rows that the 2026-12-06 calls
-# could not take (Gemma-3-12B: the device's disk filled; Qwen3-30B-A3B: the anchors' check refused
-# the MoE workload, now checked by bench/anchor_families.py), with ours again beside them.
-bash bench/device/moe_row.sh
-bash bench/device/next_families.sh
-# Call 2 (issue 25): where the non-GEMM time of a 4 x 2048 step goes (kernels by name, fused
-# 4-bit kernels against XLA's dequantize + cuBLAS):
-#   python bench/step_profile.py --model llama3-8b --layers 4 --batch 4 --seq 2048 --remat offload --top 40
-#   python bench/step_profile.py --model llama3-8b --layers 4 --batch 4 --seq 2048 --remat offload --backend pallas --top 40
-#   python bench/fused_projections_probe.py --tokens 8192   # one GEMM per shared input: worth building?
-# Call 3 (issue 30): bash bench/device/pretrain_quality.sh pretrain, then at once
+# Next session's device calls (one H100; .anchors copied in, carry [".anchors"]).
+# Call 1 (~8 min): Gemma-3-12B on the mask-free path (each sliding-window layer in the attention
+# kernel's window, cuDNN for its 256-wide heads) beside Unsloth again; the MoE row with the
+# AdamW moments in host memory (Unsloth's paged moments are not in its peak either).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+T=q_proj,k_proj,v_proj,o_proj,experts.gate_up_proj,experts.down_proj
+bash bench/device/ours_runs.sh "gemma3-12b 4 2048 offload auto --lora-dtype bfloat16" \
+                               "gemma3-12b 1 16384 offload_attention auto --lora-dtype bfloat16 --mlp-chunk 4096" \
+                               "qwen3-30b-a3b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --layers 8 --lora-targets $T --offload yes"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .anchors/wheels/*.whl
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+timeout 280 python bench/anchor_families.py --system unsloth --shape gemma3-12b --batch 4 --seq 2048 --steps 3 > $OUT/unsloth_gemma3-12b.txt 2>&1
+echo "unsloth gemma3-12b rc=$?: $(grep '^{' $OUT/unsloth_gemma3-12b.txt | tail -1 | cut -c1-300)"
+# Call 2 (issue 30; carry [".anchors", ".work/tokenizer"], the tokenizer saved as
+# pretrain_quality.sh says): bash bench/device/pretrain_quality.sh pretrain, then at once
 #   bash bench/device/pretrain_quality.sh quality (same warm machine).
+# Call 3 (issue 25's no-regression rows): llama3-1b 4 x 2048 ours (offload, bf16 LoRA) and
+#   Unsloth (bash .anchors/run.sh "--system unsloth --shape llama3-1b --batch 4 --seq 2048 --steps 3"),
+#   llama-65b 1 x 2048 (bench/train_step.py --model llama-65b --batch 1 --seq 2048 --offload yes
+#   --lora-dtype bfloat16 --attention cudnn).
