@@ -345,3 +345,34 @@ def test_gemma_configs_without_layer_types_read_as_transformers_reads_them(cls, 
   assert ours.tie_word_embeddings == ref.tie_word_embeddings is True
   all_full = ModelConfig.from_hf({**base, "layer_types": ["full_attention"] * hf["num_hidden_layers"]})
   assert all_full.sliding_window is None and all_full.layer_types == ()
+
+
+@pytest.mark.parametrize("masked, window", [(False, None), (False, 5), (True, None)])
+def test_softcapped_attention_in_query_pieces_equals_it_whole(masked, window):
+  """Gemma 2's softcapped attention over rows longer than its query chunk: the same output and
+  gradients as in one piece (13 queries in pieces of 4, the last padded), and the compiled
+  backward's temporaries at 512 queries well under the whole-row form's."""
+  import jax.numpy as jnp
+
+  from qlora_jax.nn.attention import _softcapped, make_mask
+
+  rng = np.random.default_rng(0)
+  b, t, n, kv, h = 2, 13, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+  slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+  valid = jnp.asarray(np.arange(t)[None] < np.array([[t], [9]]))  # the second row right-padded
+  mask = make_mask(slots, slots, valid, window=3) if masked else None
+
+  def loss(chunk):
+    return lambda q, k, v: jnp.sum(jnp.sin(_softcapped(q, k, v, mask, 0.3, 1.0, window, chunk=chunk)))
+  whole, pieces = (jax.value_and_grad(loss(c), argnums=(0, 1, 2))(q, k, v) for c in (64, 4))
+  np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-5)
+  for a, w in zip(pieces[1], whole[1], strict=True):
+    np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
+
+  if not masked and window is None:  # memory: [B, N, 64, S] float32 scores at a time, not [B, N, T, S]
+    x = jax.ShapeDtypeStruct((1, 512, 4, 16), jnp.float32)
+    y = jax.ShapeDtypeStruct((1, 512, 2, 16), jnp.float32)
+    temp = {c: jax.jit(jax.grad(loss(c), argnums=(0, 1, 2))).lower(x, y, y).compile()
+            .memory_analysis().temp_size_in_bytes for c in (512, 64)}
+    assert temp[64] * 3 < temp[512], temp

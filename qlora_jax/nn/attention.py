@@ -79,18 +79,45 @@ def attend(q, k, v, mask, *, implementation: str, scale: float, window: int | No
     return fn(q, k.astype(q.dtype), v.astype(q.dtype), mask)
 
 
-def _softcapped(q, k, v, mask, scale: float, cap: float, window: int | None = None) -> jax.Array:
+SOFTCAP_QUERY_CHUNK = 512  # queries whose float32 scores exist at once in the softcapped form
+
+
+def _softcapped(q, k, v, mask, scale: float, cap: float, window: int | None = None,
+                chunk: int = SOFTCAP_QUERY_CHUNK) -> jax.Array:
   """softmax(cap * tanh(q k^T * scale / cap), masked) v, the scores and softmax in float32
-  (mask None: causal, within `window` tokens if set)."""
+  (mask None: causal, within `window` tokens if set). Rows longer than `chunk` queries go
+  through in pieces of `chunk`, each rematerialized in the backward, so the [B, N, T, S] float32
+  scores never exist whole: [B, N, chunk, S] at a time."""
+  t = q.shape[1]
+  if t <= chunk:
+    return _softcapped_block(q, k, v, mask, 0, scale, cap, window)
+  pieces = -(-t // chunk)
+  pad = pieces * chunk - t
+  qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qs = qs.reshape(q.shape[0], pieces, chunk, *q.shape[2:]).swapaxes(0, 1)
+  masks = None if mask is None else jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)
+  masks = None if masks is None else masks.reshape(mask.shape[0], pieces, chunk, -1).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def piece(args):
+    q_piece, mask_piece, start = args
+    return _softcapped_block(q_piece, k, v, mask_piece, start, scale, cap, window)
+
+  out = jax.lax.map(piece, (qs, masks, jnp.arange(pieces) * chunk))  # [pieces, B, chunk, N, H]
+  return out.swapaxes(0, 1).reshape(q.shape[0], pieces * chunk, *q.shape[2:])[:, :t]
+
+
+def _softcapped_block(q, k, v, mask, start, scale: float, cap: float, window: int | None):
+  """_softcapped for the queries at slots start .. start + T - 1 (mask: theirs, or None)."""
   b, t, n, h = q.shape
-  kv = k.shape[2]
+  kv, s = k.shape[2], k.shape[1]
   q = q.reshape(b, t, kv, n // kv, h)
   prec = precision_for(q.dtype)
   scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32, precision=prec)
   scores = cap * jnp.tanh(scores * scale / cap)
   if mask is None:
-    slots = jnp.arange(t)
-    mask = make_mask(slots[None], slots[None], jnp.ones((1, t), bool), window=window)
+    q_slots, k_slots = start + jnp.arange(t), jnp.arange(s)
+    mask = make_mask(q_slots[None], k_slots[None], jnp.ones((1, s), bool), window=window)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32, precision=prec)

@@ -23,7 +23,7 @@ from flax import nnx
 from qlora_jax import cli
 from qlora_jax.format.folder import read_meta
 from qlora_jax.format.quantization import QuantConfig
-from qlora_jax.nn.attention import attention_implementation
+from qlora_jax.nn.attention import SOFTCAP_QUERY_CHUNK, attention_implementation
 from qlora_jax.nn.model import CausalLM, ModelOptions, mlp_pieces
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.sharding import Layout, batch_shards, mesh_shape, per_device_bytes, quant_specs, specs
@@ -148,9 +148,11 @@ def _saved_activations(model: ModelConfig, options: ModelOptions, rows: int, seq
 
 
 def _attention_scores(model: ModelConfig, options: ModelOptions, rows: int, seq: int, tensor: int) -> int:
-  """XLA attention materialises float32 scores and probabilities [B, H, T, T]; cuDNN's is fused."""
+  """XLA attention materialises float32 scores and probabilities [B, H, T, T] (the softcapped
+  form: [B, H, SOFTCAP_QUERY_CHUNK, T] at a time); cuDNN's is fused."""
   impl = attention_implementation(options.attention, options.dtype, model.head_dim, model.attn_logit_softcapping)
-  return 0 if impl == "cudnn" else 2 * rows * (model.num_attention_heads // tensor) * seq * seq * 4
+  queries = min(seq, SOFTCAP_QUERY_CHUNK) if model.attn_logit_softcapping else seq
+  return 0 if impl == "cudnn" else 2 * rows * (model.num_attention_heads // tensor) * queries * seq * 4
 
 
 def _layer_working_set(model: ModelConfig, options: ModelOptions, rows: int, seq: int, cb: int,
