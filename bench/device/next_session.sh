@@ -15,7 +15,10 @@ echo "unsloth gemma3-12b rc=$?: $(grep '^{' $OUT/unsloth_gemma3-12b.txt | tail -
 # Call 2 (issue 30; carry [".anchors", ".work/tokenizer"], the tokenizer saved as
 # pretrain_quality.sh says): bash bench/device/pretrain_quality.sh pretrain, then at once
 #   bash bench/device/pretrain_quality.sh quality (same warm machine).
-# Call 3 (issue 25's no-regression rows): llama3-1b 4 x 2048 ours (offload, bf16 LoRA) and
+# Call 3: Gemma-2-9B 4 x 2048 and 1 x 8,192 (its softcapped XLA attention now in 512-query pieces:
+#   memory down, one more score pass in the backward; bench/device/ours_runs.sh
+#   "gemma2-9b 4 2048 offload auto --lora-dtype bfloat16" "gemma2-9b 1 8192 offload auto --lora-dtype bfloat16"),
+# then issue 25's no-regression rows: llama3-1b 4 x 2048 ours (offload, bf16 LoRA) and
 #   Unsloth (bash .anchors/run.sh "--system unsloth --shape llama3-1b --batch 4 --seq 2048 --steps 3"),
 #   llama-65b 1 x 2048 (bench/train_step.py --model llama-65b --batch 1 --seq 2048 --offload yes
 #   --lora-dtype bfloat16 --attention cudnn).
