@@ -106,15 +106,16 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       kv = (k, v)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
-    def attention(q, k, v, window):
+    def attention(q, k, v, window, name_residuals=self.name_residuals and kv is None):
       return attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
-                    scale=self.scale, window=window, softcap=self.softcap,
-                    name_residuals=self.name_residuals and kv is None)
+                    scale=self.scale, window=window, softcap=self.softcap, name_residuals=name_residuals)
     if mask_BxTxS is not None or not window or local is None or isinstance(local, bool):
       out = attention(q, k, v, window if local is None or local is True else None)
     else:  # a scanned layer of either kind, mask-free: each branch a causal kernel with a static window
-      out = jax.lax.cond(local, functools.partial(attention, window=window),
-                         functools.partial(attention, window=None), q, k, v)
+      # (offload_attention's residuals are not named inside the cond, whose outputs XLA's host
+      # offloading is not known to move: there the attention forward is recomputed, as under offload)
+      out = jax.lax.cond(local, functools.partial(attention, window=window, name_residuals=False),
+                         functools.partial(attention, window=None, name_residuals=False), q, k, v)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 
