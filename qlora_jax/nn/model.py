@@ -80,6 +80,7 @@ class Attention(nnx.Module):
     self.o_proj = _linear("o_proj", *shapes["o_proj"], cfg.o_bias, opts, rngs)
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.softcap, self.scale = cfg.attn_logit_softcapping, cfg.attention_scale
+    self.window = cfg.sliding_window  # of every layer, or (layers of two kinds) of the local ones
     self.implementation = attention_implementation(opts.attention, opts.dtype, cfg.head_dim, self.softcap)
     self.name_residuals = opts.remat == "offload_attention"
     if cfg.family.qk_norm:
@@ -87,12 +88,12 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):
-    """mask_BxTxS: bool, or None for causal attention (within `window` tokens, if set), which
-    the attention kernel computes without a [T, S] mask. local: for layers of two kinds, whether
-    the window applies to this one (bool, or traced under the layer scan: then both kernels are
-    compiled and lax.cond picks one). kv: this layer's (k, v) cache [B, S, KV, H] and the slot
-    to write, or None."""
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, local=None):
+    """mask_BxTxS: bool (carrying any window), or None for causal attention within the model's
+    sliding window, if it has one, which the attention kernel computes without a [T, S] mask.
+    local: for layers of two kinds, whether the window applies to this one (bool, or traced under
+    the layer scan: then both kernels are compiled and lax.cond picks one). kv: this layer's
+    (k, v) cache [B, S, KV, H] and the slot to write, or None."""
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
@@ -106,16 +107,18 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       kv = (k, v)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
-    def attention(q, k, v, window, name_residuals=self.name_residuals and kv is None):
+    def attention(q, k, v, window, name_residuals):
       return attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
                     scale=self.scale, window=window, softcap=self.softcap, name_residuals=name_residuals)
-    if mask_BxTxS is not None or not window or local is None or isinstance(local, bool):
-      out = attention(q, k, v, window if local is None or local is True else None)
-    else:  # a scanned layer of either kind, mask-free: each branch a causal kernel with a static window
+    if isinstance(local, jax.Array) and mask_BxTxS is None and self.window:
+      # a scanned layer of either kind, mask-free: each branch a causal kernel with a static window
       # (offload_attention's residuals are not named inside the cond, whose outputs XLA's host
       # offloading is not known to move: there the attention forward is recomputed, as under offload)
-      out = jax.lax.cond(local, functools.partial(attention, window=window, name_residuals=False),
+      out = jax.lax.cond(local, functools.partial(attention, window=self.window, name_residuals=False),
                          functools.partial(attention, window=None, name_residuals=False), q, k, v)
+    else:
+      window = self.window if local is None or local is True else None  # (a mask carries its own)
+      out = attention(q, k, v, window, self.name_residuals and kv is None)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 
@@ -156,14 +159,14 @@ class DecoderLayer(nnx.Module):
                                record_stats=bool(opts.router_aux_loss)) if moe else MLP(cfg, opts, rngs))
     self.mlp_chunk = 0 if moe else opts.mlp_chunk
 
-  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, window=None, local=None):
+  def __call__(self, h_BxTxD, cos, sin, mask_BxTxS, kv=None, local=None):
     """local: for layers of two kinds (Gemma 2/3), whether this one is a sliding-window layer;
     cos, sin and the mask then come as (full layers', sliding layers') pairs."""
     if local is not None:
       cos, sin = _pick(local, cos), _pick(local, sin)
       mask_BxTxS = None if mask_BxTxS is None else _pick(local, mask_BxTxS)
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
-    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, window, local)
+    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, local)
     if self.pre_feedforward_layernorm is not None:
       attn = self.post_attention_layernorm(attn)
     h_BxTxD = h_BxTxD + attn
@@ -348,17 +351,16 @@ class CausalLM(nnx.Module):
     policy = REMAT_POLICIES[self.options.remat]
     mixed = bool(self.config.layer_types)
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
-    window = self.config.sliding_window  # mask-free calls' window (two kinds: the local layers')
     if cache is None:
       def body(h, layer, local):
-        return layer(h, cos, sin, mask, None, window, local if mixed else None)[0]
+        return layer(h, cos, sin, mask, None, local if mixed else None)[0]
       if self.options.remat != "none":
         body = nnx.remat(body, policy=policy)
       return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, unroll=self.options.scan_unroll)(
           h, self.model.layers, kinds), None
 
     def body_kv(h, layer, k, v, local):
-      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]), None, local if mixed else None)
+      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]), local if mixed else None)
       return h, (k, v)
     h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))(
         h, self.model.layers, cache[0], cache[1], kinds)
@@ -366,10 +368,7 @@ class CausalLM(nnx.Module):
 
   def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]
-    if kv is not None:
-      return layer(h, cos, sin, mask, kv, None, local)
-    window = self.config.sliding_window  # mask-free calls' window (two kinds: the local layers')
-    if self.options.remat == "none":
-      return layer(h, cos, sin, mask, None, window, local)
-    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, window, local),
+    if kv is not None or self.options.remat == "none":
+      return layer(h, cos, sin, mask, kv, local)
+    return nnx.remat(lambda lyr, h, cos, sin, mask: lyr(h, cos, sin, mask, None, local),
                      policy=policy)(layer, h, cos, sin, mask)
