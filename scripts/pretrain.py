@@ -48,7 +48,7 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
 
 def pretrain(corpus: pathlib.Path, out: pathlib.Path, size: str = "140m", tokens: int = 200_000_000,
              batch: int = 32, seq: int = 1024, lr: float = 1e-3, eval_every: int = 200, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, max_seconds: float = 0.0) -> dict:
   import torch
   import transformers
 
@@ -105,12 +105,19 @@ def pretrain(corpus: pathlib.Path, out: pathlib.Path, size: str = "140m", tokens
     if not math.isfinite(value):
       raise SystemExit(f"loss became {value} at step {step}; lower --lr (now {lr})")
     log["train"].append((step, value))
-    if (step + 1) % eval_every == 0 or step + 1 == steps:
+    out_of_time = bool(max_seconds) and time.perf_counter() - start > max_seconds and step + 1 < steps
+    if out_of_time:
+      log["stopped_at_step"] = step + 1  # the schedule was cut short; the model is saved as it stands
+    if (step + 1) % eval_every == 0 or step + 1 == steps or out_of_time:
       log["eval"].append((step + 1, evaluate()))
       if progress:
         rate = (step + 1) * batch * seq / (time.perf_counter() - start)
         print(f"  step {step + 1}/{steps}: train loss {value:.3f}, held-out loss {log['eval'][-1][1]:.3f}, "
               f"{rate:,.0f} tok/s", flush=True)
+    if out_of_time:
+      if progress:
+        print(f"  stopped at step {step + 1} of {steps}: --max-seconds {max_seconds:g} reached", flush=True)
+      break
   log["seconds"] = time.perf_counter() - start
   out.mkdir(parents=True, exist_ok=True)
   model.to(torch.bfloat16).save_pretrained(str(out))
@@ -119,7 +126,7 @@ def pretrain(corpus: pathlib.Path, out: pathlib.Path, size: str = "140m", tokens
   (out / "pretrain_log.json").write_text(json.dumps(log, indent=1))
   if progress:
     print(f"saved {out}: held-out loss {log['eval'][0][1]:.3f} -> {log['eval'][-1][1]:.3f} "
-          f"(perplexity {math.exp(log['eval'][-1][1]):.1f}) after {steps * batch * seq:,} tokens in "
+          f"(perplexity {math.exp(log['eval'][-1][1]):.1f}) after {len(log['train']) * batch * seq:,} tokens in "
           f"{log['seconds'] / 60:.1f} min", flush=True)
   return log
 
@@ -135,10 +142,13 @@ def main(argv=None) -> int:
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--eval-every", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-seconds", type=float, default=0.0,
+                 help="stop (evaluate and save) once training has run this long; 0: no limit")
   args = p.parse_args(argv)
   if args.out.exists() and any(args.out.iterdir()):
     raise SystemExit(f"{args.out} exists and is not empty; choose another OUT (nothing was overwritten)")
-  pretrain(args.corpus, args.out, args.size, args.tokens, args.batch, args.seq, args.lr, args.eval_every, args.seed)
+  pretrain(args.corpus, args.out, args.size, args.tokens, args.batch, args.seq, args.lr, args.eval_every, args.seed,
+           max_seconds=args.max_seconds)
   return 0
 
 

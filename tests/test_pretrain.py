@@ -46,6 +46,11 @@ def test_corpus_and_pretraining_make_a_16_bit_base(tmp_path, smollm2_dir):
   model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
   assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
   assert json.loads((out / "pretrain_log.json").read_text())["parameters"] > 0
+  # a wall-clock budget stops the run early, evaluated and saved, and the log says where
+  cut = pretrain.pretrain(corpus, tmp_path / "cut", size="tiny", tokens=64 * 8 * 40, batch=8, seq=64, lr=3e-3,
+                          eval_every=20, progress=False, max_seconds=1e-9)
+  assert cut["stopped_at_step"] == 1 and len(cut["train"]) == 1 and cut["eval"][-1][0] == 1
+  assert (tmp_path / "cut" / "model.safetensors").is_file()
 
   # quality.py studies it in place of the config's model: converted beside it, the report says
   # what the model is and where it came from

@@ -17,7 +17,7 @@ case "$1" in
     [ -f $W/corpus/corpus.json ] || timeout 200 python scripts/pretrain_corpus.py $W/corpus --no-pydoc --tokenizer $W/tokenizer | tail -2
     rm -rf $W/base140m
     timeout 360 python scripts/pretrain.py $W/corpus $W/base140m --size 140m --tokens ${TOKENS:-40000000} \
-        --batch 32 --seq 1024 --lr 1e-3 --eval-every 200 2>&1 | grep -v "Writing model" | tee $OUT/pretrain.txt
+        --batch 32 --seq 1024 --lr 1e-3 --eval-every 200 --max-seconds ${PTIME:-300} 2>&1 | grep -v "Writing model" | tee $OUT/pretrain.txt
     cp $W/base140m/pretrain_log.json $W/corpus/corpus.json $OUT/ ;;
   quality)
     [ -f $W/base140m/pretrain_log.json ] || { echo "no pretrained model in $W (run the pretrain stage first, on the same warm machine)"; exit 1; }
