@@ -2,8 +2,9 @@
 
 Checks the QLoRA paper's quality claims at small scale on the embedded SmolLM2-135M-Instruct (or,
 with --model DIR, on a 16-bit transformers checkpoint such as scripts/pretrain.py's) and
-writes docs/QUALITY.md (plus docs/quality_finetune.png and the raw numbers in
-docs/quality_results.json), with the command that produced each table beside it:
+writes QUALITY.md (plus quality_finetune.png and the raw numbers in quality_results.json) to
+docs/quality_smollm2/, or to docs/ for a --model checkpoint (docs/QUALITY.md is the study of
+scripts/pretrain.py's model), with the command that produced each table beside it:
 
   weights        weight MSE of NF4 / FP4 / INT4, each with and without double quantization
   ppl            perplexity of the model with each of those bases (and the bf16 reference) on text
@@ -14,9 +15,9 @@ docs/quality_results.json), with the command that produced each table beside it:
 
 The full-precision reference is the model's weights in float32 (the embedded GGUF's are Q4_1).
 A part run alone re-measures only its own table; the others are kept from the results file.
-CPU is enough: docs/QUALITY.md's Runtime table gives each part's time as last measured.
+CPU is enough for SmolLM2: docs/quality_smollm2/QUALITY.md's Runtime table gives each part's time as last measured.
 The measurements are in scripts/quality_parts.py, the report's text in scripts/quality_report.py
-(which also re-renders docs/QUALITY.md alone). --render-only rewrites the report and the plot
+(which also re-renders a QUALITY.md alone). --render-only rewrites the report and the plot
 from the results file without measuring.
 """
 
@@ -243,7 +244,8 @@ def parse(argv):
   p.add_argument("--ppl-length", type=int, default=512, help="tokens per perplexity window")
   p.add_argument("--ppl-batch", type=int, default=4, help="windows per forward pass")
   p.add_argument("--gaussian-elements", type=int, default=576 * 8192, help="size of the N(0,1) control")
-  p.add_argument("--out-dir", default=str(ROOT / "docs"), help="where QUALITY.md and its files go")
+  p.add_argument("--out-dir", help="where QUALITY.md and its files go (default: docs/ for a --model "
+                 "checkpoint, docs/quality_smollm2/ for the embedded SmolLM2)")
   p.add_argument("--render-only", action="store_true",
                  help="measure nothing: rewrite QUALITY.md and the plot from quality_results.json")
   args = p.parse_args(argv)
@@ -282,7 +284,8 @@ def _model_facts(model: str) -> dict:
     return {"kind": "checkpoint", "path": model}
   log = json.loads(log_path.read_text())
   return {"kind": "pretrained", "path": model, "size": log["size"], "parameters": log["parameters"],
-          "tokens": log["steps"] * log["batch"] * log["seq"], "device": log["device"],
+          "tokens": len(log["train"]) * log["batch"] * log["seq"], "batch": log["batch"], "seq": log["seq"],
+          "lr": log["lr"], "device": log["device"],
           "minutes": log.get("seconds", 0) / 60, "held_out_loss": log["eval"][-1][1] if log["eval"] else None,
           "corpus": {k: log["corpus"].get(k) for k in ("train_tokens", "val_tokens", "train_files", "val_files")},
           "pydoc_in_corpus": "pydoc topics" in log["corpus"].get("roots", [])}
@@ -344,7 +347,7 @@ def write_report(results: dict, out_dir: pathlib.Path) -> None:
 def main(argv=None) -> int:
   """Measure the chosen parts, merge them into the results file, rewrite the report."""
   args = parse(argv)
-  out_dir = pathlib.Path(args.out_dir)
+  out_dir = pathlib.Path(args.out_dir or ROOT / "docs" / ("" if args.model else "quality_smollm2"))
   out_dir.mkdir(parents=True, exist_ok=True)
   results_path = out_dir / "quality_results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -1,8 +1,8 @@
 """python scripts/quality_report.py [RESULTS_JSON] [OUT_MD]
 
-Renders the quality report (docs/QUALITY.md) from the results scripts/quality.py measured
-(docs/quality_results.json): pure functions from the results' JSON to Markdown, with no model,
-JAX or measurement involved. RESULTS_JSON defaults to docs/quality_results.json; OUT_MD to
+Renders the quality report (docs/QUALITY.md; docs/quality_smollm2/ for the embedded model) from
+the results scripts/quality.py measured (quality_results.json beside it): pure functions from the
+results' JSON to Markdown, with no model, JAX or measurement involved. RESULTS_JSON defaults to docs/quality_results.json; OUT_MD to
 QUALITY.md beside it. scripts/quality.py calls `render` at the end of every run; run this alone
 to re-render after editing the prose (the fine-tuning plot is quality.py's, linked by name).
 """
@@ -260,7 +260,12 @@ def _intro(meta: dict) -> list[str]:
            else "CPython's pydoc topics left out so the text tasks below are unseen")
         + f"), on {model['device']} in "
         f"{model['minutes']:.1f} min, held-out loss {model['held_out_loss']:.3f}. Its bf16 weights are "
-        "the *full-precision reference*; every 4-bit format below quantizes them once.")
+        "the *full-precision reference*; every 4-bit format below quantizes them once. The model is not "
+        "committed; regenerate it on one GPU with "
+        "`python scripts/pretrain_corpus.py CORPUS" + ("" if model["pydoc_in_corpus"] else " --no-pydoc")
+        + f"` and `python scripts/pretrain.py CORPUS MODEL --size {model['size']} --tokens {model['tokens']} "
+        f"--batch {model['batch']} --seq {model['seq']} --lr {model['lr']:g}`, then give the commands below "
+        f"`--model MODEL` (they name the folder it was measured from, `{model['path']}`).")
   else:
     title = f"the 16-bit checkpoint {model['path']}"
     reference = (f"**Reference weights.** The 16-bit checkpoint `{model['path']}`; its weights are the "
@@ -369,10 +374,10 @@ def _section_reading(results: dict) -> list[str]:
     nll = {k: np.mean(v) for k, v in results["ppl"]["nll"].items()}
     cost = 100 * (math.exp(nll["NF4 + DQ"] - nll["bf16"]) - 1)
     params = results["meta"].get("params", 135_000_000)
-    out.append(f"- **Scale.** At {params / 1e6:.0f}M parameters 4-bit rounding is far from free: NF4 + DQ costs {cost:+.1f}% "
-               "perplexity against the bf16 reference here, so a LoRA run on it starts from a visibly worse "
-               "model. Most of the paper's parity evidence comes from multi-billion-parameter models, which "
-               "lose much less to 4-bit rounding; this is the hard end of the claim.")
+    out.append(f"- **Scale.** At {params / 1e6:.0f}M parameters NF4 + DQ costs {cost:+.1f}% perplexity against the "
+               "bf16 reference here, so a LoRA run on it starts from a worse model. Most of the paper's parity "
+               "evidence comes from multi-billion-parameter models, which lose less to 4-bit rounding; a "
+               "model this small is the hard end of the claim.")
   if _model(results["meta"])["kind"] == "gguf":
     out.append("- **Reference.** The reference is itself Q4_1 (a 4-bit grid per block of 32). Each 4-bit "
                "format here "

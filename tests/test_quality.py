@@ -234,11 +234,12 @@ def test_command_line_round_trip():
     quality.parse(["--parts", "nope"])
 
 
-def test_report_renders_the_committed_quality_md_byte_for_byte(tmp_path):
-  """docs/QUALITY.md is exactly what quality_report.py renders from docs/quality_results.json."""
+@pytest.mark.parametrize("folder", ["docs", "docs/quality_smollm2"])
+def test_report_renders_the_committed_quality_md_byte_for_byte(tmp_path, folder):
+  """Each committed QUALITY.md is exactly what quality_report.py renders from the results beside it."""
   out = tmp_path / "QUALITY.md"
-  assert report.main([str(ROOT / "docs" / "quality_results.json"), str(out)]) == 0
-  assert out.read_bytes() == (ROOT / "docs" / "QUALITY.md").read_bytes()
+  assert report.main([str(ROOT / folder / "quality_results.json"), str(out)]) == 0
+  assert out.read_bytes() == (ROOT / folder / "QUALITY.md").read_bytes()
 
 
 def test_recipe_keeps_the_flat_keys_the_report_reads():

@@ -18,10 +18,14 @@ case "$1" in
     rm -rf $W/base140m
     timeout 360 python scripts/pretrain.py $W/corpus $W/base140m --size 140m --tokens ${TOKENS:-40000000} \
         --batch 32 --seq 1024 --lr 1e-3 --eval-every 200 --max-seconds ${PTIME:-300} 2>&1 | grep -v "Writing model" | tee $OUT/pretrain.txt
-    cp $W/base140m/pretrain_log.json $W/corpus/corpus.json $OUT/ ;;
+    cp $W/base140m/pretrain_log.json $W/corpus/corpus.json $OUT/
+    # a second copy outside the repo: a later call's carry replaced .work/ on 2026-12-06
+    rm -rf /tmp/base140m && cp -r $W/base140m /tmp/base140m ;;
   quality)
-    [ -f $W/base140m/pretrain_log.json ] || { echo "no pretrained model in $W (run the pretrain stage first, on the same warm machine)"; exit 1; }
-    timeout 560 python scripts/quality.py --model $W/base140m --out-dir $OUT/quality \
+    M=$W/base140m; [ -f $M/pretrain_log.json ] || M=/tmp/base140m
+    [ -f $M/pretrain_log.json ] || { echo "no pretrained model in $W or /tmp (run the pretrain stage first, on the same warm machine, and carry nothing into .work/ in this call)"; exit 1; }
+    echo "model: $M"
+    timeout 560 python scripts/quality.py --model $M --out-dir $OUT/quality \
         --parts weights,ppl,textparity,textplacement --seeds 0,1,2 2>&1 | grep -v "it/s\]\|s/it\]" | tail -25 ;;
   *) echo "usage: $0 pretrain|quality"; exit 2 ;;
 esac
