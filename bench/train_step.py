@@ -27,14 +27,14 @@ from qlora_jax.nn.model import ModelOptions  # noqa: E402
 def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, steps: int, rank: int,
           scan: bool, attention: str, lora_dtype: str = "float32", grad_accum: int = 1,
           backend: str = "auto", mlp_chunk: int = 0, embedding: str = "device", layers: int = 0,
-          lora_targets: str = "") -> dict:
+          lora_targets: str = "", loss_chunk: int = 0) -> dict:
   cfg = shape_config(model_name)
   if layers:  # the shape's first `layers` layers (a model too large to build whole elsewhere)
     cfg = dataclasses.replace(cfg, num_hidden_layers=layers, layer_types=cfg.layer_types[:layers])
   targets = {"targets": tuple(lora_targets.split(","))} if lora_targets else {}
   options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0, param_dtype=lora_dtype, **targets),
                          remat=remat, scan_layers=scan, attention=attention,
-                         backend=get_backend(backend), mlp_chunk=mlp_chunk)
+                         backend=get_backend(backend), mlp_chunk=mlp_chunk, loss_chunk=loss_chunk)
   trainable = random_trainable(cfg, options, bench_optim(offload_optimizer=offloaded),
                                host_embedding=embedding == "host")
   host_batch = random_batch(cfg.vocab_size, grad_accum, batch, seq)
@@ -46,7 +46,7 @@ def bench(model_name: str, batch: int, seq: int, offloaded: bool, remat: str, st
   return {"model": model_name, "batch": batch, "seq": seq, "offload": offloaded, "remat": remat,
           "scan": scan, "attention": attention, "lora_dtype": lora_dtype, "backend": backend,
           "rank": rank, "grad_accum": grad_accum, "layers": cfg.num_hidden_layers,
-          "lora_targets": ",".join(options.lora.targets), "mlp_chunk": mlp_chunk, "embedding": embedding,
+          "lora_targets": ",".join(options.lora.targets), "mlp_chunk": mlp_chunk, "loss_chunk": loss_chunk, "embedding": embedding,
           "put_batch_s": put_s, "step_s": med,
           "tokens_per_s": grad_accum * batch * seq / med, "peak_gib": peak_gib(),
           "first_step_s": first_s, "loss": float(metrics["loss"]),
@@ -72,6 +72,7 @@ def main() -> None:
   p.add_argument("--mlp-chunk", type=int, default=0, help="tokens per MLP piece (0: whole batch)")
   p.add_argument("--embedding", default="device", choices=["device", "host"],
                  help="where the token-embedding table lives (host: rows looked up by put_batch)")
+  p.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: by vocabulary)")
   p.add_argument("--layers", type=int, default=0, help="the shape's first N layers (0: all)")
   p.add_argument("--lora-targets", default="", help="comma-separated LoRA targets (default: the 7 linear layers)")
   args = p.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     print(json.dumps(bench(args.model, args.batch, args.seq, offloaded, args.remat, args.steps, args.rank,
                            args.scan, args.attention, args.lora_dtype, args.grad_accum,
                            args.backend, args.mlp_chunk, args.embedding, args.layers,
-                           args.lora_targets)), flush=True)
+                           args.lora_targets, args.loss_chunk)), flush=True)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_float32_models_ask_for_float32_products():
 
 def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr: bool = False,
                          mlp_chunk: int = 0, flops: list | None = None, scan_unroll: int = 1, layers: int = 2,
-                         dropout: float = 0.0):
+                         dropout: float = 0.0, loss_chunk: int = 0):
   """(loss, LoRA gradients, the gradient's jaxpr text if asked) of a tiny float32 model on
   right-padded rows; `flops` (a list) gets the compiled gradient's FLOP count appended."""
   import jax.numpy as jnp
@@ -142,7 +142,8 @@ def _tiny_loss_and_grads(remat: str, window=None, segments: bool = False, jaxpr:
   if segments:  # the masked path: one segment a row, padding segment 0
     batch["segment_ids"] = real.astype(jnp.int32)
   options = ModelOptions(dtype="float32", lora=LoraConfig(rank=4, dropout=dropout), remat=remat, scan_layers=True,
-                         attention="xla", mlp_chunk=mlp_chunk, scan_unroll=scan_unroll)
+                         attention="xla", mlp_chunk=mlp_chunk, scan_unroll=scan_unroll,
+                         loss_chunk=loss_chunk)
   model = random_model(config, options, seed=3)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   lora = jax.tree.map(lambda x: x + 0.05, lora)  # B != 0: the adapters act
@@ -228,6 +229,19 @@ def test_unrolled_layer_scan_equals_the_plain_scan():
 def test_mlp_chunk_must_be_a_non_negative_int():
   with pytest.raises(ValueError, match="mlp_chunk"):
     ModelOptions(mlp_chunk=-1)
+
+
+def test_loss_chunk_option_sets_the_loss_pieces():
+  """ModelOptions.loss_chunk reaches the chunked loss: 48 tokens in pieces of 16 (a scan of 3)
+  give the default single piece's loss and LoRA gradients."""
+  whole, g_whole, jaxpr_whole = _tiny_loss_and_grads("full", jaxpr=True)
+  pieces, g_pieces, jaxpr = _tiny_loss_and_grads("full", jaxpr=True, loss_chunk=16)
+  np.testing.assert_allclose(pieces, whole, rtol=1e-6)
+  for a, b in zip(g_pieces, g_whole):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert "f32[3,16,64]" in jaxpr and "f32[3,16,64]" not in jaxpr_whole
+  with pytest.raises(ValueError, match="loss_chunk"):
+    ModelOptions(loss_chunk=-1)
 
 
 def test_embedding_in_host_memory_trains_as_on_the_device():

@@ -90,6 +90,7 @@ def test_config_round_trips_through_its_json_and_old_flat_files(tmp_path):
     ("adam_beta1=2", "adam_beta1 must be in [0, 1)"), ("backend=palas", "backend must be one of"),
     ("lora_dtype=int8", "param_dtype must be"), ("optim.warmup_ratio=1.5", "warmup_ratio must be in"),
     ("embedding=gpu", "embedding must be one of"), ("mlp_chunk=-5", "mlp_chunk must be >= 0"),
+    ("loss_chunk=-1", "loss_chunk must be >= 0"),
 ])
 def test_bad_values_are_refused_in_one_line_before_model_work(tmp_path, override, match):
   r = _cli(override, f"output_dir={tmp_path / 'run'}", "model_dir=" + str(tmp_path / "never_made"))

@@ -29,6 +29,9 @@ class ModelOptions:
   # recomputed in the backward pass on its own: the [tokens, intermediate] tensors of a layer's
   # backward then scale with the piece, not the batch. 0: the whole batch at once.
   mlp_chunk: int = 0
+  # Tokens whose float32 logits exist at once in the chunked loss (0: by vocabulary size,
+  # train/loss.loss_chunk); fewer: a smaller peak for more, smaller lm_head GEMMs.
+  loss_chunk: int = 0
   # Layers per iteration of the layer scan: with 2, one layer's host copies (its offloaded
   # checkpoint coming back for the backward) can run beside the other's compute.
   scan_unroll: int = 1
@@ -44,6 +47,8 @@ class ModelOptions:
     check_backend(self.backend)
     if not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 0):
       raise ValueError(f"mlp_chunk must be an int >= 0 (tokens; 0 = no chunking), got {self.mlp_chunk!r}")
+    if not (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
+      raise ValueError(f"loss_chunk must be an int >= 0 (tokens; 0 = by vocabulary), got {self.loss_chunk!r}")
     if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
       raise ValueError(f"scan_unroll must be an int >= 1 (layers per scan iteration), got {self.scan_unroll!r}")
     if not (isinstance(self.router_aux_loss, (int, float)) and 0 <= self.router_aux_loss < float("inf")):

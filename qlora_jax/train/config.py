@@ -32,7 +32,7 @@ EMBEDDINGS = ("auto", "device", "host")  # DeviceConfig.embedding
 # it computes (devices, memory placement, kernels), not what it trains.
 RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "keep_checkpoints", "sample_prompts",
              "sample_max_new_tokens", "output_dir", "mesh", "lora_sharding", "device_memory_gib",
-             "embedding", "remat", "mlp_chunk", "attention", "backend")
+             "embedding", "remat", "mlp_chunk", "loss_chunk", "attention", "backend")
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("bfloat16", "float32")
@@ -98,6 +98,7 @@ class ModelSetup:
   attention: str = "auto"  # auto: cuDNN flash attention on GPU where it applies, else XLA
   backend: str = backends.DEFAULT  # the 4-bit matmul: auto | pallas | xla
   mlp_chunk: int = 0  # tokens per MLP piece in training (0: the whole batch at once)
+  loss_chunk: int = 0  # tokens whose float32 logits exist at once in the loss (0: by vocabulary)
   router_aux_loss: float = 0.0  # experts models: the router's load-balancing loss coefficient (0: off)
 
   def __post_init__(self):
@@ -105,6 +106,7 @@ class ModelSetup:
     _require([
         (bool(self.model_dir), "model_dir must name a folder"),
         (self.mlp_chunk >= 0, "mlp_chunk must be >= 0 (tokens; 0 = no chunking)"),
+        (self.loss_chunk >= 0, "loss_chunk must be >= 0 (tokens; 0 = by vocabulary size)"),
         (_finite(self.router_aux_loss) and self.router_aux_loss >= 0,
          f"router_aux_loss must be >= 0 and finite (0: off), got {self.router_aux_loss}"),
         (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
@@ -264,7 +266,8 @@ class TrainConfig:
     m = self.model
     return ModelOptions(dtype=m.dtype, quant=quant or self.quant, lora=self.lora, remat=m.remat,
                         attention=m.attention, backend=backends.get_backend(m.backend),
-                        scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk, router_aux_loss=m.router_aux_loss)
+                        scan_layers=m.scan_layers, mlp_chunk=m.mlp_chunk, loss_chunk=m.loss_chunk,
+                        router_aux_loss=m.router_aux_loss)
 
   def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
     """The settings that differ from `saved` (the config a run folder was started with) and may

@@ -99,7 +99,8 @@ def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Arra
   h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                           segment_ids=batch.get("segment_ids"), inputs_embeds=batch.get("inputs_embeds"))
   w, labels = model.head_weight(), batch["labels"]
-  loss = functools.partial(chunked_cross_entropy, softcap=model.config.final_logit_softcapping)
+  loss = functools.partial(chunked_cross_entropy, chunk=model.options.loss_chunk or None,
+                           softcap=model.config.final_logit_softcapping)
   if shards == 1:
     return loss(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
   totals, counts = jax.vmap(loss, in_axes=(0, None, 0))(
