@@ -3,9 +3,11 @@ at trace time.
 
   pallas  the Pallas kernel wherever the platform has one and the shape suits it, else XLA.
   auto    (the default) the fastest measured path: on TPU the same as 'pallas'; on GPU the
-          decode kernel (gpu_decode) for up to 64 rows, several times XLA's path, and XLA's
-          dequantize + cuBLAS for training shapes, where the fused kernels (gpu_matmul) measured
-          about even with XLA's path and a whole step slower (docs/kernels.md); on CPU, XLA.
+          decode kernel (gpu_decode) for up to 64 rows, several times XLA's path; for training
+          shapes the fused kernels (gpu_matmul) where the weight's contraction K is at least
+          AUTO_TRAINING_MIN_K (a whole llama3-8b step as fast as XLA's dequantize + cuBLAS and
+          leaner: no bf16 copy of a weight is written), XLA's path below it (a llama3-1b step,
+          K = 2048, was slower with the kernels); on CPU, XLA. Measurements: docs/kernels.md.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call.
@@ -33,6 +35,7 @@ from pallas_kernels import gpu_decode, gpu_matmul, layout, tpu, xla
 from qlora_jax.format.quantization import QuantizedArray
 
 POLICIES = ("pallas", "auto")
+AUTO_TRAINING_MIN_K = 4096  # 'auto' on GPU: the fused training kernels for weights this wide and wider
 
 INTERPRET = False  # tests: run the chosen kernels in interpret mode (on CPU); "hlo": tpu._interpret
 _ANNOUNCED: set[tuple[str, str]] = set()
@@ -43,8 +46,9 @@ def _announce(policy: str, platform: str) -> None:
     return
   _ANNOUNCED.add((policy, platform))
   what = {
-      ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows, XLA dequantize + cuBLAS "
-                       "for training shapes",
+      ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows; for training shapes the "
+                       f"fused kernels where the weight's in-features are >= {AUTO_TRAINING_MIN_K}, "
+                       "else XLA dequantize + cuBLAS",
       ("pallas", "gpu"): "Pallas Mosaic GPU kernels (decode for <= 64 rows on one device, "
                          "warp-specialized wgmma for training shapes, per device under a mesh) "
                          "where the shape suits them, else XLA",
@@ -109,7 +113,8 @@ def product_fn(policy: str, product: str):
       if (not sharded and product == "forward"
           and gpu_decode.unsupported_reason(a.shape[0], qw) is None):
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
-      if policy == "pallas" and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):
+      wanted = policy == "pallas" or k >= AUTO_TRAINING_MIN_K
+      if wanted and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):
         kernel = lambda a, codes, sc: getattr(gpu_matmul, product)(  # noqa: E731
             a, codes, sc, table=table, interpret=INTERPRET)
         operands = layout.gpu_operands(qw, product)

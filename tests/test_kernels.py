@@ -247,6 +247,27 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
   assert announced.count("4-bit matmul backend 'pallas'") == 1, announced
 
 
+def test_auto_on_gpu_takes_the_training_kernels_for_wide_weights(monkeypatch):
+  """'auto' on a GPU, training rows (more than the decode kernel's 64): the fused kernels in the
+  forward and the backward product for a weight with >= AUTO_TRAINING_MIN_K in-features, XLA's
+  dequantize + dot for a narrower one (traced only: no kernel runs)."""
+  monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  auto = get_backend("auto")
+  for k in (dispatch.AUTO_TRAINING_MIN_K, dispatch.AUTO_TRAINING_MIN_K // 2):
+    _, qw, x, _ = _fresh((130, 256, k), "nf4")
+
+    def loss(x_):
+      return jnp.sum(qmatmul(x_, qw, auto).astype(jnp.float32))
+
+    text = str(jax.make_jaxpr(jax.value_and_grad(loss))(x))
+    kernel = "pallas_call" in text or "wgmma" in text  # interpreted, the kernel is discharged into ops
+    if k >= dispatch.AUTO_TRAINING_MIN_K:  # both products in the kernels: no XLA dot anywhere
+      assert kernel and "dot_general" not in text, k
+    else:
+      assert not kernel and text.count("dot_general") == 2, k
+
+
 def test_auto_on_cpu_is_xla(capsys, monkeypatch):
   monkeypatch.setattr(dispatch, "_ANNOUNCED", set())
   _, qw, x, _ = _fresh((8, 128, 256), "nf4")
