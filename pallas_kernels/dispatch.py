@@ -7,7 +7,8 @@ at trace time.
           shapes the fused kernels (gpu_matmul) where the weight's contraction K is at least
           AUTO_TRAINING_MIN_K (a whole llama3-8b step as fast as XLA's dequantize + cuBLAS and
           leaner: no bf16 copy of a weight is written), XLA's path below it (a llama3-1b step,
-          K = 2048, was slower with the kernels); on CPU, XLA. Measurements: docs/kernels.md.
+          K = 2048, was slower with the kernels) and under a mesh (the kernels per device are
+          not measured on several GPUs); on CPU, XLA. Measurements: docs/kernels.md.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call.
@@ -47,8 +48,8 @@ def _announce(policy: str, platform: str) -> None:
   _ANNOUNCED.add((policy, platform))
   what = {
       ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows; for training shapes the "
-                       f"fused kernels where the weight's in-features are >= {AUTO_TRAINING_MIN_K}, "
-                       "else XLA dequantize + cuBLAS",
+                       f"fused kernels where the weight's in-features are >= {AUTO_TRAINING_MIN_K} "
+                       "on one device, else XLA dequantize + cuBLAS",
       ("pallas", "gpu"): "Pallas Mosaic GPU kernels (decode for <= 64 rows on one device, "
                          "warp-specialized wgmma for training shapes, per device under a mesh) "
                          "where the shape suits them, else XLA",
@@ -113,7 +114,8 @@ def product_fn(policy: str, product: str):
       if (not sharded and product == "forward"
           and gpu_decode.unsupported_reason(a.shape[0], qw) is None):
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
-      wanted = policy == "pallas" or k >= AUTO_TRAINING_MIN_K
+      # auto under a mesh keeps XLA's path: the kernels per device (on_mesh) are unmeasured on GPUs
+      wanted = policy == "pallas" or (not sharded and k >= AUTO_TRAINING_MIN_K)
       if wanted and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):
         kernel = lambda a, codes, sc: getattr(gpu_matmul, product)(  # noqa: E731
             a, codes, sc, table=table, interpret=INTERPRET)
