@@ -7,8 +7,8 @@ at trace time.
           shapes the fused kernels (gpu_matmul) where the weight's contraction K is at least
           AUTO_TRAINING_MIN_K (a whole llama3-8b step as fast as XLA's dequantize + cuBLAS and
           leaner: no bf16 copy of a weight is written), XLA's path below it (a llama3-1b step,
-          K = 2048, was slower with the kernels) and under a mesh (the kernels per device are
-          not measured on several GPUs); on CPU, XLA. Measurements: docs/kernels.md.
+          K = 2048, was slower with the kernels), under a mesh or with several devices visible
+          (the kernels per device are not measured on several GPUs) and before Hopper; on CPU, XLA. Measurements: docs/kernels.md.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call.
@@ -97,6 +97,17 @@ def on_mesh(kernel, a, operands, n_dims, product: str, supported):
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(a, *operands)
 
 
+def _one_hopper(sharded: bool) -> bool:
+  """Whether 'auto' may take the training kernels: a program on the one device of a Hopper
+  machine. Under a mesh, or with several devices visible (arrays may be spread over them
+  without a mesh in scope), XLA's path: the kernels per device are unmeasured on several GPUs,
+  and the wgmma kernels need compute capability 9.0."""
+  if sharded or jax.device_count() > 1:
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return bool(INTERPRET) or (capability is not None and float(capability) >= 9.0)
+
+
 def product_fn(policy: str, product: str):
   """The function computing `product` ("forward" | "backward") under `policy`."""
   fallback = getattr(xla, product)
@@ -114,8 +125,7 @@ def product_fn(policy: str, product: str):
       if (not sharded and product == "forward"
           and gpu_decode.unsupported_reason(a.shape[0], qw) is None):
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
-      # auto under a mesh keeps XLA's path: the kernels per device (on_mesh) are unmeasured on GPUs
-      wanted = policy == "pallas" or (not sharded and k >= AUTO_TRAINING_MIN_K)
+      wanted = policy == "pallas" or (k >= AUTO_TRAINING_MIN_K and _one_hopper(sharded))
       if wanted and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):
         kernel = lambda a, codes, sc: getattr(gpu_matmul, product)(  # noqa: E731
             a, codes, sc, table=table, interpret=INTERPRET)

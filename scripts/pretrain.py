@@ -87,7 +87,7 @@ def pretrain(corpus: pathlib.Path, out: pathlib.Path, size: str = "140m", tokens
     return float(np.mean(losses))
 
   log = {"size": size, "parameters": params, "config": SIZES[size], "batch": batch, "seq": seq, "lr": lr,
-         "steps": steps, "corpus": meta, "device": torch.cuda.get_device_name() if cuda else "cpu",
+         "steps": steps, "seed": seed, "corpus": meta, "device": torch.cuda.get_device_name() if cuda else "cpu",
          "torch": torch.__version__, "transformers": transformers.__version__, "train": [], "eval": []}
   if progress:
     print(f"pretraining a {params / 1e6:.0f}M-parameter Llama ({size}) for {steps} steps of {batch} x {seq} "
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
   p.add_argument("--max-seconds", type=float, default=0.0,
                  help="stop (evaluate and save) once training has run this long; 0: no limit")
   args = p.parse_args(argv)
+  if args.max_seconds < 0:
+    raise SystemExit(f"--max-seconds must be >= 0 (0: no limit), got {args.max_seconds}")
   if args.out.exists() and any(args.out.iterdir()):
     raise SystemExit(f"{args.out} exists and is not empty; choose another OUT (nothing was overwritten)")
   pretrain(args.corpus, args.out, args.size, args.tokens, args.batch, args.seq, args.lr, args.eval_every, args.seed,

@@ -285,7 +285,9 @@ def _model_facts(model: str) -> dict:
   log = json.loads(log_path.read_text())
   return {"kind": "pretrained", "path": model, "size": log["size"], "parameters": log["parameters"],
           "tokens": len(log["train"]) * log["batch"] * log["seq"], "batch": log["batch"], "seq": log["seq"],
-          "lr": log["lr"], "device": log["device"],
+          "lr": log["lr"], "steps": log["steps"], "stopped_at_step": log.get("stopped_at_step"),
+          "seed": log.get("seed", 0),  # logs before the seed was recorded ran the default, 0
+          "device": log["device"],
           "minutes": log.get("seconds", 0) / 60, "held_out_loss": log["eval"][-1][1] if log["eval"] else None,
           "corpus": {k: log["corpus"].get(k) for k in ("train_tokens", "val_tokens", "train_files", "val_files")},
           "pydoc_in_corpus": "pydoc topics" in log["corpus"].get("roots", [])}
@@ -355,6 +357,12 @@ def main(argv=None) -> int:
     write_report(results, out_dir)
     print(f"wrote {out_dir / 'QUALITY.md'} from {results_path}")
     return 0
+  kept = sorted(part for part in results if part != "meta" and part not in args.parts)
+  old, new = results.get("meta", {}).get("model"), _model_facts(args.model)
+  if kept and old is not None and (old.get("kind"), old.get("path")) != (new["kind"], new.get("path")):
+    raise SystemExit(f"{results_path} holds results of another model ({old.get('path') or old['kind']}) for "
+                     f"{', '.join(kept)}; re-run every part with --parts, or choose another --out-dir "
+                     "(nothing was changed)")
   start = time.time()
   setup = make_setup(args)
   results["meta"] = _meta(args, setup, time.time() - start)

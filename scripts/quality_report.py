@@ -263,9 +263,14 @@ def _intro(meta: dict) -> list[str]:
         "the *full-precision reference*; every 4-bit format below quantizes them once. The model is not "
         "committed; regenerate it on one GPU with "
         "`python scripts/pretrain_corpus.py CORPUS" + ("" if model["pydoc_in_corpus"] else " --no-pydoc")
-        + f"` and `python scripts/pretrain.py CORPUS MODEL --size {model['size']} --tokens {model['tokens']} "
-        f"--batch {model['batch']} --seq {model['seq']} --lr {model['lr']:g}`, then give the commands below "
-        f"`--model MODEL` (they name the folder it was measured from, `{model['path']}`).")
+        + "` and `python scripts/pretrain.py CORPUS MODEL --size {size} --tokens {planned} --batch {batch} "
+        "--seq {seq} --lr {lr:g} --seed {seed}`".format(planned=model["steps"] * model["batch"] * model["seq"],
+                                                      **model)
+        + (f" (that run was stopped by `--max-seconds` at step {model['stopped_at_step']:,} of "
+           f"{model['steps']:,})" if model.get("stopped_at_step") else "")
+        + ", then give the commands below `--model MODEL` (they name the folder it was measured from, "
+        f"`{model['path']}`). The corpus is that machine's installed packages: another machine's "
+        "differs, so a regenerated model is a close relative, not the same weights.")
   else:
     title = f"the 16-bit checkpoint {model['path']}"
     reference = (f"**Reference weights.** The 16-bit checkpoint `{model['path']}`; its weights are the "
@@ -274,7 +279,8 @@ def _intro(meta: dict) -> list[str]:
       f"# Quality at small scale: the QLoRA paper's claims on {title}", "",
       "Produced by `scripts/quality.py` (re-run it to regenerate this file; the raw numbers are in "
       "`quality_results.json` beside it). The command under each heading re-measures that table alone; "
-      "`python scripts/quality.py` re-measures everything.", "",
+      f"`python scripts/quality.py{'' if model['kind'] == 'gguf' else ' --model ' + model['path']}` "
+      "re-measures everything.", "",
       reference + " Only the linear weights of the decoder layers are quantized "
       f"(q, k, v, o, gate, up, down: {meta['linear_params']:,} parameters); embeddings (tied with "
       "lm_head) and norms stay bf16, as in QLoRA. Compute is bf16 with float32 accumulation throughout.", "",

@@ -250,7 +250,8 @@ def test_dispatch_through_custom_vjp(platform, monkeypatch, capsys):
 def test_auto_on_gpu_takes_the_training_kernels_for_wide_weights(monkeypatch):
   """'auto' on a GPU, training rows (more than the decode kernel's 64): the fused kernels in the
   forward and the backward product for a weight with >= AUTO_TRAINING_MIN_K in-features, XLA's
-  dequantize + dot for a narrower one and under a mesh (traced only: no kernel runs)."""
+  dequantize + dot for a narrower one, under a mesh and with several devices visible (traced
+  only: no kernel runs)."""
   monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
   monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
   auto = get_backend("auto")
@@ -267,6 +268,10 @@ def test_auto_on_gpu_takes_the_training_kernels_for_wide_weights(monkeypatch):
     else:
       assert not kernel and text.count("dot_general") == 2, k
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+      text = str(jax.make_jaxpr(jax.value_and_grad(loss))(x))
+    assert "pallas_call" not in text and "wgmma" not in text and text.count("dot_general") == 2, k
+    with monkeypatch.context() as m:  # several devices visible, no mesh in scope
+      m.setattr(dispatch.jax, "device_count", lambda: 2)
       text = str(jax.make_jaxpr(jax.value_and_grad(loss))(x))
     assert "pallas_call" not in text and "wgmma" not in text and text.count("dot_general") == 2, k
 

@@ -51,6 +51,9 @@ def test_corpus_and_pretraining_make_a_16_bit_base(tmp_path, smollm2_dir):
                           eval_every=20, progress=False, max_seconds=1e-9)
   assert cut["stopped_at_step"] == 1 and len(cut["train"]) == 1 and cut["eval"][-1][0] == 1
   assert (tmp_path / "cut" / "model.safetensors").is_file()
+  with pytest.raises(SystemExit, match="--max-seconds must be >= 0"):
+    pretrain.main([str(corpus), str(tmp_path / "never"), "--max-seconds", "-1"])
+  assert not (tmp_path / "never").exists()
 
   # quality.py studies it in place of the config's model: converted beside it, the report says
   # what the model is and where it came from

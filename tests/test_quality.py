@@ -249,3 +249,14 @@ def test_recipe_keeps_the_flat_keys_the_report_reads():
   assert set(committed["recipe"]) <= set(recipe)
   assert recipe["lora_rank"] == 16 and recipe["max_seq_len"] == 144 and recipe["lora_targets"] == LINEAR_NAMES
   json.dumps(recipe)
+
+
+def test_results_of_another_model_are_not_mixed_into_one_report(tmp_path):
+  """A run on another model that would keep some of the folder's earlier tables stops before
+  measuring anything, and leaves the results file as it was."""
+  results = tmp_path / "quality_results.json"
+  text = json.dumps({"meta": {"model": {"kind": "gguf"}}, "weights": {"command": "earlier"}})
+  results.write_text(text)
+  with pytest.raises(SystemExit, match="another model"):
+    quality.main(["--model", str(tmp_path / "other"), "--parts", "ppl", "--out-dir", str(tmp_path)])
+  assert results.read_text() == text

@@ -447,7 +447,8 @@ def test_step_memory_bench_reads_growth_with_the_row():
         "a GPU memory profile"))),
 ])
 def test_estimate_tracks_the_families_measured_peaks(shape, embedding, measured_gib):
-  """The new families at 4 x 2048 on one H100 (remat=offload, bf16 LoRA, cuDNN attention;
+  """The new families at 4 x 2048 on one H100 (remat=offload, bf16 LoRA, cuDNN attention, XLA's
+  dequantize + cuBLAS for every training product, the `auto` of that day;
   docs/results/h100_2026-12-06/ours_families.jsonl, ours_moe_grouped_kernels.jsonl; the
   Qwen3-30B-A3B row with LoRA on the attention only): the estimate within 5%."""
   from qlora_jax.nn.families import LINEAR_NAMES

@@ -91,6 +91,8 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
     terms["4-bit layer gathered for use (x2, prefetch)"] = 2 * in_use // model.num_hidden_layers
   widest = max(math.prod(v.get_raw_value().shape) for v in jax.tree.leaves(
       quant, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  # XLA's path writes a dequantized copy; the fused kernels ('auto' on one Hopper GPU for weights
+  # >= 4096 wide) form none, so there the term is conservative (the formula is fit as a whole)
   terms["dequantized weight (widest matrix)"] = widest * cb // tensor
   table = model.vocab_size * model.hidden_size * cb
   if cfg.host_embedding(tied=model.tie_word_embeddings):  # the table is in host memory
