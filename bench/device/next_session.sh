@@ -11,9 +11,7 @@ case "$1" in
                                    "qwen3-8b 4 2048 offload cudnn $H" \
                                    "gemma3-12b 4 2048 offload auto --lora-dtype bfloat16" \
                                    "gemma3-12b 4 2048 offload auto --lora-dtype bfloat16 --backend xla"
-    PER_RUN_TIMEOUT=200 timeout 230 bash .anchors/run.sh "--system unsloth --shape llama3-1b --batch 4 --seq 2048 --steps 3" \
-        > $OUT/unsloth_llama3-1b.txt 2>&1
-    grep '^{' $OUT/anchor_fast.jsonl 2>/dev/null | tail -1 | cut -c1-300 ;;
+    bash bench/device/unsloth_row.sh llama3-1b "--system unsloth --shape llama3-1b --batch 4 --seq 2048 --steps 3" ;;
   h200)  # ~4 min (run with kind nvidia-h200): issue 28 asks for the rule on H200 too
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn $H" "llama3-8b 4 2048 offload cudnn $H --backend xla" ;;
   gemma_memory)  # ~3 min: what XLA keeps at Gemma-3-12B's peak (the estimate misses 1.2 GiB: tests/test_sharding.py)

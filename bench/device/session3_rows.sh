@@ -10,9 +10,7 @@ case "$1" in
                                    "llama3-1b 4 2048 offload cudnn --lora-dtype bfloat16 --offload yes --loss-chunk 256" \
                                    "llama3-8b 4 2048 offload cudnn $H" \
                                    "llama3-8b 4 2048 offload cudnn $H --loss-chunk 256"
-    PER_RUN_TIMEOUT=200 timeout 230 bash .anchors/run.sh "--system unsloth --shape llama3-1b --batch 4 --seq 2048 --steps 3" \
-        > $OUT/unsloth_llama3-1b.txt 2>&1
-    grep '^{' $OUT/anchor_fast.jsonl 2>/dev/null | tail -2 | cut -c1-300 ;;
+    bash bench/device/unsloth_row.sh llama3-1b "--system unsloth --shape llama3-1b --batch 4 --seq 2048 --steps 3" ;;
   large)
     bash bench/device/ours_runs.sh "gemma3-12b 4 2048 offload auto --lora-dtype bfloat16" \
                                    "llama-65b 1 2048 full cudnn --lora-dtype bfloat16 --offload yes" ;;
