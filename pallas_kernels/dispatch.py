@@ -8,7 +8,8 @@ at trace time.
           AUTO_TRAINING_MIN_K (a whole llama3-8b step as fast as XLA's dequantize + cuBLAS and
           leaner: no bf16 copy of a weight is written), XLA's path below it (a llama3-1b step,
           K = 2048, was slower with the kernels), under a mesh or with several devices visible
-          (the kernels per device are not measured on several GPUs) and before Hopper; on CPU, XLA. Measurements: docs/kernels.md.
+          (the kernels per device are not measured on several GPUs) and before Hopper; on CPU,
+          XLA. Measurements: docs/kernels.md.
 
 Shapes are static under jit, so the choice happens once per traced shape; which backend a run
 uses is printed once, at the first trace, never per call.
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import gpu_decode, gpu_matmul, layout, tpu, xla
+from pallas_kernels import gpu, gpu_decode, gpu_matmul, layout, tpu, xla
 from qlora_jax.format.quantization import QuantizedArray
 
 POLICIES = ("pallas", "auto")
@@ -104,8 +105,7 @@ def _one_hopper(sharded: bool) -> bool:
   and the wgmma kernels need compute capability 9.0."""
   if sharded or jax.device_count() > 1:
     return False
-  capability = getattr(jax.devices()[0], "compute_capability", None)
-  return bool(INTERPRET) or (capability is not None and float(capability) >= 9.0)
+  return bool(INTERPRET) or gpu.is_hopper()
 
 
 def product_fn(policy: str, product: str):

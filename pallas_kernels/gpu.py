@@ -1,5 +1,6 @@
 """What the Mosaic GPU kernels (gpu_matmul.py: training shapes, gpu_decode.py: decoding) share:
-shared-memory swizzling, the SM count, and what running them interpreted on CPU needs."""
+shared-memory swizzling, the SM count, whether the device is a Hopper, and what running them
+interpreted on CPU needs."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def swizzled(cols: int, dtype) -> tuple:
   swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(swizzle))
+
+
+def is_hopper() -> bool:
+  """Whether the first device is an NVIDIA GPU of compute capability 9.0 or later (Hopper: the
+  wgmma the kernels issue, cuDNN's 256-wide attention heads)."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return capability is not None and float(capability) >= 9.0
 
 
 def sm_count(interpret: bool) -> int:

@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gpu import is_hopper
 from pallas_kernels.xla import precision_for
 from qlora_jax.nn.remat import with_named_residuals
 
@@ -40,8 +41,7 @@ def attention_implementation(requested: str, dtype: str, head_dim: int, softcap:
 def cudnn_head_dim_limit() -> int:
   """The widest head cuDNN's flash kernels train here: 256 on Hopper (sm_90+: Gemma 3's heads,
   trained through cuDNN on an H100 in docs/BENCHMARKS.md), 128 on earlier GPUs."""
-  capability = getattr(jax.devices()[0], "compute_capability", "0")
-  return 256 if float(capability) >= 9.0 else 128
+  return 256 if is_hopper() else 128
 
 
 @functools.cache
