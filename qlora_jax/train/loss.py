@@ -15,9 +15,12 @@ from qlora_jax.data.formats import IGNORE
 LOGITS_BYTES = 256 * 2**20  # one chunk's float32 logits: a large vocabulary gets fewer tokens
 
 
-def loss_chunk(vocab: int) -> int:
-  """Tokens a chunk holds: the largest power of two (128..2048) whose float32 logits fit
-  LOGITS_BYTES (128256-token Llama 3 vocabulary: 512; 32000: 2048)."""
+def loss_chunk(vocab: int, requested: int = 0) -> int:
+  """Tokens a chunk holds: `requested` (ModelOptions.loss_chunk) if set, else the largest power
+  of two (128..2048) whose float32 logits fit LOGITS_BYTES (128256-token Llama 3 vocabulary:
+  512; 32000: 2048)."""
+  if requested:
+    return requested
   tokens = LOGITS_BYTES // (4 * vocab)
   return max(128, min(2048, 1 << max(tokens, 1).bit_length() - 1))
 
@@ -28,7 +31,7 @@ def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Arra
   tokens whose logits exist at once (default: loss_chunk of the vocabulary). softcap: the
   logits are cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping)."""
   n = h_NxD.shape[0]
-  chunk = min(chunk or loss_chunk(w_VxD.shape[0]), n)
+  chunk = min(loss_chunk(w_VxD.shape[0], chunk or 0), n)
   pad = -n % chunk
   h = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, h_NxD.shape[-1])
   labels = jnp.pad(labels_N, (0, pad), constant_values=IGNORE).reshape(-1, chunk)
@@ -99,7 +102,7 @@ def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Arra
   h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                           segment_ids=batch.get("segment_ids"), inputs_embeds=batch.get("inputs_embeds"))
   w, labels = model.head_weight(), batch["labels"]
-  loss = functools.partial(chunked_cross_entropy, chunk=model.options.loss_chunk or None,
+  loss = functools.partial(chunked_cross_entropy, chunk=loss_chunk(w.shape[0], model.options.loss_chunk),
                            softcap=model.config.final_logit_softcapping)
   if shards == 1:
     return loss(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))

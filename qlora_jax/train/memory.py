@@ -112,7 +112,7 @@ def estimate(model: ModelConfig, options: ModelOptions, cfg: TrainConfig,
     terms["AdamW moments"] = moments
   terms["activations kept for backward"] = _saved_activations(model, options, rows, seq, cb)
   terms["one layer recomputed + differentiated"] = _layer_working_set(model, options, rows, seq, cb, tensor)
-  chunk = options.loss_chunk or loss_chunk(model.vocab_size)
+  chunk = loss_chunk(model.vocab_size, options.loss_chunk)
   terms["loss chunk (float32 logits)"] = 2 * min(chunk, tokens) * model.vocab_size * 4
   if cfg.data.packing:  # attention through [B, T, T] masks and a bias (unpacked rows: causal,
     # no mask, a sliding window in the kernel); layers of two kinds keep both masks
