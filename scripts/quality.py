@@ -265,13 +265,13 @@ def recipe(cfg: TrainConfig) -> dict:
   return {**cfg.to_flat_dict(), "max_seq_len": cfg.data.max_seq_len}
 
 
-def _meta(args, setup: Setup, setup_seconds: float) -> dict:
+def _meta(args, setup: Setup, setup_seconds: float, model: dict) -> dict:
   cores = len(os.sched_getaffinity(0))
   return {"machine": f"{platform.machine()}, {cores} CPU cores", "jax": jax.__version__,
           "backend": jax.default_backend(), "config": args.config, "recipe": recipe(setup.cfg),
           "linear_params": int(sum(w.size for n, w in setup.tensors.items() if is_linear(n))),
           "params": int(sum(w.size for w in setup.tensors.values())),
-          "model": _model_facts(args.model), "setup_seconds": setup_seconds}
+          "model": model, "setup_seconds": setup_seconds}
 
 
 def _model_facts(model: str) -> dict:
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
                      "(nothing was changed)")
   start = time.time()
   setup = make_setup(args)
-  results["meta"] = _meta(args, setup, time.time() - start)
+  results["meta"] = _meta(args, setup, time.time() - start, new)
   for part in args.parts:
     t0, cpu0 = time.time(), time.process_time()
     results[part] = RUNNERS[part](setup, args)

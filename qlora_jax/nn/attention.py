@@ -95,8 +95,10 @@ def _softcapped(q, k, v, mask, scale: float, cap: float, window: int | None = No
   pad = pieces * chunk - t
   qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   qs = qs.reshape(q.shape[0], pieces, chunk, *q.shape[2:]).swapaxes(0, 1)
-  masks = None if mask is None else jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)
-  masks = None if masks is None else masks.reshape(mask.shape[0], pieces, chunk, -1).swapaxes(0, 1)
+  masks = None
+  if mask is not None:
+    masks = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)
+    masks = masks.reshape(mask.shape[0], pieces, chunk, -1).swapaxes(0, 1)
 
   @jax.checkpoint
   def piece(args):
