@@ -10,6 +10,10 @@ Systems, one subprocess each (neither framework's allocator sees the other's mem
   bnb          transformers' generate on LlamaForCausalLM with bitsandbytes Linear4bit (NF4,
                double quant, bf16 compute) and PEFT LoRA, built as bench/bnb_peft.py builds it
                (the qlora.py recipe: norms in float32, so it runs under bf16 autocast)
+  unsloth      Unsloth's generate after FastLanguageModel.for_inference, on the model the
+               anchors runner loads (../shared/anchors copied to .anchors: its random bf16
+               model saved to disk, loaded in 4 bits, LoRA r=64 on the 7 linear layers); needs
+               the runner's wheels on PYTHONPATH (bench/device/generate_rows.sh installs them)
 Both models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers, bf16
 compute. A prompt of --prompt random tokens; the time per generated token is
 (t(long) - t(short)) / (long - short) for two generations of --short and --long new tokens
@@ -115,6 +119,39 @@ def bnb(shape: dict, prompt: list[int], args) -> dict:
           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def unsloth(shape_name: str, prompt: list[int], args) -> dict:
+  sys.path.insert(0, os.path.join(os.path.dirname(HERE), ".anchors"))
+  import anchor_fast  # the anchors runner: its saved random model and Unsloth's loading
+
+  for k, v in anchor_fast.OFFLINE_ENV.items():
+    os.environ.setdefault(k, v)
+  a = anchor_fast.parse_args(["--system", "unsloth", "--shape", shape_name,
+                              "--seq", str(len(prompt) + args.long)])
+  path = anchor_fast.ensure_model(a)
+  os.makedirs(anchor_fast.WORK_DIR, exist_ok=True)
+  os.chdir(anchor_fast.WORK_DIR)  # unsloth writes its compiled cache into the cwd
+  import unsloth  # noqa: F401  (before transformers and peft: it patches them)
+  import torch
+  from unsloth import FastLanguageModel
+
+  model, _ = anchor_fast.load_unsloth(a, path)
+  FastLanguageModel.for_inference(model)
+  ids = torch.tensor([prompt], device="cuda")
+  mask = torch.ones_like(ids)
+
+  def run(n):
+    with torch.no_grad():
+      model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                     do_sample=False, pad_token_id=3, use_cache=True)
+    torch.cuda.synchronize()
+
+  torch.cuda.reset_peak_memory_stats()
+  seconds = _per_token(run, args.short, args.long, args.repeats)
+  return {"system": "unsloth", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+          "resident_gib": torch.cuda.memory_allocated() / 2**30,
+          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="llama3-8b")
@@ -134,8 +171,12 @@ def main() -> None:
   shape = SHAPES[args.model]
   prompt = [(7 + 7919 * i) % shape["vocab_size"] for i in range(args.prompt)]  # fixed, spread
   if args.worker:
-    row = bnb(shape, prompt, args) if args.worker == "bnb" else ours(
-        shape, args.worker.split(":")[1], prompt, args)
+    if args.worker == "bnb":
+      row = bnb(shape, prompt, args)
+    elif args.worker == "unsloth":
+      row = unsloth(args.model, prompt, args)
+    else:
+      row = ours(shape, args.worker.split(":")[1], prompt, args)
     print(json.dumps(row))
     return
   rows = run_systems({system: [sys.executable, __file__, "--worker", system, "--model", args.model,
