@@ -83,18 +83,18 @@ def _profile(model, cache_length: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from qlora_jax.nn.generate import CHUNK, _decoder
+  from qlora_jax.nn.generate import CHUNK, _decoder, decode_state
   from qlora_jax.nn.kv_cache import KVCache
   from step_profile import kernels_by_name
 
-  graphdef, state = nnx.split(model)
+  graphdef, state = decode_state(model)
   _, chunk = _decoder(graphdef, 0.0, 1.0)
   cache = lambda: KVCache.empty(model.config, 1, cache_length, jnp.dtype(model.options.dtype))  # noqa: E731
   run = functools.partial(chunk, state, jnp.zeros((1,), jnp.int32), key=jax.random.key(0))
   jax.block_until_ready(run(cache()))  # compiled for this cache length (the cache is donated)
   _, rows = kernels_by_name(run, cache())
   return {"kernel_ms_per_token": sum(ms for ms, _, _ in rows) / CHUNK,
-          "kernels_per_token": [(ms / CHUNK, n / CHUNK, name) for ms, n, name in rows[:25]]}
+          "kernels_per_token": [(ms / CHUNK, n / CHUNK, name) for ms, n, name in rows]}
 
 
 def bnb(shape: dict, prompt: list[int], args) -> dict:
@@ -189,7 +189,7 @@ def main() -> None:
   for system, r in rows.items():
     if "kernels_per_token" in r:
       print(f"\n{system}: {r['kernel_ms_per_token']:.2f} ms of GPU kernels a token; by kernel (ms, calls):")
-      for ms, n, name in r["kernels_per_token"]:
+      for ms, n, name in r["kernels_per_token"][:30]:
         print(f"  {ms:7.3f} {n:6.1f}x {name[:90]}")
   print(f"\n{args.model}, batch 1, prompt {args.prompt}, greedy")
   print_table(rows, f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'resident GiB':>13} {'peak GiB':>9} {'vs bnb':>7}",

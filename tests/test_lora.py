@@ -249,3 +249,55 @@ def test_one_row_dot_matches_float64(subscripts, a_shape, b_shape):
   assert out.shape == want.shape and out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2,
                              atol=1e-2 * np.abs(want).max())
+
+
+def _shared_input_layers(compute_dtype="float32", dropout=0.0):
+  """q, k, v-like layers on one input: different widths, the same adapter settings."""
+  cfg = q.LoraConfig(rank=R, alpha=16.0, dropout=dropout)
+  layers = []
+  for i, n in enumerate((N, 32, 64)):
+    w = jax.random.normal(jax.random.key(10 + i), (n, K), jnp.float32) * 0.05
+    layer = q.QLoRALinear.from_quantized(q.quantize(w), cfg, compute_dtype=compute_dtype,
+                                         rngs=nnx.Rngs(20 + i))
+    layer.lora_b[...] = jax.random.normal(jax.random.key(30 + i), (R, n)) * 0.1
+    layers.append(layer)
+  return tuple(layers)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows, stacked", [(1, True), (40, True), (80, False)])
+def test_shared_input_lora_is_one_a_product_at_decode_sizes(compute_dtype, rows, stacked):
+  from qlora_jax.nn.lora import project_shared
+  layers = _shared_input_layers(compute_dtype)
+  x = jax.random.normal(jax.random.key(5), (1, rows, K), jnp.float32)
+  ys = project_shared(layers, x)
+  for layer, y in zip(layers, ys):  # each layer's own call, and float64
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(layer(x), np.float32),
+                               rtol=1e-6, atol=1e-6)
+    y_ref = _reference_f64_no_bias(layer, x)
+    err = np.linalg.norm(np.asarray(y, np.float64) - y_ref) / np.linalg.norm(y_ref)
+    assert err < (1e-5 if compute_dtype == "float32" else 1e-2), err
+  text = str(jax.make_jaxpr(lambda x: project_shared(layers, x))(x))
+  assert (f"[{K},{3 * R}]" in text) == stacked  # the A's side by side, one product
+
+
+def _reference_f64_no_bias(layer, x):
+  w = np.asarray(q.dequantize(layer.weight.get_value(), jnp.float32), np.float64)
+  a, b = (np.asarray(v[...], np.float64) for v in (layer.lora_a, layer.lora_b))
+  x64 = np.asarray(x, np.float64)
+  return x64 @ w.T + layer.lora.scaling * (x64 @ a) @ b
+
+
+def test_shared_input_lora_keeps_each_layers_dropout_in_training():
+  from qlora_jax.nn.lora import project_shared
+  layers = _shared_input_layers(dropout=0.25)
+  x = jax.random.normal(jax.random.key(5), (1, 4, K), jnp.float32)
+
+  def program():  # pure: the layers' rng streams advance on a merged copy
+    graphdef, state = nnx.split(layers)
+    return str(jax.make_jaxpr(lambda s, x: project_shared(nnx.merge(graphdef, s), x))(state, x))
+
+  assert f"[{K},{3 * R}]" not in program()  # each layer draws its own mask: no shared product
+  for layer in layers:
+    layer.eval()
+  assert f"[{K},{3 * R}]" in program()

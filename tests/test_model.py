@@ -1,8 +1,10 @@
 """Model options that need no reference library."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qlora_jax.nn.lora import LoraConfig
 from qlora_jax.nn.attention import attention_implementation
@@ -390,3 +392,42 @@ def test_softcapped_attention_in_query_pieces_equals_it_whole(masked, window):
     temp = {c: jax.jit(jax.grad(loss(c), argnums=(0, 1, 2))).lower(x, y, y).compile()
             .memory_analysis().temp_size_in_bytes for c in (512, 64)}
     assert temp[64] * 3 < temp[512], temp
+
+
+def test_generation_reads_16_bit_copies_of_float32_adapters_with_the_same_numbers():
+  """decode_state: a bf16 model's float32 LoRA weights reach generation as bf16 copies, which its
+  products round them to anyway: the same logits; generate() picks the same tokens as greedy
+  decoding of the model itself; the model keeps its float32 weights."""
+  from qlora_jax.nn.generate import SamplingConfig, decode_state, generate
+  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=128)
+  model = random_model(config, ModelOptions(dtype="bfloat16", lora=LoraConfig(rank=4)), seed=0)
+  for i, (path, b) in enumerate(nnx.iter_graph(model)):
+    if path and path[-1] == "lora_b":
+      b[...] = jax.random.normal(jax.random.key(i), b.shape) * 0.5
+  model.eval()
+  graphdef, state = decode_state(model)
+  lora = [v for _, v in nnx.to_flat_state(state) if isinstance(v, nnx.LoRAParam)]
+  assert lora and all(v[...].dtype == jnp.bfloat16 for v in lora)
+  assert all(v[...].dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+
+  prompt = [5, 9, 2, 33, 17]
+  ids = jnp.asarray([prompt], jnp.int32)
+
+  def first_logits(m):
+    return m.decode(ids, KVCache.empty(config, 1, 16, jnp.bfloat16))[0]
+  np.testing.assert_array_equal(np.asarray(first_logits(nnx.merge(graphdef, state)), np.float32),
+                                np.asarray(first_logits(model), np.float32))
+
+  tokens = [int(t[0]) for t in generate(model, [prompt], SamplingConfig(max_new_tokens=6))]
+  cache, reference, step = KVCache.empty(config, 1, 16, jnp.bfloat16), [], ids
+  for _ in range(6):
+    logits, cache = model.decode(step, cache)
+    reference.append(int(jnp.argmax(logits[0, -1])))
+    step = jnp.asarray([[reference[-1]]], jnp.int32)
+  assert tokens == reference

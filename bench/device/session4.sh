@@ -24,7 +24,7 @@ case "$1" in
     timeout 200 python bench/generate.py --model llama3-8b --systems ours:auto,ours:scan --json $OUT/generate_h200.json | tail -4 ;;
   generate)
     wheels || exit 1
-    timeout 580 python bench/generate.py --model llama3-8b --systems ours:auto,ours:scan,bnb,unsloth \
+    timeout 580 python bench/generate.py --model llama3-8b --systems ours:auto,ours:scan,bnb,unsloth --profile \
         --json $OUT/generate_llama3-8b_h100.json 2>$OUT/generate_err.txt | tail -8 ;;
   *) echo "usage: $0 rules_h100|rules_h200|generate"; exit 2 ;;
 esac

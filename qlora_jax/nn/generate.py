@@ -13,6 +13,7 @@ from flax import nnx
 
 from qlora_jax.nn.kv_cache import KVCache
 from qlora_jax.nn.model import CausalLM
+from qlora_jax.nn.variables import LoRAWeight
 
 PROMPT_BUCKET = 64
 
@@ -47,6 +48,21 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_
 
 
 CHUNK = 16  # tokens a compiled call generates: one dispatch and one host round trip per chunk
+
+
+def decode_state(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state) of the model as generation reads it: float32 LoRA weights as copies in a
+  16-bit compute dtype. Their products round both operands to the compute dtype anyway
+  (compute_dot), so the tokens are the same; each token reads half the adapter bytes, and the
+  one-row products, which few SMs serve, take half as long (+ the copies' memory while
+  generating: 0.3 GiB for llama3-8b with r=64 adapters on its 7 linear layers)."""
+  graphdef, state = nnx.split(model)
+  cd = jnp.dtype(model.options.dtype)
+  if cd.itemsize != 2:
+    return graphdef, state
+  lora = nnx.state(model, LoRAWeight)
+  lora = jax.tree.map(lambda a: a.astype(cd) if a.dtype == jnp.float32 else a, lora)
+  return graphdef, nnx.merge_state(state, lora)
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,7 +120,7 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
     ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
   chunks = -(-(sampling.max_new_tokens - 1) // CHUNK)  # after the prefill's token
   cache = KVCache.empty(model.config, b, longest + chunks * CHUNK, jnp.dtype(model.options.dtype))
-  graphdef, state = nnx.split(model)
+  graphdef, state = decode_state(model)
   prefill, chunk = _decoder(graphdef, sampling.temperature, sampling.top_p)
   key = jax.random.key(sampling.seed)
   key, sub = jax.random.split(key)
