@@ -26,5 +26,10 @@ case "$1" in
     wheels || exit 1
     timeout 580 python bench/generate.py --model llama3-8b --systems ours:auto,ours:scan,bnb,unsloth --profile \
         --json $OUT/generate_llama3-8b_h100.json 2>$OUT/generate_err.txt | tail -8 ;;
+  generate_ab)  # ours:scan before this session's generation changes (.work/old: git archive HEAD~1, carried) and after; bnb; Unsloth
+    wheels || exit 1
+    A="--model llama3-8b --short 8 --long 40 --repeats 3"
+    (cd .work/old && PYTHONPATH=. timeout 150 python bench/generate.py $A --systems ours:scan --json $OUT/generate_before.json 2>/dev/null | tail -1)
+    timeout 400 python bench/generate.py $A --systems ours:scan,bnb,unsloth --json $OUT/generate_llama3-8b_h100.json 2>$OUT/generate_err.txt | tail -5 ;;
   *) echo "usage: $0 rules_h100|rules_h200|generate"; exit 2 ;;
 esac
