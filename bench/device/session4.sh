@@ -21,7 +21,7 @@ case "$1" in
                                    "gemma3-12b 4 2048 offload auto --lora-dtype bfloat16 --backend xla" ;;
   rules_h200)
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn $H" "llama3-8b 4 2048 offload cudnn $H --backend xla"
-    timeout 200 python bench/generate.py --model llama3-8b --systems ours:auto,ours:scan --json $OUT/generate_h200.json | tail -4 ;;
+    timeout 150 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:scan --json $OUT/generate_h200.json | tail -2 ;;
   generate)
     wheels || exit 1
     timeout 580 python bench/generate.py --model llama3-8b --systems ours:auto,ours:scan,bnb,unsloth --profile \
