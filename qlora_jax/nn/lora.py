@@ -109,48 +109,14 @@ class QLoRALinear(nnx.Module):
 
   def __call__(self, x_BxK: jax.Array) -> jax.Array:
     """[..., in] -> [..., out], in x's dtype."""
-    h_BxR = None if self.lora is None else self._lora_a(self.dropout(x_BxK), self.lora_a[...])
-    return self._finish(x_BxK, h_BxR)
-
-  def _lora_a(self, x_BxK: jax.Array, a_KxR: jax.Array) -> jax.Array:
-    return compute_dot("...k,kr->...r", x_BxK, a_KxR, jnp.dtype(self.compute_dtype))
-
-  def _finish(self, x_BxK: jax.Array, h_BxR: jax.Array | None) -> jax.Array:
-    """The output from x and the LoRA A product h (None: no adapter)."""
     cd = jnp.dtype(self.compute_dtype)
     y = qmatmul(x_BxK, self.weight.get_value(), self.backend, cd)
-    if h_BxR is not None:
+    if self.lora is not None:
+      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
       y = y + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling
     if self.bias is not None:
       y = y + self.bias[...].astype(cd)
     return y.astype(x_BxK.dtype)
-
-  @property
-  def dropout_active(self) -> bool:
-    return self.lora is not None and self.lora.dropout > 0 and not self.dropout.deterministic
-
-
-SHARED_INPUT_MAX_ROWS = 64  # decode-sized inputs (the decode kernel's rows): see project_shared
-
-
-def project_shared(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> list[jax.Array]:
-  """[layer(x) for layer in layers] for layers that read the same x (q, k, v; gate, up).
-
-  At decoding sizes (at most SHARED_INPUT_MAX_ROWS rows) their LoRA A products are one product,
-  x @ [A_1 | A_2 | ...], sliced back per layer: the same numbers (each column its own float32
-  dot over K), a third or half of the launches, each of which is latency-bound at one row (a
-  [1, K] x [K, r] product keeps a few SMs busy). Larger inputs, adapters of different kinds or
-  active dropout (each layer draws its own mask) take each layer's own call."""
-  loras = [layer.lora for layer in layers]
-  same = (all(lo is not None for lo in loras) and len(set(loras)) == 1
-          and len({layer.compute_dtype for layer in layers}) == 1)
-  rows = math.prod(x_BxK.shape[:-1])
-  if not same or rows > SHARED_INPUT_MAX_ROWS or any(layer.dropout_active for layer in layers):
-    return [layer(x_BxK) for layer in layers]
-  ranks = [layer.lora_a.shape[1] for layer in layers]
-  h = layers[0]._lora_a(x_BxK, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1))
-  bounds = [sum(ranks[:i]) for i in range(len(ranks) + 1)]
-  return [layer._finish(x_BxK, h[..., lo:hi]) for layer, lo, hi in zip(layers, bounds, bounds[1:])]
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:

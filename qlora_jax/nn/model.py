@@ -20,7 +20,7 @@ from qlora_jax.nn.attention import attend, attention_implementation, make_mask
 from qlora_jax.format.quantization import QuantizedArray
 from qlora_jax.nn.families import EXPERT_NAMES
 from qlora_jax.nn.kv_cache import KVCache
-from qlora_jax.nn.lora import QLoRALinear, project_shared
+from qlora_jax.nn.lora import QLoRALinear
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.model_options import ModelOptions
 from qlora_jax.nn.moe import SparseMoeBlock
@@ -95,13 +95,12 @@ class Attention(nnx.Module):
     the layer scan: then both kernels are compiled and lax.cond picks one). kv: this layer's
     (k, v) cache [B, S, KV, H] and the slot to write, or None."""
     b, t, _ = x_BxTxD.shape
-    q, k, v = project_shared((self.q_proj, self.k_proj, self.v_proj), x_BxTxD)
-    q = q.reshape(b, t, self.heads, self.head_dim)
-    k = k.reshape(b, t, self.kv_heads, self.head_dim)
+    q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
+    k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    v = v.reshape(b, t, self.kv_heads, self.head_dim)
+    v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
     if kv is not None:
       k_cache, v_cache, index = kv
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
@@ -140,8 +139,7 @@ class MLP(nnx.Module):
     self.down_proj = _linear("down_proj", *shapes["down_proj"], cfg.mlp_bias, opts, rngs)
 
   def __call__(self, x_BxTxD):
-    gate, up = project_shared((self.gate_proj, self.up_proj), x_BxTxD)
-    return self.down_proj(self.act(gate) * up)
+    return self.down_proj(self.act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
 
 
 class DecoderLayer(nnx.Module):
