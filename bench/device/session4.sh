@@ -31,5 +31,10 @@ case "$1" in
     A="--model llama3-8b --short 8 --long 40 --repeats 3"
     (cd .work/old && PYTHONPATH=. timeout 150 python bench/generate.py $A --systems ours:scan --json $OUT/generate_before.json 2>/dev/null | tail -1)
     timeout 400 python bench/generate.py $A --systems ours:scan,bnb,unsloth --json $OUT/generate_llama3-8b_h100.json 2>$OUT/generate_err.txt | tail -5 ;;
+  compile)  # the first generation call (compile + prefill + 40 tokens), scanned layers and unrolled
+    A="--model llama3-8b --short 8 --long 40 --repeats 3"
+    timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | tee -a $OUT/generate_compile.jsonl | cut -c1-200
+    timeout 280 python bench/generate.py $A --worker ours:auto | grep '^{' | tee -a $OUT/generate_compile.jsonl | cut -c1-200
+    echo "rc $?" ;;
   *) echo "usage: $0 rules_h100|rules_h200|generate"; exit 2 ;;
 esac
