@@ -51,11 +51,10 @@ CHUNK = 16  # tokens a compiled call generates: one dispatch and one host round 
 
 
 def decode_state(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, state) of the model as generation reads it: float32 LoRA weights as copies in a
-  16-bit compute dtype. Their products round both operands to the compute dtype anyway
-  (compute_dot), so the tokens are the same; each token reads half the adapter bytes, and the
-  one-row products, which few SMs serve, take half as long (+ the copies' memory while
-  generating: 0.3 GiB for llama3-8b with r=64 adapters on its 7 linear layers)."""
+  """(graphdef, state) of the model as generation reads it: float32 LoRA weights (the experts'
+  too) as copies in a 16-bit compute dtype. Their products round both operands to the compute
+  dtype anyway (compute_dot, grouped_dot), so the tokens are the same, and each token reads half
+  the adapter bytes; the copies live while generating (docs/BENCHMARKS.md, "Generation")."""
   graphdef, state = nnx.split(model)
   cd = jnp.dtype(model.options.dtype)
   if cd.itemsize != 2:
