@@ -5,9 +5,10 @@
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 A="--model llama3-8b --short 8 --long 520 --repeats 3"   # a longer cache: the KV copies grow with it
 case "$1" in
-  kv)  # ~6 min: branch decode-kv-in-place (each layer's keys/values written into the whole cache in
-       # place) against main, unrolled and scanned. .work/kv (carried):
-       #   mkdir -p .work/kv && git archive decode-kv-in-place qlora_jax pallas_kernels bench | tar -x -C .work/kv
+  kv)  # ~6 min: decode_kv_in_place.patch (each layer's keys/values written into the whole cache in
+       # place; branch decode-kv-in-place) against main, unrolled and scanned. .work/kv (carried):
+       #   mkdir -p .work/kv && git archive HEAD qlora_jax pallas_kernels bench | tar -x -C .work/kv \
+       #     && (cd .work/kv && patch -p1 < ../../bench/device/decode_kv_in_place.patch)
     timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160
     (cd .work/kv && timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160)
     timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
