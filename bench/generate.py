@@ -62,7 +62,7 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   from qlora_jax.nn.model_config import ModelConfig
   from qlora_jax.testing import random_model
 
-  options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0),
+  options = ModelOptions(lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0) if args.rank else None,
                          backend=get_backend("xla" if variant == "xla" else "auto"),
                          scan_layers=variant == "scan")
   model = random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
@@ -74,7 +74,7 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
 
   seconds, first = _per_token(run, args.short, args.long, args.repeats)
   stats = jax.devices()[0].memory_stats() or {}
-  row = {"system": f"ours:{variant}", "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+  row = {"system": f"ours:{variant}", "rank": args.rank, "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
          "first_call_s": first,
          "resident_gib": stats.get("bytes_in_use", 0) / 2**30,
          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
@@ -163,6 +163,7 @@ def main() -> None:
   p.add_argument("--short", type=int, default=16)
   p.add_argument("--long", type=int, default=144)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--rank", type=int, default=64, help="ours: LoRA rank (0: no adapters, the base alone)")
   p.add_argument("--systems", default="ours:auto,ours:xla,ours:scan,bnb")
   p.add_argument("--profile", action="store_true",
                  help="ours: also the GPU kernel time of a chunk of steps, per token and by kernel")
@@ -185,7 +186,7 @@ def main() -> None:
     return
   rows = run_systems({system: [sys.executable, __file__, "--worker", system, "--model", args.model,
                                "--prompt", str(args.prompt), "--short", str(args.short),
-                               "--long", str(args.long), "--repeats", str(args.repeats),
+                               "--long", str(args.long), "--repeats", str(args.repeats), "--rank", str(args.rank),
                                *(["--profile"] if args.profile else [])]
                       for system in args.systems.split(",")},
                      args.json, {"model": args.model, "prompt": args.prompt})

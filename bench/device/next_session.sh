@@ -13,6 +13,10 @@ case "$1" in
     (cd .work/kv && timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160)
     timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
     (cd .work/kv && timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160) ;;
+  lora_cost)  # ~3 min: what the adapters cost a token (unrolled, r=64 against none): the most that
+       # folding the LoRA B products into the decode kernel's epilogue could save
+    timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
+    timeout 120 python bench/generate.py $A --rank 0 --worker ours:auto | grep '^{' | cut -c1-160 ;;
   profile_scan)  # ~3 min: where the scanned model's extra 2 ms a token go (the per-layer weight slices
        # copied for the decode kernel's custom call? the profile names the copies)
     timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:scan --profile \
@@ -21,5 +25,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 kv|profile_scan|h200"; exit 2 ;;
+  *) echo "usage: $0 kv|lora_cost|profile_scan|h200"; exit 2 ;;
 esac
