@@ -17,6 +17,13 @@ case "$1" in
        # folding the LoRA B products into the decode kernel's epilogue could save
     timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
     timeout 120 python bench/generate.py $A --rank 0 --worker ours:auto | grep '^{' | cut -c1-160 ;;
+  lora_epilogue)  # ~5 min: decode_lora_epilogue.patch (the decode kernel adds each layer's LoRA
+       # update: no B product launched) on the GPU: its kernel tests, then generation against main.
+       # .work/le (carried): mkdir -p .work/le && git archive HEAD | tar -x -C .work/le \
+       #   && (cd .work/le && patch -p1 < ../../bench/device/decode_lora_epilogue.patch)
+    (cd .work/le && timeout 200 python -m pytest -x -q tests/test_kernels.py -k "lora or decode" 2>&1 | tail -3)
+    timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
+    (cd .work/le && timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160) ;;
   profile_scan)  # ~3 min: where the scanned model's extra 2 ms a token go (the per-layer weight slices
        # copied for the decode kernel's custom call? the profile names the copies)
     timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:scan --profile \
@@ -25,5 +32,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 kv|lora_cost|profile_scan|h200"; exit 2 ;;
+  *) echo "usage: $0 kv|lora_cost|lora_epilogue|profile_scan|h200"; exit 2 ;;
 esac
