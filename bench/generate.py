@@ -13,9 +13,9 @@ Systems, one subprocess each (neither framework's allocator sees the other's mem
   unsloth      Unsloth's generate after FastLanguageModel.for_inference, on the model the
                anchors runner loads (../shared/anchors copied to .anchors: its random bf16
                model saved to disk, loaded in 4 bits, LoRA r=64 on the 7 linear layers); needs
-               the runner's wheels on PYTHONPATH (bench/device/generate_rows.sh installs them)
-Both models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers, bf16
-compute. A prompt of --prompt random tokens; the time per generated token is
+               the runner's wheels on PYTHONPATH (bench/device/session4.sh's `wheels` installs them)
+All models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers (ours: --rank,
+0 for none), bf16 compute. A prompt of --prompt random tokens; the time per generated token is
 (t(long) - t(short)) / (long - short) for two generations of --short and --long new tokens
 (prefill and compilation cancel), median of --repeats pairs. Device memory: resident after the
 runs (model, adapters, cache: JAX's bytes_in_use, torch's memory_allocated) and peak (JAX's
@@ -116,9 +116,17 @@ def bnb(shape: dict, prompt: list[int], args) -> dict:
                      do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
 
+  return _torch_row("bnb+peft", run, args)
+
+
+def _torch_row(system: str, run, args) -> dict:
+  """A torch system's row: run(n) timed as _per_token does, device memory from torch's allocator
+  (the peak since the model was made)."""
+  import torch
+
   torch.cuda.reset_peak_memory_stats()
   seconds, first = _per_token(run, args.short, args.long, args.repeats)
-  return {"system": "bnb+peft", "first_call_s": first, "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
+  return {"system": system, "first_call_s": first, "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
           "resident_gib": torch.cuda.memory_allocated() / 2**30,
           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -149,11 +157,7 @@ def unsloth(shape_name: str, prompt: list[int], args) -> dict:
                      do_sample=False, pad_token_id=3, use_cache=True)
     torch.cuda.synchronize()
 
-  torch.cuda.reset_peak_memory_stats()
-  seconds, first = _per_token(run, args.short, args.long, args.repeats)
-  return {"system": "unsloth", "first_call_s": first, "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
-          "resident_gib": torch.cuda.memory_allocated() / 2**30,
-          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+  return _torch_row("unsloth", run, args)
 
 
 def main() -> None:

@@ -55,13 +55,11 @@ def decode_state(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State]:
   too) as copies in a 16-bit compute dtype. Their products round both operands to the compute
   dtype anyway (compute_dot, grouped_dot), so the tokens are the same, and each token reads half
   the adapter bytes; the copies live while generating (docs/BENCHMARKS.md, "Generation")."""
-  graphdef, state = nnx.split(model)
+  graphdef, lora, rest = nnx.split(model, LoRAWeight, ...)
   cd = jnp.dtype(model.options.dtype)
-  if cd.itemsize != 2:
-    return graphdef, state
-  lora = nnx.state(model, LoRAWeight)
-  lora = jax.tree.map(lambda a: a.astype(cd) if a.dtype == jnp.float32 else a, lora)
-  return graphdef, nnx.merge_state(state, lora)
+  if cd.itemsize == 2:
+    lora = jax.tree.map(lambda a: a.astype(cd) if a.dtype == jnp.float32 else a, lora)
+  return graphdef, nnx.merge_state(lora, rest)
 
 
 @functools.lru_cache(maxsize=8)

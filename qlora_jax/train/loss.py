@@ -26,12 +26,12 @@ def loss_chunk(vocab: int, requested: int = 0) -> int:
 
 
 def chunked_cross_entropy(h_NxD: jax.Array, w_VxD: jax.Array, labels_N: jax.Array,
-                          chunk: int | None = None, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+                          chunk: int = 0, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """(sum of token losses, number of counted tokens); labels == IGNORE are skipped. chunk:
-  tokens whose logits exist at once (default: loss_chunk of the vocabulary). softcap: the
-  logits are cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping)."""
+  tokens whose logits exist at once (0: loss_chunk of the vocabulary). softcap: the logits are
+  cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping)."""
   n = h_NxD.shape[0]
-  chunk = min(loss_chunk(w_VxD.shape[0], chunk or 0), n)
+  chunk = min(loss_chunk(w_VxD.shape[0], chunk), n)
   pad = -n % chunk
   h = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, h_NxD.shape[-1])
   labels = jnp.pad(labels_N, (0, pad), constant_values=IGNORE).reshape(-1, chunk)
@@ -102,7 +102,7 @@ def batch_loss(model, batch: dict, shards: int = 1) -> tuple[jax.Array, jax.Arra
   h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
                           segment_ids=batch.get("segment_ids"), inputs_embeds=batch.get("inputs_embeds"))
   w, labels = model.head_weight(), batch["labels"]
-  loss = functools.partial(chunked_cross_entropy, chunk=loss_chunk(w.shape[0], model.options.loss_chunk),
+  loss = functools.partial(chunked_cross_entropy, chunk=model.options.loss_chunk,
                            softcap=model.config.final_logit_softcapping)
   if shards == 1:
     return loss(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
