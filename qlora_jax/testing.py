@@ -3,6 +3,8 @@ quantized form (no full-precision weight ever exists), adapters initialised as t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -75,7 +77,8 @@ def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig)
 
 def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0, layout=None) -> CausalLM:
   """A model with random base weights, 4-bit from the start, each variable made by one jitted
-  call straight into its layout (on the default device without one)."""
+  call straight into its layout (on the default device without one); variables of one shape
+  share a compiled maker (an unrolled 8B model compiles a handful, not hundreds)."""
   make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
   graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
   key = jax.random.key(seed)
@@ -83,14 +86,29 @@ def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0, layo
     spec, k = var.get_raw_value(), jax.random.fold_in(key, i)
     if isinstance(var, QuantWeight):
       layers = [n for _, n in variable_names(path, config, options)]
-      # layer j from fold_in(k, j), vmapped over the layers of a stacked weight
-      one = lambda k, j, shape=spec.shape: random_quantized(jax.random.fold_in(k, j), shape, options.quant)  # noqa: E731
-      fn = (lambda k, one=one: one(k, 0)) if layers[0] is None else (
-          lambda k, one=one, n=len(layers): jax.vmap(one, in_axes=(None, 0))(k, jnp.arange(n)))
-    elif path[-2].endswith("norm"):
-      fn = lambda k, spec=spec: jnp.ones(spec.shape, spec.dtype)  # noqa: E731
+      fn = _maker("quantized", spec.shape, None, None if layers[0] is None else len(layers), options.quant)
     else:
-      fn = lambda k, spec=spec: (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype)  # noqa: E731
+      fn = _maker("ones" if path[-2].endswith("norm") else "normal", spec.shape, spec.dtype, None, None)
     out = None if layout is None else layout.value_shardings(var, path, jax.eval_shape(fn, k))
-    var.set_value(jax.jit(fn, out_shardings=out)(k))
+    leaves, treedef = jax.tree.flatten(out)  # hashable: the compiled maker's cache key
+    var.set_value(_jitted(fn, tuple(leaves), treedef)(k))
   return nnx.merge(graphdef, base, init_trainable(rest, seed, placer(layout, rest)))
+
+
+@functools.lru_cache(maxsize=None)
+def _maker(kind: str, shape: tuple, dtype, layers: int | None, quant: QuantConfig | None):
+  """key -> a random variable: 'quantized' (layer j of a stack of `layers` from fold_in(key, j),
+  vmapped), 'ones' (a norm's scale) or 'normal' (0.02 * N(0, 1))."""
+  if kind == "quantized":
+    one = lambda k, j: random_quantized(jax.random.fold_in(k, j), shape, quant)  # noqa: E731
+    if layers is None:
+      return lambda k: one(k, 0)
+    return lambda k: jax.vmap(one, in_axes=(None, 0))(k, jnp.arange(layers))
+  if kind == "ones":
+    return lambda k: jnp.ones(shape, dtype)
+  return lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, out_leaves: tuple, out_treedef):
+  return jax.jit(fn, out_shardings=jax.tree.unflatten(out_treedef, out_leaves))
