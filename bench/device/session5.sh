@@ -14,6 +14,10 @@ case "$1" in
     (cd .work/le && timeout 80 python -m pytest -x -q tests/test_kernels.py -k "lora or decode" > $OUT/le_tests.txt 2>&1; tail -2 $OUT/le_tests.txt)
     timeout 100 python bench/generate.py $B --worker ours:scan 2>/dev/null | grep '^{' | cut -c1-150
     XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true timeout 100 python bench/generate.py $B --worker ours:scan 2>&1 | grep '^{\|Error' | cut -c1-150 ;;
+  ab)  # the A/B alone (a short device budget): patch, main, patch
+    for d in .work/le . .work/le; do
+      (cd $d && SECONDS=0 && timeout 110 python bench/generate.py $B --worker ours:auto 2>>$OUT/le_gen_err.txt | grep '^{' | cut -c1-150; echo "$d ${SECONDS}s")
+    done ;;
   kv)
     bash bench/device/next_session.sh kv ;;
   profile_scan)
