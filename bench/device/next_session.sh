@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
-# Next session's device calls (one H100 unless named; .anchors copied in, carry [".anchors", ".work/kv"]).
-# Issue 28 is what is open: batch-1 generation at <= 3.5 ms a token (4.32 unrolled, 6.42 scanned on
-# 2026-12-06), the decode kernel >= 70% of the copy rate, the training kernels >= 95% of cuBLAS.
+# Next session's device calls (one H100 unless named; carry [".work/le", ".work/kv"], and
+# ".anchors" for h200). Issue 28 is what is open: batch-1 generation at <= 3.5 ms a token (4.32
+# unrolled, 6.42 scanned on 2026-12-06), the decode kernel >= 70% of the copy rate, the training
+# kernels >= 95% of cuBLAS. Build the two patched trees first (both carried):
+#   mkdir -p .work/le .work/kv && git archive HEAD | tar -x -C .work/le \
+#     && (cd .work/le && patch -p1 < ../../bench/device/decode_lora_epilogue.patch) \
+#     && git archive HEAD qlora_jax pallas_kernels bench | tar -x -C .work/kv \
+#     && (cd .work/kv && patch -p1 < ../../bench/device/decode_kv_in_place.patch)
+# A device session can end after one call (2026-12-06: 6 of 30 minutes ran, the rest went to
+# starts that did not come): `all` is that one call, the most telling rows first.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 A="--model llama3-8b --short 8 --long 520 --repeats 3"   # a longer cache: the KV copies grow with it
+row() {  # row DIR WORKER [env...]: one fresh worker's JSON row, cut, with its wall time
+  local d=$1 w=$2; shift 2
+  (cd "$d" && SECONDS=0 && env "$@" timeout 200 python bench/generate.py $A --worker "$w" 2>>$OUT/errors.txt \
+     | grep '^{' | tee -a $OUT/rows.jsonl | cut -c1-150; echo "  ($d $w $* ${SECONDS}s)")
+}
 case "$1" in
+  all)  # ~8 min: main, the LoRA epilogue, the in-place KV cache (unrolled); scanned with and
+        # without XLA's dynamic-slice fusion (the layers' weight slices copied for the decode
+        # kernel's custom call, the suspected 2 ms a token); main again (the call's drift)
+    (cd .work/le && timeout 100 python -m pytest -x -q tests/test_kernels.py -k "lora or decode" > $OUT/le_tests.txt 2>&1; tail -1 $OUT/le_tests.txt)
+    row . ours:auto; row .work/le ours:auto; row .work/kv ours:auto
+    row . ours:scan; row . ours:scan XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
+    row . ours:auto ;;
   kv)  # ~6 min: decode_kv_in_place.patch (each layer's keys/values written into the whole cache in
        # place; branch decode-kv-in-place) against main, unrolled and scanned. .work/kv (carried):
        #   mkdir -p .work/kv && git archive HEAD qlora_jax pallas_kernels bench | tar -x -C .work/kv \
@@ -17,13 +36,6 @@ case "$1" in
        # folding the LoRA B products into the decode kernel's epilogue could save
     timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
     timeout 120 python bench/generate.py $A --rank 0 --worker ours:auto | grep '^{' | cut -c1-160 ;;
-  lora_epilogue)  # ~5 min: decode_lora_epilogue.patch (the decode kernel adds each layer's LoRA
-       # update: no B product launched) on the GPU: its kernel tests, then generation against main.
-       # .work/le (carried): mkdir -p .work/le && git archive HEAD | tar -x -C .work/le \
-       #   && (cd .work/le && patch -p1 < ../../bench/device/decode_lora_epilogue.patch)
-    (cd .work/le && timeout 200 python -m pytest -x -q tests/test_kernels.py -k "lora or decode" 2>&1 | tail -3)
-    timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
-    (cd .work/le && timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160) ;;
   profile_scan)  # ~3 min: where the scanned model's extra 2 ms a token go (the per-layer weight slices
        # copied for the decode kernel's custom call? the profile names the copies)
     timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:scan --profile \
@@ -32,5 +44,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 kv|lora_cost|lora_epilogue|profile_scan|h200"; exit 2 ;;
+  *) echo "usage: $0 all|kv|lora_cost|profile_scan|h200"; exit 2 ;;
 esac
