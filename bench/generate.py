@@ -36,12 +36,18 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _progress(line: str) -> None:
+  """A line on stderr: a worker killed by its timeout still shows how far it got."""
+  print(line, file=sys.stderr, flush=True)
+
+
 def _per_token(run, short: int, long: int, repeats: int) -> tuple[float, float]:
   """(median seconds per generated token, seconds of the first call); run(n) generates n tokens
   (the first call compiles)."""
   t0 = time.perf_counter()
   run(long)
   first = time.perf_counter() - t0
+  _progress(f"first call (compile + {long} tokens) {first:.0f} s")
   pairs = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -65,7 +71,9 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   options = ModelOptions(lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0) if args.rank else None,
                          backend=get_backend("xla" if variant == "xla" else "auto"),
                          scan_layers=variant == "scan")
+  t0 = time.perf_counter()
   model = random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
+  _progress(f"ours:{variant}: random model in {time.perf_counter() - t0:.0f} s; timing")
 
   def run(n):  # one cache length (max_new_tokens) for every run: one compiled step
     for i, _ in enumerate(generate(model, [prompt], SamplingConfig(max_new_tokens=args.long))):
