@@ -221,12 +221,23 @@ def _decode_kernel_gbps(n: int, k: int, config, split) -> float:
 
 
 def tune_decode() -> None:
-  """GB/s of the decode kernel alone per configuration."""
+  """GB/s of the decode kernel alone per configuration and CTAs per SM. One compute warpgroup a
+  CTA with two CTAs an SM gives each warpgroup its own pipeline (code tiles, barriers), the
+  structure docs/kernels.md names for the copy rate, if the SM takes two (shared memory: yes with
+  the narrow table; registers: as Mosaic sets the launch count); a CTA that does not fit fails
+  and the row says why."""
   C = gpu_decode.Config
-  configs = [C(), C(wide_table=False), C(stages=4), C(stages=6), C(cols=64, wide_table=False)]
+  configs = [(C(), 1), (C(wide_table=False), 1), (C(stages=4), 1), (C(cols=64, wide_table=False), 1),
+             (C(compute_wgs=1, wide_table=False), 1), (C(compute_wgs=1, wide_table=False), 2),
+             (C(compute_wgs=1, wide_table=False, stages=4), 2), (C(compute_wgs=1, stages=2), 2)]
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
-    splits = [gpu_decode.split_for(n, k, c, gpu.sm_count(False)) for c in configs]
-    res = [f"{c}: {_decode_kernel_gbps(n, k, c, s):.0f}" for c, s in zip(configs, splits)]
+    res = []
+    for c, per_sm in configs:
+      split = gpu_decode.split_for(n, k, c, per_sm * gpu.sm_count(False))
+      try:
+        res.append(f"{c}, {per_sm} a SM ({split.ctas} CTAs): {_decode_kernel_gbps(n, k, c, split):.0f}")
+      except Exception as e:  # noqa: BLE001  (a configuration that does not fit: say why, go on)
+        res.append(f"{c}, {per_sm} a SM: failed: {str(e).splitlines()[0][:100]}")
     print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)
 
 

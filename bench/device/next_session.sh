@@ -24,6 +24,10 @@ case "$1" in
     row . ours:auto; row .work/le ours:auto; row .work/kv ours:auto
     row . ours:scan; row . ours:scan XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
     row . ours:auto ;;
+  tune_decode)  # ~4 min: the decode kernel alone per configuration, now with one compute warpgroup
+       # a CTA and two CTAs an SM (each warpgroup its own pipeline: the copy-rate lever
+       # docs/kernels.md names); then the generation row again if one wins (set it in config_for)
+    timeout 500 python bench/kernels.py --tune decode 2>&1 | grep -v "^qlora_jax" | tee $OUT/tune_decode.txt ;;
   kv)  # ~6 min: decode_kv_in_place.patch (each layer's keys/values written into the whole cache in
        # place; branch decode-kv-in-place) against main, unrolled and scanned. .work/kv (carried):
        #   mkdir -p .work/kv && git archive HEAD qlora_jax pallas_kernels bench | tar -x -C .work/kv \
@@ -44,5 +48,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 all|kv|lora_cost|profile_scan|h200"; exit 2 ;;
+  *) echo "usage: $0 all|tune_decode|kv|lora_cost|profile_scan|h200"; exit 2 ;;
 esac
