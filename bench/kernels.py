@@ -20,6 +20,7 @@ H100 holds its power cap under such load by lowering its clock, differently for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -220,6 +221,22 @@ def _decode_kernel_gbps(n: int, k: int, config, split) -> float:
   return nbytes / (gpu_ms(fn, x, qws) / copies) / 1e6
 
 
+@contextlib.contextmanager
+def _compute_registers(regs: int | None):
+  """Probe only: Mosaic's warp-specialized pipeline gives one compute warpgroup 256 registers a
+  thread (its rule assumes one CTA holds the SM's whole register file), which keeps a second CTA
+  off the SM; `regs` (with the memory warpgroup's 40: 256 a thread slot, half the file a CTA)
+  overrides that rule while a kernel is traced. None: Mosaic's rule."""
+  from jax._src.pallas.mosaic_gpu import pipeline
+  rule = pipeline._compute_registers
+  if regs is not None:
+    pipeline._compute_registers = lambda memory_registers, num_compute_wgs: regs
+  try:
+    yield
+  finally:
+    pipeline._compute_registers = rule
+
+
 def tune_decode() -> None:
   """GB/s of the decode kernel alone per configuration and CTAs per SM. One compute warpgroup a
   CTA with two CTAs an SM gives each warpgroup its own pipeline (code tiles, barriers), the
@@ -232,12 +249,14 @@ def tune_decode() -> None:
              (C(compute_wgs=1, wide_table=False, stages=4), 2), (C(compute_wgs=1, stages=2), 2)]
   for n, k in [(22016, 8192), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 4096)]:
     res = []
-    for c, per_sm in configs:
+    for (c, per_sm), regs in [(cfg, None) for cfg in configs] + [(configs[5], 216)]:
       split = gpu_decode.split_for(n, k, c, per_sm * gpu.sm_count(False))
+      label = f"{c}, {per_sm} a SM ({split.ctas} CTAs{f', compute registers {regs}' if regs else ''})"
       try:
-        res.append(f"{c}, {per_sm} a SM ({split.ctas} CTAs): {_decode_kernel_gbps(n, k, c, split):.0f}")
+        with _compute_registers(regs):
+          res.append(f"{label}: {_decode_kernel_gbps(n, k, c, split):.0f}")
       except Exception as e:  # noqa: BLE001  (a configuration that does not fit: say why, go on)
-        res.append(f"{c}, {per_sm} a SM: failed: {str(e).splitlines()[0][:100]}")
+        res.append(f"{label}: failed: {str(e).splitlines()[0][:100]}")
     print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)
 
 
