@@ -5,7 +5,7 @@
 # kernels >= 95% of cuBLAS. Build the two patched trees first (both carried):
 #   mkdir -p .work/le .work/kv && git archive HEAD | tar -x -C .work/le \
 #     && (cd .work/le && patch -p1 < ../../bench/device/decode_lora_epilogue.patch) \
-#     && git archive HEAD qlora_jax pallas_kernels bench | tar -x -C .work/kv \
+#     && git archive HEAD | tar -x -C .work/kv \
 #     && (cd .work/kv && patch -p1 < ../../bench/device/decode_kv_in_place.patch)
 # A device session can end after one call (2026-12-06: 6 of 30 minutes ran, the rest went to
 # starts that did not come): `all` is that one call, the most telling rows first.
@@ -21,6 +21,8 @@ case "$1" in
         # without XLA's dynamic-slice fusion (the layers' weight slices copied for the decode
         # kernel's custom call, the suspected 2 ms a token); main again (the call's drift)
     (cd .work/le && timeout 100 python -m pytest -x -q tests/test_kernels.py -k "lora or decode" > $OUT/le_tests.txt 2>&1; tail -1 $OUT/le_tests.txt)
+    # the GPU's compiled decoding chunk: no copy or re-stack of the whole cache (XLA:GPU fuses on its own terms)
+    (cd .work/kv && timeout 100 python -m pytest -x -q tests/test_model.py -k in_place > $OUT/kv_tests.txt 2>&1; tail -1 $OUT/kv_tests.txt)
     row . ours:auto; row .work/le ours:auto; row .work/kv ours:auto
     row . ours:scan; row . ours:scan XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
     row . ours:auto ;;
@@ -30,7 +32,7 @@ case "$1" in
     timeout 500 python bench/kernels.py --tune decode 2>&1 | grep -v "^qlora_jax" | tee $OUT/tune_decode.txt ;;
   kv)  # ~6 min: decode_kv_in_place.patch (each layer's keys/values written into the whole cache in
        # place; branch decode-kv-in-place) against main, unrolled and scanned. .work/kv (carried):
-       #   mkdir -p .work/kv && git archive HEAD qlora_jax pallas_kernels bench | tar -x -C .work/kv \
+       #   mkdir -p .work/kv && git archive HEAD | tar -x -C .work/kv \
        #     && (cd .work/kv && patch -p1 < ../../bench/device/decode_kv_in_place.patch)
     timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160
     (cd .work/kv && timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160)
