@@ -47,6 +47,10 @@ def _announce(policy: str, platform: str) -> None:
   if (policy, platform) in _ANNOUNCED:
     return
   _ANNOUNCED.add((policy, platform))
+  if platform == "gpu" and not _hopper():
+    what = "XLA dequantize + cuBLAS (the Pallas kernels issue wgmma: a Hopper GPU, compute capability 9.0)"
+    print(f"qlora_jax: 4-bit matmul backend {policy!r} on {platform}: {what}", file=sys.stderr, flush=True)
+    return
   what = {
       ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows; for training shapes the "
                        f"fused kernels where the weight's in-features are >= {AUTO_TRAINING_MIN_K} "
@@ -98,14 +102,19 @@ def on_mesh(kernel, a, operands, n_dims, product: str, supported):
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(a, *operands)
 
 
+def _hopper() -> bool:
+  """Whether the GPU kernels can run: they issue wgmma, which needs compute capability 9.0
+  (interpreted on CPU in tests: any)."""
+  return bool(INTERPRET) or gpu.is_hopper()
+
+
 def _one_hopper(sharded: bool) -> bool:
   """Whether 'auto' may take the training kernels: a program on the one device of a Hopper
   machine. Under a mesh, or with several devices visible (arrays may be spread over them
-  without a mesh in scope), XLA's path: the kernels per device are unmeasured on several GPUs,
-  and the wgmma kernels need compute capability 9.0."""
+  without a mesh in scope), XLA's path: the kernels per device are unmeasured on several GPUs."""
   if sharded or jax.device_count() > 1:
     return False
-  return bool(INTERPRET) or gpu.is_hopper()
+  return _hopper()
 
 
 def product_fn(policy: str, product: str):
@@ -121,6 +130,11 @@ def product_fn(policy: str, product: str):
       return fallback(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     n, k = qw.shape
+    if platform == "gpu" and not _hopper():  # an A100, L4, RTX ...: no wgmma
+      if policy == "pallas":
+        raise ValueError("backend 'pallas' runs Hopper kernels (wgmma, compute capability 9.0); this GPU "
+                         f"is {jax.devices()[0].device_kind}: use backend=auto (XLA's path here) or xla")
+      return fallback(a, qw, compute_dtype)
     if platform == "gpu":
       if (not sharded and product == "forward"
           and gpu_decode.unsupported_reason(a.shape[0], qw) is None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gpu import is_hopper
 from pallas_kernels.xla import precision_for
 
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -27,8 +28,10 @@ BLOCK_M, BLOCK_N, BLOCK_K, STEPS, GRID_BLOCK_N = 128, 128, 64, 4, 1
 
 
 def _on_gpu_kernels(*operands) -> bool:
-  return (jax.default_backend() == "gpu" and all(o.dtype in _KERNEL_DTYPES for o in operands)
-          and len({o.dtype for o in operands}) == 1)
+  """Whether JAX's Mosaic GPU ragged kernels take these operands: a Hopper GPU (they issue wgmma;
+  elsewhere XLA's ragged_dot) and one 16-bit dtype."""
+  return (jax.default_backend() == "gpu" and is_hopper()
+          and all(o.dtype in _KERNEL_DTYPES for o in operands) and len({o.dtype for o in operands}) == 1)
 
 
 def _block(dim: int, largest: int) -> int | None:

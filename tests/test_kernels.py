@@ -283,3 +283,26 @@ def test_auto_on_cpu_is_xla(capsys, monkeypatch):
     pytest.skip("CPU dispatch")
   np.testing.assert_array_equal(qmatmul(x, qw, get_backend("auto")), qmatmul(x, qw, get_backend("xla")))
   assert "XLA dequantize + dot" in capsys.readouterr().err
+
+
+def test_a_gpu_without_wgmma_takes_xla_or_says_pallas_needs_hopper(monkeypatch, capsys):
+  """On a GPU before Hopper (an A100, L4, RTX card: no wgmma) 'auto' takes XLA's path for every
+  product, decode-sized ones included, and says so once; 'pallas' refuses with one line naming
+  the GPU and the fix; JAX's Mosaic grouped kernels (MoE) are not taken either."""
+  from pallas_kernels import grouped
+
+  class Ampere:
+    device_kind, compute_capability = "NVIDIA A100-SXM4-80GB", "8.0"
+
+  monkeypatch.setattr(dispatch, "INTERPRET", False)
+  monkeypatch.setattr(dispatch, "_ANNOUNCED", set())
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(dispatch.jax, "devices", lambda *a: [Ampere()])
+  _, qw, x, _ = _fresh((1, 256, 4096), "nf4")
+  auto = jax.make_jaxpr(lambda a: qmatmul(a, qw, get_backend("auto")))(x)
+  assert "pallas_call" not in str(auto) and "dot_general" in str(auto)
+  assert "a Hopper GPU, compute capability 9.0" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="backend 'pallas' runs Hopper kernels.*A100.*backend=auto"):
+    jax.make_jaxpr(lambda a: qmatmul(a, qw, get_backend("pallas")))(x)
+  lhs = jnp.zeros((8, 64), jnp.bfloat16)
+  assert not grouped._on_gpu_kernels(lhs, lhs)
