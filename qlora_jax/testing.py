@@ -78,7 +78,7 @@ def random_quantized(key: jax.Array, shape: tuple[int, ...], quant: QuantConfig)
 def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0, layout=None) -> CausalLM:
   """A model with random base weights, 4-bit from the start, each variable made by one jitted
   call straight into its layout (on the default device without one); variables of one shape
-  share a compiled maker (an unrolled 8B model compiles a handful, not hundreds)."""
+  share a maker, so JAX compiles it once (an unrolled 8B model: a handful, not hundreds)."""
   make = lambda: CausalLM(config, options, rngs=nnx.Rngs(seed))  # noqa: E731
   graphdef, base, rest = nnx.split(nnx.eval_shape(make), nnx.Any(QuantWeight, FrozenParam), ...)
   key = jax.random.key(seed)
@@ -86,29 +86,26 @@ def random_model(config: ModelConfig, options: ModelOptions, seed: int = 0, layo
     spec, k = var.get_raw_value(), jax.random.fold_in(key, i)
     if isinstance(var, QuantWeight):
       layers = [n for _, n in variable_names(path, config, options)]
-      fn = _maker("quantized", spec.shape, None, None if layers[0] is None else len(layers), options.quant)
+      fn = _quantized_maker(spec.shape, None if layers[0] is None else len(layers), options.quant)
     else:
-      fn = _maker("ones" if path[-2].endswith("norm") else "normal", spec.shape, spec.dtype, None, None)
+      fn = _dense_maker(spec.shape, spec.dtype, ones=path[-2].endswith("norm"))
     out = None if layout is None else layout.value_shardings(var, path, jax.eval_shape(fn, k))
-    leaves, treedef = jax.tree.flatten(out)  # hashable: the compiled maker's cache key
-    var.set_value(_jitted(fn, tuple(leaves), treedef)(k))
+    var.set_value(jax.jit(fn, out_shardings=out)(k))
   return nnx.merge(graphdef, base, init_trainable(rest, seed, placer(layout, rest)))
 
 
 @functools.lru_cache(maxsize=None)
-def _maker(kind: str, shape: tuple, dtype, layers: int | None, quant: QuantConfig | None):
-  """key -> a random variable: 'quantized' (layer j of a stack of `layers` from fold_in(key, j),
-  vmapped), 'ones' (a norm's scale) or 'normal' (0.02 * N(0, 1))."""
-  if kind == "quantized":
-    one = lambda k, j: random_quantized(jax.random.fold_in(k, j), shape, quant)  # noqa: E731
-    if layers is None:
-      return lambda k: one(k, 0)
-    return lambda k: jax.vmap(one, in_axes=(None, 0))(k, jnp.arange(layers))
-  if kind == "ones":
-    return lambda k: jnp.ones(shape, dtype)
-  return lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+def _quantized_maker(shape: tuple, layers: int | None, quant: QuantConfig):
+  """key -> a random 4-bit weight; a stack of `layers`: layer j from fold_in(key, j), vmapped."""
+  one = lambda k, j: random_quantized(jax.random.fold_in(k, j), shape, quant)  # noqa: E731
+  if layers is None:
+    return lambda k: one(k, 0)
+  return lambda k: jax.vmap(one, in_axes=(None, 0))(k, jnp.arange(layers))
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(fn, out_leaves: tuple, out_treedef):
-  return jax.jit(fn, out_shardings=jax.tree.unflatten(out_treedef, out_leaves))
+def _dense_maker(shape: tuple, dtype, *, ones: bool):
+  """key -> a norm's scale (ones) or a dense weight (0.02 * N(0, 1))."""
+  if ones:
+    return lambda k: jnp.ones(shape, dtype)
+  return lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
