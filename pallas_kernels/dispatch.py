@@ -47,10 +47,6 @@ def _announce(policy: str, platform: str) -> None:
   if (policy, platform) in _ANNOUNCED:
     return
   _ANNOUNCED.add((policy, platform))
-  if platform == "gpu" and not _hopper():
-    what = "XLA dequantize + cuBLAS (the Pallas kernels issue wgmma: a Hopper GPU, compute capability 9.0)"
-    print(f"qlora_jax: 4-bit matmul backend {policy!r} on {platform}: {what}", file=sys.stderr, flush=True)
-    return
   what = {
       ("auto", "gpu"): "Pallas Mosaic GPU decode kernel for <= 64 rows; for training shapes the "
                        f"fused kernels where the weight's in-features are >= {AUTO_TRAINING_MIN_K} "
@@ -108,13 +104,26 @@ def _hopper() -> bool:
   return bool(INTERPRET) or gpu.is_hopper()
 
 
-def _one_hopper(sharded: bool) -> bool:
-  """Whether 'auto' may take the training kernels: a program on the one device of a Hopper
-  machine. Under a mesh, or with several devices visible (arrays may be spread over them
+PRE_HOPPER = "gpu before Hopper (no wgmma: compute capability < 9.0)"
+
+
+def _platform(policy: str) -> str:
+  """JAX's backend, where a GPU without wgmma (an A100, L4, RTX card) is PRE_HOPPER: a platform
+  with no Pallas kernels, XLA's path for every product ('pallas' refuses it)."""
+  platform = jax.default_backend()
+  if platform != "gpu" or _hopper():
+    return platform
+  if policy == "pallas":
+    raise ValueError(f"backend 'pallas' runs Hopper kernels (wgmma); this GPU is "
+                     f"{jax.devices()[0].device_kind}: use backend=auto (XLA's path here) or xla")
+  return PRE_HOPPER
+
+
+def _one_device(sharded: bool) -> bool:
+  """Whether 'auto' may take the training kernels (on a Hopper GPU): a program on the machine's
+  one device. Under a mesh, or with several devices visible (arrays may be spread over them
   without a mesh in scope), XLA's path: the kernels per device are unmeasured on several GPUs."""
-  if sharded or jax.device_count() > 1:
-    return False
-  return _hopper()
+  return not sharded and jax.device_count() == 1
 
 
 def product_fn(policy: str, product: str):
@@ -122,7 +131,7 @@ def product_fn(policy: str, product: str):
   fallback = getattr(xla, product)
 
   def run(a, qw: QuantizedArray, compute_dtype):
-    platform = jax.default_backend()
+    platform = _platform(policy)
     _announce(policy, platform)
     sharded = jax.sharding.get_abstract_mesh().size > 1
     if (not isinstance(qw, QuantizedArray) or len(qw.shape) != 2
@@ -130,16 +139,11 @@ def product_fn(policy: str, product: str):
       return fallback(a, qw, compute_dtype)
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     n, k = qw.shape
-    if platform == "gpu" and not _hopper():  # an A100, L4, RTX ...: no wgmma
-      if policy == "pallas":
-        raise ValueError("backend 'pallas' runs Hopper kernels (wgmma, compute capability 9.0); this GPU "
-                         f"is {jax.devices()[0].device_kind}: use backend=auto (XLA's path here) or xla")
-      return fallback(a, qw, compute_dtype)
     if platform == "gpu":
       if (not sharded and product == "forward"
           and gpu_decode.unsupported_reason(a.shape[0], qw) is None):
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
-      wanted = policy == "pallas" or (k >= AUTO_TRAINING_MIN_K and _one_hopper(sharded))
+      wanted = policy == "pallas" or (k >= AUTO_TRAINING_MIN_K and _one_device(sharded))
       if wanted and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):
         kernel = lambda a, codes, sc: getattr(gpu_matmul, product)(  # noqa: E731
             a, codes, sc, table=table, interpret=INTERPRET)
