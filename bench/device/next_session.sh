@@ -30,18 +30,11 @@ case "$1" in
        # a CTA and two CTAs an SM (each warpgroup its own pipeline: the copy-rate lever
        # docs/kernels.md names); then the generation row again if one wins (set it in config_for)
     timeout 500 python bench/kernels.py --tune decode 2>&1 | grep -v "^qlora_jax" | tee $OUT/tune_decode.txt ;;
-  kv)  # ~6 min: decode_kv_in_place.patch (each layer's keys/values written into the whole cache in
-       # place; branch decode-kv-in-place) against main, unrolled and scanned. .work/kv (carried):
-       #   mkdir -p .work/kv && git archive HEAD | tar -x -C .work/kv \
-       #     && (cd .work/kv && patch -p1 < ../../bench/device/decode_kv_in_place.patch)
-    timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160
-    (cd .work/kv && timeout 150 python bench/generate.py $A --worker ours:scan | grep '^{' | cut -c1-160)
-    timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
-    (cd .work/kv && timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160) ;;
-  lora_cost)  # ~3 min: what the adapters cost a token (unrolled, r=64 against none): the most that
-       # folding the LoRA B products into the decode kernel's epilogue could save
-    timeout 120 python bench/generate.py $A --worker ours:auto | grep '^{' | cut -c1-160
-    timeout 120 python bench/generate.py $A --rank 0 --worker ours:auto | grep '^{' | cut -c1-160 ;;
+  kv)  # ~3 min: the in-place KV cache scanned (`all` times it unrolled)
+    row . ours:scan; row .work/kv ours:scan ;;
+  lora_cost)  # ~2 min: what the adapters cost a token (unrolled, r=64 against none): the most that
+       # folding the LoRA B products into the decode kernel could save
+    row . ours:auto; A="$A --rank 0" row . ours:auto ;;
   profile_scan)  # ~3 min: where the scanned model's extra 2 ms a token go (the per-layer weight slices
        # copied for the decode kernel's custom call? the profile names the copies)
     timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:scan --profile \
