@@ -31,6 +31,8 @@ class Backend:
   name: str
   forward: MatmulFn
   backward: MatmulFn
+  # (fuses, forward) of a forward product that adds a LoRA update (dispatch.lora_fusion), or None
+  lora_fusion: tuple | None = None
 
   def __repr__(self) -> str:
     return f"Backend({self.name!r})"
@@ -39,7 +41,7 @@ class Backend:
 _BACKENDS = {
     "xla": Backend("xla", xla.forward, xla.backward),
     **{policy: Backend(policy, dispatch.product_fn(policy, "forward"),
-                      dispatch.product_fn(policy, "backward"))
+                      dispatch.product_fn(policy, "backward"), dispatch.lora_fusion(policy))
        for policy in dispatch.POLICIES},
 }
 NAMES: tuple[str, ...] = tuple(_BACKENDS)

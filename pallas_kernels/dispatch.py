@@ -26,6 +26,7 @@ products take XLA's path.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -119,11 +120,35 @@ def _platform(policy: str) -> str:
   return PRE_HOPPER
 
 
+def _decodes(policy: str, rows: int, qw, compute_dtype, lora_rank: int = 0) -> bool:
+  """Whether x [rows, K] @ qw^T (+ a rank-`lora_rank` LoRA update) takes the decode kernel, under
+  either policy: a Hopper GPU, no mesh (the kernel reads the whole stored weight), a 2-D weight
+  in bf16 compute, a size and rank it covers."""
+  return (_platform(policy) == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
+          and isinstance(qw, QuantizedArray) and len(qw.shape) == 2
+          and jnp.dtype(compute_dtype) == jnp.bfloat16
+          and gpu_decode.unsupported_reason(rows, qw, lora_rank) is None)
+
+
 def _one_device(sharded: bool) -> bool:
   """Whether 'auto' may take the training kernels (on a Hopper GPU): a program on the machine's
   one device. Under a mesh, or with several devices visible (arrays may be spread over them
   without a mesh in scope), XLA's path: the kernels per device are unmeasured on several GPUs."""
   return not sharded and jax.device_count() == 1
+
+
+def lora_fusion(policy: str) -> tuple:
+  """(fuses, forward) of the decode kernel's LoRA update:
+
+    fuses(rows, qw, compute_dtype, rank) -> bool: whether x [rows, K] @ qw^T + a rank-`rank`
+      update takes the decode kernel (a Hopper GPU, one device, bf16 compute, a decode-sized x,
+      a weight and rank it covers)
+    forward(x, qw, h, b) -> x @ dequant(qw)^T + h @ b, float32: one kernel, where the layer
+      would otherwise launch the LoRA B product and its add after the kernel."""
+  def forward(x, qw: QuantizedArray, h, b):
+    return gpu_decode.decode(x.astype(jnp.bfloat16), qw, (h, b), interpret=INTERPRET)
+
+  return functools.partial(_decodes, policy), forward
 
 
 def product_fn(policy: str, product: str):
@@ -140,8 +165,7 @@ def product_fn(policy: str, product: str):
     a, table = a.astype(jnp.bfloat16), layout.codebook(qw.quant_type)
     n, k = qw.shape
     if platform == "gpu":
-      if (not sharded and product == "forward"
-          and gpu_decode.unsupported_reason(a.shape[0], qw) is None):
+      if product == "forward" and _decodes(policy, a.shape[0], qw, compute_dtype):
         return gpu_decode.decode(a, qw, interpret=INTERPRET)
       wanted = policy == "pallas" or (k >= AUTO_TRAINING_MIN_K and _one_device(sharded))
       if wanted and layout.unsupported_reason(qw) is None and gpu_matmul.supported(n, k):

@@ -23,14 +23,14 @@ the scales.
 
 Warp-specialized: one warpgroup issues the TMA copies (x's tile and a [128, 32 * blocks]-byte code
 tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a step widens all its
-blocks, then scales them and issues their wgmmas. Persistent and stream-K (`Split`): one CTA per SM
-loads the tables once, then runs one pipeline over an equal share of the (row tile, step of K)
-pairs, storing its accumulator after each row tile it touches; the wrapper combines the stores.
+blocks, then scales them and issues their wgmmas. Persistent and stream-K (gpu_decode_plan.Split):
+one CTA per SM loads the tables once, then runs one pipeline over an equal share of the (row tile,
+step of K) pairs, storing its accumulator after each row tile it touches; the wrapper combines the
+stores.
 Measured in docs/kernels.md."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -46,26 +46,16 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from pallas_kernels.gpu import (address, interpret_params, interpret_staging, register_wgmma,
                                  sm_count, swizzled)
+from pallas_kernels.gpu_decode_plan import (  # noqa: F401  (MAX_ROWS, SMEM_LIMIT: gpu_decode's API)
+    MAX_ROWS, SMEM_LIMIT, Config, Split, config_for, out_columns, smem_bytes, split_for,
+    unsupported_reason)
 from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.codebooks import NESTED_BLOCKSIZE as NESTED
 from qlora_jax.format.ieee import rounded
 from qlora_jax.format.quantization import QuantizedArray
 
-MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Activation rows per CTA (wgmma N: x is padded to it), compute warpgroups per CTA, pipeline
-  depth, blocks a step, the table's layout."""
-
-  cols: int = 16
-  compute_wgs: int = 2
-  stages: int = 3  # pipeline depth: the best measured on H100 (docs/kernels.md)
-  blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
-  wide_table: bool = True  # gpu_widen.pair_table(wide=True): one byte permute per lookup address
 
 
 def _row_asm(rows_fas, operands, asm: str, constraints: str, types) -> tuple:
@@ -176,74 +166,22 @@ def absmax_operands(qw: QuantizedArray) -> tuple:
   return qw.absmax.astype(jnp.float32), ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """How the work is dealt (stream-K): the (row tile, step of K) pairs in row-major order, `per_cta`
-  consecutive ones to each of `ctas` CTAs (the last CTA's share may run past the end: those steps
-  repeat the last pair's copies and are never stored). A CTA's accumulator runs on across the row
-  tiles it touches; after each one's last step it is stored, cumulative, as segment tile -
-  first_tile(cta) of that CTA, so a tile's part is the difference of consecutive segments (float32:
-  off by ~2^-24 of the running sum), and a tile split between CTAs is the sum of their parts
-  (`combine`)."""
-
-  ctas: int
-  per_cta: int
-  tile_steps: int  # steps of K per row tile
-  tiles: int
-
-  @property
-  def total(self) -> int:
-    return self.tiles * self.tile_steps
-
-  def first_tile(self, cta):
-    return cta * self.per_cta // self.tile_steps
-
-  def last_tile(self, cta):
-    return (np.minimum((cta + 1) * self.per_cta, self.total) - 1) // self.tile_steps
-
-  def first_cta(self, tile):
-    return tile * self.tile_steps // self.per_cta
-
-  def last_cta(self, tile):
-    return ((tile + 1) * self.tile_steps - 1) // self.per_cta
-
-  @property
-  def segments(self) -> int:  # row tiles a CTA touches, at most
-    c = np.arange(self.ctas)
-    return int(np.max(self.last_tile(c) - self.first_tile(c))) + 1
-
-  def combine(self, stored):
-    """[tiles, ...] from the kernel's stored segments [ctas, segments, ...] (those a CTA did not
-    reach are unwritten: never read)."""
-    parts = stored - jnp.concatenate([jnp.zeros_like(stored[:, :1]), stored[:, :-1]], 1)
-    t = np.arange(self.tiles)
-    first, last = self.first_cta(t), self.last_cta(t)
-    cta = first + np.arange(np.max(last - first) + 1)[:, None]  # [slots, tiles]
-    real = cta <= last
-    cta = np.minimum(cta, last)
-    parts = parts[cta, t - self.first_tile(cta)]  # [slots, tiles, ...]
-    real = real.reshape(real.shape + (1,) * (parts.ndim - 2))
-    return jnp.where(real, parts, 0).sum(0)
-
-
-def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
-  """The fewest steps a CTA (at most one CTA per SM), then as few CTAs as take them all."""
-  tiles, tile_steps = n // (config.compute_wgs * ROWS), k // (BLOCK * config.blocks)
-  per_cta = -(-tiles * tile_steps // ctas)
-  return Split(ctas=-(-tiles * tile_steps // per_cta), per_cta=per_cta, tile_steps=tile_steps,
-               tiles=tiles)
-
-
-def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out_cols: int,
-          interpret: bool):
+def _call(x, codes, absmax, dq, lut, lora=(), *, table, config: Config, split: Split,
+          out_cols: int, interpret: bool):
   """Segments [split.ctas * split.segments * 128, out_cols] f32 (see Split): CTA c's
   accumulator after its last step in row tile split.first_tile(c) + i is segment i.
 
   absmax: bitsandbytes' flat absmax array (uint8 codes with dq = (qmap [256], nested, offset
   [1]), or float32 with dq = ()). Persistent: one CTA per SM loads the tables once, then runs one
   pipeline over its `split.per_cta` steps; each time a row tile's last step (or the CTA's last)
-  is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step)."""
+  is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
+
+  lora: () or (h [cols, R] bf16, b [R, N] bf16), R a multiple of BLOCK: the CTA that runs a row
+  tile's first step of K also adds b[:, rows]^T @ h^T to it (a LoRA update, h = x @ A * scaling),
+  one more wgmma per BLOCK of R after the step's blocks, its b tile copied to shared memory
+  while they are widened."""
   (cols, k), cta_rows = x.shape, config.compute_wgs * ROWS
+  lora_r = lora[1].shape[0] if lora else 0
   step_k, steps = BLOCK * config.blocks, split.per_cta
 
   def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
@@ -267,12 +205,19 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
 
   def kernel(x_gmem, codes_gmem, absmax_gmem, lut_gmem, *rest):
     if dq:
-      qmap_gmem, nested_gmem, offset_gmem, out_gmem, lut_smem, qmap_smem, *rest = rest
+      qmap_gmem, nested_gmem, offset_gmem, *rest = rest
+    if lora:
+      h_gmem, b_gmem, *rest = rest
+    if dq:
+      out_gmem, lut_smem, qmap_smem, *rest = rest
       dq_refs = (qmap_smem, nested_gmem)  # the offset is loaded once (_load_offset)
     else:
       out_gmem, lut_smem, *rest = rest
       dq_refs = ()
-    lut_barrier, qmap_barrier, out_smem, *staging = rest
+    lut_barrier, qmap_barrier, out_smem, *rest = rest
+    if lora:
+      h_smem, b_smem, h_barrier, b_barrier, *rest = rest
+    staging = rest
     wg = lax.axis_index("wg")
     my_rows = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
 
@@ -281,10 +226,14 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
       plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, lut_barrier)
       if dq:
         plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
+      if lora:
+        plgpu.copy_gmem_to_smem(h_gmem, h_smem, h_barrier)
 
     plgpu.barrier_wait(lut_barrier)
     if dq:
       plgpu.barrier_wait(qmap_barrier)
+    if lora:
+      plgpu.barrier_wait(h_barrier)
 
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                   layout=None if interpret else ROW)
@@ -298,6 +247,21 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
     def multiply(acc_ref, w, x_smem, b):
       register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
                      interpret=interpret)
+
+    def fetch_lora(tile):  # b[:, this warpgroup's rows of `tile`] to shared memory (async)
+      plgpu.copy_gmem_to_smem(b_gmem.at[:, pl.ds(tile * cta_rows + wg * ROWS, ROWS)],
+                              b_smem.at[wg], b_barrier.at[wg])
+
+    def add_lora(acc_ref):  # acc += the fetched b tile^T @ h^T
+      plgpu.barrier_wait(b_barrier.at[wg])
+      for c in range(lora_r // BLOCK):
+        b_c = b_smem.at[wg, pl.ds(c * BLOCK, BLOCK), :]  # [BLOCK, 64 rows]
+        h_c = h_smem.at[:, pl.ds(c * BLOCK, BLOCK)]
+        if interpret:  # the interpreter reads no transposed ref: b^T as a register array
+          register_wgmma(acc_ref, b_c[...].T, h_c, wg=wg, staging=staging, interpret=True)
+        else:
+          plgpu.wgmma(acc_ref, b_c.transpose((1, 0)), h_c.transpose((1, 0)))
+      plgpu.wgmma_wait(0)
 
     def store(acc, tile):  # this CTA's accumulator after row tile `tile`
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has read out_smem
@@ -314,6 +278,12 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
       # intact until the wait.
       acc_ref, loaded = carry
       s = indices[0]
+      tile, k_step = position(s)
+      # a row tile's LoRA update, once: by the CTA that runs its first step of K, its b tile
+      # fetched now and used after this step's blocks (the copy under their widening)
+      adds_lora = (k_step == 0) & (global_step(s) < split.total)
+      if lora:
+        pl.when(adds_lora)(lambda: fetch_lora(tile))
       loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
       scales = _decode_scales(loaded, dq_refs, config.blocks, offset=offset,
                               hints=not interpret)
@@ -322,7 +292,8 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
       for b, (v, scale) in enumerate(zip(values, scales)):
         multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
       plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
-      tile, k_step = position(s)
+      if lora:
+        pl.when(adds_lora)(lambda: add_lora(acc_ref))
 
       @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1))
                & (global_step(s) < split.total))
@@ -349,52 +320,52 @@ def _call(x, codes, absmax, dq, lut, *, table, config: Config, split: Split, out
                      *([plgpu.SMEM((256,), jnp.float32)] if dq else []),
                      plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                      plgpu.SMEM((config.compute_wgs, ROWS, out_cols), jnp.float32),
+                     *([plgpu.SMEM((cols, lora_r), jnp.bfloat16,
+                                   transforms=swizzled(BLOCK, jnp.bfloat16)),
+                        plgpu.SMEM((config.compute_wgs, lora_r, ROWS), jnp.bfloat16,
+                                   transforms=swizzled(ROWS, jnp.bfloat16)),
+                        plgpu.Barrier(num_arrivals=1),
+                        plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
+                       if lora else []),
                      *interpret_staging(config.compute_wgs, ROWS, BLOCK, cols, interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  return call(x, codes, absmax, lut, *dq)
-
-
-def config_for(m: int, k: int) -> Config:
-  """x padded to 16, 32 or 64 rows; as many blocks a step as K and shared memory allow."""
-  cols = 16 if m <= 16 else 32 if m <= 32 else MAX_ROWS
-  blocks = next(b for b in (4, 2, 1) if k % (BLOCK * b) == 0)
-  # the wide table (32 KB more) fits beside x's 16- and 32-row tiles, not its 64-row ones
-  return Config(cols=cols, blocks=blocks, wide_table=cols < MAX_ROWS)
-
-
-def unsupported_reason(m: int, qw: QuantizedArray) -> str | None:
-  """Why decode cannot take x [m, K] @ qw^T (None if it can)."""
-  if len(qw.shape) != 2:
-    return f"weight of rank {len(qw.shape)} (decode takes [N, K])"
-  n, k = qw.shape
-  if m > MAX_ROWS or n % (Config.compute_wgs * ROWS) or k % BLOCK:
-    return (f"decode takes at most {MAX_ROWS} rows, N divisible by {Config.compute_wgs * ROWS} "
-            f"and K by {BLOCK}; got x [{m}, {k}], W [{n}, {k}]")
-  if qw.blocksize != BLOCK or (qw.double_quant and qw.nested_blocksize != NESTED):
-    return (f"decode takes blocks of {BLOCK} (nested blocks of {NESTED}); got "
-            f"{qw.blocksize} ({qw.nested_blocksize})")
-  return None
+  return call(x, codes, absmax, lut, *dq, *lora)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def decode(x_MxK, qw: QuantizedArray, *, config: Config | None = None, interpret: bool = False):
-  """Y [M, N] f32 = x @ dequant(qw)^T for M <= MAX_ROWS, reading bitsandbytes' stored arrays as they
-  are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the kernel. config:
-  None picks config_for(M, K)."""
+def decode(x_MxK, qw: QuantizedArray, lora=None, *, config: Config | None = None,
+           interpret: bool = False):
+  """Y [M, N] f32 = x @ dequant(qw)^T (+ h @ b) for M <= MAX_ROWS, reading bitsandbytes' stored
+  arrays as they are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the
+  kernel. lora: None, or (h [M, r], b [r, N]) whose product the kernel adds (a LoRA update with
+  its scaling in h; bf16 operands, float32 accumulation with the base product). config: None
+  picks config_for(M, K)."""
   (m, k), n = x_MxK.shape, qw.shape[0]
-  if (reason := unsupported_reason(m, qw)) is not None:
+  lora_rank = 0 if lora is None else lora[1].shape[0]
+  if lora is not None and (lora[0].shape != (m, lora_rank) or lora[1].shape[1] != n):
+    raise ValueError(f"a LoRA update (h {lora[0].shape}, b {lora[1].shape}) for x [{m}, {k}] @ W^T "
+                     f"[{k}, {n}] needs h [{m}, r] and b [r, {n}]")
+  if (reason := unsupported_reason(m, qw, lora_rank)) is not None:
     raise ValueError(reason)
-  config = config or config_for(m, k)
+  config = config or config_for(m, k, lora_rank)
   if m > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
+  if (need := smem_bytes(config, m, lora_rank, qw.double_quant)) > SMEM_LIMIT:
+    raise ValueError(f"{config} for x [{m}, {k}] (LoRA rank {lora_rank}) needs {need} bytes of "
+                     f"shared memory (a CTA holds at most {SMEM_LIMIT})")
   x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
-  split, out_cols = split_for(n, k, config, sm_count(interpret)), -(-m // 8) * 8
+  split, out_cols = split_for(n, k, config, sm_count(interpret)), out_columns(m)
   table = codebook(qw.quant_type)
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
-  parts = _call(x, qw.codes.reshape(n, k // 2), *absmax_operands(qw), lut, table=table,
+  if lora is not None:
+    h, b = lora
+    r = -(-h.shape[-1] // BLOCK) * BLOCK  # the rank in whole blocks: zero columns of h, rows of b
+    lora = (pad_rows(jnp.pad(h.astype(jnp.bfloat16), ((0, 0), (0, r - h.shape[-1]))), config.cols),
+            jnp.pad(b.astype(jnp.bfloat16), ((0, r - b.shape[0]), (0, 0))))
+  parts = _call(x, qw.codes.reshape(n, k // 2), *absmax_operands(qw), lut, lora or (), table=table,
                 config=config, split=split, out_cols=out_cols, interpret=interpret)
   tiles = split.combine(parts.reshape(split.ctas, split.segments, -1, out_cols))
   return tiles.reshape(n, out_cols)[:, :m].T

@@ -41,9 +41,19 @@ def compute_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype) -> j
   is the float32-result one, so there the result is rounded after: the same numbers either way.
   """
   cd = jnp.dtype(compute_dtype)
-  if jax.default_backend() == "gpu" and math.prod(a.shape[:-1]) == 1:
+  if jax.default_backend() == "gpu" and math.prod(a.shape[:-1]) == 1 and _keeps_rows(subscripts):
     return one_row_dot(subscripts, a, b, cd)
   return _einsum(subscripts, a, b, cd)
+
+
+def _keeps_rows(subscripts: str) -> bool:
+  """Whether a's row axes (all but its last) are axes of the result: one_row_dot's broadcast
+  rows then stay apart (contracted, as in h^T @ dy, they would be summed 8 times)."""
+  inputs, out = subscripts.replace(" ", "").split("->")
+  rows = inputs.split(",")[0]
+  rows = rows[:-1] if not rows.endswith("...") else rows[:-3]
+  ellipsis = "..." in rows
+  return all(c in out for c in rows.replace("...", "")) and (not ellipsis or "..." in out)
 
 
 def _einsum(subscripts: str, a: jax.Array, b: jax.Array, cd: jnp.dtype) -> jax.Array:

@@ -16,6 +16,7 @@ import pytest
 
 from pallas_kernels import dispatch, gpu, gpu_decode, gpu_matmul, gpu_widen, layout, tpu
 from pallas_kernels.backends import get_backend
+from pallas_kernels.xla import compute_dot
 from qlora_jax.nn.qmatmul import qmatmul
 from qlora_jax.format.quantization import dequantize, quantize, scales, unpack
 
@@ -306,3 +307,92 @@ def test_a_gpu_without_wgmma_takes_xla_or_says_pallas_needs_hopper(monkeypatch, 
     jax.make_jaxpr(lambda a: qmatmul(a, qw, get_backend("pallas")))(x)
   lhs = jnp.zeros((8, 64), jnp.bfloat16)
   assert not grouped._on_gpu_kernels(lhs, lhs)
+
+
+@pytest.mark.parametrize("rows, rank", [(1, 64), (20, 80), (64, 64)])  # 80: two blocks, one padded
+def test_gpu_decode_adds_a_lora_update(rows, rank):
+  """The decode kernel with a LoRA update: x @ W^T + h @ b, the update added by the CTA that runs
+  each row tile's first step (384 x 768 on CPU: tiles split between CTAs)."""
+  n, k = (4096, 4096) if ON_GPU else (384, 768)
+  seed, qw, x, _ = _fresh((rows, n, k), "nf4")
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.standard_normal((rows, rank)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16)
+  y = gpu_decode.decode(x, qw, (h, b), interpret=not ON_GPU)
+  update = jnp.einsum("mr,rn->mn", h, b, preferred_element_type=jnp.float32)
+  _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
+  _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
+
+
+@pytest.mark.parametrize("tokens", [3, 1])  # 1: one row (compute_dot's one-row path on a GPU)
+def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, tokens):
+  """A QLoRA layer (with a bias, scaling 1.5) at decoding size on a GPU ('auto'): the LoRA update
+  goes into the decode kernel (no separate B product); output and gradients (x, A, B) equal
+  XLA's unfused layer."""
+  from flax import nnx
+  import qlora_jax as q
+
+  monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
+  n, k, r = (4096, 4096, 64) if ON_GPU else (256, 640, 16)
+  w = jax.random.normal(jax.random.key(0), (n, k)) * 0.05
+  g = jax.random.normal(jax.random.key(9), (1, tokens, n))
+  x = jax.random.normal(jax.random.key(5), (1, tokens, k), jnp.float32)
+  bias = jax.random.normal(jax.random.key(7), (n,)) * 0.1
+
+  def run(backend):
+    layer = q.QLoRALinear.from_quantized(q.quantize(w), q.LoraConfig(rank=r, alpha=1.5 * r),
+                                         bias=bias, backend=get_backend(backend), rngs=nnx.Rngs(2))
+    layer.lora_b[...] = jax.random.normal(jax.random.key(3), (r, n)) * 0.1
+    graphdef, lora, rest = nnx.split(layer, nnx.LoRAParam, ...)
+
+    def forward(lora, x):
+      return nnx.merge(graphdef, lora, rest)(x)
+
+    def loss(lora, x):
+      return jnp.sum(forward(lora, x).astype(jnp.float32) * g)
+
+    text = str(jax.make_jaxpr(forward)(lora, x))
+    return jax.jit(forward)(lora, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(lora, x), text
+
+  with monkeypatch.context() as m:
+    m.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    y, (d_state, dx), text = run("auto")
+  assert "pallas_call" in text or "wgmma" in text
+  assert text.count("dot_general") == 1  # the A product only: B's is in the kernel
+  y_ref, (d_ref, dx_ref), _ = run("xla")
+  _check(y, y_ref, 0, DECODE_TOL + BF16_TOL)
+  _check(dx, dx_ref, 0, BF16_TOL)
+  for name in ("lora_a", "lora_b"):
+    _check(d_state[name][...], d_ref[name][...], 0, BF16_TOL)
+
+
+def test_gpu_decode_config_fits_shared_memory_or_is_refused():
+  """config_for picks a pipeline and table within Hopper's shared memory for every decode size
+  and LoRA rank (Mosaic GPU counted 238,680 bytes for x [64, K], a rank-64 update, three steps in
+  flight and the narrow table: over, the error this accounting prevents); a rank that cannot fit
+  is refused with the bytes it needs, and fuses_lora then keeps the unfused layer."""
+  assert gpu_decode.smem_bytes(gpu_decode.Config(cols=64, wide_table=False, stages=3), 64, 64) == 238680
+  for rows in (1, 16, 17, 32, 33, 64):
+    for k in (4096, 640, 192):  # the measured defaults without LoRA: 3 steps, wide table to 32 rows
+      config = gpu_decode.config_for(rows, k)
+      assert (config.stages, config.wide_table) == (gpu_decode.Config.stages, rows <= 32), (rows, k)
+    for rank in (0, 8, 64, 80, 128):
+      config = gpu_decode.config_for(rows, 4096, rank)
+      assert gpu_decode.smem_bytes(config, rows, rank) <= gpu_decode.SMEM_LIMIT, (rows, rank, config)
+  _, qw, _, _ = _fresh((1, 256, 4096), "nf4")
+  assert gpu_decode.unsupported_reason(64, qw, 64) is None
+  assert "bytes of shared memory" in gpu_decode.unsupported_reason(64, qw, 256)
+
+
+def test_compute_dot_one_row_path_keeps_contracted_rows_summed(monkeypatch):
+  """compute_dot's one-row path (a GPU's batch-1 products) broadcasts the row to 8 and keeps the
+  first: right only where the row axis is in the result. h^T @ dy for one row (a LoRA B
+  gradient) contracts it, so it takes the plain product: the same numbers as einsum."""
+  h = jax.random.normal(jax.random.key(0), (1, 16), jnp.float32)
+  dy = jax.random.normal(jax.random.key(1), (1, 24), jnp.float32)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  db = compute_dot("mr,mn->rn", h, dy, jnp.bfloat16)
+  monkeypatch.undo()
+  ref = np.einsum("mr,mn->rn", np.asarray(h.astype(jnp.bfloat16), np.float64),
+                  np.asarray(dy.astype(jnp.bfloat16), np.float64))
+  np.testing.assert_allclose(np.asarray(db, np.float64), ref, rtol=1e-2, atol=1e-2)

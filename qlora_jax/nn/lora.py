@@ -20,7 +20,7 @@ from flax import nnx
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import compute_dot
 from qlora_jax.nn.families import LINEAR_NAMES
-from qlora_jax.nn.qmatmul import check_backend, qmatmul
+from qlora_jax.nn.qmatmul import check_backend, fuses_lora, qmatmul, qmatmul_lora
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
 from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
 
@@ -110,7 +110,15 @@ class QLoRALinear(nnx.Module):
   def __call__(self, x_BxK: jax.Array) -> jax.Array:
     """[..., in] -> [..., out], in x's dtype."""
     cd = jnp.dtype(self.compute_dtype)
-    y = qmatmul(x_BxK, self.weight.get_value(), self.backend, cd)
+    qw = self.weight.get_value()
+    if self.lora is not None and fuses_lora(x_BxK, qw, self.lora_a.shape[-1], self.backend, cd):
+      # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
+      # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
+      # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
+      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd) * self.lora.scaling
+      y = qmatmul_lora(x_BxK, h_BxR.astype(cd), qw, self.lora_b[...], self.backend, cd).astype(cd)
+      return (y if self.bias is None else y + self.bias[...].astype(cd)).astype(x_BxK.dtype)
+    y = qmatmul(x_BxK, qw, self.backend, cd)
     if self.lora is not None:
       h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
       y = y + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling

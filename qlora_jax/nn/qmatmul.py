@@ -8,11 +8,13 @@ backward. Which code computes the two products is a `Backend` (pallas_kernels.ba
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backends import DEFAULT, Backend, MatmulFn, get_backend
+from pallas_kernels.xla import compute_dot
 from qlora_jax.format.quantization import QuantizedArray
 
 
@@ -57,3 +59,42 @@ def _qmatmul_bwd(backend, compute_dtype, x_dtype, qw, dy):
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def fuses_lora(x: jax.Array, qw: QuantizedArray, rank: int, backend: Backend, compute_dtype) -> bool:
+  """Whether qmatmul_lora can take x [..., K] @ qw^T with a rank-`rank` LoRA update in one
+  product."""
+  rows = math.prod(x.shape[:-1])
+  return backend.lora_fusion is not None and backend.lora_fusion[0](rows, qw, compute_dtype, rank)
+
+
+def qmatmul_lora(x: jax.Array, h: jax.Array, qw: QuantizedArray, b: jax.Array, backend: Backend,
+                 compute_dtype=jnp.bfloat16) -> jax.Array:
+  """y [..., N] = x @ dequant(qw)^T + h [..., r] @ b [r, N] as one product (where fuses_lora
+  says so): both accumulated in float32, rounded once to compute_dtype. Differentiable in x, h
+  and b: dx = dy @ dequant(qw), dh = dy @ b^T, db = h^T dy."""
+  return _qmatmul_lora(x, h, qw, b, check_backend(backend), jnp.dtype(compute_dtype),
+                       jnp.dtype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _qmatmul_lora(x, h, qw, b, backend: Backend, compute_dtype, x_dtype):
+  lead = x.shape[:-1]
+  y = backend.lora_fusion[1](x.reshape(-1, x.shape[-1]), qw, h.reshape(-1, h.shape[-1]), b)
+  return y.astype(compute_dtype).reshape(*lead, y.shape[-1])
+
+
+def _qmatmul_lora_fwd(x, h, qw, b, backend, compute_dtype, x_dtype):
+  return _qmatmul_lora(x, h, qw, b, backend, compute_dtype, x_dtype), (h, qw, b)
+
+
+def _qmatmul_lora_bwd(backend, compute_dtype, x_dtype, res, dy):
+  h, qw, b = res
+  dx = _apply(backend.backward, dy, qw, compute_dtype).astype(x_dtype)
+  dh = compute_dot("...n,rn->...r", dy, b, compute_dtype).astype(h.dtype)
+  db = compute_dot("mr,mn->rn", h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                   compute_dtype).astype(b.dtype)
+  return dx, dh, None, db
+
+
+_qmatmul_lora.defvjp(_qmatmul_lora_fwd, _qmatmul_lora_bwd)
