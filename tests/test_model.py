@@ -431,3 +431,34 @@ def test_generation_reads_16_bit_copies_of_float32_adapters_with_the_same_number
     reference.append(int(jnp.argmax(logits[0, -1])))
     step = jnp.asarray([[reference[-1]]], jnp.int32)
   assert tokens == reference
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decoding_writes_the_kv_cache_in_place(scan_layers):
+  """A compiled chunk of decoding steps neither copies, converts nor re-stacks the whole
+  [L, B, S, KV, H] cache: each layer writes its new keys and values into it in place (before, the
+  unrolled model sliced each layer's cache and re-stacked all of them, the scanned one rewrote it
+  through the scan's outputs, and XLA:CPU computed a bf16 update in float32, converting the whole
+  cache at every write; the tokens are checked by the generation tests)."""
+  from qlora_jax.nn.generate import _decoder, decode_state
+  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=512)
+  model = random_model(config, ModelOptions(dtype="bfloat16", scan_layers=scan_layers), seed=1)
+  model.eval()
+  graphdef, state = decode_state(model)
+  cache = KVCache.empty(config, 1, 384, jnp.bfloat16)
+  _, chunk = _decoder(graphdef, 0.0, 1.0)
+  hlo = chunk.lower(state, jnp.zeros((1,), jnp.int32), cache, jax.random.key(0)).compile().as_text()
+  whole = f"[{config.num_hidden_layers},1,384,2,16]"
+  moves = []  # instructions making a whole cache: copies, conversions, concatenations (op or fusion)
+  for line in hlo.splitlines():
+    name, _, rhs = line.strip().partition(" = ")
+    if rhs.split("{")[0].endswith(whole) and any(
+        w in name or f" {w}(" in rhs for w in ("copy", "concatenate", "convert")):
+      moves.append(line.strip()[:160])
+  assert not moves, moves[:3]

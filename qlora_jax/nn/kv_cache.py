@@ -1,4 +1,4 @@
-"""The keys and values generation keeps of every layer, written slot by slot."""
+"""The keys and values generation keeps of every layer, written slot by slot in place."""
 
 from __future__ import annotations
 
@@ -11,17 +11,37 @@ from qlora_jax.nn.model_config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  """Keys and values of every layer for generation, written slot by slot."""
+  """Keys and values of every layer for generation, written slot by slot.
 
-  k: jax.Array  # [L, B, S, KV, H]
+  k and v hold the values' bits as unsigned integers of their width (`dtype` names the values):
+  each layer writes its new keys and values into the whole [L, B, S, KV, H] array in place, and
+  XLA:CPU computes an update of a 16-bit float array in float32 (converting the whole cache at
+  every write), while an integer update is a copy of the new slots on every platform."""
+
+  k: jax.Array  # [L, B, S, KV, H] unsigned integer bits
   v: jax.Array  # [L, B, S, KV, H]
   valid: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
   next_position: jax.Array  # [B] int32: rotary position of the next token
   index: jax.Array  # [] int32: next slot to write
+  dtype: str = struct.field(pytree_node=False, default="bfloat16")  # of the keys and values
 
   @classmethod
   def empty(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+    dtype = jnp.dtype(dtype)
     shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, length), bool), next_position=jnp.zeros((batch,), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")  # zero bits: 0.0
+    return cls(k=jnp.zeros(shape, bits), v=jnp.zeros(shape, bits), valid=jnp.zeros((batch, length), bool),
+               next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
+               dtype=dtype.name)
+
+  def write(self, layer, k_BxTxKVxH: jax.Array, v_BxTxKVxH: jax.Array) -> "KVCache":
+    """The cache with layer `layer`'s (an int, or traced under the layer scan) new keys and values
+    written at slots index .. index + T."""
+    def put(all_bits, new):
+      new = jax.lax.bitcast_convert_type(new.astype(self.dtype), all_bits.dtype)
+      return jax.lax.dynamic_update_slice(all_bits, new[None], (layer, 0, self.index, 0, 0))
+    return self.replace(k=put(self.k, k_BxTxKVxH), v=put(self.v, v_BxTxKVxH))
+
+  def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+    """Layer `layer`'s keys and values [B, S, KV, H], every slot."""
+    return tuple(jax.lax.bitcast_convert_type(a[layer], jnp.dtype(self.dtype)) for a in (self.k, self.v))

@@ -92,8 +92,10 @@ class Attention(nnx.Module):
     """mask_BxTxS: bool (carrying any window), or None for causal attention within the model's
     sliding window, if it has one, which the attention kernel computes without a [T, S] mask.
     local: for layers of two kinds, whether the window applies to this one (bool, or traced under
-    the layer scan: then both kernels are compiled and lax.cond picks one). kv: this layer's
-    (k, v) cache [B, S, KV, H] and the slot to write, or None."""
+    the layer scan: then both kernels are compiled and lax.cond picks one). kv: (the KVCache,
+    this layer's index: an int, or traced under the layer scan), or None; the new keys and values
+    are written into the whole cache in place (no layer's cache is copied per token), and the
+    cache so written is returned in kv's place."""
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
@@ -102,10 +104,9 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
     if kv is not None:
-      k_cache, v_cache, index = kv
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      kv = (k, v)
+      cache, layer = kv
+      kv = cache.write(layer, k, v)
+      k, v = kv.layer(layer)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
     def attention(q, k, v, window, name_residuals):
       return attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
@@ -316,10 +317,10 @@ class CausalLM(nnx.Module):
     valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
     k_slots = jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
     mask = self._masks(q_slots, k_slots, valid)
-    h, (k, v) = self._run(input_ids, positions, mask, (cache.k, cache.v, cache.index))
+    h, cache = self._run(input_ids, positions, mask, cache)
     logits = self.logits(h)
-    cache = KVCache(k=k, v=v, valid=valid, next_position=cache.next_position + real.sum(1, dtype=jnp.int32),
-                    index=cache.index + t)
+    cache = cache.replace(valid=valid, next_position=cache.next_position + real.sum(1, dtype=jnp.int32),
+                          index=cache.index + t)
     return logits, cache
 
   def _run(self, input_ids, positions, mask, cache, embeds=None):
@@ -334,20 +335,14 @@ class CausalLM(nnx.Module):
     if self.options.scan_layers:
       h, kv = self._scan(h, cos, sin, mask, cache)
       return self.model.norm(h), kv
-    ks, vs = [], []
     kinds = cfg.local_layers or (None,) * cfg.num_hidden_layers
     for i, (layer, local) in enumerate(zip(self.model.layers, kinds)):
-      kv = None if cache is None else (cache[0][i], cache[1][i], cache[2])
-      h, kv = self._layer_call(layer, h, cos, sin, mask, kv, local)
-      if kv is not None:
-        ks.append(kv[0])
-        vs.append(kv[1])
-    h = self.model.norm(h)
-    return h, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+      h, cache = self._layer_call(layer, h, cos, sin, mask, None if cache is None else (cache, i), local)
+    return self.model.norm(h), cache
 
   def _scan(self, h, cos, sin, mask, cache):
-    """lax.scan over the stacked layer (with the per-layer caches, and for layers of two kinds
-    each layer's kind, as scanned inputs)."""
+    """lax.scan over the stacked layer (for layers of two kinds each layer's kind a scanned
+    input; the whole cache, when decoding, carried through the loop and written in place)."""
     policy = REMAT_POLICIES[self.options.remat]
     mixed = bool(self.config.layer_types)
     kinds = jnp.asarray(self.config.local_layers or (False,) * self.config.num_hidden_layers)
@@ -359,12 +354,11 @@ class CausalLM(nnx.Module):
       return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, unroll=self.options.scan_unroll)(
           h, self.model.layers, kinds), None
 
-    def body_kv(h, layer, k, v, local):
-      h, (k, v) = layer(h, cos, sin, mask, (k, v, cache[2]), local if mixed else None)
-      return h, (k, v)
-    h, kv = nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))(
-        h, self.model.layers, cache[0], cache[1], kinds)
-    return h, kv
+    def body_kv(carry, layer, local, i):  # the whole cache carried: written in place
+      h, cache = carry
+      return layer(h, cos, sin, mask, (cache, i), local if mixed else None)
+    return nnx.scan(body_kv, in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry)(
+        (h, cache), self.model.layers, kinds, jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32))
 
   def _layer_call(self, layer, h, cos, sin, mask, kv, local=None):
     policy = REMAT_POLICIES[self.options.remat]
