@@ -11,7 +11,7 @@ from qlora_jax.nn.model_config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  """Keys and values of every layer for generation, written slot by slot.
+  """Keys and values of every layer for generation, written slot by slot in place.
 
   k and v hold the values' bits as unsigned integers of their width (`dtype` names the values):
   each layer writes its new keys and values into the whole [L, B, S, KV, H] array in place, and
@@ -23,7 +23,7 @@ class KVCache:
   valid: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
   next_position: jax.Array  # [B] int32: rotary position of the next token
   index: jax.Array  # [] int32: next slot to write
-  dtype: str = struct.field(pytree_node=False, default="bfloat16")  # of the keys and values
+  dtype: str = struct.field(pytree_node=False)  # of the keys and values (k, v: bits of its width)
 
   @classmethod
   def empty(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
@@ -38,10 +38,10 @@ class KVCache:
     """The cache with layer `layer`'s (an int, or traced under the layer scan) new keys and values
     written at slots index .. index + T."""
     def put(all_bits, new):
-      new = jax.lax.bitcast_convert_type(new.astype(self.dtype), all_bits.dtype)
+      new = jax.lax.bitcast_convert_type(new.astype(jnp.dtype(self.dtype)), all_bits.dtype)
       return jax.lax.dynamic_update_slice(all_bits, new[None], (layer, 0, self.index, 0, 0))
     return self.replace(k=put(self.k, k_BxTxKVxH), v=put(self.v, v_BxTxKVxH))
 
-  def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+  def read(self, layer) -> tuple[jax.Array, jax.Array]:
     """Layer `layer`'s keys and values [B, S, KV, H], every slot."""
     return tuple(jax.lax.bitcast_convert_type(a[layer], jnp.dtype(self.dtype)) for a in (self.k, self.v))

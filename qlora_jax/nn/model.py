@@ -103,13 +103,14 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
-    if kv is not None:
+    decoding = kv is not None
+    if decoding:
       cache, layer = kv
-      kv = cache.write(layer, k, v)
-      k, v = kv.layer(layer)
+      kv = cache.write(layer, k, v)  # returned: the cache with this layer's new slots
+      k, v = kv.read(layer)
     # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
     def attention(q, k, v, window, name_residuals):
-      return attend(q, k, v, mask_BxTxS, implementation="xla" if kv is not None else self.implementation,
+      return attend(q, k, v, mask_BxTxS, implementation="xla" if decoding else self.implementation,
                     scale=self.scale, window=window, softcap=self.softcap, name_residuals=name_residuals)
     if isinstance(local, jax.Array) and mask_BxTxS is None and self.window:
       # a scanned layer of either kind, mask-free: each branch a causal kernel with a static window
@@ -119,7 +120,7 @@ class Attention(nnx.Module):
                          functools.partial(attention, window=None, name_residuals=False), q, k, v)
     else:
       window = self.window if local is None or local is True else None  # (a mask carries its own)
-      out = attention(q, k, v, window, self.name_residuals and kv is None)
+      out = attention(q, k, v, window, self.name_residuals and not decoding)
     return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), kv
 
 
