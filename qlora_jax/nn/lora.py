@@ -111,17 +111,19 @@ class QLoRALinear(nnx.Module):
     """[..., in] -> [..., out], in x's dtype."""
     cd = jnp.dtype(self.compute_dtype)
     qw = self.weight.get_value()
-    if self.lora is not None and fuses_lora(x_BxK, qw, self.lora_a.shape[-1], self.backend, cd):
-      # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
-      # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
-      # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
-      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd) * self.lora.scaling
-      y = qmatmul_lora(x_BxK, h_BxR.astype(cd), qw, self.lora_b[...], self.backend, cd).astype(cd)
-      return (y if self.bias is None else y + self.bias[...].astype(cd)).astype(x_BxK.dtype)
-    y = qmatmul(x_BxK, qw, self.backend, cd)
-    if self.lora is not None:
+    if self.lora is None:
+      y = qmatmul(x_BxK, qw, self.backend, cd)
+    else:
       h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-      y = y + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling
+      if fuses_lora(x_BxK, qw, h_BxR.shape[-1], self.backend, cd):
+        # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
+        # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
+        # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
+        y = qmatmul_lora(x_BxK, (h_BxR * self.lora.scaling).astype(cd), qw, self.lora_b[...],
+                         self.backend, cd)
+      else:
+        y = (qmatmul(x_BxK, qw, self.backend, cd)
+             + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling)
     if self.bias is not None:
       y = y + self.bias[...].astype(cd)
     return y.astype(x_BxK.dtype)
