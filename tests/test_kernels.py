@@ -324,6 +324,41 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
   _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
 
 
+def test_decoding_chunk_lowers_for_a_hopper_gpu_with_the_decode_kernel(monkeypatch):
+  """Generation's compiled chunk of a Llama (LoRA on the 7 projections) for a Hopper GPU, lowered
+  for CUDA from any machine (jax.export, platforms=("cuda",): Pallas's Mosaic GPU lowering runs
+  here, Mosaic's compile to PTX only on a GPU): every projection of every layer on the decode
+  kernel with its LoRA update."""
+  from jax import export
+
+  from qlora_jax.nn.generate import _decoder, decode_state
+  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.nn.model import ModelOptions
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=1024, intermediate_size=2048,
+                    num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                    max_position_embeddings=256)
+  model = random_model(cfg, ModelOptions(lora=LoraConfig(rank=64)))
+  launches, decode = [], gpu_decode.decode
+  monkeypatch.setattr(gpu_decode, "decode", lambda x, qw, lora=None, **kw: (
+      launches.append(lora is not None), decode(x, qw, lora, **kw))[1])
+  monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
+  monkeypatch.setattr(dispatch, "INTERPRET", False)
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  graphdef, state = decode_state(model)
+  _, chunk = _decoder(graphdef, 0.0, 1.0)
+  cache = KVCache.empty(cfg, 1, 128, jnp.bfloat16)
+  try:
+    export.export(chunk, platforms=("cuda",))(state, jnp.zeros((1,), jnp.int32), cache, jax.random.key(0))
+  finally:
+    _decoder.cache_clear()  # no later test gets this GPU-traced chunk
+  assert launches == [True] * 7 * cfg.num_hidden_layers
+
+
 @pytest.mark.parametrize("tokens", [3, 1])  # 1: one row (compute_dot's one-row path on a GPU)
 def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, tokens):
   """A QLoRA layer (with a bias, scaling 1.5) at decoding size on a GPU ('auto'): the LoRA update
