@@ -331,8 +331,7 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_the_decode_kernel(monkeypat
   kernel with its LoRA update."""
   from jax import export
 
-  from qlora_jax.nn.generate import _decoder, decode_state
-  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.generate import _decoder, greedy_chunk
   from qlora_jax.nn.lora import LoraConfig
   from qlora_jax.nn.model import ModelOptions
   from qlora_jax.nn.model_config import ModelConfig
@@ -349,11 +348,9 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_the_decode_kernel(monkeypat
   monkeypatch.setattr(dispatch, "INTERPRET", False)
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  graphdef, state = decode_state(model)
-  _, chunk = _decoder(graphdef, 0.0, 1.0)
-  cache = KVCache.empty(cfg, 1, 128, jnp.bfloat16)
   try:
-    export.export(chunk, platforms=("cuda",))(state, jnp.zeros((1,), jnp.int32), cache, jax.random.key(0))
+    chunk, args = greedy_chunk(model, 1, 128)
+    export.export(chunk, platforms=("cuda",))(*args)
   finally:
     _decoder.cache_clear()  # no later test gets this GPU-traced chunk
   assert launches == [True] * 7 * cfg.num_hidden_layers
