@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import itertools
 import math
 
 import jax
@@ -113,20 +114,50 @@ class QLoRALinear(nnx.Module):
     qw = self.weight.get_value()
     if self.lora is None:
       y = qmatmul(x_BxK, qw, self.backend, cd)
-    else:
+    else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
       h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-      if fuses_lora(x_BxK, qw, h_BxR.shape[-1], self.backend, cd):
-        # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
-        # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
-        # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
-        y = qmatmul_lora(x_BxK, (h_BxR * self.lora.scaling).astype(cd), qw, self.lora_b[...],
-                         self.backend, cd)
+      if self._fuses_update(x_BxK):
+        y = self._fused(x_BxK, h_BxR)
       else:
         y = (qmatmul(x_BxK, qw, self.backend, cd)
              + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling)
+    return self._finish(y, x_BxK)
+
+  def _fuses_update(self, x_BxK: jax.Array) -> bool:
+    return fuses_lora(x_BxK, self.weight.get_value(), self.lora.rank, self.backend, self.compute_dtype)
+
+  def _fused(self, x_BxK: jax.Array, h_BxR: jax.Array) -> jax.Array:
+    """Decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
+    both accumulated in float32 and rounded once (the unfused layer rounds the update, then the
+    sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)."""
+    cd = jnp.dtype(self.compute_dtype)
+    return qmatmul_lora(x_BxK, (h_BxR * self.lora.scaling).astype(cd), self.weight.get_value(),
+                        self.lora_b[...], self.backend, cd)
+
+  def _finish(self, y: jax.Array, x_BxK: jax.Array) -> jax.Array:
+    """The product y (compute dtype) plus the bias, in x's dtype."""
     if self.bias is not None:
-      y = y + self.bias[...].astype(cd)
+      y = y + self.bias[...].astype(self.compute_dtype)
     return y.astype(x_BxK.dtype)
+
+
+def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
+  """Each layer applied to x, for layers that share an input (q, k, v; gate, up). Where every
+  one adds its LoRA update inside the decode kernel (decoding on a GPU) and none drops out, their
+  A products are one, x @ [A_1 | A_2 | ...]: one small launch a group instead of one a layer
+  (each column the same float32-accumulated dot). Else layer by layer; the same products."""
+  first = layers[0]
+  joint = all(isinstance(layer, QLoRALinear) and layer.lora is not None and layer.compute_dtype == first.compute_dtype
+              and (layer.dropout.deterministic or layer.lora.dropout == 0)
+              and layer._fuses_update(x_BxK) for layer in layers)
+  if not joint:
+    return tuple(layer(x_BxK) for layer in layers)
+  cd = jnp.dtype(first.compute_dtype)
+  a = jnp.concatenate([layer.lora_a[...].astype(cd) for layer in layers], axis=-1)
+  h = compute_dot("...k,kr->...r", x_BxK, a, cd)
+  ends = list(itertools.accumulate(layer.lora.rank for layer in layers))
+  return tuple(layer._finish(layer._fused(x_BxK, h[..., end - layer.lora.rank:end]), x_BxK)
+               for layer, end in zip(layers, ends))
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:
