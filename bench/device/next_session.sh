@@ -34,10 +34,10 @@ case "$1" in
     if ! tail -1 $OUT/gpu_tests.txt | grep -q " passed" || tail -1 $OUT/gpu_tests.txt | grep -q failed; then
       grep -m3 -i "error" $OUT/gpu_tests.txt | cut -c1-300  # did not compile: say why, keep the call for main
       for t in . .work/sepA .work/nocombine . .work/sepA; do row $t ours:auto; done
-      row . ours:scan; exit 0
+      row . ours:scan; row .work/sepA ours:scan; exit 0
     fi
     for t in .work/groups . .work/sepA .work/nocombine .work/groups . .work/sepA; do row $t ours:auto; done
-    row .work/groups ours:scan; row . ours:scan ;;
+    row .work/groups ours:scan; row . ours:scan; row .work/sepA ours:scan ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     (cd .work/groups && timeout 250 python bench/kernels.py --tune decode_groups) ;;
   anchors)  # ~6 min: the side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
