@@ -8,13 +8,10 @@
 # 224 -> 128 decode launches a token and as many fewer combines and pads), interpreted tests
 # pass on CPU, never compiled by Mosaic GPU yet. Also untimed: the stream-K combine as a sum of
 # gathered slices (11c1efa: XLA may fuse it into the product's consumer; b354ab5 has the
-# reduction), and the LoRA A products of q/k/v and of gate/up as one product each (58a4c4f, on
-# main since the ninth session; 07283f0 has one A product a layer). The trees beside main
-# (carry [".work/groups", ".work/nocombine", ".work/sepA"]):
+# reduction). The trees beside main (carry [".work/groups", ".work/nocombine"]):
 #   mkdir -p .work/groups && git archive HEAD | tar -x -C .work/groups \
 #     && (cd .work/groups && patch -p1 < ../../bench/device/decode_groups.patch)
 #   mkdir -p .work/nocombine && git archive b354ab5 | tar -x -C .work/nocombine
-#   mkdir -p .work/sepA && git archive 07283f0 | tar -x -C .work/sepA
 # (2026-12-06 and -07, eighth and ninth sessions: device starts failed again and again; these rows are owed.)
 # A device session can end after one call (2026-12-06: starts failed for ~40 minutes twice, and
 # each refused start cost 15 s to 4 minutes of device time): `groups` is that one call.
@@ -26,18 +23,18 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  groups)  # ~9 min: the grouped launch's GPU tests (does Mosaic GPU compile a pipeline per part
-           # under pl.when?), then it, 07283f0 (one A product a layer) and b354ab5 (the reduction
-           # combine) against main, unrolled twice and scanned, 136 tokens
+  groups)  # ~8 min: the grouped launch's GPU tests (does Mosaic GPU compile a pipeline per part
+           # under pl.when?), then it and b354ab5 (the reduction combine) against main, unrolled
+           # twice and scanned, 136 tokens
     (cd .work/groups && timeout 200 python -m pytest -x -q tests/test_kernels.py \
         -k "lora or decode or sharing_an_input" > $OUT/gpu_tests.txt 2>&1); tail -1 $OUT/gpu_tests.txt
     if ! tail -1 $OUT/gpu_tests.txt | grep -q " passed" || tail -1 $OUT/gpu_tests.txt | grep -q failed; then
       grep -m3 -i "error" $OUT/gpu_tests.txt | cut -c1-300  # did not compile: say why, keep the call for main
-      for t in . .work/sepA .work/nocombine . .work/sepA; do row $t ours:auto; done
-      row . ours:scan; row .work/sepA ours:scan; exit 0
+      for t in . .work/nocombine . .work/nocombine; do row $t ours:auto; done
+      row . ours:scan; exit 0
     fi
-    for t in .work/groups . .work/sepA .work/nocombine .work/groups . .work/sepA; do row $t ours:auto; done
-    row .work/groups ours:scan; row . ours:scan; row .work/sepA ours:scan ;;
+    for t in .work/groups . .work/nocombine .work/groups . .work/nocombine; do row $t ours:auto; done
+    row .work/groups ours:scan; row . ours:scan ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     (cd .work/groups && timeout 250 python bench/kernels.py --tune decode_groups) ;;
   anchors)  # ~6 min: the issue's side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
