@@ -90,6 +90,27 @@ def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
                tiles=tiles)
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One weight of a group sharing x in one launch (gpu_decode.decode_group): its Split over its
+  own CTAs, the first of them in the launch's grid, and its first stored segment."""
+
+  split: Split
+  first_cta: int
+  first_segment: int
+
+
+def parts_for(ns: tuple[int, ...], k: int, config: Config, ctas: int) -> tuple[Part, ...]:
+  """The launch's CTAs dealt among weights [N_i, K] in proportion to their rows (their bytes), at
+  least one each, each weight's split over its share (split_for: one weight takes them all)."""
+  parts, cta, segment = [], 0, 0
+  for n in ns:
+    split = split_for(n, k, config, max(1, ctas * n // sum(ns)))
+    parts.append(Part(split, cta, segment))
+    cta, segment = cta + split.ctas, segment + split.ctas * split.segments
+  return tuple(parts)
+
+
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may hold on Hopper (227 KB)
 
 

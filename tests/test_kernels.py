@@ -9,6 +9,8 @@ output dtype; the dispatch test compares whole qmatmul calls, whose results are 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,6 +324,33 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
   update = jnp.einsum("mr,rn->mn", h, b, preferred_element_type=jnp.float32)
   _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
   _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
+
+
+@pytest.mark.parametrize("rank", [64, 0])
+def test_gpu_decode_group_computes_each_weight_in_one_launch(rank):
+  """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
+  SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
+  scales, each weight's double-quant offset its own (three quantized apart); one pallas_call."""
+  ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((384, 128, 256), 768)
+  seed, _, x, _ = _fresh((1, 128, k), "nf4")
+  rng = np.random.default_rng(seed)
+  qws = tuple(quantize(jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05), jnp.float32),
+                       "nf4") for n in ns)
+  assert len({float(qw.offset) for qw in qws}) == len(ns)  # offsets differ: each must be its own
+  loras = tuple((jnp.asarray(rng.standard_normal((1, rank)), jnp.bfloat16),
+                 jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16)) for n in ns) if rank else None
+  fn = functools.partial(gpu_decode.decode_group, interpret=not ON_GPU)
+  ys = fn(x, qws, loras)
+  if ON_GPU:
+    assert str(jax.make_jaxpr(fn)(x, qws, loras)).count("pallas_call") == 1
+  for i, (y, qw) in enumerate(zip(ys, qws)):
+    update = 0 if not rank else jnp.einsum("mr,rn->mn", *loras[i], preferred_element_type=jnp.float32)
+    _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
+    _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
+  # an H100's 132 SMs for llama3-8b's q, k, v: 88, 22, 22 by rows; q's 512 steps in 86 shares of 6
+  parts = gpu_decode.parts_for((4096, 1024, 1024), 4096, gpu_decode.config_for(1, 4096, 64), 132)
+  assert [(p.split.ctas, p.split.per_cta, p.first_cta) for p in parts] == [(86, 6, 0), (22, 6, 86),
+                                                                          (22, 6, 108)]
 
 
 @pytest.mark.parametrize("tokens", [3, 1])  # 1: one row (compute_dot's one-row path on a GPU)
