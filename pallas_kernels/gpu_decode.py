@@ -26,7 +26,9 @@ tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a 
 blocks, then scales them and issues their wgmmas. Persistent and stream-K (gpu_decode_plan.Split):
 one CTA per SM loads the tables once, then runs one pipeline over an equal share of the (row tile,
 step of K) pairs, storing its accumulator after each row tile it touches; the wrapper combines the
-stores.
+stores. Weights that share x (q, k, v; gate, up: decode_group) run in one launch, the SMs dealt
+among them by rows, each CTA the pipeline of its weight (gpu_decode_plan.Part). The scales'
+loads and decoding: gpu_decode_scales.
 Measured in docs/kernels.md."""
 
 from __future__ import annotations
@@ -37,134 +39,17 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import llvm, vector
-from jax.experimental.mosaic import gpu as mgpu
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-from pallas_kernels.gpu import (address, interpret_params, interpret_staging, register_wgmma,
-                                 sm_count, swizzled)
-from pallas_kernels.gpu_decode_plan import (  # noqa: F401  (MAX_ROWS, SMEM_LIMIT: gpu_decode's API)
+from pallas_kernels.gpu import interpret_params, interpret_staging, register_wgmma, sm_count, swizzled
+from pallas_kernels.gpu_decode_plan import (  # noqa: F401  (MAX_ROWS, SMEM_LIMIT, split_for: gpu_decode's API)
     MAX_ROWS, SMEM_LIMIT, Config, Part, Split, config_for, out_columns, parts_for, smem_bytes,
     split_for, unsupported_reason)
+from pallas_kernels.gpu_decode_scales import (  # noqa: F401  (absmax_operands: gpu_decode's API)
+    ROW, absmax_operands, decode_scales, load_offset, load_scales)
 from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
-from qlora_jax.format.codebooks import NESTED_BLOCKSIZE as NESTED
-from qlora_jax.format.ieee import rounded
 from qlora_jax.format.quantization import QuantizedArray
-
-ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
-
-
-def _row_asm(rows_fas, operands, asm: str, constraints: str, types) -> tuple:
-  """Run `asm` once per register of the ROW-layout arrays `rows_fas` (a thread's two rows): its
-  inputs are those registers' scalars, then `operands`; its outputs (`types`) come back as ROW
-  arrays."""
-  shape = rows_fas[0].registers.shape
-  outs = [np.empty(shape, dtype=object) for _ in types]
-  for idx in np.ndindex(shape):
-    args = [vector.extract(fa.registers[idx], dynamic_position=[],
-                           static_position=ir.DenseI64ArrayAttr.get([0])) for fa in rows_fas]
-    res = llvm.inline_asm(llvm.StructType.get_literal(list(types)), [*args, *operands], asm,
-                          constraints)
-    for o, t in enumerate(types):
-      outs[o][idx] = vector.broadcast(ir.VectorType.get([1], t), llvm.extractvalue(t, res, [o]))
-  return tuple(mgpu.FragmentedArray(_registers=out, _layout=ROW.to_mgpu(),
-                                    _is_signed=True if isinstance(t, ir.IntegerType) else None)
-               for out, t in zip(outs, types))
-
-
-def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
-  """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks` blocks
-  packed in an int32, nested absmax float32) with double quantization (dq = (qmap in shared memory,
-  nested in device memory)), else `blocks` float32; [64] ROW arrays. first: int32 [64], each row's
-  index of the step's first block in bitsandbytes' flat absmax array. One load of each per thread,
-  straight from device memory: issued a step ahead, they are in flight while a step is computed."""
-  if not hints:  # interpreted: the same values from whole arrays (it indexes refs by scalars)
-    codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
-    if not dq:
-      return tuple(codes)
-    word = sum(c.astype(jnp.int32) << (8 * b) for b, c in enumerate(codes))
-    return word, jnp.take(dq[1][...], first // NESTED)
-  dtypes = (jnp.int32, jnp.float32) if dq else (jnp.float32,) * blocks
-  if dq:
-    load = {1: "u8", 2: "u16", 4: "u32"}[blocks]
-    asm = f"""{{ .reg .b64 pa; .reg .b32 v;
-      cvt.u64.u32 pa, $2; add.u64 pa, pa, $3; ld.global.nc.{load} $0, [pa];
-      shr.u32 v, $2, {NESTED.bit_length() - 1}; mul.wide.u32 pa, v, 4; add.u64 pa, pa, $4;
-      ld.global.nc.f32 $1, [pa]; }}"""
-    constraints = "=r,=f,r,l,l"
-  else:
-    vec = {1: "", 2: ".v2", 4: ".v4"}[blocks]
-    fs = ", ".join(f"${b}" for b in range(blocks))
-    asm = (f"{{ .reg .b64 pa; mul.wide.u32 pa, ${blocks}, 4; add.u64 pa, pa, ${blocks + 1}; "
-           f"ld.global.nc{vec}.f32 {'{' + fs + '}' if vec else fs}, [pa]; }}")
-    constraints = ",".join(["=f"] * blocks + ["r", "l"])
-
-  @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType(), *(plgpu.RefType() for _ in dq[1:2])),
-                     return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), t, layout=ROW)
-                                       for t in dtypes))
-  def load(_, first_fa, *refs):
-    types = [mgpu_utils.dtype_to_ir_type(t) for t in dtypes]
-    return _row_asm([first_fa], [address(ref) for ref in refs], asm, constraints, types)
-
-  return load(plgpu.layout_cast(first, ROW), absmax_gmem, *dq[1:2])
-
-
-def _load_offset(rows, offset_gmem, *, hints: bool):
-  """The double quantization's offset (float32 [1] in device memory), loaded once per CTA outside
-  the pipeline (a load at every step stalls it): a [64] ROW array (`rows`, any ROW array, gives it
-  its layout), or the stored [1] array when interpreted."""
-  if not hints:
-    return offset_gmem[...]
-
-  @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((ROWS,), jnp.float32, layout=ROW))
-  def load(_, rows_fa, offset):
-    return _row_asm([rows_fa], [address(offset)], "ld.global.nc.f32 $0, [$2];", "=f,r,l",
-                    [ir.F32Type.get()])[0]
-
-  return load(rows, offset_gmem)
-
-
-def _decode_scales(loaded: tuple, dq, blocks: int, *, offset, hints: bool) -> list:
-  """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the absmax:
-  qmap[code] * nested, rounded to float32, + offset (from _load_offset); then rounded to bf16."""
-  if not dq:
-    return [v.astype(jnp.bfloat16) for v in loaded]
-  word, nested = loaded
-  if not hints:
-    qmap = dq[0][...]
-    # the product rounded before the add, as mul.rn, add.rn below (an FMA's f32 sum rounds to
-    # another bf16 now and then: 1 block in ~10^4)
-    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + offset[0])
-            .astype(jnp.bfloat16) for b in range(blocks)]
-  decode = "".join(
-      f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
-      f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, ${blocks + 2}; "
-      f"cvt.rn.bf16.f32 ${b}, f; " for b in range(blocks))
-  asm = f"{{ .reg .b32 v; .reg .f32 f; {decode}}}"
-  constraints = ",".join(["=h"] * blocks + ["r", "f", "f", "r"])
-
-  @plgpu.inline_mgpu(arg_types=(ROW, ROW, ROW, plgpu.RefType()),
-                     return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=ROW)
-                                       for _ in range(blocks)))
-  def scales(_, word_fa, nested_fa, offset_fa, qmap):
-    bits = _row_asm([word_fa, nested_fa, offset_fa], [address(qmap, 32)], asm, constraints,
-                    [ir.IntegerType.get_signless(16)] * blocks)
-    return tuple(b.bitcast(ir.BF16Type.get()) for b in bits)
-
-  return list(scales(word, nested, offset, dq[0]))
-
-
-def absmax_operands(qw: QuantizedArray) -> tuple:
-  """(flat absmax, dq) as _call takes them: bitsandbytes' stored arrays, no pass over them."""
-  if qw.double_quant:
-    return qw.absmax, (qw.nested_quant_map, qw.nested_absmax, qw.offset.reshape(1))
-  return qw.absmax.astype(jnp.float32), ()
-
 
 def _call(x, codes, absmax, dq, lut, lora=(), *, table, config: Config, split: Split,
           out_cols: int, interpret: bool):
@@ -226,7 +111,7 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
       split, steps = part.split, part.split.per_cta
       if dq_len:
         qmap_gmem, nested_gmem, offset_gmem, *refs = refs
-        dq_refs = (qmap_smem, nested_gmem)  # the offset is loaded once (_load_offset)
+        dq_refs = (qmap_smem, nested_gmem)  # the offset is loaded once (load_offset)
       else:
         dq_refs = ()
       if lora_len:
@@ -243,7 +128,7 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
         plgpu.barrier_wait(qmap_barrier)
       if lora_len:
         plgpu.barrier_wait(h_barrier)
-      offset = _load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
+      offset = load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
 
       def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
         return cta * steps + s
@@ -258,10 +143,10 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
           plgpu.BlockSpec((cta_rows, step_k // 2), position,
                           transforms=swizzled(step_k // 2, codes_gmem.dtype))]
 
-      def load_scales(s):  # each row's absmax of step s's blocks
+      def scales_of(s):  # each row's absmax of step s's blocks, as loaded
         tile, k_step = position(s)
         first = (rows + (tile * cta_rows + wg * ROWS)) * (k // BLOCK) + k_step * config.blocks
-        return _load_scales(first, absmax_gmem, dq_refs, config.blocks, hints=not interpret)
+        return load_scales(first, absmax_gmem, dq_refs, config.blocks, hints=not interpret)
 
       def multiply(acc_ref, w, x_smem, b):
         register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
@@ -302,8 +187,8 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
         adds_lora = (k_step == 0) & (global_step(s) < split.total)
         if lora_len:
           pl.when(adds_lora)(lambda: fetch_lora(tile))
-        loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
-        scales = _decode_scales(loaded, dq_refs, config.blocks, offset=offset,
+        loaded_next = scales_of(jnp.minimum(s + 1, steps - 1))
+        scales = decode_scales(loaded, dq_refs, config.blocks, offset=offset,
                                 hints=not interpret)
         values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
                                hints=not interpret) for b in range(config.blocks)]
@@ -323,7 +208,7 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
       def compute_context(run_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
         def _(acc_ref):
-          run_pipeline((acc_ref, load_scales(0)))
+          run_pipeline((acc_ref, scales_of(0)))
 
       plgpu.emit_pipeline_warp_specialized(
           step, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",

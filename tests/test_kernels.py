@@ -395,6 +395,58 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
     _check(d_state[name][...], d_ref[name][...], 0, BF16_TOL)
 
 
+@pytest.mark.parametrize("tokens, rank", [(1, 64), (3, 0)])
+def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank):
+  """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
+  ('auto'): shared_input runs the three in one decode_group launch; outputs and gradients (x,
+  each A and B) equal XLA's layers one by one."""
+  from flax import nnx
+  import qlora_jax as q
+  from qlora_jax.nn.lora import shared_input
+
+  monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
+  ns, k, r = ((4096, 1024, 1024), 4096, rank) if ON_GPU else ((256, 128, 128), 640, rank)
+  x = jax.random.normal(jax.random.key(5), (1, tokens, k), jnp.float32)
+  gs = [jax.random.normal(jax.random.key(9 + i), (1, tokens, n)) for i, n in enumerate(ns)]
+  launches = []
+  group = gpu_decode.decode_group
+  monkeypatch.setattr(gpu_decode, "decode_group", lambda x, qws, *a, **kw: (
+      launches.append(len(qws)), group(x, qws, *a, **kw))[1])
+
+  def run(backend):
+    layers = []
+    for i, n in enumerate(ns):
+      w = jax.random.normal(jax.random.key(i), (n, k)) * 0.05
+      bias = jax.random.normal(jax.random.key(20 + i), (n,)) * 0.1
+      lora = q.LoraConfig(rank=r, alpha=1.5 * r) if r else None
+      layer = q.QLoRALinear.from_quantized(q.quantize(w), lora, bias=bias,
+                                           backend=get_backend(backend), rngs=nnx.Rngs(i))
+      if r:
+        layer.lora_b[...] = jax.random.normal(jax.random.key(30 + i), (r, n)) * 0.1
+      layers.append(layer)
+    graphdef, lora, rest = nnx.split(tuple(layers), nnx.LoRAParam, ...)
+
+    def forward(lora, x):
+      return shared_input(nnx.merge(graphdef, lora, rest), x)
+
+    def loss(lora, x):
+      return sum(jnp.sum(y.astype(jnp.float32) * g) for y, g in zip(forward(lora, x), gs))
+
+    return jax.jit(forward)(lora, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(lora, x)
+
+  with monkeypatch.context() as m:
+    m.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    ys, (d_state, dx) = run("auto")
+  assert launches.count(3) == 2 and set(launches) == {3}  # forward and the gradient's forward
+  ys_ref, (d_ref, dx_ref) = run("xla")
+  for y, y_ref in zip(ys, ys_ref):
+    _check(y, y_ref, 0, DECODE_TOL + BF16_TOL)
+  _check(dx, dx_ref, 0, BF16_TOL)
+  for path, value in jax.tree_util.tree_leaves_with_path(d_state):
+    ref = dict(jax.tree_util.tree_leaves_with_path(d_ref))[path]
+    _check(value, ref, 0, BF16_TOL)
+
+
 def test_gpu_decode_config_fits_shared_memory_or_is_refused():
   """config_for picks a pipeline and table within Hopper's shared memory for every decode size
   and LoRA rank (Mosaic GPU counted 238,680 bytes for x [64, K], a rank-64 update, three steps in
