@@ -99,10 +99,9 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
     my_rows = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
 
     @pl.when(wg == 0)
-    def _():
+    def _():  # the table's copy, waited for with the part's copies (run_part)
       plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, lut_barrier)
 
-    plgpu.barrier_wait(lut_barrier)
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                   layout=None if interpret else ROW)
 
@@ -124,6 +123,7 @@ def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_col
         if lora_len:
           plgpu.copy_gmem_to_smem(h_gmem, h_smem, h_barrier)
 
+      plgpu.barrier_wait(lut_barrier)  # all three copies in flight at once
       if dq_len:
         plgpu.barrier_wait(qmap_barrier)
       if lora_len:
