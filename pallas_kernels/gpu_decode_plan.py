@@ -101,11 +101,17 @@ class Part:
 
 
 def parts_for(ns: tuple[int, ...], k: int, config: Config, ctas: int) -> tuple[Part, ...]:
-  """The launch's CTAs dealt among weights [N_i, K] in proportion to their rows (their bytes), at
-  least one each, each weight's split over its share (split_for: one weight takes them all)."""
+  """Weights [N_i, K] dealt among at most `ctas` CTAs (one a weight at least): the fewest steps a
+  CTA that lets every weight's (row tile, step of K) pairs fit, each weight as few CTAs as take
+  its pairs in shares of that many (one weight: split_for's split)."""
+  tile_steps = k // (BLOCK * config.blocks)
+  totals = [n // (config.compute_wgs * ROWS) * tile_steps for n in ns]
+  per_cta = next(p for p in range(-(-sum(totals) // ctas), max(totals) + 1)
+                 if sum(-(-t // p) for t in totals) <= ctas or p == max(totals))
   parts, cta, segment = [], 0, 0
-  for n in ns:
-    split = split_for(n, k, config, max(1, ctas * n // sum(ns)))
+  for n, total in zip(ns, totals):
+    split = Split(ctas=-(-total // per_cta), per_cta=per_cta, tile_steps=tile_steps,
+                  tiles=total // tile_steps)
     parts.append(Part(split, cta, segment))
     cta, segment = cta + split.ctas, segment + split.ctas * split.segments
   return tuple(parts)

@@ -327,11 +327,14 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
 
 
 @pytest.mark.parametrize("rank", [64, 0])
-def test_gpu_decode_group_computes_each_weight_in_one_launch(rank):
+def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
-  scales, each weight's double-quant offset its own (three quantized apart); one pallas_call."""
-  ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((384, 128, 256), 768)
+  scales, each weight's double-quant offset its own (three quantized apart); one pallas_call.
+  Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between its CTAs."""
+  ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
+  if not ON_GPU:
+    monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 12)
   seed, _, x, _ = _fresh((1, 128, k), "nf4")
   rng = np.random.default_rng(seed)
   qws = tuple(quantize(jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05), jnp.float32),
@@ -351,6 +354,12 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank):
   parts = gpu_decode.parts_for((4096, 1024, 1024), 4096, gpu_decode.config_for(1, 4096, 64), 132)
   assert [(p.split.ctas, p.split.per_cta, p.first_cta) for p in parts] == [(86, 6, 0), (22, 6, 86),
                                                                           (22, 6, 108)]
+  # lopsided: the fewest steps a CTA that fits (11, as 44 x 32 pairs over 132 CTAs allow), never
+  # more CTAs than SMs; one weight: split_for's split
+  parts = gpu_decode.parts_for((5504, 128, 128), 8192, gpu_decode.config_for(1, 8192, 64), 132)
+  assert {p.split.per_cta for p in parts} == {11} and sum(p.split.ctas for p in parts) <= 132
+  (part,) = gpu_decode.parts_for((22016,), 8192, gpu_decode.config_for(1, 8192), 132)
+  assert part.split == gpu_decode.split_for(22016, 8192, gpu_decode.config_for(1, 8192), 132)
 
 
 @pytest.mark.parametrize("tokens", [3, 1])  # 1: one row (compute_dot's one-row path on a GPU)
