@@ -404,6 +404,23 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
     _check(d_state[name][...], d_ref[name][...], 0, BF16_TOL)
 
 
+def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
+  """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
+  Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
+  q, k, v with LoRA updates on an H100's 132 SMs. (Mosaic's compile to PTX happens on a GPU.)"""
+  from jax import export
+
+  monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
+  ns, k = (4096, 1024, 1024), 4096
+  qws = tuple(jax.ShapeDtypeStruct((n, k), jnp.float32) for n in ns)
+  qws = tuple(jax.eval_shape(quantize, w) for w in qws)
+  x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+  loras = tuple((jax.ShapeDtypeStruct((1, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, n), jnp.bfloat16))
+                for n in ns)
+  text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, loras).mlir_module()
+  assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("tokens, rank", [(1, 64), (3, 0)])
 def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank):
   """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
