@@ -421,6 +421,40 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   assert "mosaic_gpu" in text
 
 
+def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_layer(monkeypatch):
+  """Generation's compiled chunk of a Llama (LoRA on the 7 projections) for a Hopper GPU, lowered
+  for CUDA from any machine: each layer's products are 4 decode launches (q/k/v, o, gate/up, down)
+  instead of 7."""
+  from jax import export
+
+  from qlora_jax.nn.generate import _decoder, decode_state
+  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.nn.model import ModelOptions
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=1024, intermediate_size=2048,
+                    num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                    max_position_embeddings=256)
+  model = random_model(cfg, ModelOptions(lora=LoraConfig(rank=64)))
+  launches, group = [], gpu_decode.decode_group
+  monkeypatch.setattr(gpu_decode, "decode_group", lambda x, qws, *a, **kw: (
+      launches.append(len(qws)), group(x, qws, *a, **kw))[1])
+  monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
+  monkeypatch.setattr(dispatch, "INTERPRET", False)
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  graphdef, state = decode_state(model)
+  _, chunk = _decoder(graphdef, 0.0, 1.0)
+  cache = KVCache.empty(cfg, 1, 128, jnp.bfloat16)
+  try:
+    export.export(chunk, platforms=("cuda",))(state, jnp.zeros((1,), jnp.int32), cache, jax.random.key(0))
+  finally:
+    _decoder.cache_clear()  # no later test gets this GPU-traced chunk
+  assert launches == [3, 1, 2, 1] * cfg.num_hidden_layers
+
+
 @pytest.mark.parametrize("tokens, rank", [(1, 64), (3, 0)])
 def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank):
   """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
