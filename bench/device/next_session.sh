@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Next session's device calls (one H100 unless named; carry [".work/bf16kv", ".anchors"]).
-# Issue 28 is what is open: batch-1 generation at <= 3.5 ms a token, the decode kernel >= 70% of
-# the copy rate (2,165 GB/s of 3,030 on 22016 x 8192 on 2026-12-06; 58-61% on llama3-8b's
-# shapes), the training kernels >= 95% of cuBLAS. Main now has the LoRA epilogue and the in-place
-# KV cache held as integer bits (the bf16 in-place write was timed on the GPU, the integer one
-# not). `.work/bf16kv` is that timed tree (46bb297, main with the epilogue, plus the bf16
-# in-place patch) for the A/B:
-#   mkdir -p .work/bf16kv && git archive 46bb297 | tar -x -C .work/bf16kv \
-#     && (cd .work/bf16kv && patch -p1 < ../../bench/device/decode_kv_in_place.patch)
-# A device session can end after one call (2026-12-06: starts failed for ~40 minutes twice, and a
-# start took ~9 of the 30 minutes): `all` is that one call, the most telling rows first.
+# Next session's device calls (one H100 unless named). Issue 28 is what is open: batch-1
+# generation at <= 3.5 ms a token (5.4-5.7 on 2026-12-06's seventh-session H100; a token is
+# 1,356 launches, ~1 ms of gaps), the decode kernel >= 70% of the copy rate, the training kernels
+# >= 95% of cuBLAS. The next change to time: bench/device/decode_groups.patch (branch
+# decode-groups): q, k, v and gate, up as one decode-kernel launch each (decode_group: the SMs
+# dealt among the weights by rows, each its own absmax, double-quant offset and LoRA update;
+# 224 -> 128 decode launches a token and as many fewer combines and pads), interpreted tests
+# pass on CPU, never compiled by Mosaic GPU yet. Its tree, beside main (carry [".work/groups"]):
+#   mkdir -p .work/groups && git archive HEAD | tar -x -C .work/groups \
+#     && (cd .work/groups && patch -p1 < ../../bench/device/decode_groups.patch)
+# A device session can end after one call (2026-12-06: starts failed for ~40 minutes twice, and
+# each refused start cost 15 s to 4 minutes of device time): `groups` is that one call.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 A="--model llama3-8b --short 8 --long 520 --repeats 3"   # a longer cache: the KV copies grow with it
 row() {  # row DIR WORKER [env...]: one fresh worker's JSON row, cut, with its wall time
@@ -22,19 +23,25 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  all)  # ~8 min: the GPU tests of the epilogue and of the in-place cache (integer bits: does
-        # XLA:GPU keep the write in place?), then main against the timed bf16 tree, unrolled and
-        # scanned, and main at a short run (what the cache's length costs a token)
-    timeout 150 python -m pytest -x -q tests/test_kernels.py tests/test_model.py -k "lora or decode or in_place" \
-        > $OUT/gpu_tests.txt 2>&1; tail -1 $OUT/gpu_tests.txt
-    row . ours:auto; row .work/bf16kv ours:auto; row . ours:scan; row .work/bf16kv ours:scan
-    A="--model llama3-8b --short 8 --long 40 --repeats 3" row . ours:auto
-    row . ours:auto ;;
+  groups)  # ~7 min: the grouped launch's GPU tests (does Mosaic GPU compile a pipeline per part
+           # under pl.when?), then it against main, unrolled twice and scanned, 136 tokens
+    (cd .work/groups && timeout 200 python -m pytest -x -q tests/test_kernels.py \
+        -k "lora or decode or sharing_an_input" > $OUT/gpu_tests.txt 2>&1); tail -1 $OUT/gpu_tests.txt
+    A="--model llama3-8b --short 8 --long 136 --repeats 3"
+    if ! tail -1 $OUT/gpu_tests.txt | grep -q " passed" || tail -1 $OUT/gpu_tests.txt | grep -q failed; then
+      grep -m3 -i "error" $OUT/gpu_tests.txt | cut -c1-300  # did not compile: say why, keep the call for main
+      row . ours:auto; row . ours:scan; exit 0
+    fi
+    row .work/groups ours:auto; row . ours:auto; row .work/groups ours:auto; row . ours:auto
+    row .work/groups ours:scan; row . ours:scan ;;
+  tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
+    (cd .work/groups && timeout 250 python bench/kernels.py --tune decode_groups) ;;
   anchors)  # ~6 min: the issue's side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
     wheels || exit 1
     timeout 500 python bench/generate.py --model llama3-8b --short 8 --long 40 --repeats 3 \
         --systems ours:auto,ours:scan,bnb,unsloth --json $OUT/generate_anchors.json 2>$OUT/generate_err.txt | tail -6 ;;
-  profile)  # ~4 min: where an unrolled token's time goes now (the kernels a token, by name)
+  profile)  # ~4 min: where an unrolled token's time goes (the kernels a token, by name; run it
+            # in .work/groups if `groups` shows that tree faster)
     timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto --profile \
         --json $OUT/generate_profile.json | tail -25 ;;
   lora_cost)  # ~2 min: what the adapters still cost a token (unrolled, r=64 against none)
@@ -43,5 +50,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 all|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 groups|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
