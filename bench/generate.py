@@ -93,16 +93,14 @@ def _profile(model, cache_length: int) -> dict:
   """GPU kernel time of one compiled chunk of decoding steps (CUPTI), per token and by kernel."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from qlora_jax.nn.generate import CHUNK, _decoder, decode_state
+  from qlora_jax.nn.generate import CHUNK, greedy_chunk
   from qlora_jax.nn.kv_cache import KVCache
   from step_profile import kernels_by_name
 
-  graphdef, state = decode_state(model)
-  _, chunk = _decoder(graphdef, 0.0, 1.0)
+  chunk, (state, tokens, _, key) = greedy_chunk(model, 1, cache_length)
   cache = lambda: KVCache.empty(model.config, 1, cache_length, jnp.dtype(model.options.dtype))  # noqa: E731
-  run = functools.partial(chunk, state, jnp.zeros((1,), jnp.int32), key=jax.random.key(0))
+  run = functools.partial(chunk, state, tokens, key=key)
   jax.block_until_ready(run(cache()))  # compiled for this cache length (the cache is donated)
   _, rows = kernels_by_name(run, cache())
   return {"kernel_ms_per_token": sum(ms for ms, _, _ in rows) / CHUNK,

@@ -212,11 +212,12 @@ def _decode_kernel_gbps(n: int, k: int, config, split) -> float:
   copies = past_l2(n * k // 2)
   qws = [weight(n, k, s) for s in range(copies)]
   x = jax.random.normal(jax.random.key(0), (64, k), jnp.bfloat16)
-  call = functools.partial(gpu_decode._call, table=TABLE, config=config, split=split, out_cols=8,
-                           interpret=False)
+  call = functools.partial(gpu_decode._call, table=TABLE, config=config,
+                           parts=(gpu_decode.Part(split, 0, 0),), out_cols=8, interpret=False)
   lut = jnp.asarray(gpu_decode.pair_table(TABLE, wide=config.wide_table))
-  fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),
-                                   *gpu_decode.absmax_operands(q), lut) for q in qs])
+  fn = jax.jit(lambda a, qs: [call(a[:config.cols], ((q.codes.reshape(n, k // 2),
+                                                      *gpu_decode.absmax_operands(q), ()),), lut)
+                              for q in qs])
   nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
   return nbytes / (gpu_ms(fn, x, qws) / copies) / 1e6
 

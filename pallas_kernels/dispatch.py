@@ -161,7 +161,7 @@ def group_fusion(policy: str) -> tuple:
       (h_i, b_i) per weight: one launch where the layers would launch one each."""
   def fuses(rows: int, qws, compute_dtype, rank: int) -> bool:
     return (len(qws) > 1 and all(_decodes(policy, rows, qw, compute_dtype, rank) for qw in qws)
-            and gpu_decode.group_unsupported_reason(rows, qws, rank) is None)
+            and gpu_decode.unshared_reason(qws) is None)
 
   def forward(x, qws, loras):
     return gpu_decode.decode_group(x.astype(jnp.bfloat16), tuple(qws), loras, interpret=INTERPRET)

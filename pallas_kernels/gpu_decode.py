@@ -51,16 +51,7 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
-def _call(x, codes, absmax, dq, lut, lora=(), *, table, config: Config, split: Split,
-          out_cols: int, interpret: bool):
-  """Segments [split.ctas * split.segments * 128, out_cols] f32 (see Split) of one weight: CTA
-  c's accumulator after its last step in row tile split.first_tile(c) + i is segment i
-  (_call_parts with one part)."""
-  return _call_parts(x, ((codes, absmax, dq, lora),), lut, table=table, config=config,
-                     parts=(Part(split, 0, 0),), out_cols=out_cols, interpret=interpret)
-
-
-def _call_parts(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
+def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
                 interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
   split.ctas * split.segments * 128, out_cols] f32, part p's from row part.first_segment * 128;
@@ -260,12 +251,9 @@ def decode(x_MxK, qw: QuantizedArray, lora=None, *, config: Config | None = None
                       interpret=interpret)[0]
 
 
-def group_unsupported_reason(m: int, qws, lora_rank: int = 0) -> str | None:
-  """Why decode_group cannot take x [m, K] @ each of qws^T (+ rank-`lora_rank` updates; None if
-  it can): each weight as decode takes it, all of one K, codebook and double quantization."""
-  for qw in qws:
-    if (reason := unsupported_reason(m, qw, lora_rank)) is not None:
-      return reason
+def unshared_reason(qws) -> str | None:
+  """Why weights that decode alone cannot share one launch (None if they can): one input width,
+  codebook and double quantization."""
   if len({(qw.shape[1], qw.quant_type, qw.double_quant) for qw in qws}) > 1:
     return ("a group's weights share one input width, codebook and double quantization; got "
             + ", ".join(f"{qw.shape} {qw.quant_type} dq={qw.double_quant}" for qw in qws))
@@ -285,7 +273,8 @@ def decode_group(x_MxK, qws: tuple, loras: tuple | None = None, *, config: Confi
       h.shape != (m, lora_rank) or b.shape != (lora_rank, n) for (h, b), n in zip(loras, ns))):
     raise ValueError(f"LoRA updates {[(h.shape, b.shape) for h, b in loras]} for x [{m}, {k}] @ "
                      f"W_i^T, N_i = {ns}: each needs h [{m}, r] and b [r, N_i], one rank r")
-  if (reason := group_unsupported_reason(m, qws, lora_rank)) is not None:
+  reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
+  if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
   config = config or config_for(m, k, lora_rank)
   if m > config.cols or k % (BLOCK * config.blocks):
@@ -307,7 +296,7 @@ def decode_group(x_MxK, qws: tuple, loras: tuple | None = None, *, config: Confi
         h, b = jnp.pad(h, ((0, 0), (0, extra))), jnp.pad(b, ((0, extra), (0, 0)))
       lora = (pad_rows(h, config.cols), b)
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
-  stored = _call_parts(x, tuple(weights), lut, table=table, config=config, parts=parts,
+  stored = _call(x, tuple(weights), lut, table=table, config=config, parts=parts,
                        out_cols=out_cols, interpret=interpret)
   out = []
   for part, n in zip(parts, ns):

@@ -350,7 +350,7 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
     update = 0 if not rank else jnp.einsum("mr,rn->mn", *loras[i], preferred_element_type=jnp.float32)
     _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
     _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
-  # an H100's 132 SMs for llama3-8b's q, k, v: 88, 22, 22 by rows; q's 512 steps in 86 shares of 6
+  # an H100's 132 SMs for llama3-8b's q, k, v: 512 + 128 + 128 steps in shares of 6
   parts = gpu_decode.parts_for((4096, 1024, 1024), 4096, gpu_decode.config_for(1, 4096, 64), 132)
   assert [(p.split.ctas, p.split.per_cta, p.first_cta) for p in parts] == [(86, 6, 0), (22, 6, 86),
                                                                           (22, 6, 108)]
@@ -427,8 +427,7 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
   instead of 7."""
   from jax import export
 
-  from qlora_jax.nn.generate import _decoder, decode_state
-  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.generate import _decoder, greedy_chunk
   from qlora_jax.nn.lora import LoraConfig
   from qlora_jax.nn.model import ModelOptions
   from qlora_jax.nn.model_config import ModelConfig
@@ -445,11 +444,9 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
   monkeypatch.setattr(dispatch, "INTERPRET", False)
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  graphdef, state = decode_state(model)
-  _, chunk = _decoder(graphdef, 0.0, 1.0)
-  cache = KVCache.empty(cfg, 1, 128, jnp.bfloat16)
   try:
-    export.export(chunk, platforms=("cuda",))(state, jnp.zeros((1,), jnp.int32), cache, jax.random.key(0))
+    chunk, args = greedy_chunk(model, 1, 128)
+    export.export(chunk, platforms=("cuda",))(*args)
   finally:
     _decoder.cache_clear()  # no later test gets this GPU-traced chunk
   assert launches == [3, 1, 2, 1] * cfg.num_hidden_layers

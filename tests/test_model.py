@@ -440,8 +440,7 @@ def test_decoding_writes_the_kv_cache_in_place(scan_layers, dtype):
   unrolled model sliced each layer's cache and re-stacked all of them, the scanned one rewrote it
   through the scan's outputs, and XLA:CPU computed a bf16 update in float32, converting the whole
   cache at every write; the tokens are checked by the generation tests)."""
-  from qlora_jax.nn.generate import _decoder, decode_state
-  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.generate import greedy_chunk
   from qlora_jax.nn.model_config import ModelConfig
   from qlora_jax.testing import random_model
 
@@ -450,10 +449,8 @@ def test_decoding_writes_the_kv_cache_in_place(scan_layers, dtype):
                        max_position_embeddings=512)
   model = random_model(config, ModelOptions(dtype=dtype, scan_layers=scan_layers), seed=1)
   model.eval()
-  graphdef, state = decode_state(model)
-  cache = KVCache.empty(config, 2, 384, dtype)  # batch 2: no unit axis XLA could drop from a copy
-  _, chunk = _decoder(graphdef, 0.0, 1.0)
-  hlo = chunk.lower(state, jnp.zeros((2,), jnp.int32), cache, jax.random.key(0)).compile().as_text()
+  chunk, args = greedy_chunk(model, 2, 384)  # batch 2: no unit axis XLA could drop from a copy
+  hlo = chunk.lower(*args).compile().as_text()
   whole = f"[{config.num_hidden_layers},2,384,2,16]"
   moves = []  # instructions making a whole cache: copies, conversions, concatenations (op or fusion)
   for line in hlo.splitlines():

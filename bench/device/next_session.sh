@@ -12,12 +12,8 @@
 # A device session can end after one call (2026-12-06: starts failed for ~40 minutes twice, and
 # each refused start cost 15 s to 4 minutes of device time): `groups` is that one call.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
-A="--model llama3-8b --short 8 --long 520 --repeats 3"   # a longer cache: the KV copies grow with it
-row() {  # row DIR WORKER [env...]: one fresh worker's JSON row, cut, with its wall time
-  local d=$1 w=$2; shift 2
-  (cd "$d" && SECONDS=0 && env "$@" timeout 200 python bench/generate.py $A --worker "$w" 2>>$OUT/errors.txt \
-     | grep '^{' | tee -a $OUT/rows.jsonl | cut -c1-150; echo "  ($d $w $* ${SECONDS}s)")
-}
+A="--model llama3-8b --short 8 --long 136 --repeats 3"  # 40 and 520 tokens cost the same a token (2026-12-06)
+. bench/device/rows.sh  # row DIR WORKER [env...]
 wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, as .anchors/run.sh does
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
@@ -27,7 +23,6 @@ case "$1" in
            # under pl.when?), then it against main, unrolled twice and scanned, 136 tokens
     (cd .work/groups && timeout 200 python -m pytest -x -q tests/test_kernels.py \
         -k "lora or decode or sharing_an_input" > $OUT/gpu_tests.txt 2>&1); tail -1 $OUT/gpu_tests.txt
-    A="--model llama3-8b --short 8 --long 136 --repeats 3"
     if ! tail -1 $OUT/gpu_tests.txt | grep -q " passed" || tail -1 $OUT/gpu_tests.txt | grep -q failed; then
       grep -m3 -i "error" $OUT/gpu_tests.txt | cut -c1-300  # did not compile: say why, keep the call for main
       row . ours:auto; row . ours:scan; exit 0

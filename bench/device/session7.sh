@@ -15,7 +15,7 @@
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 nvidia-smi --query-gpu=name --format=csv,noheader
 A="--model llama3-8b --short 8 --long 40 --repeats 5"
-row() { local d=$1 w=$2; (cd "$d" && SECONDS=0 && timeout 120 python bench/generate.py $A --worker "$w" 2>>$OUT/errors.txt | grep '^{' | tee -a $OUT/rows.jsonl | cut -c1-110; echo "  ($d $w ${SECONDS}s)"); }
+ROW_TIMEOUT=120; . bench/device/rows.sh  # row DIR WORKER
 case "$1" in
   h_rows)  # ~7.5 min: the patch's GPU tests, then hrows / head / c4 twice, interleaved
     (cd .work/hrows && timeout 150 python -m pytest -x -q tests/test_kernels.py -k "lora or decode" > $OUT/gpu_tests.txt 2>&1); tail -1 $OUT/gpu_tests.txt

@@ -92,6 +92,17 @@ def _decoder(graphdef: nnx.GraphDef, temperature: float, top_p: float) -> tuple[
   return jax.jit(next_tokens, donate_argnums=3), jax.jit(chunk, donate_argnums=2)
 
 
+def greedy_chunk(model: CausalLM, batch: int, slots: int) -> tuple[Callable, tuple]:
+  """(chunk, args): generation's compiled call of CHUNK greedy decoding steps for `batch`
+  sequences in a cache of `slots` slots, and arguments to call, lower or export it with (the
+  model's state as generation reads it, start tokens 0, an empty cache, a key). The cache is
+  donated: a second call needs a fresh one (args[2] rebuilt with KVCache.empty)."""
+  graphdef, state = decode_state(model)
+  _, chunk = _decoder(graphdef, 0.0, 1.0)
+  cache = KVCache.empty(model.config, batch, slots, jnp.dtype(model.options.dtype))
+  return chunk, (state, jnp.zeros((batch,), jnp.int32), cache, jax.random.key(0))
+
+
 def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
              stop_ids: tuple[int, ...] = ()) -> Iterator[np.ndarray]:
   """Yield the next token of every prompt ([B] int array) until all stopped, the budget ends or
