@@ -70,16 +70,20 @@ class Split:
 
   def combine(self, stored):
     """[tiles, ...] from the kernel's stored segments [ctas, segments, ...] (those a CTA did not
-    reach are unwritten: never read)."""
+    reach are unwritten: never read). A sum of a few gathered slices, not a reduction, so that XLA
+    fuses it into the product's consumer instead of launching a reduction kernel of its own."""
     parts = stored - jnp.concatenate([jnp.zeros_like(stored[:, :1]), stored[:, :-1]], 1)
     t = np.arange(self.tiles)
     first, last = self.first_cta(t), self.last_cta(t)
-    cta = first + np.arange(np.max(last - first) + 1)[:, None]  # [slots, tiles]
-    real = cta <= last
-    cta = np.minimum(cta, last)
-    parts = parts[cta, t - self.first_tile(cta)]  # [slots, tiles, ...]
-    real = real.reshape(real.shape + (1,) * (parts.ndim - 2))
-    return jnp.where(real, parts, 0).sum(0)
+    total = None
+    for slot in range(int(np.max(last - first)) + 1):  # the slot-th CTA of each tile, if any
+      cta = np.minimum(first + slot, last)
+      part = parts[cta, t - self.first_tile(cta)]  # [tiles, ...]
+      if slot:
+        real = (first + slot <= last).reshape((-1,) + (1,) * (part.ndim - 1))
+        part = jnp.where(real, part, 0)
+      total = part if total is None else total + part
+    return total
 
 
 def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
