@@ -95,14 +95,13 @@ def _profile(model, cache_length: int) -> dict:
   import jax.numpy as jnp
 
   from qlora_jax.nn.generate import CHUNK, greedy_chunk
-  from qlora_jax.nn.kv_cache import KVCache
   from step_profile import kernels_by_name
 
-  chunk, (state, tokens, _, key) = greedy_chunk(model, 1, cache_length)
-  cache = lambda: KVCache.empty(model.config, 1, cache_length, jnp.dtype(model.options.dtype))  # noqa: E731
+  chunk, (state, tokens, cache, key) = greedy_chunk(model, 1, cache_length)
+  spare = jax.tree.map(jnp.copy, cache)  # each call donates its cache: one for the measured call
   run = functools.partial(chunk, state, tokens, key=key)
-  jax.block_until_ready(run(cache()))  # compiled for this cache length (the cache is donated)
-  _, rows = kernels_by_name(run, cache())
+  jax.block_until_ready(run(cache))  # compiled for this cache length
+  _, rows = kernels_by_name(run, spare)
   return {"kernel_ms_per_token": sum(ms for ms, _, _ in rows) / CHUNK,
           "kernels_per_token": [(ms / CHUNK, n / CHUNK, name) for ms, n, name in rows]}
 

@@ -70,8 +70,9 @@ class Split:
 
   def combine(self, stored):
     """[tiles, ...] from the kernel's stored segments [ctas, segments, ...] (those a CTA did not
-    reach are unwritten: never read). A sum of a few gathered slices, not a reduction, so that XLA
-    fuses it into the product's consumer instead of launching a reduction kernel of its own."""
+    reach are unwritten: never read). A sum of a few gathered slices, not a reduction, so that
+    XLA can fuse it into the product's consumer instead of launching a reduction kernel of its
+    own."""
     parts = stored - jnp.concatenate([jnp.zeros_like(stored[:, :1]), stored[:, :-1]], 1)
     t = np.arange(self.tiles)
     first, last = self.first_cta(t), self.last_cta(t)

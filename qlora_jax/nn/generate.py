@@ -96,7 +96,7 @@ def greedy_chunk(model: CausalLM, batch: int, slots: int) -> tuple[Callable, tup
   """(chunk, args): generation's compiled call of CHUNK greedy decoding steps for `batch`
   sequences in a cache of `slots` slots, and arguments to call, lower or export it with (the
   model's state as generation reads it, start tokens 0, an empty cache, a key). The cache is
-  donated: a second call needs a fresh one (args[2] rebuilt with KVCache.empty)."""
+  donated: a second call needs another (a copy of args[2] made before the first call)."""
   graphdef, state = decode_state(model)
   _, chunk = _decoder(graphdef, 0.0, 1.0)
   cache = KVCache.empty(model.config, batch, slots, jnp.dtype(model.options.dtype))
