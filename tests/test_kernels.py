@@ -504,58 +504,6 @@ def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, ran
     _check(value, ref, 0, BF16_TOL)
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_layers_sharing_an_input_take_one_lora_a_product(monkeypatch, tokens):
-  """q, k, v layers (biases, scaling 1.5) at decoding size on a GPU ('auto'): shared_input
-  computes their three A products as one, x @ [A_q | A_k | A_v] (the B products in the decode
-  kernel: one dot_general in all); outputs and gradients (x, each A and B) equal XLA's layers one
-  by one. With dropout active (training) the layers go one by one: three A products."""
-  from flax import nnx
-  import qlora_jax as q
-  from qlora_jax.nn.lora import shared_input
-
-  monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
-  ns, k, r = ((4096, 1024, 1024), 4096, 64) if ON_GPU else ((256, 128, 128), 640, 16)
-  x = jax.random.normal(jax.random.key(5), (1, tokens, k), jnp.float32)
-  gs = [jax.random.normal(jax.random.key(9 + i), (1, tokens, n)) for i, n in enumerate(ns)]
-
-  def run(backend, dropout=0.0):
-    layers = []
-    for i, n in enumerate(ns):
-      w = jax.random.normal(jax.random.key(i), (n, k)) * 0.05
-      bias = jax.random.normal(jax.random.key(20 + i), (n,)) * 0.1
-      layer = q.QLoRALinear.from_quantized(q.quantize(w), q.LoraConfig(rank=r, alpha=1.5 * r, dropout=dropout),
-                                           bias=bias, backend=get_backend(backend), rngs=nnx.Rngs(i))
-      layer.lora_b[...] = jax.random.normal(jax.random.key(30 + i), (r, n)) * 0.1
-      layers.append(layer)
-    graphdef, lora, rest = nnx.split(tuple(layers), nnx.LoRAParam, ...)
-
-    def forward(lora, x):
-      return shared_input(nnx.merge(graphdef, lora, rest), x)
-
-    def loss(lora, x):
-      return sum(jnp.sum(y.astype(jnp.float32) * g) for y, g in zip(forward(lora, x), gs))
-
-    text = str(jax.make_jaxpr(lambda lora, rest, x: shared_input(nnx.merge(graphdef, lora, rest), x))(
-        lora, rest, x))  # (the dropout's key state an argument: it is drawn from)
-    if dropout:
-      return text
-    return jax.jit(forward)(lora, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(lora, x), text
-
-  with monkeypatch.context() as m:
-    m.setattr(dispatch.jax, "default_backend", lambda: "gpu")
-    ys, (d_state, dx), text = run("auto")
-    assert run("auto", dropout=0.1).count("dot_general") == 3
-  assert text.count("dot_general") == 1 and "concatenate" in text
-  ys_ref, (d_ref, dx_ref), _ = run("xla")
-  for y, y_ref in zip(ys, ys_ref):
-    _check(y, y_ref, 0, DECODE_TOL + BF16_TOL)
-  _check(dx, dx_ref, 0, BF16_TOL)
-  refs = dict(jax.tree_util.tree_leaves_with_path(d_ref))
-  for path, value in jax.tree_util.tree_leaves_with_path(d_state):
-    _check(value, refs[path], 0, BF16_TOL)
-
-
 def test_gpu_decode_config_fits_shared_memory_or_is_refused():
   """config_for picks a pipeline and table within Hopper's shared memory for every decode size
   and LoRA rank (Mosaic GPU counted 238,680 bytes for x [64, K], a rank-64 update, three steps in

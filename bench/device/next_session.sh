@@ -8,11 +8,11 @@
 # 224 -> 128 decode launches a token and as many fewer combines and pads), interpreted tests
 # pass on CPU, never compiled by Mosaic GPU yet. Also untimed: the stream-K combine as a sum of
 # gathered slices (11c1efa: XLA may fuse it into the product's consumer; b354ab5 has the
-# reduction). The two trees beside main (carry [".work/groups", ".work/nocombine"]):
+# reduction). The trees beside main (carry [".work/groups", ".work/nocombine"]):
 #   mkdir -p .work/groups && git archive HEAD | tar -x -C .work/groups \
 #     && (cd .work/groups && patch -p1 < ../../bench/device/decode_groups.patch)
 #   mkdir -p .work/nocombine && git archive b354ab5 | tar -x -C .work/nocombine
-# (2026-12-06, eighth session: no device start came in 80 minutes of tries; these rows are owed.)
+# (2026-12-06 and -07, eighth and ninth sessions: device starts failed again and again; these rows are owed.)
 # A device session can end after one call (2026-12-06: starts failed for ~40 minutes twice, and
 # each refused start cost 15 s to 4 minutes of device time): `groups` is that one call.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
@@ -24,17 +24,16 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
 }
 case "$1" in
   groups)  # ~8 min: the grouped launch's GPU tests (does Mosaic GPU compile a pipeline per part
-           # under pl.when?), then it and the reduction combine against main, unrolled twice and
-           # scanned, 136 tokens
+           # under pl.when?), then it and b354ab5 (the reduction combine) against main, unrolled
+           # twice and scanned, 136 tokens
     (cd .work/groups && timeout 200 python -m pytest -x -q tests/test_kernels.py \
         -k "lora or decode or sharing_an_input" > $OUT/gpu_tests.txt 2>&1); tail -1 $OUT/gpu_tests.txt
     if ! tail -1 $OUT/gpu_tests.txt | grep -q " passed" || tail -1 $OUT/gpu_tests.txt | grep -q failed; then
       grep -m3 -i "error" $OUT/gpu_tests.txt | cut -c1-300  # did not compile: say why, keep the call for main
-      row . ours:auto; row .work/nocombine ours:auto; row . ours:auto; row .work/nocombine ours:auto
+      for t in . .work/nocombine . .work/nocombine; do row $t ours:auto; done
       row . ours:scan; exit 0
     fi
-    row .work/groups ours:auto; row . ours:auto; row .work/nocombine ours:auto
-    row .work/groups ours:auto; row . ours:auto; row .work/nocombine ours:auto
+    for t in .work/groups . .work/nocombine .work/groups . .work/nocombine; do row $t ours:auto; done
     row .work/groups ours:scan; row . ours:scan ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     (cd .work/groups && timeout 250 python bench/kernels.py --tune decode_groups) ;;

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import itertools
 import math
 
 import jax
@@ -115,29 +114,18 @@ class QLoRALinear(nnx.Module):
     qw = self.weight.get_value()
     if self.lora is None:
       y = qmatmul(x_BxK, qw, self.backend, cd)
-    elif self._fuses_update(x_BxK):
-      y = self._fused(x_BxK, self._scaled_update_input(x_BxK))
-    else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
-      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-      y = (qmatmul(x_BxK, qw, self.backend, cd)
-           + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling)
+    else:
+      if fuses_lora(x_BxK, qw, self.lora.rank, self.backend, cd):
+        # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
+        # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
+        # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
+        y = qmatmul_lora(x_BxK, self._scaled_update_input(x_BxK), qw, self.lora_b[...],
+                         self.backend, cd)
+      else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
+        h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
+        y = (qmatmul(x_BxK, qw, self.backend, cd)
+             + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling)
     return self._finish(y, x_BxK)
-
-  def _fuses_update(self, x_BxK: jax.Array) -> bool:
-    return fuses_lora(x_BxK, self.weight.get_value(), self.lora.rank, self.backend, self.compute_dtype)
-
-  def _scaled_update_input(self, x_BxK: jax.Array) -> jax.Array:
-    """h = scaling * dropout(x) @ A, rounded to the compute dtype (its product, then the scale)."""
-    cd = jnp.dtype(self.compute_dtype)
-    h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-    return (h_BxR * self.lora.scaling).astype(cd)
-
-  def _fused(self, x_BxK: jax.Array, h_BxR: jax.Array) -> jax.Array:
-    """Decoding on a GPU: the decode kernel adds the update h @ B (scaling in h) to the base
-    product, both accumulated in float32 and rounded once (the unfused layer rounds the update,
-    then the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)."""
-    return qmatmul_lora(x_BxK, h_BxR, self.weight.get_value(), self.lora_b[...], self.backend,
-                        self.compute_dtype)
 
   def _finish(self, y: jax.Array, x_BxK: jax.Array) -> jax.Array:
     """The product y (compute dtype) plus the bias, in x's dtype."""
@@ -145,45 +133,32 @@ class QLoRALinear(nnx.Module):
       y = y + self.bias[...].astype(self.compute_dtype)
     return y.astype(x_BxK.dtype)
 
-
-def _scaled_update_inputs(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
-  """Each layer's h = scaling * dropout(x) @ A for layers sharing x (one compute dtype). Where
-  none drops out, their A products are one, x @ [A_1 | A_2 | ...]: a launch instead of one a
-  layer, each column the same float32-accumulated dot."""
-  if not all(layer.dropout.deterministic or layer.lora.dropout == 0 for layer in layers):
-    return tuple(layer._scaled_update_input(x_BxK) for layer in layers)
-  cd = jnp.dtype(layers[0].compute_dtype)
-  h = compute_dot("...k,kr->...r", x_BxK,
-                  jnp.concatenate([layer.lora_a[...].astype(cd) for layer in layers], axis=-1), cd)
-  ends = itertools.accumulate(layer.lora.rank for layer in layers)
-  return tuple((h[..., end - layer.lora.rank:end] * layer.lora.scaling).astype(cd)
-               for layer, end in zip(layers, ends))
+  def _scaled_update_input(self, x_BxK: jax.Array) -> jax.Array:
+    """h = scaling * dropout(x) @ A, rounded to the compute dtype (its product, then the scale)."""
+    cd = jnp.dtype(self.compute_dtype)
+    h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
+    return (h_BxR * self.lora.scaling).astype(cd)
 
 
 def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
-  """Each layer applied to x, for layers that share an input (q, k, v; gate, up): as one
+  """Each layer applied to x (the layers that share an input: q, k, v; gate, up), as one
   decode-kernel launch where the backend takes them together (decoding on a GPU: qmatmul_group),
-  their A products as one (_scaled_update_inputs); else layer by layer. The same products either
-  way."""
+  else layer by layer; the same products either way."""
   first = layers[0]
-  if not all(isinstance(layer, QLoRALinear) for layer in layers):
-    return tuple(layer(x_BxK) for layer in layers)
   cd = jnp.dtype(first.compute_dtype)
   qws = tuple(layer.weight.get_value() for layer in layers)
   rank = 0 if first.lora is None else first.lora.rank
   alike = all(layer.backend is first.backend and layer.compute_dtype == first.compute_dtype
               and (layer.lora is None) == (first.lora is None)
               and (layer.lora is None or layer.lora.rank == rank) for layer in layers)
-  if alike and fuses_group(x_BxK, qws, rank, first.backend, cd):
-    hs = _scaled_update_inputs(layers, x_BxK) if rank else None
-    bs = tuple(layer.lora_b[...] for layer in layers) if rank else None
-    ys = qmatmul_group(x_BxK, hs, qws, bs, first.backend, cd)
-    return tuple(layer._finish(y, x_BxK) for layer, y in zip(layers, ys))
-  if not all(layer.lora is not None and layer.compute_dtype == first.compute_dtype
-             and layer._fuses_update(x_BxK) for layer in layers):
+  if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
     return tuple(layer(x_BxK) for layer in layers)
-  hs = _scaled_update_inputs(layers, x_BxK)
-  return tuple(layer._finish(layer._fused(x_BxK, h), x_BxK) for layer, h in zip(layers, hs))
+  hs = bs = None
+  if rank:
+    hs = tuple(layer._scaled_update_input(x_BxK) for layer in layers)
+    bs = tuple(layer.lora_b[...] for layer in layers)
+  ys = qmatmul_group(x_BxK, hs, qws, bs, first.backend, cd)
+  return tuple(layer._finish(y, x_BxK) for layer, y in zip(layers, ys))
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:
