@@ -9,6 +9,7 @@ from flax import nnx
 from qlora_jax.nn.lora import LoraConfig
 from qlora_jax.nn.attention import attention_implementation
 from qlora_jax.nn.model import ModelOptions
+from tests.jaxprs import equations
 
 
 def test_attention_auto_picks_cudnn_on_gpu_only_and_respects_explicit_choices():
@@ -73,21 +74,6 @@ def test_sampling_greedy_temperature_and_top_p():
   assert nucleus == {0, 1}
 
 
-def _dot_precisions(jaxpr) -> list:
-  """The precision of every dot_general in a jaxpr and the jaxprs nested in it."""
-  from jax.extend import core
-
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      found.append(eqn.params["precision"])
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
-          found += _dot_precisions(getattr(sub, "jaxpr", sub))
-  return found
-
-
 def test_float32_models_ask_for_float32_products():
   """With dtype float32, every product of the training loss (base, LoRA, attention, lm_head; forward
   and backward, through the custom VJP, remat and scan) asks for full float32 precision, which a
@@ -114,7 +100,9 @@ def test_float32_models_ask_for_float32_products():
       return batch_loss(model, batch)[0]
 
     with jax.default_matmul_precision(None):  # tests/conftest.py sets "highest" on a GPU
-      precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(lora, rest).jaxpr)
+      traced = jax.make_jaxpr(jax.grad(loss))(lora, rest)
+    precisions = [eqn.params["precision"] for eqn in equations(traced)
+                  if eqn.primitive.name == "dot_general"]
     assert len(precisions) >= 7 * 2 * 3 + 2  # 7 base products a layer, LoRA's, attention's, the head
     assert all(p == highest for p in precisions) == (dtype == "float32"), (dtype, set(precisions))
     assert any(p == highest for p in precisions) == (dtype == "float32")

@@ -8,12 +8,10 @@
 # 224 -> 128 decode launches a token). 2026-12-07 (tenth session, one H100 call of nine start
 # attempts): Mosaic GPU compiles it, 5.02-5.37 ms a token against main's 5.41-5.48; its GPU test
 # stopped on a test bug (fixed on the branch, a4adc14) before the numerical checks, which are
-# owed: `groups` runs them first, then merge the branch if they pass. The stream-K combine as a
-# reduction kernel (b354ab5) timed 5.34 beside main: no faster. The trees beside main (carry
-# [".work/groups", ".work/nocombine"]):
+# owed: `groups` runs them first, then merge the branch if they pass. The tree beside main
+# (carry [".work/groups"]):
 #   mkdir -p .work/groups && git archive HEAD | tar -x -C .work/groups \
 #     && (cd .work/groups && patch -p1 < ../../bench/device/decode_groups.patch)
-#   mkdir -p .work/nocombine && git archive b354ab5 | tar -x -C .work/nocombine
 # A device session can end after one call (2026-12-06: starts failed for ~40 minutes twice, and
 # each refused start cost 15 s to 4 minutes of device time): `groups` is that one call.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
@@ -24,17 +22,15 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  groups)  # ~8 min: the grouped launch's GPU tests (does Mosaic GPU compile a pipeline per part
-           # under pl.when?), then it and b354ab5 (the reduction combine) against main, unrolled
-           # twice and scanned, 136 tokens
+  groups)  # ~6 min: the grouped launch's GPU tests (its outputs compiled against the references),
+           # then it against main, unrolled three times each and scanned, 136 tokens
     (cd .work/groups && timeout 200 python -m pytest -x -q tests/test_kernels.py \
         -k "lora or decode or sharing_an_input" > $OUT/gpu_tests.txt 2>&1); tail -1 $OUT/gpu_tests.txt
     if ! tail -1 $OUT/gpu_tests.txt | grep -q " passed" || tail -1 $OUT/gpu_tests.txt | grep -q failed; then
-      grep -m3 -i "error" $OUT/gpu_tests.txt | cut -c1-300  # did not compile: say why, keep the call for main
-      for t in . .work/nocombine . .work/nocombine; do row $t ours:auto; done
-      row . ours:scan; exit 0
+      grep -m3 -iE "^E |error" $OUT/gpu_tests.txt | cut -c1-300  # failed: say why, no rows of a wrong kernel
+      exit 1
     fi
-    for t in .work/groups . .work/nocombine .work/groups . .work/nocombine; do row $t ours:auto; done
+    for t in .work/groups . .work/groups . .work/groups .; do row $t ours:auto; done
     row .work/groups ours:scan; row . ours:scan ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     (cd .work/groups && timeout 250 python bench/kernels.py --tune decode_groups) ;;
