@@ -21,6 +21,7 @@ from pallas_kernels.backends import get_backend
 from pallas_kernels.xla import compute_dot
 from qlora_jax.nn.qmatmul import qmatmul
 from qlora_jax.format.quantization import dequantize, quantize, scales, unpack
+from tests.jaxprs import equations
 
 ON_GPU = jax.default_backend() == "gpu"
 # Interpreted (CPU): the same bf16 operands and f32 accumulation as the reference, only the
@@ -326,24 +327,11 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
   _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
 
 
-
-def _primitive_names(jaxpr) -> list:
-  """Every equation's primitive name in jaxpr and in the jaxprs inside its equations' parameters."""
-  names = []
-  for eqn in jaxpr.eqns:
-    names.append(eqn.primitive.name)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          names += _primitive_names(inner)
-  return names
-
 @pytest.mark.parametrize("rank", [64, 0])
 def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
-  scales, each weight's double-quant offset its own (three quantized apart); one pallas_call.
+  scales, each weight's double-quant offset its own (three quantized apart); one launch.
   Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between its CTAs."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
@@ -357,14 +345,14 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
                  jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16)) for n in ns) if rank else None
   fn = functools.partial(gpu_decode.decode_group, interpret=not ON_GPU)
   ys = fn(x, qws, loras)
-  # one launch: Mosaic GPU's kernel is an mpmd_map (traced, not lowered: on CPU too)
-  names = _primitive_names(jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(
-      x, qws, loras).jaxpr)
-  assert names.count("mpmd_map") + names.count("pallas_call") == 1, sorted(set(names))
   for i, (y, qw) in enumerate(zip(ys, qws)):
     update = 0 if not rank else jnp.einsum("mr,rn->mn", *loras[i], preferred_element_type=jnp.float32)
     _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
     _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
+  # one launch: Mosaic GPU's kernel traces as an mpmd_map (traced, not lowered: on CPU too)
+  traced = jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(x, qws, loras)
+  names = [eqn.primitive.name for eqn in equations(traced)]
+  assert names.count("mpmd_map") + names.count("pallas_call") == 1, sorted(set(names))
   # an H100's 132 SMs for llama3-8b's q, k, v: 512 + 128 + 128 steps in shares of 6
   parts = gpu_decode.parts_for((4096, 1024, 1024), 4096, gpu_decode.config_for(1, 4096, 64), 132)
   assert [(p.split.ctas, p.split.per_cta, p.first_cta) for p in parts] == [(86, 6, 0), (22, 6, 86),
