@@ -212,11 +212,12 @@ def _decode_kernel_gbps(n: int, k: int, config, split) -> float:
   copies = past_l2(n * k // 2)
   qws = [weight(n, k, s) for s in range(copies)]
   x = jax.random.normal(jax.random.key(0), (64, k), jnp.bfloat16)
-  call = functools.partial(gpu_decode._call, table=TABLE, config=config, split=split, out_cols=8,
-                           interpret=False)
+  call = functools.partial(gpu_decode._call, table=TABLE, config=config,
+                           parts=(gpu_decode.Part(split, 0, 0),), out_cols=8, interpret=False)
   lut = jnp.asarray(gpu_decode.pair_table(TABLE, wide=config.wide_table))
-  fn = jax.jit(lambda a, qs: [call(a[:config.cols], q.codes.reshape(n, k // 2),
-                                   *gpu_decode.absmax_operands(q), lut) for q in qs])
+  fn = jax.jit(lambda a, qs: [call(a[:config.cols], ((q.codes.reshape(n, k // 2),
+                                                      *gpu_decode.absmax_operands(q), ()),), lut)
+                              for q in qs])
   nbytes = n * k // 2 + n * k // 64 + 2 * k + 4 * n
   return nbytes / (gpu_ms(fn, x, qws) / copies) / 1e6
 
@@ -258,6 +259,25 @@ def tune_decode() -> None:
       except Exception as e:  # noqa: BLE001  (a configuration that does not fit: say why, go on)
         res.append(f"{label}: failed: {str(e).splitlines()[0][:100]}")
     print(f"decode N={n} K={k}:\n  " + "\n  ".join(res), flush=True)
+
+
+def tune_decode_groups() -> None:
+  """µs of llama3-8b's weights that share an input, x [1, K] with rank-64 LoRA updates as a layer
+  decodes them (x permutation, pads and combines included): one decode call each against one
+  decode_group launch, on weights rotated past the L2."""
+  k, rank = 4096, 64
+  for ns in [(4096, 1024, 1024), (14336, 14336)]:
+    copies = past_l2(sum(ns) * k // 2)
+    groups = [tuple(weight(n, k, 10 * s + i) for i, n in enumerate(ns)) for s in range(copies)]
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    loras = tuple((jax.random.normal(jax.random.key(1), (1, rank), jnp.bfloat16),
+                   jax.random.normal(jax.random.key(2), (rank, n), jnp.bfloat16)) for n in ns)
+    one_each = jax.jit(lambda x, gs: [[gpu_decode.decode(x, q, lo) for q, lo in zip(g, loras)]
+                                      for g in gs])
+    grouped = jax.jit(lambda x, gs: [gpu_decode.decode_group(x, g, loras) for g in gs])
+    times = [1e3 * gpu_ms(fn, x, groups) / copies for fn in (one_each, grouped)]
+    print(f"decode group N={ns} K={k}: one call each {times[0]:.1f} µs, one launch "
+          f"{times[1]:.1f} µs ({times[0] / times[1]:.2f}x)", flush=True)
 
 
 def tune_ragged() -> None:
@@ -326,7 +346,7 @@ def main() -> None:
   p.add_argument("--m", type=int, default=8192, help="rows of the training shapes")
   p.add_argument("--decode-only", action="store_true", help="skip the training shapes")
   p.add_argument("--train-only", action="store_true", help="skip the decode shapes")
-  p.add_argument("--tune", choices=["train", "decode", "ragged", "prep", "ceilings"],
+  p.add_argument("--tune", choices=["train", "decode", "decode_groups", "ragged", "prep", "ceilings"],
                  help="only compare tile configurations (ragged: the decode kernel's stream-K shares)")
   p.add_argument("--ops", default="fwd,bwd", help="training products to time: fwd, bwd or both")
   p.add_argument("--json", help="write all rows here")
@@ -334,7 +354,7 @@ def main() -> None:
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
   if args.tune:
-    {"decode": tune_decode, "ragged": tune_ragged, "prep": tune_prep,
+    {"decode": tune_decode, "decode_groups": tune_decode_groups, "ragged": tune_ragged, "prep": tune_prep,
      "ceilings": tune_ceilings}.get(args.tune, lambda: tune(args.m))()
     return
   ceil = ceilings()

@@ -151,6 +151,24 @@ def lora_fusion(policy: str) -> tuple:
   return functools.partial(_decodes, policy), forward
 
 
+def group_fusion(policy: str) -> tuple:
+  """(fuses, forward) of the decode kernel over weights that share an input (decode_group):
+
+    fuses(rows, qws, compute_dtype, rank) -> bool: whether x [rows, K] @ each of qws^T (each with
+      a rank-`rank` LoRA update, 0: none) takes one decode-kernel launch (each weight as the
+      decode kernel takes it alone; one K, codebook and double quantization)
+    forward(x, qws, loras) -> (x @ dequant(qw_i)^T (+ h_i @ b_i), ...) float32, loras None or a
+      (h_i, b_i) per weight: one launch where the layers would launch one each."""
+  def fuses(rows: int, qws, compute_dtype, rank: int) -> bool:
+    return (len(qws) > 1 and all(_decodes(policy, rows, qw, compute_dtype, rank) for qw in qws)
+            and gpu_decode.unshared_reason(qws) is None)
+
+  def forward(x, qws, loras):
+    return gpu_decode.decode_group(x.astype(jnp.bfloat16), tuple(qws), loras, interpret=INTERPRET)
+
+  return fuses, forward
+
+
 def product_fn(policy: str, product: str):
   """The function computing `product` ("forward" | "backward") under `policy`."""
   fallback = getattr(xla, product)

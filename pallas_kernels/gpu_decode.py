@@ -26,7 +26,9 @@ tile) `stages` steps ahead, `compute_wgs` warpgroups each own 64 weight rows; a 
 blocks, then scales them and issues their wgmmas. Persistent and stream-K (gpu_decode_plan.Split):
 one CTA per SM loads the tables once, then runs one pipeline over an equal share of the (row tile,
 step of K) pairs, storing its accumulator after each row tile it touches; the wrapper combines the
-stores.
+stores. Weights that share x (q, k, v; gate, up: decode_group) run in one launch, the SMs dealt
+among them by rows, each CTA the pipeline of its weight (gpu_decode_plan.Part). The scales'
+loads and decoding: gpu_decode_scales.
 Measured in docs/kernels.md."""
 
 from __future__ import annotations
@@ -37,287 +39,190 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import llvm, vector
-from jax.experimental.mosaic import gpu as mgpu
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-from pallas_kernels.gpu import (address, interpret_params, interpret_staging, register_wgmma,
-                                 sm_count, swizzled)
-from pallas_kernels.gpu_decode_plan import (  # noqa: F401  (MAX_ROWS, SMEM_LIMIT: gpu_decode's API)
-    MAX_ROWS, SMEM_LIMIT, Config, Split, config_for, out_columns, smem_bytes, split_for,
-    unsupported_reason)
+from pallas_kernels.gpu import interpret_params, interpret_staging, register_wgmma, sm_count, swizzled
+from pallas_kernels.gpu_decode_plan import (  # noqa: F401  (MAX_ROWS, SMEM_LIMIT, split_for: gpu_decode's API)
+    MAX_ROWS, SMEM_LIMIT, Config, Part, Split, config_for, out_columns, parts_for, smem_bytes,
+    split_for, unsupported_reason)
+from pallas_kernels.gpu_decode_scales import (  # noqa: F401  (absmax_operands: gpu_decode's API)
+    ROW, absmax_operands, decode_scales, load_offset, load_scales)
 from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table, scaled
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
-from qlora_jax.format.codebooks import NESTED_BLOCKSIZE as NESTED
-from qlora_jax.format.ieee import rounded
 from qlora_jax.format.quantization import QuantizedArray
 
-ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] array per warpgroup: a thread holds its two rows
+def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
+                interpret: bool):
+  """The segments of every weight of a group sharing x, in one launch: [sum of each part's
+  split.ctas * split.segments * 128, out_cols] f32, part p's from row part.first_segment * 128;
+  its CTA part.first_cta + c stores as CTA c of its Split would alone.
 
+  weights: per part (codes [N, K/2], absmax, dq, lora). absmax: bitsandbytes' flat absmax array
+  (uint8 codes with dq = (qmap [256], nested, offset [1]), or float32 with dq = ()): every part
+  with dq or none. Persistent: one CTA per SM loads the tables once, then runs one pipeline over
+  its `split.per_cta` steps of its part's weight; each time a row tile's last step (or the CTA's
+  last) is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
 
-def _row_asm(rows_fas, operands, asm: str, constraints: str, types) -> tuple:
-  """Run `asm` once per register of the ROW-layout arrays `rows_fas` (a thread's two rows): its
-  inputs are those registers' scalars, then `operands`; its outputs (`types`) come back as ROW
-  arrays."""
-  shape = rows_fas[0].registers.shape
-  outs = [np.empty(shape, dtype=object) for _ in types]
-  for idx in np.ndindex(shape):
-    args = [vector.extract(fa.registers[idx], dynamic_position=[],
-                           static_position=ir.DenseI64ArrayAttr.get([0])) for fa in rows_fas]
-    res = llvm.inline_asm(llvm.StructType.get_literal(list(types)), [*args, *operands], asm,
-                          constraints)
-    for o, t in enumerate(types):
-      outs[o][idx] = vector.broadcast(ir.VectorType.get([1], t), llvm.extractvalue(t, res, [o]))
-  return tuple(mgpu.FragmentedArray(_registers=out, _layout=ROW.to_mgpu(),
-                                    _is_signed=True if isinstance(t, ir.IntegerType) else None)
-               for out, t in zip(outs, types))
-
-
-def _load_scales(first, absmax_gmem, dq, blocks: int, *, hints: bool) -> tuple:
-  """The stored absmax of a step's blocks, per row, as loaded: (uint8 codes of the `blocks` blocks
-  packed in an int32, nested absmax float32) with double quantization (dq = (qmap in shared memory,
-  nested in device memory)), else `blocks` float32; [64] ROW arrays. first: int32 [64], each row's
-  index of the step's first block in bitsandbytes' flat absmax array. One load of each per thread,
-  straight from device memory: issued a step ahead, they are in flight while a step is computed."""
-  if not hints:  # interpreted: the same values from whole arrays (it indexes refs by scalars)
-    codes = [jnp.take(absmax_gmem[...], first + b) for b in range(blocks)]
-    if not dq:
-      return tuple(codes)
-    word = sum(c.astype(jnp.int32) << (8 * b) for b, c in enumerate(codes))
-    return word, jnp.take(dq[1][...], first // NESTED)
-  dtypes = (jnp.int32, jnp.float32) if dq else (jnp.float32,) * blocks
-  if dq:
-    load = {1: "u8", 2: "u16", 4: "u32"}[blocks]
-    asm = f"""{{ .reg .b64 pa; .reg .b32 v;
-      cvt.u64.u32 pa, $2; add.u64 pa, pa, $3; ld.global.nc.{load} $0, [pa];
-      shr.u32 v, $2, {NESTED.bit_length() - 1}; mul.wide.u32 pa, v, 4; add.u64 pa, pa, $4;
-      ld.global.nc.f32 $1, [pa]; }}"""
-    constraints = "=r,=f,r,l,l"
-  else:
-    vec = {1: "", 2: ".v2", 4: ".v4"}[blocks]
-    fs = ", ".join(f"${b}" for b in range(blocks))
-    asm = (f"{{ .reg .b64 pa; mul.wide.u32 pa, ${blocks}, 4; add.u64 pa, pa, ${blocks + 1}; "
-           f"ld.global.nc{vec}.f32 {'{' + fs + '}' if vec else fs}, [pa]; }}")
-    constraints = ",".join(["=f"] * blocks + ["r", "l"])
-
-  @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType(), *(plgpu.RefType() for _ in dq[1:2])),
-                     return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), t, layout=ROW)
-                                       for t in dtypes))
-  def load(_, first_fa, *refs):
-    types = [mgpu_utils.dtype_to_ir_type(t) for t in dtypes]
-    return _row_asm([first_fa], [address(ref) for ref in refs], asm, constraints, types)
-
-  return load(plgpu.layout_cast(first, ROW), absmax_gmem, *dq[1:2])
-
-
-def _load_offset(rows, offset_gmem, *, hints: bool):
-  """The double quantization's offset (float32 [1] in device memory), loaded once per CTA outside
-  the pipeline (a load at every step stalls it): a [64] ROW array (`rows`, any ROW array, gives it
-  its layout), or the stored [1] array when interpreted."""
-  if not hints:
-    return offset_gmem[...]
-
-  @plgpu.inline_mgpu(arg_types=(ROW, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((ROWS,), jnp.float32, layout=ROW))
-  def load(_, rows_fa, offset):
-    return _row_asm([rows_fa], [address(offset)], "ld.global.nc.f32 $0, [$2];", "=f,r,l",
-                    [ir.F32Type.get()])[0]
-
-  return load(rows, offset_gmem)
-
-
-def _decode_scales(loaded: tuple, dq, blocks: int, *, offset, hints: bool) -> list:
-  """bf16 [64] per block (ROW arrays) from _load_scales' values, as bitsandbytes decodes the absmax:
-  qmap[code] * nested, rounded to float32, + offset (from _load_offset); then rounded to bf16."""
-  if not dq:
-    return [v.astype(jnp.bfloat16) for v in loaded]
-  word, nested = loaded
-  if not hints:
-    qmap = dq[0][...]
-    # the product rounded before the add, as mul.rn, add.rn below (an FMA's f32 sum rounds to
-    # another bf16 now and then: 1 block in ~10^4)
-    return [(rounded(jnp.take(qmap, (word >> (8 * b)) & 0xFF) * nested) + offset[0])
-            .astype(jnp.bfloat16) for b in range(blocks)]
-  decode = "".join(
-      f"bfe.u32 v, ${blocks}, {8 * b}, 8; mad.lo.u32 v, v, 4, ${blocks + 3}; ld.shared.f32 f, [v]; "
-      f"mul.rn.f32 f, f, ${blocks + 1}; add.rn.f32 f, f, ${blocks + 2}; "
-      f"cvt.rn.bf16.f32 ${b}, f; " for b in range(blocks))
-  asm = f"{{ .reg .b32 v; .reg .f32 f; {decode}}}"
-  constraints = ",".join(["=h"] * blocks + ["r", "f", "f", "r"])
-
-  @plgpu.inline_mgpu(arg_types=(ROW, ROW, ROW, plgpu.RefType()),
-                     return_type=tuple(plgpu.ShapeDtypeStruct((ROWS,), jnp.bfloat16, layout=ROW)
-                                       for _ in range(blocks)))
-  def scales(_, word_fa, nested_fa, offset_fa, qmap):
-    bits = _row_asm([word_fa, nested_fa, offset_fa], [address(qmap, 32)], asm, constraints,
-                    [ir.IntegerType.get_signless(16)] * blocks)
-    return tuple(b.bitcast(ir.BF16Type.get()) for b in bits)
-
-  return list(scales(word, nested, offset, dq[0]))
-
-
-def absmax_operands(qw: QuantizedArray) -> tuple:
-  """(flat absmax, dq) as _call takes them: bitsandbytes' stored arrays, no pass over them."""
-  if qw.double_quant:
-    return qw.absmax, (qw.nested_quant_map, qw.nested_absmax, qw.offset.reshape(1))
-  return qw.absmax.astype(jnp.float32), ()
-
-
-def _call(x, codes, absmax, dq, lut, lora=(), *, table, config: Config, split: Split,
-          out_cols: int, interpret: bool):
-  """Segments [split.ctas * split.segments * 128, out_cols] f32 (see Split): CTA c's
-  accumulator after its last step in row tile split.first_tile(c) + i is segment i.
-
-  absmax: bitsandbytes' flat absmax array (uint8 codes with dq = (qmap [256], nested, offset
-  [1]), or float32 with dq = ()). Persistent: one CTA per SM loads the tables once, then runs one
-  pipeline over its `split.per_cta` steps; each time a row tile's last step (or the CTA's last)
-  is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
-
-  lora: () or (h [cols, R] bf16, b [R, N] bf16), R a multiple of BLOCK: the CTA that runs a row
-  tile's first step of K also adds b[:, rows]^T @ h^T to it (a LoRA update, h = x @ A * scaling),
-  one more wgmma per BLOCK of R after the step's blocks, its b tile copied to shared memory
-  while they are widened."""
+  lora: () or (h [cols, R] bf16, b [R, N] bf16), R a multiple of BLOCK, the same R in every part:
+  the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h^T to it (a LoRA
+  update, h = x @ A * scaling), one more wgmma per BLOCK of R after the step's blocks, its b tile
+  copied to shared memory while they are widened."""
   (cols, k), cta_rows = x.shape, config.compute_wgs * ROWS
-  lora_r = lora[1].shape[0] if lora else 0
-  step_k, steps = BLOCK * config.blocks, split.per_cta
+  dq_len, lora_len = len(weights[0][2]), len(weights[0][3])
+  if any(len(w[2]) != dq_len or len(w[3]) != lora_len for w in weights):
+    raise ValueError("a group's weights are all double-quantized or none, all with a LoRA update "
+                     "or none")
+  lora_r = weights[0][3][1].shape[0] if lora_len else 0
+  if any(w[3][1].shape[0] != lora_r for w in weights if lora_len):
+    raise ValueError("a group's LoRA updates share one rank")
+  step_k = BLOCK * config.blocks
+  per_part = 2 + dq_len + lora_len
 
-  def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
-    return lax.axis_index("sm") * steps + s
-
-  def position(s):  # (row tile, step of K) of this CTA's step s; past the end, the last
-    g = jnp.minimum(global_step(s), split.total - 1)
-    return g // split.tile_steps, g % split.tile_steps
-
-  in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
-      plgpu.BlockSpec((cols, step_k), lambda s: (0, position(s)[1]),
-                      transforms=swizzled(BLOCK, x.dtype)),
-      plgpu.BlockSpec((cta_rows, step_k // 2), position,
-                      transforms=swizzled(step_k // 2, codes.dtype))]
-
-  def pipeline(body, compute_context):
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-        num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
-        compute_context=compute_context)
-
-  def kernel(x_gmem, codes_gmem, absmax_gmem, lut_gmem, *rest):
-    if dq:
-      qmap_gmem, nested_gmem, offset_gmem, *rest = rest
-    if lora:
-      h_gmem, b_gmem, *rest = rest
-    if dq:
-      out_gmem, lut_smem, qmap_smem, *rest = rest
-      dq_refs = (qmap_smem, nested_gmem)  # the offset is loaded once (_load_offset)
-    else:
-      out_gmem, lut_smem, *rest = rest
-      dq_refs = ()
+  def kernel(x_gmem, lut_gmem, *rest):
+    part_refs = [rest[i * per_part:(i + 1) * per_part] for i in range(len(parts))]
+    out_gmem, lut_smem, *rest = rest[len(parts) * per_part:]
+    qmap_smem, *rest = rest if dq_len else (None, *rest)
     lut_barrier, qmap_barrier, out_smem, *rest = rest
-    if lora:
+    if lora_len:
       h_smem, b_smem, h_barrier, b_barrier, *rest = rest
     staging = rest
     wg = lax.axis_index("wg")
     my_rows = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
 
     @pl.when(wg == 0)
-    def _():
+    def _():  # the table's copy, waited for with the part's copies (run_part)
       plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, lut_barrier)
-      if dq:
-        plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
-      if lora:
-        plgpu.copy_gmem_to_smem(h_gmem, h_smem, h_barrier)
-
-    plgpu.barrier_wait(lut_barrier)
-    if dq:
-      plgpu.barrier_wait(qmap_barrier)
-    if lora:
-      plgpu.barrier_wait(h_barrier)
 
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                   layout=None if interpret else ROW)
-    offset = _load_offset(rows, offset_gmem, hints=not interpret) if dq else None
 
-    def load_scales(s):  # each row's absmax of step s's blocks
-      tile, k_step = position(s)
-      first = (rows + (tile * cta_rows + wg * ROWS)) * (k // BLOCK) + k_step * config.blocks
-      return _load_scales(first, absmax_gmem, dq_refs, config.blocks, hints=not interpret)
+    def run_part(part: Part, refs, cta):  # this CTA (cta: its index within the part)
+      codes_gmem, absmax_gmem, *refs = refs
+      split, steps = part.split, part.split.per_cta
+      if dq_len:
+        qmap_gmem, nested_gmem, offset_gmem, *refs = refs
+        dq_refs = (qmap_smem, nested_gmem)  # the offset is loaded once (load_offset)
+      else:
+        dq_refs = ()
+      if lora_len:
+        h_gmem, b_gmem = refs
 
-    def multiply(acc_ref, w, x_smem, b):
-      register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
-                     interpret=interpret)
-
-    def fetch_lora(tile):  # b[:, this warpgroup's rows of `tile`] to shared memory (async)
-      plgpu.copy_gmem_to_smem(b_gmem.at[:, pl.ds(tile * cta_rows + wg * ROWS, ROWS)],
-                              b_smem.at[wg], b_barrier.at[wg])
-
-    def add_lora(acc_ref):  # acc += the fetched b tile^T @ h^T
-      plgpu.barrier_wait(b_barrier.at[wg])
-      for c in range(lora_r // BLOCK):
-        b_c = b_smem.at[wg, pl.ds(c * BLOCK, BLOCK), :]  # [BLOCK, 64 rows]
-        h_c = h_smem.at[:, pl.ds(c * BLOCK, BLOCK)]
-        if interpret:  # the interpreter reads no transposed ref: b^T as a register array
-          register_wgmma(acc_ref, b_c[...].T, h_c, wg=wg, staging=staging, interpret=True)
-        else:
-          plgpu.wgmma(acc_ref, b_c.transpose((1, 0)), h_c.transpose((1, 0)))
-      plgpu.wgmma_wait(0)
-
-    def store(acc, tile):  # this CTA's accumulator after row tile `tile`
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has read out_smem
-      out_smem[wg] = acc[:, :out_cols]
-      plgpu.commit_smem()
-      cta = lax.axis_index("sm")
-      segment = cta * split.segments + tile - split.first_tile(cta)
-      plgpu.copy_smem_to_gmem(
-          out_smem.at[wg], out_gmem.at[pl.ds(segment * cta_rows + wg * ROWS, ROWS), :])
-
-    def step(indices, x_smem, codes_smem, carry):
-      # The next step's scale loads first, then all this step's blocks widened (their table
-      # loads independent), then scaled and multiplied; the wgmmas' register operands stay
-      # intact until the wait.
-      acc_ref, loaded = carry
-      s = indices[0]
-      tile, k_step = position(s)
-      # a row tile's LoRA update, once: by the CTA that runs its first step of K, its b tile
-      # fetched now and used after this step's blocks (the copy under their widening)
-      adds_lora = (k_step == 0) & (global_step(s) < split.total)
-      if lora:
-        pl.when(adds_lora)(lambda: fetch_lora(tile))
-      loaded_next = load_scales(jnp.minimum(s + 1, steps - 1))
-      scales = _decode_scales(loaded, dq_refs, config.blocks, offset=offset,
-                              hints=not interpret)
-      values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
-                             hints=not interpret) for b in range(config.blocks)]
-      for b, (v, scale) in enumerate(zip(values, scales)):
-        multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
-      plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
-      if lora:
-        pl.when(adds_lora)(lambda: add_lora(acc_ref))
-
-      @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1))
-               & (global_step(s) < split.total))
+      @pl.when(wg == 0)
       def _():
-        store(acc_ref[...], tile)
+        if dq_len:
+          plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
+        if lora_len:
+          plgpu.copy_gmem_to_smem(h_gmem, h_smem, h_barrier)
 
-      return acc_ref, loaded_next
+      plgpu.barrier_wait(lut_barrier)  # all three copies in flight at once
+      if dq_len:
+        plgpu.barrier_wait(qmap_barrier)
+      if lora_len:
+        plgpu.barrier_wait(h_barrier)
+      offset = load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
 
-    def compute_context(run_pipeline):
-      @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
-      def _(acc_ref):
-        run_pipeline((acc_ref, load_scales(0)))
+      def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
+        return cta * steps + s
 
-    pipeline(step, compute_context)(x_gmem, codes_gmem)
+      def position(s):  # (row tile, step of K) of this CTA's step s; past the end, the last
+        g = jnp.minimum(global_step(s), split.total - 1)
+        return g // split.tile_steps, g % split.tile_steps
+
+      in_specs = [  # `blocks` quantization blocks a step: x's tile, the code tile
+          plgpu.BlockSpec((cols, step_k), lambda s: (0, position(s)[1]),
+                          transforms=swizzled(BLOCK, x.dtype)),
+          plgpu.BlockSpec((cta_rows, step_k // 2), position,
+                          transforms=swizzled(step_k // 2, codes_gmem.dtype))]
+
+      def scales_of(s):  # each row's absmax of step s's blocks, as loaded
+        tile, k_step = position(s)
+        first = (rows + (tile * cta_rows + wg * ROWS)) * (k // BLOCK) + k_step * config.blocks
+        return load_scales(first, absmax_gmem, dq_refs, config.blocks, hints=not interpret)
+
+      def multiply(acc_ref, w, x_smem, b):
+        register_wgmma(acc_ref, w, x_smem.at[:, pl.ds(b * BLOCK, BLOCK)], wg=wg, staging=staging,
+                       interpret=interpret)
+
+      def fetch_lora(tile):  # b[:, this warpgroup's rows of `tile`] to shared memory (async)
+        plgpu.copy_gmem_to_smem(b_gmem.at[:, pl.ds(tile * cta_rows + wg * ROWS, ROWS)],
+                                b_smem.at[wg], b_barrier.at[wg])
+
+      def add_lora(acc_ref):  # acc += the fetched b tile^T @ h^T
+        plgpu.barrier_wait(b_barrier.at[wg])
+        for c in range(lora_r // BLOCK):
+          b_c = b_smem.at[wg, pl.ds(c * BLOCK, BLOCK), :]  # [BLOCK, 64 rows]
+          h_c = h_smem.at[:, pl.ds(c * BLOCK, BLOCK)]
+          if interpret:  # the interpreter reads no transposed ref: b^T as a register array
+            register_wgmma(acc_ref, b_c[...].T, h_c, wg=wg, staging=staging, interpret=True)
+          else:
+            plgpu.wgmma(acc_ref, b_c.transpose((1, 0)), h_c.transpose((1, 0)))
+        plgpu.wgmma_wait(0)
+
+      def store(acc, tile):  # this CTA's accumulator after row tile `tile`
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has read out_smem
+        out_smem[wg] = acc[:, :out_cols]
+        plgpu.commit_smem()
+        segment = part.first_segment + cta * split.segments + tile - split.first_tile(cta)
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[wg], out_gmem.at[pl.ds(segment * cta_rows + wg * ROWS, ROWS), :])
+
+      def step(indices, x_smem, codes_smem, carry):
+        # The next step's scale loads first, then all this step's blocks widened (their table
+        # loads independent), then scaled and multiplied; the wgmmas' register operands stay
+        # intact until the wait.
+        acc_ref, loaded = carry
+        s = indices[0]
+        tile, k_step = position(s)
+        # a row tile's LoRA update, once: by the CTA that runs its first step of K, its b tile
+        # fetched now and used after this step's blocks (the copy under their widening)
+        adds_lora = (k_step == 0) & (global_step(s) < split.total)
+        if lora_len:
+          pl.when(adds_lora)(lambda: fetch_lora(tile))
+        loaded_next = scales_of(jnp.minimum(s + 1, steps - 1))
+        scales = decode_scales(loaded, dq_refs, config.blocks, offset=offset,
+                                hints=not interpret)
+        values = [code_values(codes_smem.at[my_rows], lut_smem, block=b, table=table,
+                               hints=not interpret) for b in range(config.blocks)]
+        for b, (v, scale) in enumerate(zip(values, scales)):
+          multiply(acc_ref, scaled(v, scale, axis=0, hints=not interpret), x_smem, b)
+        plgpu.wgmma_wait(0)  # and the pipeline releases x's tile when the step returns
+        if lora_len:
+          pl.when(adds_lora)(lambda: add_lora(acc_ref))
+
+        @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1))
+                 & (global_step(s) < split.total))
+        def _():
+          store(acc_ref[...], tile)
+
+        return acc_ref, loaded_next
+
+      def compute_context(run_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
+        def _(acc_ref):
+          run_pipeline((acc_ref, scales_of(0)))
+
+      plgpu.emit_pipeline_warp_specialized(
+          step, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+          num_compute_wgs=config.compute_wgs, max_concurrent_steps=config.stages,
+          compute_context=compute_context)(x_gmem, codes_gmem)
+
+    sm = lax.axis_index("sm")
+    if len(parts) == 1:
+      run_part(parts[0], part_refs[0], sm)
+    else:  # each CTA runs the pipeline of the part it belongs to
+      for part, refs in zip(parts, part_refs):
+        pl.when((sm >= part.first_cta) & (sm < part.first_cta + part.split.ctas))(
+            functools.partial(run_part, part, refs, sm - part.first_cta))
     plgpu.wait_smem_to_gmem(0)
 
+  segments = sum(part.split.ctas * part.split.segments for part in parts)
   call = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((split.ctas * split.segments * cta_rows, out_cols),
-                                    jnp.float32),
-      grid=(split.ctas,), grid_names=("sm",),
+      out_type=jax.ShapeDtypeStruct((segments * cta_rows, out_cols), jnp.float32),
+      grid=(sum(part.split.ctas for part in parts),), grid_names=("sm",),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM(lut.shape, jnp.int32),
-                     *([plgpu.SMEM((256,), jnp.float32)] if dq else []),
+                     *([plgpu.SMEM((256,), jnp.float32)] if dq_len else []),
                      plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                      plgpu.SMEM((config.compute_wgs, ROWS, out_cols), jnp.float32),
                      *([plgpu.SMEM((cols, lora_r), jnp.bfloat16,
@@ -326,15 +231,15 @@ def _call(x, codes, absmax, dq, lut, lora=(), *, table, config: Config, split: S
                                    transforms=swizzled(ROWS, jnp.bfloat16)),
                         plgpu.Barrier(num_arrivals=1),
                         plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
-                       if lora else []),
+                       if lora_len else []),
                      *interpret_staging(config.compute_wgs, ROWS, BLOCK, cols, interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  return call(x, codes, absmax, lut, *dq, *lora)
+  return call(x, lut, *(a for codes, absmax, dq, lora in weights
+                        for a in (codes, absmax, *dq, *lora)))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def decode(x_MxK, qw: QuantizedArray, lora=None, *, config: Config | None = None,
            interpret: bool = False):
   """Y [M, N] f32 = x @ dequant(qw)^T (+ h @ b) for M <= MAX_ROWS, reading bitsandbytes' stored
@@ -342,30 +247,61 @@ def decode(x_MxK, qw: QuantizedArray, lora=None, *, config: Config | None = None
   kernel. lora: None, or (h [M, r], b [r, N]) whose product the kernel adds (a LoRA update with
   its scaling in h; bf16 operands, float32 accumulation with the base product). config: None
   picks config_for(M, K)."""
-  (m, k), n = x_MxK.shape, qw.shape[0]
-  lora_rank = 0 if lora is None else lora[1].shape[0]
-  if lora is not None and (lora[0].shape != (m, lora_rank) or lora[1].shape[1] != n):
-    raise ValueError(f"a LoRA update (h {lora[0].shape}, b {lora[1].shape}) for x [{m}, {k}] @ W^T "
-                     f"[{k}, {n}] needs h [{m}, r] and b [r, {n}]")
-  if (reason := unsupported_reason(m, qw, lora_rank)) is not None:
+  return decode_group(x_MxK, (qw,), None if lora is None else (lora,), config=config,
+                      interpret=interpret)[0]
+
+
+def unshared_reason(qws) -> str | None:
+  """Why weights that decode alone cannot share one launch (None if they can): one input width,
+  codebook and double quantization."""
+  if len({(qw.shape[1], qw.quant_type, qw.double_quant) for qw in qws}) > 1:
+    return ("a group's weights share one input width, codebook and double quantization; got "
+            + ", ".join(f"{qw.shape} {qw.quant_type} dq={qw.double_quant}" for qw in qws))
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_group(x_MxK, qws: tuple, loras: tuple | None = None, *, config: Config | None = None,
+                 interpret: bool = False) -> tuple:
+  """(Y_i [M, N_i] f32 = x @ dequant(qws[i])^T (+ h_i @ b_i), ...) in one launch: the weights that
+  share an input (q, k, v; gate, up) as one kernel, the SMs dealt among them by their rows
+  (parts_for); each as decode computes it alone. loras: None, or per weight (h [M, r], b [r,
+  N_i]), one rank r."""
+  (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
+  lora_rank = 0 if loras is None else loras[0][1].shape[0]
+  if loras is not None and (len(loras) != len(qws) or any(
+      h.shape != (m, lora_rank) or b.shape != (lora_rank, n) for (h, b), n in zip(loras, ns))):
+    raise ValueError(f"LoRA updates {[(h.shape, b.shape) for h, b in loras]} for x [{m}, {k}] @ "
+                     f"W_i^T, N_i = {ns}: each needs h [{m}, r] and b [r, N_i], one rank r")
+  reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
+  if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
   config = config or config_for(m, k, lora_rank)
   if m > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
-  if (need := smem_bytes(config, m, lora_rank, qw.double_quant)) > SMEM_LIMIT:
+  if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant)) > SMEM_LIMIT:
     raise ValueError(f"{config} for x [{m}, {k}] (LoRA rank {lora_rank}) needs {need} bytes of "
                      f"shared memory (a CTA holds at most {SMEM_LIMIT})")
   x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
-  split, out_cols = split_for(n, k, config, sm_count(interpret)), out_columns(m)
-  table = codebook(qw.quant_type)
+  parts, out_cols = parts_for(ns, k, config, sm_count(interpret)), out_columns(m)
+  table = codebook(qws[0].quant_type)
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
-  if lora is not None:
-    h, b = lora
-    r = -(-h.shape[-1] // BLOCK) * BLOCK  # the rank in whole blocks: zero columns of h, rows of b
-    lora = (pad_rows(jnp.pad(h.astype(jnp.bfloat16), ((0, 0), (0, r - h.shape[-1]))), config.cols),
-            jnp.pad(b.astype(jnp.bfloat16), ((0, r - b.shape[0]), (0, 0))))
-  parts = _call(x, qw.codes.reshape(n, k // 2), *absmax_operands(qw), lut, lora or (), table=table,
-                config=config, split=split, out_cols=out_cols, interpret=interpret)
-  tiles = split.combine(parts.reshape(split.ctas, split.segments, -1, out_cols))
-  return tiles.reshape(n, out_cols)[:, :m].T
+  weights = []
+  for i, (qw, n) in enumerate(zip(qws, ns)):
+    lora = ()
+    if loras is not None:
+      h, b = (a.astype(jnp.bfloat16) for a in loras[i])
+      if extra := -lora_rank % BLOCK:  # the rank in whole blocks: zero columns of h, rows of b
+        h, b = jnp.pad(h, ((0, 0), (0, extra))), jnp.pad(b, ((0, extra), (0, 0)))
+      lora = (pad_rows(h, config.cols), b)
+    weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
+  stored = _call(x, tuple(weights), lut, table=table, config=config, parts=parts,
+                       out_cols=out_cols, interpret=interpret)
+  out = []
+  for part, n in zip(parts, ns):
+    split, first = part.split, part.first_segment * config.compute_wgs * ROWS
+    mine = stored[first:first + split.ctas * split.segments * config.compute_wgs * ROWS]
+    tiles = split.combine(mine.reshape(split.ctas, split.segments, -1, out_cols))
+    out.append(tiles.reshape(n, out_cols)[:, :m].T)
+  return tuple(out)

@@ -95,6 +95,33 @@ def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
                tiles=tiles)
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One weight of a group sharing x in one launch (gpu_decode.decode_group): its Split over its
+  own CTAs, the first of them in the launch's grid, and its first stored segment."""
+
+  split: Split
+  first_cta: int
+  first_segment: int
+
+
+def parts_for(ns: tuple[int, ...], k: int, config: Config, ctas: int) -> tuple[Part, ...]:
+  """Weights [N_i, K] dealt among at most `ctas` CTAs (one a weight at least): the fewest steps a
+  CTA that lets every weight's (row tile, step of K) pairs fit, each weight as few CTAs as take
+  its pairs in shares of that many (one weight: split_for's split)."""
+  tile_steps = k // (BLOCK * config.blocks)
+  totals = [n // (config.compute_wgs * ROWS) * tile_steps for n in ns]
+  per_cta = next(p for p in range(-(-sum(totals) // ctas), max(totals) + 1)
+                 if sum(-(-t // p) for t in totals) <= ctas or p == max(totals))
+  parts, cta, segment = [], 0, 0
+  for n, total in zip(ns, totals):
+    split = Split(ctas=-(-total // per_cta), per_cta=per_cta, tile_steps=tile_steps,
+                  tiles=total // tile_steps)
+    parts.append(Part(split, cta, segment))
+    cta, segment = cta + split.ctas, segment + split.ctas * split.segments
+  return tuple(parts)
+
+
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may hold on Hopper (227 KB)
 
 

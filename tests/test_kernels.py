@@ -9,6 +9,8 @@ output dtype; the dispatch test compares whole qmatmul calls, whose results are 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from pallas_kernels.backends import get_backend
 from pallas_kernels.xla import compute_dot
 from qlora_jax.nn.qmatmul import qmatmul
 from qlora_jax.format.quantization import dequantize, quantize, scales, unpack
+from tests.jaxprs import equations
 
 ON_GPU = jax.default_backend() == "gpu"
 # Interpreted (CPU): the same bf16 operands and f32 accumulation as the reference, only the
@@ -324,36 +327,42 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
   _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
 
 
-def test_decoding_chunk_lowers_for_a_hopper_gpu_with_the_decode_kernel(monkeypatch):
-  """Generation's compiled chunk of a Llama (LoRA on the 7 projections) for a Hopper GPU, lowered
-  for CUDA from any machine (jax.export, platforms=("cuda",): Pallas's Mosaic GPU lowering runs
-  here, Mosaic's compile to PTX only on a GPU): every projection of every layer on the decode
-  kernel with its LoRA update."""
-  from jax import export
-
-  from qlora_jax.nn.generate import _decoder, greedy_chunk
-  from qlora_jax.nn.lora import LoraConfig
-  from qlora_jax.nn.model import ModelOptions
-  from qlora_jax.nn.model_config import ModelConfig
-  from qlora_jax.testing import random_model
-
-  cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=1024, intermediate_size=2048,
-                    num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-                    max_position_embeddings=256)
-  model = random_model(cfg, ModelOptions(lora=LoraConfig(rank=64)))
-  launches, decode = [], gpu_decode.decode
-  monkeypatch.setattr(gpu_decode, "decode", lambda x, qw, lora=None, **kw: (
-      launches.append(lora is not None), decode(x, qw, lora, **kw))[1])
-  monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
-  monkeypatch.setattr(dispatch, "INTERPRET", False)
-  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  try:
-    chunk, args = greedy_chunk(model, 1, 128)
-    export.export(chunk, platforms=("cuda",))(*args)
-  finally:
-    _decoder.cache_clear()  # no later test gets this GPU-traced chunk
-  assert launches == [True] * 7 * cfg.num_hidden_layers
+@pytest.mark.parametrize("rank", [64, 0])
+def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
+  """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
+  SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
+  scales, each weight's double-quant offset its own (three quantized apart); one launch.
+  Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between its CTAs."""
+  ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
+  if not ON_GPU:
+    monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 12)
+  seed, _, x, _ = _fresh((1, 128, k), "nf4")
+  rng = np.random.default_rng(seed)
+  qws = tuple(quantize(jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05), jnp.float32),
+                       "nf4") for n in ns)
+  assert len({float(qw.offset) for qw in qws}) == len(ns)  # offsets differ: each must be its own
+  loras = tuple((jnp.asarray(rng.standard_normal((1, rank)), jnp.bfloat16),
+                 jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16)) for n in ns) if rank else None
+  fn = functools.partial(gpu_decode.decode_group, interpret=not ON_GPU)
+  ys = fn(x, qws, loras)
+  for i, (y, qw) in enumerate(zip(ys, qws)):
+    update = 0 if not rank else jnp.einsum("mr,rn->mn", *loras[i], preferred_element_type=jnp.float32)
+    _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
+    _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
+  # one launch: Mosaic GPU's kernel traces as an mpmd_map (traced, not lowered: on CPU too)
+  traced = jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(x, qws, loras)
+  names = [eqn.primitive.name for eqn in equations(traced)]
+  assert names.count("mpmd_map") + names.count("pallas_call") == 1, sorted(set(names))
+  # an H100's 132 SMs for llama3-8b's q, k, v: 512 + 128 + 128 steps in shares of 6
+  parts = gpu_decode.parts_for((4096, 1024, 1024), 4096, gpu_decode.config_for(1, 4096, 64), 132)
+  assert [(p.split.ctas, p.split.per_cta, p.first_cta) for p in parts] == [(86, 6, 0), (22, 6, 86),
+                                                                          (22, 6, 108)]
+  # lopsided: the fewest steps a CTA that fits (11, as 44 x 32 pairs over 132 CTAs allow), never
+  # more CTAs than SMs; one weight: split_for's split
+  parts = gpu_decode.parts_for((5504, 128, 128), 8192, gpu_decode.config_for(1, 8192, 64), 132)
+  assert {p.split.per_cta for p in parts} == {11} and sum(p.split.ctas for p in parts) <= 132
+  (part,) = gpu_decode.parts_for((22016,), 8192, gpu_decode.config_for(1, 8192), 132)
+  assert part.split == gpu_decode.split_for(22016, 8192, gpu_decode.config_for(1, 8192), 132)
 
 
 @pytest.mark.parametrize("tokens", [3, 1])  # 1: one row (compute_dot's one-row path on a GPU)
@@ -396,6 +405,106 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
   _check(dx, dx_ref, 0, BF16_TOL)
   for name in ("lora_a", "lora_b"):
     _check(d_state[name][...], d_ref[name][...], 0, BF16_TOL)
+
+
+def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
+  """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
+  Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
+  q, k, v with LoRA updates on an H100's 132 SMs. (Mosaic's compile to PTX happens on a GPU.)"""
+  from jax import export
+
+  monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
+  ns, k = (4096, 1024, 1024), 4096
+  qws = tuple(jax.ShapeDtypeStruct((n, k), jnp.float32) for n in ns)
+  qws = tuple(jax.eval_shape(quantize, w) for w in qws)
+  x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+  loras = tuple((jax.ShapeDtypeStruct((1, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, n), jnp.bfloat16))
+                for n in ns)
+  text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, loras).mlir_module()
+  assert "mosaic_gpu" in text
+
+
+def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_layer(monkeypatch):
+  """Generation's compiled chunk of a Llama (LoRA on the 7 projections) for a Hopper GPU, lowered
+  for CUDA from any machine: each layer's products are 4 decode launches (q/k/v, o, gate/up, down)
+  instead of 7."""
+  from jax import export
+
+  from qlora_jax.nn.generate import _decoder, greedy_chunk
+  from qlora_jax.nn.lora import LoraConfig
+  from qlora_jax.nn.model import ModelOptions
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=1024, intermediate_size=2048,
+                    num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                    max_position_embeddings=256)
+  model = random_model(cfg, ModelOptions(lora=LoraConfig(rank=64)))
+  launches, group = [], gpu_decode.decode_group
+  monkeypatch.setattr(gpu_decode, "decode_group", lambda x, qws, *a, **kw: (
+      launches.append(len(qws)), group(x, qws, *a, **kw))[1])
+  monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
+  monkeypatch.setattr(dispatch, "INTERPRET", False)
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  try:
+    chunk, args = greedy_chunk(model, 1, 128)
+    export.export(chunk, platforms=("cuda",))(*args)
+  finally:
+    _decoder.cache_clear()  # no later test gets this GPU-traced chunk
+  assert launches == [3, 1, 2, 1] * cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("tokens, rank", [(1, 64), (3, 0)])
+def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank):
+  """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
+  ('auto'): shared_input runs the three in one decode_group launch; outputs and gradients (x,
+  each A and B) equal XLA's layers one by one."""
+  from flax import nnx
+  import qlora_jax as q
+  from qlora_jax.nn.lora import shared_input
+
+  monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
+  ns, k, r = ((4096, 1024, 1024), 4096, rank) if ON_GPU else ((256, 128, 128), 640, rank)
+  x = jax.random.normal(jax.random.key(5), (1, tokens, k), jnp.float32)
+  gs = [jax.random.normal(jax.random.key(9 + i), (1, tokens, n)) for i, n in enumerate(ns)]
+  launches = []
+  group = gpu_decode.decode_group
+  monkeypatch.setattr(gpu_decode, "decode_group", lambda x, qws, *a, **kw: (
+      launches.append(len(qws)), group(x, qws, *a, **kw))[1])
+
+  def run(backend):
+    layers = []
+    for i, n in enumerate(ns):
+      w = jax.random.normal(jax.random.key(i), (n, k)) * 0.05
+      bias = jax.random.normal(jax.random.key(20 + i), (n,)) * 0.1
+      lora = q.LoraConfig(rank=r, alpha=1.5 * r) if r else None
+      layer = q.QLoRALinear.from_quantized(q.quantize(w), lora, bias=bias,
+                                           backend=get_backend(backend), rngs=nnx.Rngs(i))
+      if r:
+        layer.lora_b[...] = jax.random.normal(jax.random.key(30 + i), (r, n)) * 0.1
+      layers.append(layer)
+    graphdef, lora, rest = nnx.split(tuple(layers), nnx.LoRAParam, ...)
+
+    def forward(lora, x):
+      return shared_input(nnx.merge(graphdef, lora, rest), x)
+
+    def loss(lora, x):
+      return sum(jnp.sum(y.astype(jnp.float32) * g) for y, g in zip(forward(lora, x), gs))
+
+    return jax.jit(forward)(lora, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(lora, x)
+
+  with monkeypatch.context() as m:
+    m.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    ys, (d_state, dx) = run("auto")
+  assert launches.count(3) == 2 and set(launches) == {3}  # forward and the gradient's forward
+  ys_ref, (d_ref, dx_ref) = run("xla")
+  for y, y_ref in zip(ys, ys_ref):
+    _check(y, y_ref, 0, DECODE_TOL + BF16_TOL)
+  _check(dx, dx_ref, 0, BF16_TOL)
+  for path, value in jax.tree_util.tree_leaves_with_path(d_state):
+    ref = dict(jax.tree_util.tree_leaves_with_path(d_ref))[path]
+    _check(value, ref, 0, BF16_TOL)
 
 
 def test_gpu_decode_config_fits_shared_memory_or_is_refused():

@@ -20,7 +20,8 @@ from flax import nnx
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import compute_dot
 from qlora_jax.nn.families import LINEAR_NAMES
-from qlora_jax.nn.qmatmul import check_backend, fuses_lora, qmatmul, qmatmul_lora
+from qlora_jax.nn.qmatmul import (check_backend, fuses_group, fuses_lora, qmatmul, qmatmul_group,
+                                  qmatmul_lora)
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
 from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
 
@@ -114,19 +115,50 @@ class QLoRALinear(nnx.Module):
     if self.lora is None:
       y = qmatmul(x_BxK, qw, self.backend, cd)
     else:
-      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-      if fuses_lora(x_BxK, qw, h_BxR.shape[-1], self.backend, cd):
+      if fuses_lora(x_BxK, qw, self.lora.rank, self.backend, cd):
         # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
         # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
         # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
-        y = qmatmul_lora(x_BxK, (h_BxR * self.lora.scaling).astype(cd), qw, self.lora_b[...],
+        y = qmatmul_lora(x_BxK, self._scaled_update_input(x_BxK), qw, self.lora_b[...],
                          self.backend, cd)
-      else:
+      else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
+        h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
         y = (qmatmul(x_BxK, qw, self.backend, cd)
              + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling)
+    return self._finish(y, x_BxK)
+
+  def _finish(self, y: jax.Array, x_BxK: jax.Array) -> jax.Array:
+    """The product y (compute dtype) plus the bias, in x's dtype."""
     if self.bias is not None:
-      y = y + self.bias[...].astype(cd)
+      y = y + self.bias[...].astype(self.compute_dtype)
     return y.astype(x_BxK.dtype)
+
+  def _scaled_update_input(self, x_BxK: jax.Array) -> jax.Array:
+    """h = scaling * dropout(x) @ A, rounded to the compute dtype (its product, then the scale)."""
+    cd = jnp.dtype(self.compute_dtype)
+    h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
+    return (h_BxR * self.lora.scaling).astype(cd)
+
+
+def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
+  """Each layer applied to x (the layers that share an input: q, k, v; gate, up), as one
+  decode-kernel launch where the backend takes them together (decoding on a GPU: qmatmul_group),
+  else layer by layer; the same products either way."""
+  first = layers[0]
+  cd = jnp.dtype(first.compute_dtype)
+  qws = tuple(layer.weight.get_value() for layer in layers)
+  rank = 0 if first.lora is None else first.lora.rank
+  alike = all(layer.backend is first.backend and layer.compute_dtype == first.compute_dtype
+              and (layer.lora is None) == (first.lora is None)
+              and (layer.lora is None or layer.lora.rank == rank) for layer in layers)
+  if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
+    return tuple(layer(x_BxK) for layer in layers)
+  hs = bs = None
+  if rank:
+    hs = tuple(layer._scaled_update_input(x_BxK) for layer in layers)
+    bs = tuple(layer.lora_b[...] for layer in layers)
+  ys = qmatmul_group(x_BxK, hs, qws, bs, first.backend, cd)
+  return tuple(layer._finish(y, x_BxK) for layer, y in zip(layers, ys))
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:

@@ -20,7 +20,7 @@ from qlora_jax.nn.attention import attend, attention_implementation, make_mask
 from qlora_jax.format.quantization import QuantizedArray
 from qlora_jax.nn.families import EXPERT_NAMES
 from qlora_jax.nn.kv_cache import KVCache
-from qlora_jax.nn.lora import QLoRALinear
+from qlora_jax.nn.lora import QLoRALinear, shared_input
 from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.nn.model_options import ModelOptions
 from qlora_jax.nn.moe import SparseMoeBlock
@@ -97,12 +97,12 @@ class Attention(nnx.Module):
     are written into the whole cache in place (no layer's cache is copied per token), and the
     cache so written is returned in kv's place."""
     b, t, _ = x_BxTxD.shape
-    q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
-    k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+    q, k, v = shared_input((self.q_proj, self.k_proj, self.v_proj), x_BxTxD)
+    q = q.reshape(b, t, self.heads, self.head_dim)
+    k, v = (a.reshape(b, t, self.kv_heads, self.head_dim) for a in (k, v))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
     decoding = kv is not None
     if decoding:
       cache, layer = kv
@@ -141,7 +141,8 @@ class MLP(nnx.Module):
     self.down_proj = _linear("down_proj", *shapes["down_proj"], cfg.mlp_bias, opts, rngs)
 
   def __call__(self, x_BxTxD):
-    return self.down_proj(self.act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+    gate, up = shared_input((self.gate_proj, self.up_proj), x_BxTxD)
+    return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -88,13 +88,59 @@ def _qmatmul_lora_fwd(x, h, qw, b, backend, compute_dtype, x_dtype):
   return _qmatmul_lora(x, h, qw, b, backend, compute_dtype, x_dtype), (h, qw, b)
 
 
-def _qmatmul_lora_bwd(backend, compute_dtype, x_dtype, res, dy):
-  h, qw, b = res
-  dx = _apply(backend.backward, dy, qw, compute_dtype).astype(x_dtype)
+def _update_grads(h, b, dy, compute_dtype) -> tuple:
+  """(dh, db) of an update h @ b added to a product whose cotangent is dy."""
   dh = compute_dot("...n,rn->...r", dy, b, compute_dtype).astype(h.dtype)
   db = compute_dot("mr,mn->rn", h.reshape(-1, h.shape[-1]), dy.reshape(-1, dy.shape[-1]),
                    compute_dtype).astype(b.dtype)
+  return dh, db
+
+
+def _qmatmul_lora_bwd(backend, compute_dtype, x_dtype, res, dy):
+  h, qw, b = res
+  dx = _apply(backend.backward, dy, qw, compute_dtype).astype(x_dtype)
+  dh, db = _update_grads(h, b, dy, compute_dtype)
   return dx, dh, None, db
 
 
 _qmatmul_lora.defvjp(_qmatmul_lora_fwd, _qmatmul_lora_bwd)
+
+
+def fuses_group(x: jax.Array, qws: tuple, rank: int, backend: Backend, compute_dtype) -> bool:
+  """Whether qmatmul_group can take x [..., K] @ each of qws^T (with rank-`rank` LoRA updates,
+  0: none) in one launch."""
+  rows = math.prod(x.shape[:-1])
+  return backend.group_fusion is not None and backend.group_fusion[0](rows, qws, compute_dtype, rank)
+
+
+def qmatmul_group(x: jax.Array, hs: tuple | None, qws: tuple, bs: tuple | None, backend: Backend,
+                  compute_dtype=jnp.bfloat16) -> tuple:
+  """(y_i [..., N_i] = x @ dequant(qws[i])^T (+ hs[i] @ bs[i]), ...) in one launch (where
+  fuses_group says so): the layers that share an input (q, k, v; gate, up) as one kernel, each
+  product as qmatmul_lora (or qmatmul, hs and bs None) computes it. Differentiable in x, hs, bs."""
+  return _qmatmul_group(x, hs, tuple(qws), bs, check_backend(backend), jnp.dtype(compute_dtype),
+                        jnp.dtype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _qmatmul_group(x, hs, qws, bs, backend: Backend, compute_dtype, x_dtype):
+  lead = x.shape[:-1]
+  loras = None if hs is None else tuple((h.reshape(-1, h.shape[-1]), b) for h, b in zip(hs, bs))
+  ys = backend.group_fusion[1](x.reshape(-1, x.shape[-1]), qws, loras)
+  return tuple(y.astype(compute_dtype).reshape(*lead, y.shape[-1]) for y in ys)
+
+
+def _qmatmul_group_fwd(x, hs, qws, bs, backend, compute_dtype, x_dtype):
+  return _qmatmul_group(x, hs, qws, bs, backend, compute_dtype, x_dtype), (hs, qws, bs)
+
+
+def _qmatmul_group_bwd(backend, compute_dtype, x_dtype, res, dys):
+  hs, qws, bs = res
+  dx = sum(_apply(backend.backward, dy, qw, compute_dtype).astype(x_dtype) for dy, qw in zip(dys, qws))
+  if hs is None:
+    return dx, None, None, None
+  grads = [_update_grads(h, b, dy, compute_dtype) for h, b, dy in zip(hs, bs, dys)]
+  return dx, tuple(g[0] for g in grads), None, tuple(g[1] for g in grads)
+
+
+_qmatmul_group.defvjp(_qmatmul_group_fwd, _qmatmul_group_bwd)
