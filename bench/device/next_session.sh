@@ -5,6 +5,12 @@
 # kernels), the decode kernel >= 70% of the copy rate (1.57 TB/s in a model), the training
 # kernels >= 95% of cuBLAS, H200 rows, the side-by-side with bnb + PEFT and Unsloth on today's
 # main (`anchors`).
+# First: `hplace` (carry [".work/hp"]), the branch decode-hplace built on the eleventh session's
+# CPU (untimed, its compiled kernel unchecked): h goes from its A product into the decode kernel
+# with no kernel between (7 slice-and-scale kernels a layer, 224 a token, gone). Its tree:
+#   mkdir -p .work/hp && git archive HEAD | tar -x -C .work/hp \
+#     && (cd .work/hp && patch -p1 < ../../bench/device/decode_hplace.patch)
+# If its GPU tests pass and its rows beat main's, merge the branch (or apply the patch).
 # A device session can end after one call (2026-12-06/07: starts failed for ~40 minutes at a
 # time, and each refused start cost 15 s to 4 minutes of device time).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
@@ -15,6 +21,15 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
+  hplace)  # ~6 min: the branch's GPU tests (the decode kernel's outputs compiled against the
+           # references), then rows of main and it, twice, 136 tokens; no rows if a test fails
+    (cd .work/hp && timeout 330 python -m pytest -q tests/test_kernels.py \
+        -k "lora or decode or sharing_an_input" > $OUT/gpu_tests_hplace.txt 2>&1)
+    echo "hplace: $(tail -1 $OUT/gpu_tests_hplace.txt)"
+    if ! tail -1 $OUT/gpu_tests_hplace.txt | grep " passed" | grep -qv failed; then
+      grep -m3 -E "^E  |^FAILED" $OUT/gpu_tests_hplace.txt | cut -c1-300; exit 1
+    fi
+    for i in 1 2; do row . ours:auto; row .work/hp ours:auto; done ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     timeout 250 python bench/kernels.py --tune decode_groups ;;
   anchors)  # ~6 min: the issue's side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
@@ -30,5 +45,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 hplace|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
