@@ -30,6 +30,10 @@ case "$1" in
       grep -m3 -E "^E  |^FAILED" $OUT/gpu_tests_hplace.txt | cut -c1-300; exit 1
     fi
     for i in 1 2; do row . ours:auto; row .work/hp ours:auto; done ;;
+  hplace_profile)  # ~4 min: where the branch's token goes (kernels a token by name: h's 224
+                   # slice-and-scale launches should be gone)
+    (cd .work/hp && timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 \
+        --systems ours:auto --profile --json $OUT/generate_profile_hplace.json | tail -25) ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     timeout 250 python bench/kernels.py --tune decode_groups ;;
   anchors)  # ~6 min: the side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
@@ -45,5 +49,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 hplace|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 hplace|hplace_profile|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
