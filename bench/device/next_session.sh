@@ -34,6 +34,12 @@ case "$1" in
                    # slice-and-scale launches should be gone)
     (cd .work/hp && timeout 280 python bench/generate.py --model llama3-8b --short 8 --long 40 \
         --systems ours:auto --profile --json $OUT/generate_profile_hplace.json | tail -25) ;;
+  graphs)  # ~5 min: the unrolled model under XLA's command buffers widened to the Mosaic kernel and
+           # to the chunk's loop (2026-12-06 only the scanned one compiled in time: 8.53 against
+           # 6.67 ms), beside the default flags
+    row . ours:auto
+    ROW_TIMEOUT=300 row . ours:auto XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1"
+    ROW_TIMEOUT=300 row . ours:auto XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     timeout 250 python bench/kernels.py --tune decode_groups ;;
   anchors)  # ~6 min: the side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
@@ -49,5 +55,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 hplace|hplace_profile|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 hplace|hplace_profile|graphs|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
