@@ -31,9 +31,8 @@ class Backend:
   name: str
   forward: MatmulFn
   backward: MatmulFn
-  # (fuses, forward) of a forward product that adds a LoRA update (dispatch.lora_fusion), or None
-  lora_fusion: tuple | None = None
-  # (fuses, forward) of one launch for layers sharing an input (dispatch.group_fusion), or None
+  # (fuses, forward) of one launch for the layers sharing an input (one or more, each with its
+  # LoRA update: dispatch.group_fusion), or None
   group_fusion: tuple | None = None
 
   def __repr__(self) -> str:
@@ -43,8 +42,7 @@ class Backend:
 _BACKENDS = {
     "xla": Backend("xla", xla.forward, xla.backward),
     **{policy: Backend(policy, dispatch.product_fn(policy, "forward"),
-                      dispatch.product_fn(policy, "backward"), dispatch.lora_fusion(policy),
-                      dispatch.group_fusion(policy))
+                      dispatch.product_fn(policy, "backward"), dispatch.group_fusion(policy))
        for policy in dispatch.POLICIES},
 }
 NAMES: tuple[str, ...] = tuple(_BACKENDS)

@@ -26,7 +26,6 @@ products take XLA's path.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 
@@ -137,30 +136,19 @@ def _one_device(sharded: bool) -> bool:
   return not sharded and jax.device_count() == 1
 
 
-def lora_fusion(policy: str) -> tuple:
-  """(fuses, forward) of the decode kernel's LoRA update:
-
-    fuses(rows, qw, compute_dtype, rank) -> bool: whether x [rows, K] @ qw^T + a rank-`rank`
-      update takes the decode kernel (a Hopper GPU, one device, bf16 compute, a decode-sized x,
-      a weight and rank it covers)
-    forward(x, qw, h, b) -> x @ dequant(qw)^T + h @ b, float32: one kernel, where the layer
-      would otherwise launch the LoRA B product and its add after the kernel."""
-  def forward(x, qw: QuantizedArray, h, b):
-    return gpu_decode.decode(x.astype(jnp.bfloat16), qw, (h, b), interpret=INTERPRET)
-
-  return functools.partial(_decodes, policy), forward
-
-
 def group_fusion(policy: str) -> tuple:
-  """(fuses, forward) of the decode kernel over weights that share an input (decode_group):
+  """(fuses, forward) of the decode kernel over the weights that share an input (decode_group;
+  one weight is a group of one), each with its LoRA update added in the kernel:
 
     fuses(rows, qws, compute_dtype, rank) -> bool: whether x [rows, K] @ each of qws^T (each with
-      a rank-`rank` LoRA update, 0: none) takes one decode-kernel launch (each weight as the
-      decode kernel takes it alone; one K, codebook and double quantization)
+      a rank-`rank` LoRA update, 0: none) takes one decode-kernel launch (a Hopper GPU, one
+      device, bf16 compute, a decode-sized x, weights and a rank it covers; one K, codebook and
+      double quantization)
     forward(x, qws, loras) -> (x @ dequant(qw_i)^T (+ h_i @ b_i), ...) float32, loras None or a
-      (h_i, b_i) per weight: one launch where the layers would launch one each."""
+      (h_i, b_i) per weight: one launch where the layers would launch one product each and
+      their LoRA B products and adds after it."""
   def fuses(rows: int, qws, compute_dtype, rank: int) -> bool:
-    return (len(qws) > 1 and all(_decodes(policy, rows, qw, compute_dtype, rank) for qw in qws)
+    return (all(_decodes(policy, rows, qw, compute_dtype, rank) for qw in qws)
             and gpu_decode.unshared_reason(qws) is None)
 
   def forward(x, qws, loras):

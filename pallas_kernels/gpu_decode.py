@@ -52,7 +52,7 @@ from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
 def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
-                interpret: bool):
+          interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
   split.ctas * split.segments * 128, out_cols] f32, part p's from row part.first_segment * 128;
   its CTA part.first_cta + c stores as CTA c of its Split would alone.
@@ -297,7 +297,7 @@ def decode_group(x_MxK, qws: tuple, loras: tuple | None = None, *, config: Confi
       lora = (pad_rows(h, config.cols), b)
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
   stored = _call(x, tuple(weights), lut, table=table, config=config, parts=parts,
-                       out_cols=out_cols, interpret=interpret)
+                 out_cols=out_cols, interpret=interpret)
   out = []
   for part, n in zip(parts, ns):
     split, first = part.split, part.first_segment * config.compute_wgs * ROWS

@@ -87,14 +87,6 @@ class Split:
     return total
 
 
-def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
-  """The fewest steps a CTA (at most one CTA per SM), then as few CTAs as take them all."""
-  tiles, tile_steps = n // (config.compute_wgs * ROWS), k // (BLOCK * config.blocks)
-  per_cta = -(-tiles * tile_steps // ctas)
-  return Split(ctas=-(-tiles * tile_steps // per_cta), per_cta=per_cta, tile_steps=tile_steps,
-               tiles=tiles)
-
-
 @dataclasses.dataclass(frozen=True)
 class Part:
   """One weight of a group sharing x in one launch (gpu_decode.decode_group): its Split over its
@@ -108,7 +100,7 @@ class Part:
 def parts_for(ns: tuple[int, ...], k: int, config: Config, ctas: int) -> tuple[Part, ...]:
   """Weights [N_i, K] dealt among at most `ctas` CTAs (one a weight at least): the fewest steps a
   CTA that lets every weight's (row tile, step of K) pairs fit, each weight as few CTAs as take
-  its pairs in shares of that many (one weight: split_for's split)."""
+  its pairs in shares of that many."""
   tile_steps = k // (BLOCK * config.blocks)
   totals = [n // (config.compute_wgs * ROWS) * tile_steps for n in ns]
   per_cta = next(p for p in range(-(-sum(totals) // ctas), max(totals) + 1)
@@ -120,6 +112,12 @@ def parts_for(ns: tuple[int, ...], k: int, config: Config, ctas: int) -> tuple[P
     parts.append(Part(split, cta, segment))
     cta, segment = cta + split.ctas, segment + split.ctas * split.segments
   return tuple(parts)
+
+
+def split_for(n: int, k: int, config: Config, ctas: int) -> Split:
+  """One weight's split (a group of one): the fewest steps a CTA (at most `ctas` CTAs, one per
+  SM), then as few CTAs as take them all."""
+  return parts_for((n,), k, config, ctas)[0].split
 
 
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may hold on Hopper (227 KB)

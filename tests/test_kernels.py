@@ -358,11 +358,16 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   assert [(p.split.ctas, p.split.per_cta, p.first_cta) for p in parts] == [(86, 6, 0), (22, 6, 86),
                                                                           (22, 6, 108)]
   # lopsided: the fewest steps a CTA that fits (11, as 44 x 32 pairs over 132 CTAs allow), never
-  # more CTAs than SMs; one weight: split_for's split
+  # more CTAs than SMs; one weight: ceil(pairs / SMs) steps a CTA, then as few CTAs as take them
   parts = gpu_decode.parts_for((5504, 128, 128), 8192, gpu_decode.config_for(1, 8192, 64), 132)
   assert {p.split.per_cta for p in parts} == {11} and sum(p.split.ctas for p in parts) <= 132
-  (part,) = gpu_decode.parts_for((22016,), 8192, gpu_decode.config_for(1, 8192), 132)
-  assert part.split == gpu_decode.split_for(22016, 8192, gpu_decode.config_for(1, 8192), 132)
+  config = gpu_decode.config_for(1, 8192)
+  (part,) = gpu_decode.parts_for((22016,), 8192, config, 132)
+  tiles, tile_steps = 22016 // (config.compute_wgs * 64), 8192 // (64 * config.blocks)
+  per_cta = -(-tiles * tile_steps // 132)
+  assert part.split == gpu_decode.Split(ctas=-(-tiles * tile_steps // per_cta), per_cta=per_cta,
+                                        tile_steps=tile_steps, tiles=tiles)
+  assert gpu_decode.split_for(22016, 8192, config, 132) == part.split
 
 
 @pytest.mark.parametrize("tokens", [3, 1])  # 1: one row (compute_dot's one-row path on a GPU)
@@ -511,7 +516,7 @@ def test_gpu_decode_config_fits_shared_memory_or_is_refused():
   """config_for picks a pipeline and table within Hopper's shared memory for every decode size
   and LoRA rank (Mosaic GPU counted 238,680 bytes for x [64, K], a rank-64 update, three steps in
   flight and the narrow table: over, the error this accounting prevents); a rank that cannot fit
-  is refused with the bytes it needs, and fuses_lora then keeps the unfused layer."""
+  is refused with the bytes it needs, and fuses_group then keeps the unfused layer."""
   assert gpu_decode.smem_bytes(gpu_decode.Config(cols=64, wide_table=False, stages=3), 64, 64) == 238680
   for rows in (1, 16, 17, 32, 33, 64):
     for k in (4096, 640, 192):  # the measured defaults without LoRA: 3 steps, wide table to 32 rows

@@ -20,8 +20,7 @@ from flax import nnx
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
 from pallas_kernels.xla import compute_dot
 from qlora_jax.nn.families import LINEAR_NAMES
-from qlora_jax.nn.qmatmul import (check_backend, fuses_group, fuses_lora, qmatmul, qmatmul_group,
-                                  qmatmul_lora)
+from qlora_jax.nn.qmatmul import check_backend, fuses_group, qmatmul, qmatmul_group
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
 from qlora_jax.nn.variables import FrozenParam, LoRAWeight, QuantWeight
 
@@ -115,12 +114,12 @@ class QLoRALinear(nnx.Module):
     if self.lora is None:
       y = qmatmul(x_BxK, qw, self.backend, cd)
     else:
-      if fuses_lora(x_BxK, qw, self.lora.rank, self.backend, cd):
+      if fuses_group(x_BxK, (qw,), self.lora.rank, self.backend, cd):
         # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
         # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
         # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
-        y = qmatmul_lora(x_BxK, self._scaled_update_input(x_BxK), qw, self.lora_b[...],
-                         self.backend, cd)
+        (y,) = qmatmul_group(x_BxK, (self._scaled_update_input(x_BxK),), (qw,),
+                             (self.lora_b[...],), self.backend, cd)
       else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
         h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
         y = (qmatmul(x_BxK, qw, self.backend, cd)

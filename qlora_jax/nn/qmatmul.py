@@ -61,33 +61,6 @@ def _qmatmul_bwd(backend, compute_dtype, x_dtype, qw, dy):
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def fuses_lora(x: jax.Array, qw: QuantizedArray, rank: int, backend: Backend, compute_dtype) -> bool:
-  """Whether qmatmul_lora can take x [..., K] @ qw^T with a rank-`rank` LoRA update in one
-  product."""
-  rows = math.prod(x.shape[:-1])
-  return backend.lora_fusion is not None and backend.lora_fusion[0](rows, qw, compute_dtype, rank)
-
-
-def qmatmul_lora(x: jax.Array, h: jax.Array, qw: QuantizedArray, b: jax.Array, backend: Backend,
-                 compute_dtype=jnp.bfloat16) -> jax.Array:
-  """y [..., N] = x @ dequant(qw)^T + h [..., r] @ b [r, N] as one product (where fuses_lora
-  says so): both accumulated in float32, rounded once to compute_dtype. Differentiable in x, h
-  and b: dx = dy @ dequant(qw), dh = dy @ b^T, db = h^T dy."""
-  return _qmatmul_lora(x, h, qw, b, check_backend(backend), jnp.dtype(compute_dtype),
-                       jnp.dtype(x.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _qmatmul_lora(x, h, qw, b, backend: Backend, compute_dtype, x_dtype):
-  lead = x.shape[:-1]
-  y = backend.lora_fusion[1](x.reshape(-1, x.shape[-1]), qw, h.reshape(-1, h.shape[-1]), b)
-  return y.astype(compute_dtype).reshape(*lead, y.shape[-1])
-
-
-def _qmatmul_lora_fwd(x, h, qw, b, backend, compute_dtype, x_dtype):
-  return _qmatmul_lora(x, h, qw, b, backend, compute_dtype, x_dtype), (h, qw, b)
-
-
 def _update_grads(h, b, dy, compute_dtype) -> tuple:
   """(dh, db) of an update h @ b added to a product whose cotangent is dy."""
   dh = compute_dot("...n,rn->...r", dy, b, compute_dtype).astype(h.dtype)
@@ -96,19 +69,9 @@ def _update_grads(h, b, dy, compute_dtype) -> tuple:
   return dh, db
 
 
-def _qmatmul_lora_bwd(backend, compute_dtype, x_dtype, res, dy):
-  h, qw, b = res
-  dx = _apply(backend.backward, dy, qw, compute_dtype).astype(x_dtype)
-  dh, db = _update_grads(h, b, dy, compute_dtype)
-  return dx, dh, None, db
-
-
-_qmatmul_lora.defvjp(_qmatmul_lora_fwd, _qmatmul_lora_bwd)
-
-
 def fuses_group(x: jax.Array, qws: tuple, rank: int, backend: Backend, compute_dtype) -> bool:
-  """Whether qmatmul_group can take x [..., K] @ each of qws^T (with rank-`rank` LoRA updates,
-  0: none) in one launch."""
+  """Whether qmatmul_group can take x [..., K] @ each of qws^T (one or more, with rank-`rank` LoRA
+  updates, 0: none) in one launch."""
   rows = math.prod(x.shape[:-1])
   return backend.group_fusion is not None and backend.group_fusion[0](rows, qws, compute_dtype, rank)
 
@@ -116,8 +79,11 @@ def fuses_group(x: jax.Array, qws: tuple, rank: int, backend: Backend, compute_d
 def qmatmul_group(x: jax.Array, hs: tuple | None, qws: tuple, bs: tuple | None, backend: Backend,
                   compute_dtype=jnp.bfloat16) -> tuple:
   """(y_i [..., N_i] = x @ dequant(qws[i])^T (+ hs[i] @ bs[i]), ...) in one launch (where
-  fuses_group says so): the layers that share an input (q, k, v; gate, up) as one kernel, each
-  product as qmatmul_lora (or qmatmul, hs and bs None) computes it. Differentiable in x, hs, bs."""
+  fuses_group says so): the layers that share an input (q, k, v; gate, up; or a layer alone) as
+  one kernel, each base product and its update h_i [..., r] @ b_i [r, N_i] accumulated in float32
+  and rounded once to compute_dtype (qmatmul's products where hs and bs are None).
+  Differentiable in x, hs and bs: dx = sum_i dy_i @ dequant(qw_i), dh_i = dy_i @ b_i^T,
+  db_i = h_i^T dy_i."""
   return _qmatmul_group(x, hs, tuple(qws), bs, check_backend(backend), jnp.dtype(compute_dtype),
                         jnp.dtype(x.dtype))
 
