@@ -17,7 +17,12 @@ Systems, one subprocess each (neither framework's allocator sees the other's mem
 All models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers (ours: --rank,
 0 for none), bf16 compute. A prompt of --prompt random tokens; the time per generated token is
 (t(long) - t(short)) / (long - short) for two generations of --short and --long new tokens
-(prefill and compilation cancel), median of --repeats pairs. Device memory: resident after the
+(prefill and compilation cancel), median of --repeats pairs; ours times generation's compiled
+chunk of CHUNK decoding steps (the loop generate runs, a host sync a chunk: --short and --long
+rounded up to whole chunks) from an empty cache, and reports generate's per-call setup
+(decode_state: the adapters' 16-bit copies) apart as setup_ms, median of --repeats: its host
+time varies by +-0.1 s from call to call, which whole generate calls would fold into the
+difference (2026-12-07: 2.9 ms a token against 4.05 ms of kernels). Device memory: resident after the
 runs (model, adapters, cache: JAX's bytes_in_use, torch's memory_allocated) and peak (JAX's
 peak_bytes_in_use, which includes making the random model; torch's max_memory_allocated since
 the model was made).
@@ -51,18 +56,20 @@ def _per_token(run, short: int, long: int, repeats: int) -> tuple[float, float]:
   pairs = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    run(short)
+    n_short = run(short) or short  # run may return how many tokens it computed
     t1 = time.perf_counter()
-    run(long)
-    pairs.append(((time.perf_counter() - t1) - (t1 - t0)) / (long - short))
+    n_long = run(long) or long
+    pairs.append(((time.perf_counter() - t1) - (t1 - t0)) / (n_long - n_short))
   return statistics.median(pairs), first
 
 
 def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   import jax
+  import jax.numpy as jnp
+  import numpy as np
 
   from pallas_kernels.backends import get_backend
-  from qlora_jax.nn.generate import SamplingConfig, generate
+  from qlora_jax.nn.generate import CHUNK, decode_state, greedy_chunk
   from qlora_jax.nn.lora import LoraConfig
   from qlora_jax.nn.model import ModelOptions
   from qlora_jax.nn.model_config import ModelConfig
@@ -75,15 +82,25 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   model = random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
   _progress(f"ours:{variant}: random model in {time.perf_counter() - t0:.0f} s; timing")
 
-  def run(n):  # one cache length (max_new_tokens) for every run: one compiled step
-    for i, _ in enumerate(generate(model, [prompt], SamplingConfig(max_new_tokens=args.long))):
-      if i + 1 == n:
-        break
+  chunk, (state, token, empty, key) = greedy_chunk(model, 1, len(prompt) + -(-args.long // CHUNK) * CHUNK)
+
+  def run(n):  # generate's loop: chunks of CHUNK steps, a host sync each; tokens computed
+    cache, tok = jax.tree.map(jnp.copy, empty), token  # each call donates its cache
+    for _ in range(-(-n // CHUNK)):
+      tokens, cache = chunk(state, tok, cache, key)
+      tok = tokens[:, -1]
+      np.asarray(tokens)
+    return -(-n // CHUNK) * CHUNK
 
   seconds, first = _per_token(run, args.short, args.long, args.repeats)
+  setup = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(decode_state(model)[1])
+    setup.append(time.perf_counter() - t0)
   stats = jax.devices()[0].memory_stats() or {}
   row = {"system": f"ours:{variant}", "rank": args.rank, "ms_per_token": 1e3 * seconds, "tokens_per_s": 1 / seconds,
-         "first_call_s": first,
+         "first_call_s": first, "setup_ms": 1e3 * statistics.median(setup),
          "resident_gib": stats.get("bytes_in_use", 0) / 2**30,
          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
   return row | (_profile(model, len(prompt) + args.long) if args.profile else {})
@@ -206,9 +223,10 @@ def main() -> None:
       for ms, n, name in r["kernels_per_token"][:30]:
         print(f"  {ms:7.3f} {n:6.1f}x {name[:90]}")
   print(f"\n{args.model}, batch 1, prompt {args.prompt}, greedy")
-  print_table(rows, f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'resident GiB':>13} {'peak GiB':>9} {'vs bnb':>7}",
+  print_table(rows, f"{'system':10} {'ms/token':>9} {'tokens/s':>9} {'resident GiB':>13} {'peak GiB':>9} {'vs bnb':>7} {'setup ms':>9}",
               lambda r: f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} {r['resident_gib']:13.2f} "
-                        f"{r['peak_gib']:9.2f} " + (f"{r['tokens_per_s'] / base:7.2f}" if base else ""))
+                        f"{r['peak_gib']:9.2f} " + (f"{r['tokens_per_s'] / base:7.2f}" if base else " " * 7)
+                        + (f" {r['setup_ms']:9.0f}" if "setup_ms" in r else ""))
 
 
 if __name__ == "__main__":

@@ -270,11 +270,11 @@ def tune_decode_groups() -> None:
     copies = past_l2(sum(ns) * k // 2)
     groups = [tuple(weight(n, k, 10 * s + i) for i, n in enumerate(ns)) for s in range(copies)]
     x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
-    loras = tuple((jax.random.normal(jax.random.key(1), (1, rank), jnp.bfloat16),
-                   jax.random.normal(jax.random.key(2), (rank, n), jnp.bfloat16)) for n in ns)
-    one_each = jax.jit(lambda x, gs: [[gpu_decode.decode(x, q, lo) for q, lo in zip(g, loras)]
-                                      for g in gs])
-    grouped = jax.jit(lambda x, gs: [gpu_decode.decode_group(x, g, loras) for g in gs])
+    h = jax.random.normal(jax.random.key(1), (8, len(ns) * rank), jnp.bfloat16)
+    bs = tuple(jax.random.normal(jax.random.key(2), (rank, n), jnp.bfloat16) for n in ns)
+    one_each = jax.jit(lambda x, gs: [[gpu_decode.decode(x, q, (h[:, i * rank:(i + 1) * rank], b))
+                                       for i, (q, b) in enumerate(zip(g, bs))] for g in gs])
+    grouped = jax.jit(lambda x, gs: [gpu_decode.decode_group(x, g, (h, bs)) for g in gs])
     times = [1e3 * gpu_ms(fn, x, groups) / copies for fn in (one_each, grouped)]
     print(f"decode group N={ns} K={k}: one call each {times[0]:.1f} µs, one launch "
           f"{times[1]:.1f} µs ({times[0] / times[1]:.2f}x)", flush=True)

@@ -144,15 +144,15 @@ def group_fusion(policy: str) -> tuple:
       a rank-`rank` LoRA update, 0: none) takes one decode-kernel launch (a Hopper GPU, one
       device, bf16 compute, a decode-sized x, weights and a rank it covers; one K, codebook and
       double quantization)
-    forward(x, qws, loras) -> (x @ dequant(qw_i)^T (+ h_i @ b_i), ...) float32, loras None or a
-      (h_i, b_i) per weight: one launch where the layers would launch one product each and
-      their LoRA B products and adds after it."""
+    forward(x, qws, update) -> (x @ dequant(qw_i)^T (+ h_i @ b_i), ...) float32, update None or
+      (h [H, G * r]: the h_i side by side, (b_i, ...)): one launch where the layers would launch
+      one product each and their LoRA B products and adds after it."""
   def fuses(rows: int, qws, compute_dtype, rank: int) -> bool:
     return (all(_decodes(policy, rows, qw, compute_dtype, rank) for qw in qws)
             and gpu_decode.unshared_reason(qws) is None)
 
-  def forward(x, qws, loras):
-    return gpu_decode.decode_group(x.astype(jnp.bfloat16), tuple(qws), loras, interpret=INTERPRET)
+  def forward(x, qws, update):
+    return gpu_decode.decode_group(x.astype(jnp.bfloat16), tuple(qws), update, interpret=INTERPRET)
 
   return fuses, forward
 

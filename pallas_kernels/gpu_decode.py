@@ -51,7 +51,7 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
-def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
+def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_cols: int,
           interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
   split.ctas * split.segments * 128, out_cols] f32, part p's from row part.first_segment * 128;
@@ -63,22 +63,25 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
   its `split.per_cta` steps of its part's weight; each time a row tile's last step (or the CTA's
   last) is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
 
-  lora: () or (h [cols, R] bf16, b [R, N] bf16), R a multiple of BLOCK, the same R in every part:
-  the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h^T to it (a LoRA
-  update, h = x @ A * scaling), one more wgmma per BLOCK of R after the step's blocks, its b tile
-  copied to shared memory while they are widened."""
-  (cols, k), cta_rows = x.shape, config.compute_wgs * ROWS
+  lora: () or (b [R, N] bf16,), R a multiple of BLOCK, the same R in every part, with h [H, G *
+  R] bf16 (G parts; part p's columns p * R onwards; H <= cols rows, those past H read as zeros):
+  the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h_p^T to it (a LoRA
+  update, h_p = x @ A_p * scaling), one more wgmma per BLOCK of R after the step's blocks, its b
+  tile copied to shared memory while they are widened."""
+  (cols, k), cta_rows = (config.cols, x.shape[1]), config.compute_wgs * ROWS
   dq_len, lora_len = len(weights[0][2]), len(weights[0][3])
   if any(len(w[2]) != dq_len or len(w[3]) != lora_len for w in weights):
     raise ValueError("a group's weights are all double-quantized or none, all with a LoRA update "
                      "or none")
-  lora_r = weights[0][3][1].shape[0] if lora_len else 0
-  if any(w[3][1].shape[0] != lora_r for w in weights if lora_len):
-    raise ValueError("a group's LoRA updates share one rank")
+  lora_r = weights[0][3][0].shape[0] if lora_len else 0
+  if any(w[3][0].shape[0] != lora_r for w in weights if lora_len) or (
+      lora_len and h.shape[1] != len(weights) * lora_r):
+    raise ValueError("a group's LoRA updates share one rank, their h side by side")
   step_k = BLOCK * config.blocks
   per_part = 2 + dq_len + lora_len
 
   def kernel(x_gmem, lut_gmem, *rest):
+    h_gmem, *rest = rest if lora_len else (None, *rest)
     part_refs = [rest[i * per_part:(i + 1) * per_part] for i in range(len(parts))]
     out_gmem, lut_smem, *rest = rest[len(parts) * per_part:]
     qmap_smem, *rest = rest if dq_len else (None, *rest)
@@ -96,7 +99,7 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
     rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,  # the interpreter takes no layouts
                                   layout=None if interpret else ROW)
 
-    def run_part(part: Part, refs, cta):  # this CTA (cta: its index within the part)
+    def run_part(index: int, part: Part, refs, cta):  # this CTA (cta: its index within the part)
       codes_gmem, absmax_gmem, *refs = refs
       split, steps = part.split, part.split.per_cta
       if dq_len:
@@ -105,14 +108,15 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
       else:
         dq_refs = ()
       if lora_len:
-        h_gmem, b_gmem = refs
+        (b_gmem,) = refs
 
       @pl.when(wg == 0)
       def _():
         if dq_len:
           plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
         if lora_len:
-          plgpu.copy_gmem_to_smem(h_gmem, h_smem, h_barrier)
+          plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(0, cols), pl.ds(index * lora_r, lora_r)],
+                                  h_smem, h_barrier)
 
       plgpu.barrier_wait(lut_barrier)  # all three copies in flight at once
       if dq_len:
@@ -208,11 +212,11 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
 
     sm = lax.axis_index("sm")
     if len(parts) == 1:
-      run_part(parts[0], part_refs[0], sm)
+      run_part(0, parts[0], part_refs[0], sm)
     else:  # each CTA runs the pipeline of the part it belongs to
-      for part, refs in zip(parts, part_refs):
+      for index, (part, refs) in enumerate(zip(parts, part_refs)):
         pl.when((sm >= part.first_cta) & (sm < part.first_cta + part.split.ctas))(
-            functools.partial(run_part, part, refs, sm - part.first_cta))
+            functools.partial(run_part, index, part, refs, sm - part.first_cta))
     plgpu.wait_smem_to_gmem(0)
 
   segments = sum(part.split.ctas * part.split.segments for part in parts)
@@ -236,19 +240,21 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  return call(x, lut, *(a for codes, absmax, dq, lora in weights
-                        for a in (codes, absmax, *dq, *lora)))
+  return call(x, lut, *([h] if lora_len else []),
+              *(a for codes, absmax, dq, lora in weights for a in (codes, absmax, *dq, *lora)))
 
 
 def decode(x_MxK, qw: QuantizedArray, lora=None, *, config: Config | None = None,
            interpret: bool = False):
   """Y [M, N] f32 = x @ dequant(qw)^T (+ h @ b) for M <= MAX_ROWS, reading bitsandbytes' stored
   arrays as they are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the
-  kernel. lora: None, or (h [M, r], b [r, N]) whose product the kernel adds (a LoRA update with
-  its scaling in h; bf16 operands, float32 accumulation with the base product). config: None
+  kernel. lora: None, or (h [H, r], b [r, N]) whose product the kernel adds (a LoRA update with
+  its scaling in h; bf16 operands, float32 accumulation with the base product); h has M rows or
+  more (up to the kernel's `cols`: the rows past M reach only output rows that are dropped, so a
+  one-row x may come with the 8 equal rows of its A product, `xla.broadcast_dot`). config: None
   picks config_for(M, K)."""
-  return decode_group(x_MxK, (qw,), None if lora is None else (lora,), config=config,
-                      interpret=interpret)[0]
+  update = None if lora is None else (lora[0], (lora[1],))
+  return decode_group(x_MxK, (qw,), update, config=config, interpret=interpret)[0]
 
 
 def unshared_reason(qws) -> str | None:
@@ -261,42 +267,56 @@ def unshared_reason(qws) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def decode_group(x_MxK, qws: tuple, loras: tuple | None = None, *, config: Config | None = None,
+def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Config | None = None,
                  interpret: bool = False) -> tuple:
   """(Y_i [M, N_i] f32 = x @ dequant(qws[i])^T (+ h_i @ b_i), ...) in one launch: the weights that
   share an input (q, k, v; gate, up) as one kernel, the SMs dealt among them by their rows
-  (parts_for); each as decode computes it alone. loras: None, or per weight (h [M, r], b [r,
-  N_i]), one rank r."""
+  (parts_for); each as decode computes it alone. update: None, or (h [H, G * r], (b_i [r, N_i],
+  ...)): the G updates' inputs side by side (h_i = h[:, i * r:(i + 1) * r], one A product of
+  the weights' A side by side, read in place), one rank r; H >= M rows (see decode)."""
   (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
-  lora_rank = 0 if loras is None else loras[0][1].shape[0]
-  if loras is not None and (len(loras) != len(qws) or any(
-      h.shape != (m, lora_rank) or b.shape != (lora_rank, n) for (h, b), n in zip(loras, ns))):
-    raise ValueError(f"LoRA updates {[(h.shape, b.shape) for h, b in loras]} for x [{m}, {k}] @ "
-                     f"W_i^T, N_i = {ns}: each needs h [{m}, r] and b [r, N_i], one rank r")
+  lora_rank = 0 if update is None else update[1][0].shape[0]
+  if update is not None:
+    h, bs = update
+    if (len(bs) != len(qws) or h.ndim != 2 or h.shape[1] != len(qws) * lora_rank
+        or not m <= h.shape[0] <= MAX_ROWS or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))):
+      raise ValueError(f"LoRA updates h {h.shape}, b {[b.shape for b in bs]} for x [{m}, {k}] @ "
+                       f"W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and h [H, "
+                       f"{len(qws)} * r], the updates' inputs side by side, H >= {m} rows")
   reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
   if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
   config = config or config_for(m, k, lora_rank)
-  if m > config.cols or k % (BLOCK * config.blocks):
+  if max(m, 0 if update is None else update[0].shape[0]) > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant)) > SMEM_LIMIT:
     raise ValueError(f"{config} for x [{m}, {k}] (LoRA rank {lora_rank}) needs {need} bytes of "
                      f"shared memory (a CTA holds at most {SMEM_LIMIT})")
-  x = pad_rows(column_order(x_MxK.astype(jnp.bfloat16)), config.cols)
+  # compiled, TMA zero-fills x's and h's rows past M (up to cols): no pad kernel a call, only
+  # rows to a multiple of its 8-row tiling past 8 (interpreted, whole tiles of cols rows)
+  def rows_to(a):
+    return pad_rows(a, config.cols if interpret else (1 if a.shape[0] < 8 else 8))
+
+  x = rows_to(column_order(x_MxK.astype(jnp.bfloat16)))
   parts, out_cols = parts_for(ns, k, config, sm_count(interpret)), out_columns(m)
   table = codebook(qws[0].quant_type)
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
+  h = None
+  extra = -lora_rank % BLOCK  # the rank in whole blocks: zero columns of each h_i, rows of b_i
+  if update is not None:
+    h = update[0].astype(jnp.bfloat16)
+    if extra:
+      h = jnp.pad(h.reshape(h.shape[0], len(qws), lora_rank), ((0, 0), (0, 0), (0, extra)))
+      h = h.reshape(h.shape[0], -1)
+    h = rows_to(h)
   weights = []
   for i, (qw, n) in enumerate(zip(qws, ns)):
     lora = ()
-    if loras is not None:
-      h, b = (a.astype(jnp.bfloat16) for a in loras[i])
-      if extra := -lora_rank % BLOCK:  # the rank in whole blocks: zero columns of h, rows of b
-        h, b = jnp.pad(h, ((0, 0), (0, extra))), jnp.pad(b, ((0, extra), (0, 0)))
-      lora = (pad_rows(h, config.cols), b)
+    if update is not None:
+      lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))),)
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
-  stored = _call(x, tuple(weights), lut, table=table, config=config, parts=parts,
+  stored = _call(x, tuple(weights), lut, h, table=table, config=config, parts=parts,
                  out_cols=out_cols, interpret=interpret)
   out = []
   for part, n in zip(parts, ns):

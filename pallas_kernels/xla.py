@@ -71,9 +71,15 @@ def one_row_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype, rows
   is faster (docs/BENCHMARKS.md, "Generation") and keeps the products exact (float32
   accumulation). A broadcast, not zero rows: XLA fuses it into the product, where a pad is a
   kernel of its own."""
-  out = _einsum(subscripts, jnp.broadcast_to(a.reshape(1, a.shape[-1]), (rows, a.shape[-1])), b,
-                jnp.dtype(compute_dtype))
+  out = broadcast_dot(subscripts, a, b, compute_dtype, rows)
   return out[:1].reshape(*a.shape[:-1], *out.shape[1:])
+
+
+def broadcast_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype, rows: int = 8):
+  """one_row_dot's whole product: `rows` equal rows [rows, ...] (a kernel that drops the rows
+  past the first reads it in place: no slice kernel between)."""
+  return _einsum(subscripts, jnp.broadcast_to(a.reshape(1, a.shape[-1]), (rows, a.shape[-1])), b,
+                 jnp.dtype(compute_dtype))
 
 
 def forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:

@@ -331,8 +331,10 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
 def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
-  scales, each weight's double-quant offset its own (three quantized apart); one launch.
-  Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between its CTAs."""
+  scales, each weight's double-quant offset its own (three quantized apart), each h_i its
+  columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here);
+  one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between
+  its CTAs."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
     monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 12)
@@ -341,16 +343,18 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   qws = tuple(quantize(jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05), jnp.float32),
                        "nf4") for n in ns)
   assert len({float(qw.offset) for qw in qws}) == len(ns)  # offsets differ: each must be its own
-  loras = tuple((jnp.asarray(rng.standard_normal((1, rank)), jnp.bfloat16),
-                 jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16)) for n in ns) if rank else None
+  h = jnp.asarray(rng.standard_normal((8, len(ns) * rank)), jnp.bfloat16)
+  bs = tuple(jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16) for n in ns)
+  update = (h, bs) if rank else None
   fn = functools.partial(gpu_decode.decode_group, interpret=not ON_GPU)
-  ys = fn(x, qws, loras)
+  ys = fn(x, qws, update)
   for i, (y, qw) in enumerate(zip(ys, qws)):
-    update = 0 if not rank else jnp.einsum("mr,rn->mn", *loras[i], preferred_element_type=jnp.float32)
-    _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
-    _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
+    added = 0 if not rank else jnp.einsum("mr,rn->mn", h[:1, i * rank:(i + 1) * rank], bs[i],
+                                          preferred_element_type=jnp.float32)
+    _check(y, _ref_forward(x, qw) + added, seed, DECODE_TOL)
+    _check(y, _ref_forward_bf16_scales(x, qw) + added, seed, EXACT_TOL)
   # one launch: Mosaic GPU's kernel traces as an mpmd_map (traced, not lowered: on CPU too)
-  traced = jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(x, qws, loras)
+  traced = jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(x, qws, update)
   names = [eqn.primitive.name for eqn in equations(traced)]
   assert names.count("mpmd_map") + names.count("pallas_call") == 1, sorted(set(names))
   # an H100's 132 SMs for llama3-8b's q, k, v: 512 + 128 + 128 steps in shares of 6
@@ -423,9 +427,9 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   qws = tuple(jax.ShapeDtypeStruct((n, k), jnp.float32) for n in ns)
   qws = tuple(jax.eval_shape(quantize, w) for w in qws)
   x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
-  loras = tuple((jax.ShapeDtypeStruct((1, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, n), jnp.bfloat16))
-                for n in ns)
-  text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, loras).mlir_module()
+  update = (jax.ShapeDtypeStruct((8, 64 * len(ns)), jnp.bfloat16),
+            tuple(jax.ShapeDtypeStruct((64, n), jnp.bfloat16) for n in ns))
+  text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, update).mlir_module()
   assert "mosaic_gpu" in text
 
 
@@ -460,11 +464,12 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
   assert launches == [3, 1, 2, 1] * cfg.num_hidden_layers
 
 
-@pytest.mark.parametrize("tokens, rank", [(1, 64), (3, 0)])
-def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank):
+@pytest.mark.parametrize("tokens, rank, dropout", [(1, 64, 0.0), (3, 0, 0.0), (1, 64, 0.25)])
+def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank, dropout):
   """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
   ('auto'): shared_input runs the three in one decode_group launch; outputs and gradients (x,
-  each A and B) equal XLA's layers one by one."""
+  each A and B) equal XLA's layers one by one. With LoRA dropout active (each layer its own
+  mask, as alone) the outputs, run eagerly (the layers' dropout counts its keys as they go)."""
   from flax import nnx
   import qlora_jax as q
   from qlora_jax.nn.lora import shared_input
@@ -483,7 +488,7 @@ def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, ran
     for i, n in enumerate(ns):
       w = jax.random.normal(jax.random.key(i), (n, k)) * 0.05
       bias = jax.random.normal(jax.random.key(20 + i), (n,)) * 0.1
-      lora = q.LoraConfig(rank=r, alpha=1.5 * r) if r else None
+      lora = q.LoraConfig(rank=r, alpha=1.5 * r, dropout=dropout) if r else None
       layer = q.QLoRALinear.from_quantized(q.quantize(w), lora, bias=bias,
                                            backend=get_backend(backend), rngs=nnx.Rngs(i))
       if r:
@@ -497,15 +502,21 @@ def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, ran
     def loss(lora, x):
       return sum(jnp.sum(y.astype(jnp.float32) * g) for y, g in zip(forward(lora, x), gs))
 
+    if dropout:
+      return forward(lora, x), None
     return jax.jit(forward)(lora, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(lora, x)
 
   with monkeypatch.context() as m:
     m.setattr(dispatch.jax, "default_backend", lambda: "gpu")
-    ys, (d_state, dx) = run("auto")
-  assert launches.count(3) == 2 and set(launches) == {3}  # forward and the gradient's forward
-  ys_ref, (d_ref, dx_ref) = run("xla")
+    ys, grads = run("auto")
+  ys_ref, grads_ref = run("xla")
   for y, y_ref in zip(ys, ys_ref):
     _check(y, y_ref, 0, DECODE_TOL + BF16_TOL)
+  if dropout:
+    assert launches == [3]
+    return
+  assert launches.count(3) == 2 and set(launches) == {3}  # forward and the gradient's forward
+  (d_state, dx), (d_ref, dx_ref) = grads, grads_ref
   _check(dx, dx_ref, 0, BF16_TOL)
   for path, value in jax.tree_util.tree_leaves_with_path(d_state):
     ref = dict(jax.tree_util.tree_leaves_with_path(d_ref))[path]

@@ -384,8 +384,10 @@ def test_softcapped_attention_in_query_pieces_equals_it_whole(masked, window):
 
 def test_generation_reads_16_bit_copies_of_float32_adapters_with_the_same_numbers():
   """decode_state: a bf16 model's float32 LoRA weights reach generation as bf16 copies, which its
-  products round them to anyway: the same logits; generate() picks the same tokens as greedy
-  decoding of the model itself; the model keeps its float32 weights."""
+  products round them to anyway, with the power-of-two scaling (16 / 4) carried in A's copy: the
+  same logits, bit for bit; generate() picks the same tokens as greedy decoding of the model
+  itself; the model keeps its float32 weights and scales its updates itself. A scaling that is
+  no power of two stays a multiply."""
   from qlora_jax.nn.generate import SamplingConfig, decode_state, generate
   from qlora_jax.nn.kv_cache import KVCache
   from qlora_jax.nn.model_config import ModelConfig
@@ -403,6 +405,13 @@ def test_generation_reads_16_bit_copies_of_float32_adapters_with_the_same_number
   lora = [v for _, v in nnx.to_flat_state(state) if isinstance(v, nnx.LoRAParam)]
   assert lora and all(v[...].dtype == jnp.bfloat16 for v in lora)
   assert all(v[...].dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+  copy = nnx.merge(graphdef, state)
+  layer, copied = model.model.layers[0].self_attn.q_proj, copy.model.layers[0].self_attn.q_proj
+  assert not layer.scaling_in_a and copied.scaling_in_a and copied.update_scale == 1.0
+  np.testing.assert_array_equal(np.asarray(copied.lora_a[...], np.float32),
+                                np.asarray((layer.lora_a[...] * 4.0).astype(jnp.bfloat16), np.float32))
+  odd = random_model(config, ModelOptions(dtype="bfloat16", lora=LoraConfig(rank=4, alpha=6.0)))
+  assert not nnx.merge(*decode_state(odd)).model.layers[0].self_attn.q_proj.scaling_in_a
 
   prompt = [5, 9, 2, 33, 17]
   ids = jnp.asarray([prompt], jnp.int32)

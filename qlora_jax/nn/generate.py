@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.nn.kv_cache import KVCache
+from qlora_jax.nn.lora import scaling_in_a
 from qlora_jax.nn.model import CausalLM
 from qlora_jax.nn.variables import LoRAWeight
 
@@ -54,12 +55,40 @@ def decode_state(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, state) of the model as generation reads it: float32 LoRA weights (the experts'
   too) as copies in a 16-bit compute dtype. Their products round both operands to the compute
   dtype anyway (compute_dot, grouped_dot), so the tokens are the same, and each token reads half
-  the adapter bytes; the copies live while generating (docs/BENCHMARKS.md, "Generation")."""
+  the adapter bytes; the copies live while generating (docs/BENCHMARKS.md, "Generation"). A
+  power-of-two LoRA scaling is carried in A's copy (lora.scaling_in_a: the same products, one
+  multiply kernel fewer a layer and token). Each generate call pays this: the graph is walked
+  once per model structure, the copies made by one compiled call."""
   graphdef, lora, rest = nnx.split(model, LoRAWeight, ...)
+  decode_graphdef, scales = _decode_graph(graphdef, model)
+  flat = nnx.to_flat_state(lora)
   cd = jnp.dtype(model.options.dtype)
-  if cd.itemsize == 2:
-    lora = jax.tree.map(lambda a: a.astype(cd) if a.dtype == jnp.float32 else a, lora)
-  return graphdef, nnx.merge_state(lora, rest)
+  arrays = _lora_copies([v.get_value() for _, v in flat], tuple(scales.get(p, 1.0) for p, _ in flat),
+                        cd if cd.itemsize == 2 else None)
+  lora = nnx.from_flat_state([(p, v.replace(a)) for (p, v), a in zip(flat, arrays)])
+  return decode_graphdef, nnx.merge_state(lora, rest)
+
+
+_DECODE_GRAPHS: dict[nnx.GraphDef, tuple[nnx.GraphDef, dict]] = {}
+
+
+def _decode_graph(graphdef: nnx.GraphDef, model: CausalLM) -> tuple[nnx.GraphDef, dict]:
+  """(the graphdef of lora.scaling_in_a's copy, its {A path: scaling}) for a model of this
+  graphdef, made once per structure: the copy walks every module in Python (~0.4 s a call for
+  an unrolled 8B on 2026-12-07's H100 host, where a token takes 5 ms)."""
+  if graphdef not in _DECODE_GRAPHS:
+    if len(_DECODE_GRAPHS) >= 8:
+      _DECODE_GRAPHS.pop(next(iter(_DECODE_GRAPHS)))
+    marked, scales = scaling_in_a(model)
+    _DECODE_GRAPHS[graphdef] = (nnx.split(marked, LoRAWeight, ...)[0], scales)
+  return _DECODE_GRAPHS[graphdef]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _lora_copies(arrays: list[jax.Array], scales: tuple[float, ...], dtype) -> list[jax.Array]:
+  """Each adapter weight times its scaling (1: none), float32 ones cast to dtype (None: kept)."""
+  out = [a if s == 1.0 else a * jnp.asarray(s, a.dtype) for a, s in zip(arrays, scales)]
+  return [a.astype(dtype) if dtype is not None and a.dtype == jnp.float32 else a for a in out]
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
-from pallas_kernels.xla import compute_dot
+from pallas_kernels.xla import broadcast_dot, compute_dot
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.qmatmul import check_backend, fuses_group, qmatmul, qmatmul_group
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
@@ -84,6 +84,7 @@ class QLoRALinear(nnx.Module):
     self.weight = QuantWeight(zeros_quantized((out_features, in_features), quant, compute_dtype))
     self.bias = FrozenParam(jnp.zeros((out_features,), compute_dtype)) if use_bias else None
     self.lora = lora
+    self.scaling_in_a = False  # A holds the scaling (generation's copy: scaling_in_a below)
     if lora is None:
       return
     self.lora_a = LoRAWeight(lora_a_init(rngs.params(), in_features, lora.rank, lora.param_dtype))
@@ -118,13 +119,18 @@ class QLoRALinear(nnx.Module):
         # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
         # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
         # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
-        (y,) = qmatmul_group(x_BxK, (self._scaled_update_input(x_BxK),), (qw,),
-                             (self.lora_b[...],), self.backend, cd)
+        h = _update_input(self.dropout(x_BxK), self.lora_a[...], self.update_scale, cd)
+        (y,) = qmatmul_group(x_BxK, h, (qw,), (self.lora_b[...],), self.backend, cd)
       else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
         h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
         y = (qmatmul(x_BxK, qw, self.backend, cd)
-             + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.lora.scaling)
+             + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.update_scale)
     return self._finish(y, x_BxK)
+
+  @property
+  def update_scale(self) -> float:
+    """The factor the update is multiplied by: the LoRA scaling, or 1 where A holds it."""
+    return 1.0 if self.scaling_in_a else self.lora.scaling
 
   def _finish(self, y: jax.Array, x_BxK: jax.Array) -> jax.Array:
     """The product y (compute dtype) plus the bias, in x's dtype."""
@@ -132,11 +138,34 @@ class QLoRALinear(nnx.Module):
       y = y + self.bias[...].astype(self.compute_dtype)
     return y.astype(x_BxK.dtype)
 
-  def _scaled_update_input(self, x_BxK: jax.Array) -> jax.Array:
-    """h = scaling * dropout(x) @ A, rounded to the compute dtype (its product, then the scale)."""
-    cd = jnp.dtype(self.compute_dtype)
-    h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-    return (h_BxR * self.lora.scaling).astype(cd)
+  def _dropout_active(self) -> bool:
+    return self.dropout.rate > 0 and not self.dropout.deterministic
+
+
+def _update_input(x_BxK: jax.Array, a: jax.Array, scale: float, cd) -> jax.Array:
+  """h [rows, r] = scale * x @ A, rounded to cd (the product, then the scale), as the decode kernel
+  reads it: a one-row x's product as broadcast_dot's 8 equal rows, which the kernel reads in
+  place (the first row sliced out would be a kernel of its own); no multiply where scale is 1."""
+  x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
+  dot = broadcast_dot if x_MxK.shape[0] == 1 else compute_dot
+  h = dot("mk,kr->mr", x_MxK, a, cd)
+  return h if scale == 1.0 else (h * scale).astype(cd)
+
+
+def scaling_in_a(model: nnx.Module) -> tuple[nnx.Module, dict[tuple, float]]:
+  """(a copy of `model` whose LoRA layers with a power-of-two scaling (alpha / r of the usual
+  configs) are marked to hold it in A and multiply no update by it, {path of each such A: its
+  scaling}); the copy shares the model's arrays, and its A's are to be multiplied by the scaling
+  by whoever reads them (generation's copy, generate.decode_state). The same products bit for
+  bit (a power of two commutes with every rounding, barring subnormals), and a decoding layer's
+  h goes from its A product into the decode kernel with no multiply kernel between."""
+  model, scales = nnx.clone(model), {}
+  for path, layer in nnx.iter_graph(model):
+    if (isinstance(layer, QLoRALinear) and layer.lora is not None and not layer.scaling_in_a
+        and math.frexp(layer.lora.scaling)[0] == 0.5):
+      layer.scaling_in_a = True
+      scales[(*path, "lora_a")] = layer.lora.scaling
+  return model, scales
 
 
 def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
@@ -149,14 +178,22 @@ def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax
   rank = 0 if first.lora is None else first.lora.rank
   alike = all(layer.backend is first.backend and layer.compute_dtype == first.compute_dtype
               and (layer.lora is None) == (first.lora is None)
-              and (layer.lora is None or layer.lora.rank == rank) for layer in layers)
+              and (layer.lora is None or (layer.lora.rank == rank
+                                          and layer.update_scale == first.update_scale))
+              for layer in layers)
   if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
     return tuple(layer(x_BxK) for layer in layers)
-  hs = bs = None
-  if rank:
-    hs = tuple(layer._scaled_update_input(x_BxK) for layer in layers)
+  h = bs = None
+  if rank:  # the updates' inputs side by side: one A product of the A side by side, one scale
+    scale = first.update_scale
+    if any(layer._dropout_active() for layer in layers):  # each layer's own dropout mask
+      h = jnp.concatenate([_update_input(layer.dropout(x_BxK), layer.lora_a[...], scale, cd)
+                           for layer in layers], axis=-1)
+    else:
+      h = _update_input(x_BxK, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1),
+                        scale, cd)
     bs = tuple(layer.lora_b[...] for layer in layers)
-  ys = qmatmul_group(x_BxK, hs, qws, bs, first.backend, cd)
+  ys = qmatmul_group(x_BxK, h, qws, bs, first.backend, cd)
   return tuple(layer._finish(y, x_BxK) for layer, y in zip(layers, ys))
 
 
