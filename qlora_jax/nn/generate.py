@@ -76,12 +76,13 @@ def _decode_graph(graphdef: nnx.GraphDef, model: CausalLM) -> tuple[nnx.GraphDef
   """(the graphdef of lora.scaling_in_a's copy, its {A path: scaling}) for a model of this
   graphdef, made once per structure: the copy walks every module in Python (~0.4 s a call for
   an unrolled 8B on 2026-12-07's H100 host, where a token takes 5 ms)."""
-  if graphdef not in _DECODE_GRAPHS:
+  found = _DECODE_GRAPHS.get(graphdef)  # one lookup: hashing the graphdef is a walk too
+  if found is None:
     if len(_DECODE_GRAPHS) >= 8:
       _DECODE_GRAPHS.pop(next(iter(_DECODE_GRAPHS)))
     marked, scales = scaling_in_a(model)
-    _DECODE_GRAPHS[graphdef] = (nnx.split(marked, LoRAWeight, ...)[0], scales)
-  return _DECODE_GRAPHS[graphdef]
+    found = _DECODE_GRAPHS[graphdef] = (nnx.split(marked, LoRAWeight, ...)[0], scales)
+  return found
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
