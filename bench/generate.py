@@ -18,7 +18,7 @@ All models: random weights, NF4 + double quant, LoRA r=64 on the 7 linear layers
 0 for none), bf16 compute. A prompt of --prompt random tokens; the time per generated token is
 (t(long) - t(short)) / (long - short) for two generations of --short and --long new tokens
 (prefill and compilation cancel), median of --repeats pairs; ours times generation's compiled
-chunk of CHUNK decoding steps (the loop generate runs, a host sync a chunk: --short and --long
+chunk of CHUNK decoding steps (generate.run_chunks, the loop generate runs after its prefill: --short and --long
 rounded up to whole chunks) from an empty cache, and reports generate's per-call setup
 (decode_state: the adapters' 16-bit copies) apart as setup_ms, median of --repeats: its host
 time varies by +-0.1 s from call to call, which whole generate calls would fold into the
@@ -66,10 +66,9 @@ def _per_token(run, short: int, long: int, repeats: int) -> tuple[float, float]:
 def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from pallas_kernels.backends import get_backend
-  from qlora_jax.nn.generate import CHUNK, decode_state, greedy_chunk
+  from qlora_jax.nn.generate import CHUNK, decode_state, greedy_chunk, run_chunks
   from qlora_jax.nn.lora import LoraConfig
   from qlora_jax.nn.model import ModelOptions
   from qlora_jax.nn.model_config import ModelConfig
@@ -84,12 +83,9 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
 
   chunk, (state, token, empty, key) = greedy_chunk(model, 1, len(prompt) + -(-args.long // CHUNK) * CHUNK)
 
-  def run(n):  # generate's loop: chunks of CHUNK steps, a host sync each; tokens computed
-    cache, tok = jax.tree.map(jnp.copy, empty), token  # each call donates its cache
-    for _ in range(-(-n // CHUNK)):
-      tokens, cache = chunk(state, tok, cache, key)
-      tok = tokens[:, -1]
-      np.asarray(tokens)
+  def run(n):  # generate's loop after the prefill (generate.run_chunks); tokens computed
+    for _ in run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, -(-n // CHUNK)):
+      pass  # each call donates its cache: a copy of the empty one
     return -(-n // CHUNK) * CHUNK
 
   seconds, first = _per_token(run, args.short, args.long, args.repeats)

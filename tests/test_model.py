@@ -312,6 +312,58 @@ def test_generation_stays_inside_the_context():
   assert len(tokens) == 4
 
 
+def test_chunks_are_dispatched_a_chunk_ahead_with_the_same_tokens():
+  """run_chunks (generate's loop after its prefill) dispatches chunk k + 1 before reading chunk
+  k back, and yields the tokens a loop that reads each chunk back first yields (sampled, so the
+  keys' order counts)."""
+  import jax
+  import jax.numpy as jnp
+
+  from qlora_jax.nn.generate import CHUNK, _decoder, decode_state, run_chunks
+  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+  model = random_model(config, ModelOptions(dtype="float32"), seed=0)
+  graphdef, state = decode_state(model)
+  _, chunk = _decoder(graphdef, 1.0, 1.0)
+  empty = KVCache.empty(config, 2, 4 * CHUNK, jnp.float32)
+  token, key = jnp.asarray([3, 5], jnp.int32), jax.random.key(1)
+  want, cache, tok, k = [], jax.tree.map(jnp.copy, empty), token, key
+  for _ in range(3):
+    k, sub = jax.random.split(k)
+    tokens, cache = chunk(state, tok, cache, sub)
+    tok = tokens[:, -1]
+    want.append(np.asarray(tokens))
+  got = list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, 3))
+  np.testing.assert_array_equal(np.stack(got), np.stack(want))
+  assert len({a.tobytes() for a in want}) == 3  # three different chunks
+
+  events = []
+
+  class Tokens:  # a chunk's result that records when it is read back
+    def __init__(self, i):
+      self.i = i
+
+    def __getitem__(self, index):
+      return self
+
+    def __array__(self, dtype=None, copy=None):
+      events.append(("read", self.i))
+      return np.zeros((2, CHUNK), np.int32)
+
+  def recording(state, token, cache, key):
+    events.append(("dispatch", sum(e[0] == "dispatch" for e in events)))
+    return Tokens(events[-1][1]), cache
+
+  later = run_chunks(recording, None, token, None, key, 3)
+  assert events == [("dispatch", 0)]  # before anything is read back (generate: the prefill's token)
+  assert len(list(later)) == 3
+  assert events == [("dispatch", 0), ("dispatch", 1), ("read", 0), ("dispatch", 2), ("read", 1), ("read", 2)]
+
+
 def test_softcapped_attention_without_a_mask_keeps_the_window():
   """The causal (mask-free) call of the softcapped attention applies the sliding window as the
   explicit mask does."""

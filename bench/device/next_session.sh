@@ -4,6 +4,7 @@
 # 5.11, generation's chunk timed; 940 launches a token, 4.05 ms of kernels, the decode kernel
 # 2.29 ms of it at 1.57 TB/s), the decode kernel >= 70% of the copy rate, the training kernels
 # >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get an H100).
+# First: `pipeline` (the twelfth session's dispatch-ahead loop, untimed on a GPU), then `profile`.
 # The side-by-side with bnb + PEFT and Unsloth ran on the twelfth session's tree (`anchors`
 # repeats it: 8.8x Unsloth, 14.2x bnb + PEFT).
 # A device session can end after one call (2026-12-06/07: starts failed for ~40 minutes at a
@@ -16,6 +17,10 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
+  pipeline)  # ~2 min, first: the chunk dispatched a chunk ahead (generate.run_chunks, on main since the
+             # twelfth session, untimed) against reading each chunk back first, one process; then a row
+    timeout 200 python bench/device/pipeline_ab.py | tail -3
+    row . ours:auto ;;
   check)  # ~1 min: generation's decode path at llama3-8b's widths against XLA's (exit 1 past 5%)
     timeout 150 python bench/device/decode_check.py ;;
   graphs)  # ~5 min: the unrolled model under XLA's command buffers widened to the Mosaic kernel and
@@ -39,5 +44,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 check|graphs|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 pipeline|check|graphs|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac

@@ -133,6 +133,30 @@ def greedy_chunk(model: CausalLM, batch: int, slots: int) -> tuple[Callable, tup
   return chunk, (state, jnp.zeros((batch,), jnp.int32), cache, jax.random.key(0))
 
 
+def run_chunks(chunk: Callable, state: nnx.State, token: jax.Array, cache: KVCache, key: jax.Array,
+               n: int) -> Iterator[np.ndarray]:
+  """The tokens of n compiled chunks after `token` ([B, CHUNK] host arrays, in order; `chunk`
+  from _decoder or greedy_chunk, the cache donated), each chunk's key split off `key` in turn.
+  Chunk k + 1 is dispatched before chunk k's tokens are read back, so the host's dispatch (every
+  array of the state an argument: milliseconds for an unrolled 8B) and the round trip overlap
+  the device's work instead of following it; the first is dispatched by this call, before the
+  caller reads anything back. A consumer that stops early leaves one chunk computed for nothing."""
+
+  def launch(token, cache, key):
+    key, sub = jax.random.split(key)
+    tokens, cache = chunk(state, token, cache, sub)
+    return tokens, cache, key
+
+  def chunks(ahead):
+    for i in range(n):
+      tokens, cache, key = ahead
+      if i + 1 < n:
+        ahead = launch(tokens[:, -1], cache, key)
+      yield np.asarray(tokens)
+
+  return chunks(launch(token, cache, key) if n else None)
+
+
 def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig,
              stop_ids: tuple[int, ...] = ()) -> Iterator[np.ndarray]:
   """Yield the next token of every prompt ([B] int array) until all stopped, the budget ends or
@@ -163,13 +187,13 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   key = jax.random.key(sampling.seed)
   key, sub = jax.random.split(key)
   token, cache = prefill(state, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+  new_tokens = min(sampling.max_new_tokens, context - prompt_len)
+  later = run_chunks(chunk, state, token, cache, key, -(-(new_tokens - 1) // CHUNK))
   pending = np.asarray(token)[:, None]  # [B, n]: computed, not yet yielded
   done = np.zeros((b,), bool)
-  for _ in range(min(sampling.max_new_tokens, context - prompt_len)):
+  for _ in range(new_tokens):
     if not pending.shape[1]:
-      key, sub = jax.random.split(key)
-      tokens, cache = chunk(state, token, cache, sub)
-      token, pending = tokens[:, -1], np.asarray(tokens)
+      pending = next(later)
     out = np.where(done, stop_ids[0] if stop_ids else pending[:, 0], pending[:, 0])
     pending = pending[:, 1:]
     yield out
