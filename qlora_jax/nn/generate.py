@@ -74,8 +74,8 @@ _DECODE_GRAPHS: dict[nnx.GraphDef, tuple[nnx.GraphDef, dict]] = {}
 
 def _decode_graph(graphdef: nnx.GraphDef, model: CausalLM) -> tuple[nnx.GraphDef, dict]:
   """(the graphdef of lora.scaling_in_a's copy, its {A path: scaling}) for a model of this
-  graphdef, made once per structure: the copy walks every module in Python (~0.4 s a call for
-  an unrolled 8B on 2026-12-07's H100 host, where a token takes 5 ms)."""
+  graphdef, made once per structure: the copy walks every module in Python, which made most of
+  a call's setup when each call made it (docs/BENCHMARKS.md, "Generation")."""
   found = _DECODE_GRAPHS.get(graphdef)  # one lookup: hashing the graphdef is a walk too
   if found is None:
     if len(_DECODE_GRAPHS) >= 8:
@@ -138,7 +138,7 @@ def run_chunks(chunk: Callable, state: nnx.State, token: jax.Array, cache: KVCac
   """The tokens of n compiled chunks after `token` ([B, CHUNK] host arrays, in order; `chunk`
   from _decoder or greedy_chunk, the cache donated), each chunk's key split off `key` in turn.
   Chunk k + 1 is dispatched before chunk k's tokens are read back, so the host's dispatch (every
-  array of the state an argument: milliseconds for an unrolled 8B) and the round trip overlap
+  array of the state an argument) and the round trip overlap
   the device's work instead of following it; the first is dispatched by this call, before the
   caller reads anything back. A consumer that stops early leaves one chunk computed for nothing."""
 
