@@ -1,5 +1,6 @@
 """What the benchmarks share: named shapes, random batches, a random-weight model built for
-training through the library's one builder, wall-clock timing and peak device memory."""
+training through the library's one builder, the generation benchmarks' model, wall-clock timing
+and peak device memory."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from qlora_jax.nn.model import ModelOptions
+from pallas_kernels.backends import get_backend
+from qlora_jax.nn.lora import LoraConfig
+from qlora_jax.nn.model import CausalLM, ModelOptions
+from qlora_jax.nn.model_config import ModelConfig
 from qlora_jax.testing import SHAPES, random_model, shape_config
 from qlora_jax.train.builder import Trainable, build
 from qlora_jax.train.config import OptimConfig
 
-__all__ = ["SHAPES", "bench_optim", "median_seconds", "peak_gib", "random_batch", "random_trainable",
+__all__ = ["SHAPES", "bench_optim", "generation_model", "median_seconds", "peak_gib", "random_batch", "random_trainable",
            "shape_config", "time_step", "timings"]
 
 
@@ -29,6 +33,14 @@ def random_trainable(config, options: ModelOptions, optim: OptimConfig | None = 
   """A random-weight model (4-bit from the start, straight into `layout`) ready to train."""
   return build(random_model(config, options, seed, layout), optim or bench_optim(), layout,
                host_embedding=host_embedding)
+
+
+def generation_model(shape: dict, backend: str = "auto", *, rank: int = 64, scan: bool = False) -> CausalLM:
+  """A random NF4 + double-quant Llama of `shape` (SHAPES' fields) with LoRA r=`rank` (alpha 16,
+  no dropout; 0: none) on the 7 projections, as the generation benchmarks run it."""
+  options = ModelOptions(lora=LoraConfig(rank=rank, alpha=16.0, dropout=0.0) if rank else None,
+                         backend=get_backend(backend), scan_layers=scan)
+  return random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
 
 
 def random_batch(vocab: int, micro_batches: int, rows: int, seq: int) -> dict[str, np.ndarray]:

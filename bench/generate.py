@@ -67,26 +67,18 @@ def ours(shape: dict, variant: str, prompt: list[int], args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from pallas_kernels.backends import get_backend
+  from common import generation_model
   from qlora_jax.nn.generate import CHUNK, decode_state, greedy_chunk, run_chunks
-  from qlora_jax.nn.lora import LoraConfig
-  from qlora_jax.nn.model import ModelOptions
-  from qlora_jax.nn.model_config import ModelConfig
-  from qlora_jax.testing import random_model
 
-  options = ModelOptions(lora=LoraConfig(rank=args.rank, alpha=16.0, dropout=0.0) if args.rank else None,
-                         backend=get_backend("xla" if variant == "xla" else "auto"),
-                         scan_layers=variant == "scan")
   t0 = time.perf_counter()
-  model = random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
+  model = generation_model(shape, "xla" if variant == "xla" else "auto", rank=args.rank, scan=variant == "scan")
   _progress(f"ours:{variant}: random model in {time.perf_counter() - t0:.0f} s; timing")
 
   chunk, (state, token, empty, key) = greedy_chunk(model, 1, len(prompt) + -(-args.long // CHUNK) * CHUNK)
 
-  def run(n):  # generate's loop after the prefill (generate.run_chunks); tokens computed
-    for _ in run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, -(-n // CHUNK)):
-      pass  # each call donates its cache: a copy of the empty one
-    return -(-n // CHUNK) * CHUNK
+  def run(n):  # generate's loop after the prefill (generate.run_chunks): the tokens computed
+    chunks = run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, -(-n // CHUNK))
+    return sum(tokens.shape[1] for tokens in chunks)  # each call donates its cache: a copy
 
   seconds, first = _per_token(run, args.short, args.long, args.repeats)
   setup = []

@@ -8,6 +8,7 @@ and the greedy tokens' agreement, and exits 1 past --tol.
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/device/decode_check.py
 """
 import argparse
+import os
 import sys
 
 import jax
@@ -15,19 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.backends import get_backend
-from qlora_jax.nn.generate import decode_state
-from qlora_jax.nn.kv_cache import KVCache
-from qlora_jax.nn.lora import LoraConfig
-from qlora_jax.nn.model import ModelOptions
-from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.testing import SHAPES, random_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from common import SHAPES, generation_model  # noqa: E402
+from qlora_jax.nn.generate import decode_state  # noqa: E402
+from qlora_jax.nn.kv_cache import KVCache  # noqa: E402
 
 
 def build(model: str, backend: str, layers: int):
-  shape = {**SHAPES[model], "num_hidden_layers": layers}
-  options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0), backend=get_backend(backend))
-  model = random_model(ModelConfig(**{"model_type": "llama", **shape}), options)
+  model = generation_model({**SHAPES[model], "num_hidden_layers": layers}, backend)
   for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
     if path[-1] == "lora_b":  # B = 0 at init would hide the LoRA half of the kernel
       v = var.get_value()

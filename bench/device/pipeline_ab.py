@@ -6,19 +6,18 @@ each, (t(9 chunks) - t(1 chunk)) / 128, alternated --rounds times.
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/device/pipeline_ab.py
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backends import get_backend
-from qlora_jax.nn.generate import CHUNK, greedy_chunk, run_chunks
-from qlora_jax.nn.lora import LoraConfig
-from qlora_jax.nn.model import ModelOptions
-from qlora_jax.nn.model_config import ModelConfig
-from qlora_jax.testing import SHAPES, random_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from common import SHAPES, generation_model  # noqa: E402
+from qlora_jax.nn.generate import CHUNK, greedy_chunk, run_chunks  # noqa: E402
 
 
 def main():
@@ -27,9 +26,7 @@ def main():
   p.add_argument("--layers", type=int, help="default: the model's")
   p.add_argument("--rounds", type=int, default=5)
   a = p.parse_args()
-  options = ModelOptions(lora=LoraConfig(rank=64, alpha=16.0, dropout=0.0), backend=get_backend("auto"))
-  model = random_model(ModelConfig(**{"model_type": "llama", **SHAPES[a.model],
-                                          **({"num_hidden_layers": a.layers} if a.layers else {})}), options)
+  model = generation_model({**SHAPES[a.model], **({"num_hidden_layers": a.layers} if a.layers else {})})
   chunk, (state, token, empty, key) = greedy_chunk(model, 1, 64 + 9 * CHUNK)
 
   def synced(n):  # read each chunk back, then dispatch the next
@@ -40,9 +37,8 @@ def main():
       tok = tokens[:, -1]
       np.asarray(tokens)
 
-  def pipelined(n):
-    for _ in run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, n):
-      pass
+  def pipelined(n):  # generate's loop (all n chunks read back)
+    return list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, n))
 
   def per_token(run):
     t0 = time.perf_counter()

@@ -114,17 +114,15 @@ class QLoRALinear(nnx.Module):
     qw = self.weight.get_value()
     if self.lora is None:
       y = qmatmul(x_BxK, qw, self.backend, cd)
-    else:
-      if fuses_group(x_BxK, (qw,), self.lora.rank, self.backend, cd):
-        # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
-        # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
-        # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
-        h = _update_input(self.dropout(x_BxK), self.lora_a[...], self.update_scale, cd)
-        (y,) = qmatmul_group(x_BxK, h, (qw,), (self.lora_b[...],), self.backend, cd)
-      else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
-        h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
-        y = (qmatmul(x_BxK, qw, self.backend, cd)
-             + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.update_scale)
+    elif fuses_group(x_BxK, (qw,), self.lora.rank, self.backend, cd):
+      # decoding on a GPU: the decode kernel adds the update (scaling in h) to the base product,
+      # both accumulated in float32 and rounded once (the unfused layer rounds the update, then
+      # the sum: the two differ by about one bf16 step, as a prompt over 64 rows shows)
+      return _one_launch((self,), x_BxK)[0]
+    else:  # PEFT's order: (dropout(x) @ A) @ B, then the scale
+      h_BxR = compute_dot("...k,kr->...r", self.dropout(x_BxK), self.lora_a[...], cd)
+      y = (qmatmul(x_BxK, qw, self.backend, cd)
+           + compute_dot("...r,rn->...n", h_BxR, self.lora_b[...], cd) * self.update_scale)
     return self._finish(y, x_BxK)
 
   @property
@@ -183,7 +181,15 @@ def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax
               for layer in layers)
   if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
     return tuple(layer(x_BxK) for layer in layers)
+  return _one_launch(layers, x_BxK)
+
+
+def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
+  """The layers (alike; fuses_group said yes) applied to x in one qmatmul_group launch."""
+  first = layers[0]
+  cd = jnp.dtype(first.compute_dtype)
   h = bs = None
+  rank = 0 if first.lora is None else first.lora.rank
   if rank:  # the updates' inputs side by side: one A product of the A side by side, one scale
     scale = first.update_scale
     if any(layer._dropout_active() for layer in layers):  # each layer's own dropout mask
@@ -193,6 +199,7 @@ def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax
       h = _update_input(x_BxK, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1),
                         scale, cd)
     bs = tuple(layer.lora_b[...] for layer in layers)
+  qws = tuple(layer.weight.get_value() for layer in layers)
   ys = qmatmul_group(x_BxK, h, qws, bs, first.backend, cd)
   return tuple(layer._finish(y, x_BxK) for layer, y in zip(layers, ys))
 
