@@ -19,7 +19,6 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
 from common import SHAPES, generation_model  # noqa: E402
 from qlora_jax.nn.generate import decode_state  # noqa: E402
-from qlora_jax.nn.kv_cache import KVCache  # noqa: E402
 
 
 def build(model: str, backend: str, layers: int):
@@ -52,7 +51,7 @@ def main():
     model = build(a.model, backend, a.layers)
     graphdef, state = decode_state(model) if gen else nnx.split(model)
     step = logits_fn(graphdef)
-    cache = KVCache.empty(model.config, 1, 64 + a.steps + 8, jnp.bfloat16)
+    cache = model.empty_cache(1, 64 + a.steps + 8)
     ids = jnp.asarray([[(7 + 7919 * i) % model.config.vocab_size for i in range(64)]], jnp.int32)
     out, logits = [], None
     for t in range(a.steps + 1):

@@ -129,7 +129,7 @@ def greedy_chunk(model: CausalLM, batch: int, slots: int) -> tuple[Callable, tup
   donated: a second call needs another (a copy of args[2] made before the first call)."""
   graphdef, state = decode_state(model)
   _, chunk = _decoder(graphdef, 0.0, 1.0)
-  cache = KVCache.empty(model.config, batch, slots, jnp.dtype(model.options.dtype))
+  cache = model.empty_cache(batch, slots)
   return chunk, (state, jnp.zeros((batch,), jnp.int32), cache, jax.random.key(0))
 
 
@@ -181,7 +181,7 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   for i, p in enumerate(prompts):
     ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
   chunks = -(-(sampling.max_new_tokens - 1) // CHUNK)  # after the prefill's token
-  cache = KVCache.empty(model.config, b, longest + chunks * CHUNK, jnp.dtype(model.options.dtype))
+  cache = model.empty_cache(b, longest + chunks * CHUNK)
   graphdef, state = decode_state(model)
   prefill, chunk = _decoder(graphdef, sampling.temperature, sampling.top_p)
   key = jax.random.key(sampling.seed)

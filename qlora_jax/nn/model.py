@@ -305,12 +305,21 @@ class CausalLM(nnx.Module):
     cap = self.config.final_logit_softcapping
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
+  def empty_cache(self, batch: int, length: int) -> KVCache:
+    """An empty KV cache of `length` slots for `batch` sequences in the compute dtype: one array
+    per layer for unrolled layers, stacked for the layer scan."""
+    return KVCache.empty(self.config, batch, length, jnp.dtype(self.options.dtype),
+                         per_layer=not self.options.scan_layers)
+
   def decode(self, input_ids, cache: KVCache, attention_mask=None):
     """Append input_ids [B, T] to the cache; logits [B, T, V] and the updated cache.
 
     A prompt may be left-padded: padded tokens (attention_mask 0) are never attended to and
     do not advance the rotary position.
     """
+    if self.options.scan_layers and isinstance(cache.k, tuple):
+      raise ValueError("a per-layer KV cache for scanned layers: make it stacked (KVCache.empty's "
+                       "per_layer=False, or CausalLM.empty_cache)")
     b, t = input_ids.shape
     real = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     positions = cache.next_position[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1

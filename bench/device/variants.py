@@ -1,0 +1,142 @@
+"""Generation variants timed in one process on one model (random NF4 + DQ llama3-8b, LoRA r=64,
+unrolled): ms a token of generate's chunk loop (generate.run_chunks), (t(9 chunks) - t(1 chunk))
+/ 128, alternated --rounds times. A variant is a function that patches the library for the trace
+(and returns the undo); the decoder's compile cache is cleared between them.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/device/variants.py base cudnn_attention
+"""
+import argparse
+import collections
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from common import SHAPES, generation_model  # noqa: E402
+from qlora_jax.nn import generate, model as model_module  # noqa: E402
+from qlora_jax.nn.generate import CHUNK, greedy_chunk, run_chunks  # noqa: E402
+
+
+def base():
+  return lambda: None
+
+
+def cudnn_attention():
+  """One-query attention over the cache through cuDNN's kernel (the mask as its bias)."""
+  original = model_module.attend
+
+  def attend(q, k, v, mask, *, implementation, **kw):
+    return original(q, k, v, mask, implementation="cudnn" if q.shape[1] == 1 else implementation, **kw)
+  model_module.attend = attend
+  return lambda: setattr(model_module, "attend", original)
+
+
+def reduce_attention():
+  """One-query attention over the cache as float32 multiply-reductions (scores, max, sum and the
+  weighted values: reductions XLA fuses with their elementwise work, no dot, no transpose)."""
+  original = model_module.attend
+
+  def attend(q, k, v, mask, *, implementation, scale, window=None, softcap=None, name_residuals=False):
+    if q.shape[1] != 1 or softcap is not None or window is not None:
+      return original(q, k, v, mask, implementation=implementation, scale=scale, window=window,
+                      softcap=softcap, name_residuals=name_residuals)
+    b, _, n, h = q.shape
+    kvh = k.shape[2]
+    qf = q.reshape(b, 1, kvh, n // kvh, h).astype(jnp.float32) * scale
+    scores = jnp.sum(qf * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [B, S, KV, G]
+    scores = jnp.where(mask[:, 0, :, None, None], scores, -jnp.inf)
+    top = jnp.max(scores, axis=1, keepdims=True)
+    weights = jnp.exp(scores - top)
+    out = jnp.sum(weights[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, KV, G, H]
+    out = out / jnp.sum(weights, axis=1)[..., None]
+    return out.reshape(b, 1, n, h).astype(q.dtype)
+  model_module.attend = attend
+  return lambda: setattr(model_module, "attend", original)
+
+
+def stacked_cache():
+  """The KV cache as one [L, B, S, KV, H] array for the unrolled layers too (before 2026-12-07)."""
+  original = model_module.CausalLM.empty_cache
+
+  def empty_cache(self, batch, length):
+    return model_module.KVCache.empty(self.config, batch, length, jnp.dtype(self.options.dtype))
+  model_module.CausalLM.empty_cache = empty_cache
+  return lambda: setattr(model_module.CausalLM, "empty_cache", original)
+
+
+VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache)}
+
+
+def applied(name):
+  """A variant, or several joined by '+', applied; returns the undo."""
+  undos = [VARIANTS[part]() for part in name.split("+")]
+  return lambda: [undo() for undo in reversed(undos)]
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("variants", nargs="+", help=f"of {sorted(VARIANTS)}, or several joined by '+'")
+  p.add_argument("--model", default="llama3-8b")
+  p.add_argument("--layers", type=int, help="default: the model's")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--profile", action="store_true", help="then each variant's kernels a token (CUPTI)")
+  a = p.parse_args()
+  model = generation_model({**SHAPES[a.model], **({"num_hidden_layers": a.layers} if a.layers else {})})
+  runs = {}
+  for name in a.variants:
+    undo = applied(name)
+    generate._decoder.cache_clear()
+    try:
+      chunk, (state, token, empty, key) = greedy_chunk(model, 1, 64 + 9 * CHUNK)
+      t0 = time.perf_counter()
+      first = list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, 1))[0]
+    except Exception as e:  # a variant the platform refuses: said, the others still run
+      print(f"{name}: failed: {str(e).splitlines()[0][:300]}", flush=True)
+      continue
+    finally:
+      undo()
+    print(f"{name}: compiled and ran in {time.perf_counter() - t0:.1f} s, tokens {first[0, :8].tolist()}", flush=True)
+    runs[name] = (chunk, state, token, empty, key)
+
+  def per_token(name):
+    chunk, state, token, empty, key = runs[name]
+    def go(n):
+      return list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, n))
+    t0 = time.perf_counter()
+    go(1)
+    t1 = time.perf_counter()
+    go(9)
+    return 1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / (8 * CHUNK)
+
+  rows = {name: [] for name in runs}
+  for _ in range(a.rounds):
+    for name in runs:
+      rows[name].append(per_token(name))
+  for name, v in rows.items():
+    print(f"{name:18} ms/token median {statistics.median(v):.3f}  all " + " ".join(f"{x:.3f}" for x in v))
+  if a.profile:
+    for name in runs:
+      profile(name, *runs[name])
+
+
+def profile(name, chunk, state, token, empty, key):
+  """Kernels a token of one chunk, by name with XLA's numbering dropped."""
+  from jax.experimental.mosaic.gpu import profiler
+  _, kernels = profiler.measure(chunk, aggregate=False)(state, token, jax.tree.map(jnp.copy, empty), key)
+  groups = collections.defaultdict(lambda: [0, 0.0])
+  for kernel, ms in kernels:
+    g = groups[re.sub(r"[._]\d+$", "", kernel)]
+    g[0] += 1
+    g[1] += ms
+  total = sum(ms for _, ms in kernels)
+  print(f"{name}: {len(kernels) / CHUNK:.1f} kernels, {total / CHUNK:.3f} ms a token: " + ", ".join(
+      f"{k} {n / CHUNK:.0f}x {ms / CHUNK:.3f}" for k, (n, ms) in sorted(groups.items(), key=lambda x: -x[1][1])))
+
+
+if __name__ == "__main__":
+  main()
