@@ -127,7 +127,9 @@ def main():
 def profile(name, chunk, state, token, empty, key):
   """Kernels a token of one chunk, by name with XLA's numbering dropped."""
   from jax.experimental.mosaic.gpu import profiler
-  _, kernels = profiler.measure(chunk, aggregate=False)(state, token, jax.tree.map(jnp.copy, empty), key)
+  # traced inside measure's own jit (the chunk's donation does not apply there), the state an argument
+  _, kernels = profiler.measure(lambda s, c: chunk(s, token, c, key), aggregate=False)(
+      state, jax.tree.map(jnp.copy, empty))
   groups = collections.defaultdict(lambda: [0, 0.0])
   for kernel, ms in kernels:
     g = groups[re.sub(r"[._]\d+$", "", kernel)]
