@@ -488,7 +488,8 @@ def test_decoding_writes_the_kv_cache_in_place(scan_layers, dtype):
   [L, B, S, KV, H] cache: each layer writes its new keys and values into it in place (before, the
   unrolled model sliced each layer's cache and re-stacked all of them, the scanned one rewrote it
   through the scan's outputs, and XLA:CPU computed a bf16 update in float32, converting the whole
-  cache at every write; the tokens are checked by the generation tests)."""
+  cache at every write; the tokens are checked by the generation tests). Unrolled, the cache is
+  one array a layer, and no layer's is copied either."""
   from qlora_jax.nn.generate import greedy_chunk
   from qlora_jax.nn.model_config import ModelConfig
   from qlora_jax.testing import random_model
@@ -499,12 +500,54 @@ def test_decoding_writes_the_kv_cache_in_place(scan_layers, dtype):
   model = random_model(config, ModelOptions(dtype=dtype, scan_layers=scan_layers), seed=1)
   model.eval()
   chunk, args = greedy_chunk(model, 2, 384)  # batch 2: no unit axis XLA could drop from a copy
+  assert isinstance(args[2].k, tuple) != scan_layers  # unrolled: one cache array a layer
   hlo = chunk.lower(*args).compile().as_text()
-  whole = f"[{config.num_hidden_layers},2,384,2,16]"
-  moves = []  # instructions making a whole cache: copies, conversions, concatenations (op or fusion)
+  # instructions making a whole cache: copies, conversions, concatenations (op or fusion); of a
+  # layer's array copies and concatenations (XLA:CPU's attention reads it converted to float32)
+  kinds = {f"[{config.num_hidden_layers},2,384,2,16]": ("copy", "concatenate", "convert"),
+           "[2,384,2,16]": ("copy", "concatenate")}
+  moves = []
   for line in hlo.splitlines():
     name, _, rhs = line.strip().partition(" = ")
-    if rhs.split("{")[0].endswith(whole) and any(
-        w in name or f" {w}(" in rhs for w in ("copy", "concatenate", "convert")):
+    shape = rhs.split("{")[0].split(" ")[0]
+    shape = shape[shape.find("["):]
+    if any(w in name or f" {w}(" in rhs for w in kinds.get(shape, ())):
       moves.append(line.strip()[:160])
   assert not moves, moves[:3]
+
+
+def test_a_per_layer_kv_cache_decodes_as_the_stacked_one():
+  """Unrolled layers decode the same logits from a cache of one array a layer (what generation
+  makes them: CausalLM.empty_cache) as from the stacked [L, B, S, KV, H] one; the layer scan
+  refuses a per-layer cache with a line saying what to make instead."""
+  import jax.numpy as jnp
+
+  from qlora_jax.nn.kv_cache import KVCache
+  from qlora_jax.nn.model_config import ModelConfig
+  from qlora_jax.testing import random_model
+
+  config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=128)
+  model = random_model(config, ModelOptions(dtype="bfloat16"), seed=2)
+  model.eval()
+  per_layer = model.empty_cache(2, 24)
+  assert isinstance(per_layer.k, tuple) and len(per_layer.k) == 3 and per_layer.k[0].shape == (2, 24, 2, 16)
+  caches = {"per layer": per_layer, "stacked": KVCache.empty(config, 2, 24, jnp.bfloat16)}
+  ids = jnp.asarray([[0, 5, 9, 2, 33, 17], [4, 8, 15, 16, 23, 42]], jnp.int32)
+  mask = jnp.asarray([[0, 1, 1, 1, 1, 1], [1] * 6], jnp.int32)  # the first row left-padded
+  out = {}
+  for name, cache in caches.items():
+    logits, cache = model.decode(ids, cache, mask)
+    steps = [logits]
+    for t in range(3):
+      logits, cache = model.decode(jnp.asarray([[7 + t], [11 + t]], jnp.int32), cache)
+      steps.append(logits)
+    out[name] = np.concatenate([np.asarray(s, np.float32) for s in steps], axis=1)
+  assert np.isfinite(out["stacked"]).all()
+  np.testing.assert_array_equal(out["per layer"], out["stacked"])
+
+  scanned = random_model(config, ModelOptions(dtype="bfloat16", scan_layers=True), seed=2)
+  assert not isinstance(scanned.empty_cache(1, 8).k, tuple)
+  with pytest.raises(ValueError, match="per-layer KV cache for scanned layers"):
+    scanned.decode(ids[:1], per_layer)
