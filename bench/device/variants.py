@@ -84,6 +84,8 @@ def main():
   p.add_argument("--model", default="llama3-8b")
   p.add_argument("--layers", type=int, help="default: the model's")
   p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--slots", type=int, default=64 + 9 * CHUNK,
+                 help="the cache's length (attention reads every slot: a long context's cost)")
   p.add_argument("--profile", action="store_true", help="then each variant's kernels a token (CUPTI)")
   a = p.parse_args()
   model = generation_model({**SHAPES[a.model], **({"num_hidden_layers": a.layers} if a.layers else {})})
@@ -92,7 +94,7 @@ def main():
     undo = applied(name)
     generate._decoder.cache_clear()
     try:
-      chunk, (state, token, empty, key) = greedy_chunk(model, 1, 64 + 9 * CHUNK)
+      chunk, (state, token, empty, key) = greedy_chunk(model, 1, a.slots)
       t0 = time.perf_counter()
       first = list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, 1))[0]
     except Exception as e:  # a variant the platform refuses: said, the others still run
