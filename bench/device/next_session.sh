@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Next session's device calls (one H100 unless named). Issue 28 is what is open: batch-1
-# generation at <= 3.5 ms a token (4.66 on 2026-12-07's twelfth-session H100 beside main's
-# 5.11, generation's chunk timed; 940 launches a token, 4.05 ms of kernels, the decode kernel
-# 2.29 ms of it at 1.57 TB/s), the decode kernel >= 70% of the copy rate, the training kernels
-# >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get an H100).
-# First: `pipeline` (the twelfth session's dispatch-ahead loop, untimed on a GPU), then `profile`.
-# The side-by-side with bnb + PEFT and Unsloth ran on the twelfth session's tree (`anchors`
-# repeats it: 8.8x Unsloth, 14.2x bnb + PEFT).
+# generation at <= 3.5 ms a token (3.86-3.92 on 2026-12-07's thirteenth-session H100s: the chunk
+# dispatched a chunk ahead and the KV cache one array a layer; ~880 kernels a token, 4.07 ms of
+# them in CUPTI, the decode kernel 2.31 ms), the decode kernel >= 70% of the copy rate, the
+# training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get
+# an H100). First: `anchors` (the side-by-side on today's tree: last run on the twelfth
+# session's, 8.8x Unsloth, 14.2x bnb + PEFT), then a change's A/B through bench/device/variants.py.
+# The whole decoding step is already one command buffer (thunk sequence, 2026-12-07): `graphs`
+# no longer applies.
 # A device session can end after one call (2026-12-06/07: starts failed for ~40 minutes at a
 # time, and each refused start cost 15 s to 4 minutes of device time).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
@@ -17,18 +18,8 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  pipeline)  # ~2 min, first: the chunk dispatched a chunk ahead (generate.run_chunks, on main since the
-             # twelfth session, untimed) against reading each chunk back first, one process; then a row
-    timeout 200 python bench/device/pipeline_ab.py | tail -3
-    row . ours:auto ;;
   check)  # ~1 min: generation's decode path at llama3-8b's widths against XLA's (exit 1 past 5%)
     timeout 150 python bench/device/decode_check.py ;;
-  graphs)  # ~5 min: the unrolled model under XLA's command buffers widened to the Mosaic kernel and
-           # to the chunk's loop (2026-12-06 only the scanned one compiled in time: 8.53 against
-           # 6.67 ms), beside the default flags
-    row . ours:auto
-    ROW_TIMEOUT=300 row . ours:auto XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1"
-    ROW_TIMEOUT=300 row . ours:auto XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
     timeout 250 python bench/kernels.py --tune decode_groups ;;
   anchors)  # ~6 min: the issue's side-by-side: ours (unrolled and scanned), bnb + PEFT, Unsloth in one run
@@ -44,5 +35,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 pipeline|check|graphs|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
