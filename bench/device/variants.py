@@ -102,7 +102,8 @@ def main():
       continue
     finally:
       undo()
-    print(f"{name}: compiled and ran in {time.perf_counter() - t0:.1f} s, tokens {first[0, :8].tolist()}", flush=True)
+    print(f"{name}: compiled and ran in {time.perf_counter() - t0:.1f} s, tokens {first[0, :8].tolist()}",
+          flush=True)
     runs[name] = (chunk, state, token, empty, key)
 
   def per_token(name):

@@ -32,7 +32,8 @@ class KVCache:
   dtype: str = struct.field(pytree_node=False)  # of the keys and values (k, v: bits of its width)
 
   @classmethod
-  def empty(cls, config: ModelConfig, batch: int, length: int, dtype, *, per_layer: bool = False) -> "KVCache":
+  def empty(cls, config: ModelConfig, batch: int, length: int, dtype, *,
+            per_layer: bool = False) -> "KVCache":
     dtype = jnp.dtype(dtype)
     shape = (batch, length, config.num_key_value_heads, config.head_dim)
     bits = jnp.dtype(f"uint{8 * dtype.itemsize}")  # zero bits: 0.0
@@ -63,4 +64,3 @@ class KVCache:
   def read(self, layer) -> tuple[jax.Array, jax.Array]:
     """Layer `layer`'s keys and values [B, S, KV, H], every slot."""
     return tuple(jax.lax.bitcast_convert_type(a[layer], jnp.dtype(self.dtype)) for a in (self.k, self.v))
-
