@@ -4,8 +4,9 @@
 # dispatched a chunk ahead and the KV cache one array a layer; ~880 kernels a token, 4.07 ms of
 # them in CUPTI, the decode kernel 2.31 ms), the decode kernel >= 70% of the copy rate, the
 # training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get
-# an H100). First: `anchors` (the side-by-side on today's tree: last run on the twelfth
-# session's, 8.8x Unsloth, 14.2x bnb + PEFT), then a change's A/B through bench/device/variants.py.
+# an H100). First: `splitk` (no split-K GEMMs in the chunk: XLA's option, per compiled
+# function), then `anchors` (the side-by-side on today's tree: last run on the twelfth session's,
+# 8.8x Unsloth, 14.2x bnb + PEFT); a change's A/B through bench/device/variants.py.
 # The whole decoding step is already one command buffer (thunk sequence, 2026-12-07): `graphs`
 # no longer applies.
 # A device session can end after one call (2026-12-06/07: starts failed for ~40 minutes at a
@@ -18,6 +19,9 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
+  splitk)  # ~3 min, first: the chunk compiled without XLA's split-K GEMMs (each LoRA A product one
+           # kernel instead of a GEMM + a reduction of K-slices: 128 launches a token fewer if it wins)
+    timeout 280 python bench/device/variants.py base no_split_k --rounds 5 --profile 2>&1 | grep -v -i warn | tail -6 ;;
   check)  # ~1 min: generation's decode path at llama3-8b's widths against XLA's (exit 1 past 5%)
     timeout 150 python bench/device/decode_check.py ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
@@ -35,5 +39,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 splitk|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ unrolled): ms a token of generate's chunk loop (generate.run_chunks), (t(9 chunk
 """
 import argparse
 import collections
+import functools
 import os
 import re
 import statistics
@@ -69,7 +70,16 @@ def stacked_cache():
   return lambda: setattr(model_module.CausalLM, "empty_cache", original)
 
 
-VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache)}
+def no_split_k():
+  """The chunk compiled with XLA's split-K GEMM autotuning off: each LoRA A product one GEMM kernel
+  instead of a GEMM of K-slices and a reduction of their sums (on the GPU; an option XLA:CPU does
+  not know)."""
+  original = jax.jit
+  jax.jit = functools.partial(original, compiler_options={"xla_gpu_enable_split_k_autotuning": False})
+  return lambda: setattr(jax, "jit", original)
+
+
+VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, no_split_k)}
 
 
 def applied(name):
