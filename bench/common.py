@@ -19,8 +19,8 @@ from qlora_jax.testing import SHAPES, random_model, shape_config
 from qlora_jax.train.builder import Trainable, build
 from qlora_jax.train.config import OptimConfig
 
-__all__ = ["SHAPES", "bench_optim", "generation_model", "median_seconds", "peak_gib", "random_batch", "random_trainable",
-           "shape_config", "time_step", "timings"]
+__all__ = ["SHAPES", "bench_optim", "generation_model", "median_seconds", "peak_gib", "random_batch",
+           "random_trainable", "shape_config", "time_step", "timings"]
 
 
 def bench_optim(**changes) -> OptimConfig:

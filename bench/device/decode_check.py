@@ -53,7 +53,7 @@ def main():
     step = logits_fn(graphdef)
     cache = model.empty_cache(1, 64 + a.steps + 8)
     ids = jnp.asarray([[(7 + 7919 * i) % model.config.vocab_size for i in range(64)]], jnp.int32)
-    out, logits = [], None
+    out = []
     for t in range(a.steps + 1):
       logits, cache = step(state, ids, cache)
       out.append(np.asarray(logits))

@@ -1,12 +1,14 @@
 """Generation variants timed in one process on one model (random NF4 + DQ llama3-8b, LoRA r=64,
 unrolled): ms a token of generate's chunk loop (generate.run_chunks), (t(9 chunks) - t(1 chunk))
-/ 128, alternated --rounds times. A variant is a function that patches the library for the trace
-(and returns the undo); the decoder's compile cache is cleared between them.
+/ 128, alternated --rounds times. A variant is a function that patches the library (and returns
+the undo), applied around everything run for it: its compile (the decoder's compile cache is
+cleared first), its timing and its profile.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/device/variants.py base cudnn_attention
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/device/variants.py base read_back_first
 """
 import argparse
 import collections
+import contextlib
 import functools
 import os
 import re
@@ -16,11 +18,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
 from common import SHAPES, generation_model  # noqa: E402
 from qlora_jax.nn import generate, model as model_module  # noqa: E402
-from qlora_jax.nn.generate import CHUNK, greedy_chunk, run_chunks  # noqa: E402
+from qlora_jax.nn.generate import CHUNK, greedy_chunk  # noqa: E402
 
 
 def base():
@@ -79,13 +82,41 @@ def no_split_k():
   return lambda: setattr(jax, "jit", original)
 
 
-VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, no_split_k)}
+def read_back_first():
+  """Generate's chunk loop before 2026-12-07: each chunk's tokens read back before the next chunk
+  is dispatched (run_chunks dispatches it first)."""
+  original = generate.run_chunks
+
+  def run_chunks(chunk, state, token, cache, key, n):
+    for _ in range(n):
+      key, sub = jax.random.split(key)
+      tokens, cache = chunk(state, token, cache, sub)
+      token = tokens[:, -1]
+      yield np.asarray(tokens)
+  generate.run_chunks = run_chunks
+  return lambda: setattr(generate, "run_chunks", original)
 
 
+VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, no_split_k,
+                                    read_back_first)}
+
+
+@contextlib.contextmanager
 def applied(name):
-  """A variant, or several joined by '+', applied; returns the undo."""
+  """A variant, or several joined by '+', applied for the block."""
   undos = [VARIANTS[part]() for part in name.split("+")]
-  return lambda: [undo() for undo in reversed(undos)]
+  try:
+    yield
+  finally:
+    for undo in reversed(undos):
+      undo()
+
+
+def tokens_of(run, n: int) -> list:
+  """n chunks of generate's loop (generate.run_chunks, looked up now: a variant may replace it)
+  from a copy of the empty cache (each chunk donates its cache)."""
+  chunk, state, token, empty, key = run
+  return list(generate.run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, n))
 
 
 def main():
@@ -101,30 +132,26 @@ def main():
   model = generation_model({**SHAPES[a.model], **({"num_hidden_layers": a.layers} if a.layers else {})})
   runs = {}
   for name in a.variants:
-    undo = applied(name)
     generate._decoder.cache_clear()
     try:
-      chunk, (state, token, empty, key) = greedy_chunk(model, 1, a.slots)
-      t0 = time.perf_counter()
-      first = list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, 1))[0]
+      with applied(name):
+        chunk, (state, token, empty, key) = greedy_chunk(model, 1, a.slots)
+        t0 = time.perf_counter()
+        first = tokens_of((chunk, state, token, empty, key), 1)[0]
     except Exception as e:  # a variant the platform refuses: said, the others still run
       print(f"{name}: failed: {str(e).splitlines()[0][:300]}", flush=True)
       continue
-    finally:
-      undo()
     print(f"{name}: compiled and ran in {time.perf_counter() - t0:.1f} s, tokens {first[0, :8].tolist()}",
           flush=True)
     runs[name] = (chunk, state, token, empty, key)
 
   def per_token(name):
-    chunk, state, token, empty, key = runs[name]
-    def go(n):
-      return list(run_chunks(chunk, state, token, jax.tree.map(jnp.copy, empty), key, n))
-    t0 = time.perf_counter()
-    go(1)
-    t1 = time.perf_counter()
-    go(9)
-    return 1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / (8 * CHUNK)
+    with applied(name):
+      t0 = time.perf_counter()
+      tokens_of(runs[name], 1)
+      t1 = time.perf_counter()
+      tokens_of(runs[name], 9)
+      return 1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / (8 * CHUNK)
 
   rows = {name: [] for name in runs}
   for _ in range(a.rounds):
@@ -133,13 +160,9 @@ def main():
   for name, v in rows.items():
     print(f"{name:18} ms/token median {statistics.median(v):.3f}  all " + " ".join(f"{x:.3f}" for x in v))
   if a.profile:
-    for name in runs:  # the variant applied again: the profile compiles the chunk inside its own jit
-      undo = applied(name)
-      try:
+    for name in runs:  # the profile compiles the chunk again, inside the profiler's own jit
+      with applied(name):
         profile(name, *runs[name])
-      finally:
-        undo()
-
 
 def profile(name, chunk, state, token, empty, key):
   """Kernels a token of one chunk, by name with XLA's numbering dropped."""
