@@ -421,7 +421,8 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
 def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
   Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
-  q, k, v with LoRA updates on an H100's 132 SMs. (Mosaic's compile to PTX happens on a GPU.)"""
+  q, k, v with LoRA updates (h in 8 K-slices) on an H100's 132 SMs. (Mosaic's compile to PTX
+  happens on a GPU.)"""
   from jax import export
 
   monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)

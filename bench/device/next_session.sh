@@ -19,9 +19,16 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  splitk)  # ~3 min, first: the chunk compiled without XLA's split-K GEMMs (each LoRA A product one
-           # kernel instead of a GEMM + a reduction of K-slices: 128 launches a token fewer if it wins)
-    timeout 280 python bench/device/variants.py base no_split_k --rounds 5 --profile 2>&1 | grep -v -i warn | tail -6 ;;
+  slices)  # ~7 min, first: the decode GPU tests, L2-warm against cold decode launches (what
+           # prefetching the next weights could gain), and the A products in K-slices the decode
+           # kernel sums (base) against whole (whole_update: XLA's split-K GEMM + reduction kernel)
+    timeout 200 python -m pytest -q -x tests/test_kernels.py -k "decode or lora or sharing" 2>&1 | tail -3
+    timeout 100 python bench/device/l2_warm.py 2>&1 | grep -v -i warn | tail -5
+    timeout 260 python bench/device/variants.py base whole_update more_slices --rounds 5 --profile 2>&1 | grep -v -i warn | tail -8 ;;
+  dump)  # ~1 min: the optimized HLO and thunk sequence of a 2-layer chunk (which fusions a layer runs)
+    XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" \
+      timeout 100 python bench/device/variants.py base --layers 2 --rounds 1 2>&1 | grep -v -i warn | tail -2
+    mkdir -p $OUT/dump && cp $(ls -S /tmp/dump/*after_optimizations.txt | head -2) $(ls -S /tmp/dump/*thunk* | head -2) $OUT/dump/ 2>/dev/null; ls $OUT/dump ;;
   check)  # ~1 min: generation's decode path at llama3-8b's widths against XLA's (exit 1 past 5%)
     timeout 150 python bench/device/decode_check.py ;;
   tune_groups)  # ~3 min: the decode kernel alone, q/k/v and gate/up in one launch against one each
@@ -39,5 +46,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 splitk|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 slices|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
