@@ -63,12 +63,11 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
   its `split.per_cta` steps of its part's weight; each time a row tile's last step (or the CTA's
   last) is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
 
-  lora: () or (b [R, N] bf16,), R a multiple of BLOCK, the same R in every part, with h [S, H,
-  G * R] bf16 (G parts; part p's columns p * R onwards; H <= cols rows, those past H read as
-  zeros; S partial sums): the CTA that runs a row tile's first step of K also adds
-  b[:, rows]^T @ h_p^T to it (a LoRA update, h_p = x @ A_p * scaling, summed over the S slices
-  by linearity), one more wgmma per slice and BLOCK of R after the step's blocks, its b tile
-  copied to shared memory while they are widened."""
+  lora: () or (b [R, N] bf16,), R a multiple of BLOCK, the same R in every part, with h [H, G *
+  R] bf16 (G parts; part p's columns p * R onwards; H <= cols rows, those past H read as zeros):
+  the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h_p^T to it (a LoRA
+  update, h_p = x @ A_p * scaling), one more wgmma per BLOCK of R after the step's blocks, its b
+  tile copied to shared memory while they are widened."""
   (cols, k), cta_rows = (config.cols, x.shape[1]), config.compute_wgs * ROWS
   dq_len, lora_len = len(weights[0][2]), len(weights[0][3])
   if any(len(w[2]) != dq_len or len(w[3]) != lora_len for w in weights):
@@ -76,9 +75,9 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
                      "or none")
   lora_r = weights[0][3][0].shape[0] if lora_len else 0
   if any(w[3][0].shape[0] != lora_r for w in weights if lora_len) or (
-      lora_len and h.shape[-1] != len(weights) * lora_r):
+      lora_len and h.shape[1] != len(weights) * lora_r):
     raise ValueError("a group's LoRA updates share one rank, their h side by side")
-  step_k, slices = BLOCK * config.blocks, h.shape[0] if lora_len else 0
+  step_k = BLOCK * config.blocks
   per_part = 2 + dq_len + lora_len
 
   def kernel(x_gmem, lut_gmem, *rest):
@@ -116,7 +115,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
         if dq_len:
           plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
         if lora_len:
-          plgpu.copy_gmem_to_smem(h_gmem.at[:, pl.ds(0, cols), pl.ds(index * lora_r, lora_r)],
+          plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(0, cols), pl.ds(index * lora_r, lora_r)],
                                   h_smem, h_barrier)
 
       plgpu.barrier_wait(lut_barrier)  # all three copies in flight at once
@@ -152,16 +151,15 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
         plgpu.copy_gmem_to_smem(b_gmem.at[:, pl.ds(tile * cta_rows + wg * ROWS, ROWS)],
                                 b_smem.at[wg], b_barrier.at[wg])
 
-      def add_lora(acc_ref):  # acc += the fetched b tile^T @ h^T, h's slices one by one
+      def add_lora(acc_ref):  # acc += the fetched b tile^T @ h^T
         plgpu.barrier_wait(b_barrier.at[wg])
         for c in range(lora_r // BLOCK):
           b_c = b_smem.at[wg, pl.ds(c * BLOCK, BLOCK), :]  # [BLOCK, 64 rows]
-          for piece in range(slices):
-            h_c = h_smem.at[piece, :, pl.ds(c * BLOCK, BLOCK)]
-            if interpret:  # the interpreter reads no transposed ref: b^T as a register array
-              register_wgmma(acc_ref, b_c[...].T, h_c, wg=wg, staging=staging, interpret=True)
-            else:
-              plgpu.wgmma(acc_ref, b_c.transpose((1, 0)), h_c.transpose((1, 0)))
+          h_c = h_smem.at[:, pl.ds(c * BLOCK, BLOCK)]
+          if interpret:  # the interpreter reads no transposed ref: b^T as a register array
+            register_wgmma(acc_ref, b_c[...].T, h_c, wg=wg, staging=staging, interpret=True)
+          else:
+            plgpu.wgmma(acc_ref, b_c.transpose((1, 0)), h_c.transpose((1, 0)))
         plgpu.wgmma_wait(0)
 
       def store(acc, tile):  # this CTA's accumulator after row tile `tile`
@@ -231,7 +229,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
                      *([plgpu.SMEM((256,), jnp.float32)] if dq_len else []),
                      plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                      plgpu.SMEM((config.compute_wgs, ROWS, out_cols), jnp.float32),
-                     *([plgpu.SMEM((slices, cols, lora_r), jnp.bfloat16,
+                     *([plgpu.SMEM((cols, lora_r), jnp.bfloat16,
                                    transforms=swizzled(BLOCK, jnp.bfloat16)),
                         plgpu.SMEM((config.compute_wgs, lora_r, ROWS), jnp.bfloat16,
                                    transforms=swizzled(ROWS, jnp.bfloat16)),
@@ -250,12 +248,11 @@ def decode(x_MxK, qw: QuantizedArray, lora=None, *, config: Config | None = None
            interpret: bool = False):
   """Y [M, N] f32 = x @ dequant(qw)^T (+ h @ b) for M <= MAX_ROWS, reading bitsandbytes' stored
   arrays as they are: the 4-bit codes, and the absmax (double-quantized or not), decoded in the
-  kernel. lora: None, or (h [H, r] or [S, H, r], b [r, N]) whose product the kernel adds (a LoRA
-  update with its scaling in h; bf16 operands, float32 accumulation with the base product; S
-  partial sums of h, as update_slices says, summed by the kernel); h has M rows or more (up to
-  the kernel's `cols`: the rows past M reach only output rows that are dropped, so a one-row x
-  may come with the 8 equal rows of its A product, `xla.sliced_dot`). config: None picks
-  config_for(M, K)."""
+  kernel. lora: None, or (h [H, r], b [r, N]) whose product the kernel adds (a LoRA update with
+  its scaling in h; bf16 operands, float32 accumulation with the base product); h has M rows or
+  more (up to the kernel's `cols`: the rows past M reach only output rows that are dropped, so a
+  one-row x may come with the 8 equal rows of its A product, `xla.broadcast_dot`). config: None
+  picks config_for(M, K)."""
   update = None if lora is None else (lora[0], (lora[1],))
   return decode_group(x_MxK, (qw,), update, config=config, interpret=interpret)[0]
 
@@ -274,50 +271,45 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Conf
                  interpret: bool = False) -> tuple:
   """(Y_i [M, N_i] f32 = x @ dequant(qws[i])^T (+ h_i @ b_i), ...) in one launch: the weights that
   share an input (q, k, v; gate, up) as one kernel, the SMs dealt among them by their rows
-  (parts_for); each as decode computes it alone. update: None, or (h [H, G * r] or [S, H, G * r],
-  (b_i [r, N_i], ...)): the G updates' inputs side by side (h_i = h[..., i * r:(i + 1) * r], one
-  A product of the weights' A side by side, read in place; or S partial sums of it, summed in
-  the kernel: update_slices), one rank r; H >= M rows (see decode)."""
+  (parts_for); each as decode computes it alone. update: None, or (h [H, G * r], (b_i [r, N_i],
+  ...)): the G updates' inputs side by side (h_i = h[:, i * r:(i + 1) * r], one A product of
+  the weights' A side by side, read in place), one rank r; H >= M rows (see decode)."""
   (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
-  lora_rank, slices, h = 0, 1, None
+  lora_rank = 0 if update is None else update[1][0].shape[0]
   if update is not None:
     h, bs = update
-    lora_rank = bs[0].shape[0]
-    h = h[None] if h.ndim == 2 else h
-    slices = h.shape[0]
-    if (len(bs) != len(qws) or h.ndim != 3 or h.shape[2] != len(qws) * lora_rank
-        or not m <= h.shape[1] <= MAX_ROWS or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))):
-      raise ValueError(f"LoRA updates h {update[0].shape}, b {[b.shape for b in bs]} for x [{m}, "
-                       f"{k}] @ W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and h [H, "
-                       f"{len(qws)} * r] or [S, H, {len(qws)} * r] (S partial sums), the updates' "
-                       f"inputs side by side, H >= {m} rows")
+    if (len(bs) != len(qws) or h.ndim != 2 or h.shape[1] != len(qws) * lora_rank
+        or not m <= h.shape[0] <= MAX_ROWS or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))):
+      raise ValueError(f"LoRA updates h {h.shape}, b {[b.shape for b in bs]} for x [{m}, {k}] @ "
+                       f"W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and h [H, "
+                       f"{len(qws)} * r], the updates' inputs side by side, H >= {m} rows")
   reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
   if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
-  config = config or config_for(m, k, lora_rank, slices)
-  if max(m, 0 if update is None else h.shape[1]) > config.cols or k % (BLOCK * config.blocks):
+  config = config or config_for(m, k, lora_rank)
+  if max(m, 0 if update is None else update[0].shape[0]) > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
-  if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant, slices)) > SMEM_LIMIT:
-    raise ValueError(f"{config} for x [{m}, {k}] (LoRA rank {lora_rank}, h in {slices} slices) "
-                     f"needs {need} bytes of shared memory (a CTA holds at most {SMEM_LIMIT})")
+  if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant)) > SMEM_LIMIT:
+    raise ValueError(f"{config} for x [{m}, {k}] (LoRA rank {lora_rank}) needs {need} bytes of "
+                     f"shared memory (a CTA holds at most {SMEM_LIMIT})")
   # compiled, TMA zero-fills x's and h's rows past M (up to cols): no pad kernel a call, only
   # rows to a multiple of its 8-row tiling past 8 (interpreted, whole tiles of cols rows)
-  def rows_to(a, axis=0):
-    multiple = config.cols if interpret else (1 if a.shape[axis] < 8 else 8)
-    return pad_rows(a, multiple, axis)
+  def rows_to(a):
+    return pad_rows(a, config.cols if interpret else (1 if a.shape[0] < 8 else 8))
 
   x = rows_to(column_order(x_MxK.astype(jnp.bfloat16)))
   parts, out_cols = parts_for(ns, k, config, sm_count(interpret)), out_columns(m)
   table = codebook(qws[0].quant_type)
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
+  h = None
   extra = -lora_rank % BLOCK  # the rank in whole blocks: zero columns of each h_i, rows of b_i
   if update is not None:
-    h = h.astype(jnp.bfloat16)
+    h = update[0].astype(jnp.bfloat16)
     if extra:
-      h = jnp.pad(h.reshape(*h.shape[:2], len(qws), lora_rank), ((0, 0),) * 3 + ((0, extra),))
-      h = h.reshape(*h.shape[:2], -1)
-    h = rows_to(h, axis=1)
+      h = jnp.pad(h.reshape(h.shape[0], len(qws), lora_rank), ((0, 0), (0, 0), (0, extra)))
+      h = h.reshape(h.shape[0], -1)
+    h = rows_to(h)
   weights = []
   for i, (qw, n) in enumerate(zip(qws, ns)):
     lora = ()

@@ -128,23 +128,21 @@ def out_columns(m: int) -> int:
   return -(-m // 8) * 8
 
 
-def smem_bytes(config: Config, m: int, lora_rank: int = 0, double_quant: bool = True,
-               slices: int = 1) -> int:
+def smem_bytes(config: Config, m: int, lora_rank: int = 0, double_quant: bool = True) -> int:
   """The shared memory _call allocates for x [m, K] (Mosaic GPU refuses a kernel over
-  SMEM_LIMIT): the pair table, qmap, the accumulator stores, a LoRA update's h (`slices` partial
-  sums) and b tiles, and `stages` pipeline buffers of x's tile and the code tile (and their
-  barriers)."""
+  SMEM_LIMIT): the pair table, qmap, the accumulator stores, a LoRA update's h and b tiles, and
+  `stages` pipeline buffers of x's tile and the code tile (and their barriers)."""
   step_k, lanes = BLOCK * config.blocks, 2 * LANES if config.wide_table else LANES
   fixed = 256 * lanes * 4 + (256 * 4 if double_quant else 0) + 16
   fixed += config.compute_wgs * ROWS * out_columns(m) * 4  # out_smem
   if lora_rank:
     r = -(-lora_rank // BLOCK) * BLOCK
-    fixed += slices * config.cols * r * 2 + config.compute_wgs * r * ROWS * 2 + 8 * (1 + config.compute_wgs)
+    fixed += config.cols * r * 2 + config.compute_wgs * r * ROWS * 2 + 8 * (1 + config.compute_wgs)
   per_stage = config.cols * step_k * 2 + config.compute_wgs * ROWS * step_k // 2 + 16
   return fixed + config.stages * per_stage
 
 
-def config_for(m: int, k: int, lora_rank: int = 0, slices: int = 1) -> Config:
+def config_for(m: int, k: int, lora_rank: int = 0) -> Config:
   """x padded to 16, 32 or 64 rows; as many blocks a step as K allows; the deepest pipeline (up
   to Config.stages, at least 2) that fits in shared memory beside a LoRA update's tiles, with the
   wide table for x's 16- and 32-row tiles and the narrow one for its 64-row tiles (the measured
@@ -155,29 +153,7 @@ def config_for(m: int, k: int, lora_rank: int = 0, slices: int = 1) -> Config:
   tables = (True, False) if cols < MAX_ROWS else (False, True)
   candidates = [Config(cols=cols, blocks=blocks, wide_table=wide, stages=stages)
                 for stages in range(Config.stages, 1, -1) for wide in tables]
-  return next((c for c in candidates if smem_bytes(c, m, lora_rank, slices=slices) <= SMEM_LIMIT),
-              candidates[-1])
-
-
-UPDATE_SLICE = 512  # the narrowest K-slice of a LoRA update's A product (update_slices)
-MAX_UPDATE_SLICES = 16
-
-
-def update_slices(m: int, k: int, lora_rank: int) -> int:
-  """In how many partial sums over consecutive K-slices the decode kernel takes a rank-`lora_rank`
-  update's input h = x [m, K] @ A (1: whole). The kernel sums them (one wgmma a slice against the
-  same b tile), so the A product is one batched GEMM with no reduction kernel after it: XLA splits
-  a small-M product's K by itself, as a GEMM of K-slices and a reduction kernel (two launches
-  where the slices need one). The most slices, each a multiple of UPDATE_SLICE wide and at most
-  MAX_UPDATE_SLICES, whose h tiles leave the kernel the configuration of one (config_for)."""
-  if not lora_rank or k % UPDATE_SLICE:
-    return 1
-  whole, best = k // UPDATE_SLICE, config_for(m, k, lora_rank)
-  for s in range(min(whole, MAX_UPDATE_SLICES), 1, -1):
-    if (whole % s == 0 and config_for(m, k, lora_rank, s) == best
-        and smem_bytes(best, m, lora_rank, slices=s) <= SMEM_LIMIT):
-      return s
-  return 1
+  return next((c for c in candidates if smem_bytes(c, m, lora_rank) <= SMEM_LIMIT), candidates[-1])
 
 
 def unsupported_reason(m: int, qw: QuantizedArray, lora_rank: int = 0) -> str | None:

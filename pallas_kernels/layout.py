@@ -128,10 +128,7 @@ def decode_codes(codes_i32: jax.Array, table) -> jax.Array:
   return level[0]
 
 
-def pad_rows(x: jax.Array, multiple: int, axis: int = 0) -> jax.Array:
-  """x [M, C] (M along `axis`) with zero rows appended up to a multiple of `multiple` (kernels
-  tile M whole)."""
-  pad = -x.shape[axis] % multiple
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths) if pad else x
+def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+  """x [M, C] with zero rows appended up to a multiple of `multiple` (kernels tile M whole)."""
+  pad = -x.shape[0] % multiple
+  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x

@@ -82,18 +82,6 @@ def broadcast_dot(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype, ro
                  jnp.dtype(compute_dtype))
 
 
-def sliced_dot(x_MxK: jax.Array, w_KxN: jax.Array, slices: int, compute_dtype, rows: int = 8):
-  """[slices, M, N]: x @ w as the partial products of `slices` consecutive K-slices (their sum is
-  the product), each rounded to compute_dtype: one batched GEMM. A one-row x as `rows` equal
-  rows (broadcast_dot's). Slices no wider than XLA's own split of a small-M product's K, so no
-  reduction kernel follows: whoever reads them sums them (the decode kernel, by linearity)."""
-  (m, k), n = x_MxK.shape, w_KxN.shape[-1]
-  if m == 1:
-    x_MxK, m = jnp.broadcast_to(x_MxK, (rows, k)), rows
-  return _einsum("msk,skn->smn", x_MxK.reshape(m, slices, k // slices),
-                 w_KxN.reshape(slices, k // slices, n), jnp.dtype(compute_dtype))
-
-
 def forward(x_MxK: jax.Array, qw: QuantizedArray, compute_dtype) -> jax.Array:
   """y [M, N] = x [M, K] @ dequant(qw [N, K])^T."""
   return compute_dot("mk,nk->mn", x_MxK, frozen_weight(qw, compute_dtype), compute_dtype)

@@ -9,6 +9,7 @@ cleared first), its timing and its profile.
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import re
 import statistics
@@ -21,8 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
 from common import SHAPES, generation_model  # noqa: E402
-from pallas_kernels import gpu_decode_plan  # noqa: E402
-from qlora_jax.nn import generate, lora, model as model_module  # noqa: E402
+from qlora_jax.nn import generate, model as model_module  # noqa: E402
 from qlora_jax.nn.generate import CHUNK, greedy_chunk  # noqa: E402
 
 
@@ -73,19 +73,13 @@ def stacked_cache():
   return lambda: setattr(model_module.CausalLM, "empty_cache", original)
 
 
-def whole_update():
-  """Each LoRA A product whole (before 2026-12-07's fourteenth session): XLA splits its K by itself,
-  a GEMM of K-slices and a reduction kernel, where the decode kernel now sums the slices."""
-  original = lora.update_slices
-  lora.update_slices = lambda m, k, rank: 1
-  return lambda: setattr(lora, "update_slices", original)
-
-
-def more_slices():
-  """The A products' K in up to 32 slices (down_proj's 14,336 in 28 of 512, not 14 of 1,024)."""
-  original = gpu_decode_plan.MAX_UPDATE_SLICES
-  gpu_decode_plan.MAX_UPDATE_SLICES = 32
-  return lambda: setattr(gpu_decode_plan, "MAX_UPDATE_SLICES", original)
+def no_split_k():
+  """The chunk compiled with XLA's split-K GEMM autotuning off: each LoRA A product one GEMM kernel
+  instead of a GEMM of K-slices and a reduction of their sums (on the GPU; an option XLA:CPU does
+  not know)."""
+  original = jax.jit
+  jax.jit = functools.partial(original, compiler_options={"xla_gpu_enable_split_k_autotuning": False})
+  return lambda: setattr(jax, "jit", original)
 
 
 def read_back_first():
@@ -103,8 +97,8 @@ def read_back_first():
   return lambda: setattr(generate, "run_chunks", original)
 
 
-VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache,
-                                    whole_update, more_slices, read_back_first)}
+VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, no_split_k,
+                                    read_back_first)}
 
 
 @contextlib.contextmanager

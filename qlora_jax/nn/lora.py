@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.backends import DEFAULT, Backend, get_backend
-from pallas_kernels.gpu_decode_plan import update_slices
-from pallas_kernels.xla import compute_dot, sliced_dot
+from pallas_kernels.xla import broadcast_dot, compute_dot
 from qlora_jax.nn.families import LINEAR_NAMES
 from qlora_jax.nn.qmatmul import check_backend, fuses_group, qmatmul, qmatmul_group
 from qlora_jax.format.quantization import QuantConfig, QuantizedArray, quantize, zeros_quantized
@@ -141,14 +140,13 @@ class QLoRALinear(nnx.Module):
     return self.dropout.rate > 0 and not self.dropout.deterministic
 
 
-def _update_input(x_BxK: jax.Array, a: jax.Array, scale: float, rank: int, cd) -> jax.Array:
-  """h [S, rows, G * r] = scale * x @ A (A: G rank-r adapters side by side) as the decode kernel
-  reads it: S partial products over K-slices (update_slices: one batched GEMM, which the kernel
-  sums, where XLA would add a reduction kernel), each rounded to cd, then scaled; a one-row x's
-  product as 8 equal rows, which the kernel reads in place (the first row sliced out would be a
-  kernel of its own); no multiply where scale is 1."""
+def _update_input(x_BxK: jax.Array, a: jax.Array, scale: float, cd) -> jax.Array:
+  """h [rows, r] = scale * x @ A, rounded to cd (the product, then the scale), as the decode kernel
+  reads it: a one-row x's product as broadcast_dot's 8 equal rows, which the kernel reads in
+  place (the first row sliced out would be a kernel of its own); no multiply where scale is 1."""
   x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
-  h = sliced_dot(x_MxK, a, update_slices(x_MxK.shape[0], x_MxK.shape[1], rank), cd)
+  dot = broadcast_dot if x_MxK.shape[0] == 1 else compute_dot
+  h = dot("mk,kr->mr", x_MxK, a, cd)
   return h if scale == 1.0 else (h * scale).astype(cd)
 
 
@@ -195,11 +193,11 @@ def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.
   if rank:  # the updates' inputs side by side: one A product of the A side by side, one scale
     scale = first.update_scale
     if any(layer._dropout_active() for layer in layers):  # each layer's own dropout mask
-      h = jnp.concatenate([_update_input(layer.dropout(x_BxK), layer.lora_a[...], scale, rank, cd)
+      h = jnp.concatenate([_update_input(layer.dropout(x_BxK), layer.lora_a[...], scale, cd)
                            for layer in layers], axis=-1)
     else:
       h = _update_input(x_BxK, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1),
-                        scale, rank, cd)
+                        scale, cd)
     bs = tuple(layer.lora_b[...] for layer in layers)
   qws = tuple(layer.weight.get_value() for layer in layers)
   ys = qmatmul_group(x_BxK, h, qws, bs, first.backend, cd)

@@ -84,13 +84,12 @@ def qmatmul_group(x: jax.Array, h: jax.Array | None, qws: tuple, bs: tuple | Non
   """(y_i [..., N_i] = x @ dequant(qws[i])^T (+ h_i @ bs[i]), ...) in one launch (where
   fuses_group says so): the layers that share an input (q, k, v; gate, up; or a layer alone) as
   one kernel, each base product and its update h_i @ b_i [r, N_i] accumulated in float32 and
-  rounded once to compute_dtype (qmatmul's products where h and bs are None). h [S, H, G * r]:
-  the updates' inputs side by side, h_i = sum over s of h[s, :, i * r:(i + 1) * r] (S partial
-  sums of one A product of the layers' A side by side, read in place: `xla.sliced_dot`), H >=
-  x's rows (x's [..., K] flattened), whose rows past x's reach no output (a one-row x's
-  broadcast A product, read as it is). Differentiable in x, h and bs: dx = sum_i dy_i @
-  dequant(qw_i), dh_i = dy_i @ b_i^T in every slice (zero in h's rows past x's), db_i = h_i^T
-  dy_i."""
+  rounded once to compute_dtype (qmatmul's products where h and bs are None). h: the updates'
+  inputs side by side, h_i = h[..., i * r:(i + 1) * r] (one A product of the layers' A side by
+  side, read in place): [..., G * r] with x's rows, or [H, G * r] with H >= x's rows, whose rows
+  past x's reach no output (a one-row x's broadcast A product, `xla.broadcast_dot`, read as it
+  is). Differentiable in x, h and bs: dx = sum_i dy_i @ dequant(qw_i), dh_i = dy_i @ b_i^T (zero
+  in h's rows past x's), db_i = h_i^T dy_i."""
   return _qmatmul_group(x, h, tuple(qws), bs, check_backend(backend), jnp.dtype(compute_dtype),
                         jnp.dtype(x.dtype))
 
@@ -98,7 +97,7 @@ def qmatmul_group(x: jax.Array, h: jax.Array | None, qws: tuple, bs: tuple | Non
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _qmatmul_group(x, h, qws, bs, backend: Backend, compute_dtype, x_dtype):
   lead = x.shape[:-1]
-  update = None if h is None else (h, bs)
+  update = None if h is None else (h.reshape(-1, h.shape[-1]), bs)
   ys = backend.group_fusion[1](x.reshape(-1, x.shape[-1]), qws, update)
   return tuple(y.astype(compute_dtype).reshape(*lead, y.shape[-1]) for y in ys)
 
@@ -112,10 +111,10 @@ def _qmatmul_group_bwd(backend, compute_dtype, x_dtype, res, dys):
   dx = sum(_apply(backend.backward, dy, qw, compute_dtype).astype(x_dtype) for dy, qw in zip(dys, qws))
   if h is None:
     return dx, None, None, None
-  h_HxGR, r = jnp.sum(h, axis=0, dtype=jnp.float32).astype(h.dtype), bs[0].shape[0]
+  h_HxGR, r = h.reshape(-1, h.shape[-1]), bs[0].shape[0]
   grads = [_update_grads(h_HxGR[:, i * r:(i + 1) * r], b, dy, compute_dtype)
            for i, (b, dy) in enumerate(zip(bs, dys))]
-  dh = jnp.broadcast_to(jnp.concatenate([g[0] for g in grads], axis=1), h.shape)
+  dh = jnp.concatenate([g[0] for g in grads], axis=1).reshape(h.shape)
   return dx, dh, None, tuple(g[1] for g in grads)
 
 
