@@ -51,6 +51,9 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
+TABLES_UNDER_PIPELINE = True  # only the compute warpgroups wait for the tables (measured: docs/kernels.md)
+
+
 def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_cols: int,
           interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
@@ -118,12 +121,16 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
           plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(0, cols), pl.ds(index * lora_r, lora_r)],
                                   h_smem, h_barrier)
 
-      plgpu.barrier_wait(lut_barrier)  # all three copies in flight at once
-      if dq_len:
-        plgpu.barrier_wait(qmap_barrier)
-      if lora_len:
-        plgpu.barrier_wait(h_barrier)
-      offset = load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
+      def wait_for_tables():  # all three copies in flight at once; the offset loaded once
+        plgpu.barrier_wait(lut_barrier)
+        if dq_len:
+          plgpu.barrier_wait(qmap_barrier)
+        if lora_len:
+          plgpu.barrier_wait(h_barrier)
+        return load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
+
+      if not TABLES_UNDER_PIPELINE:
+        offset_before = wait_for_tables()
 
       def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
         return cta * steps + s
@@ -174,7 +181,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
         # The next step's scale loads first, then all this step's blocks widened (their table
         # loads independent), then scaled and multiplied; the wgmmas' register operands stay
         # intact until the wait.
-        acc_ref, loaded = carry
+        acc_ref, loaded, offset = carry
         s = indices[0]
         tile, k_step = position(s)
         # a row tile's LoRA update, once: by the CTA that runs its first step of K, its b tile
@@ -198,12 +205,14 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
         def _():
           store(acc_ref[...], tile)
 
-        return acc_ref, loaded_next
+        return acc_ref, loaded_next, offset
 
-      def compute_context(run_pipeline):
+      def compute_context(run_pipeline):  # the compute warpgroups' (the memory one's copies start)
+        offset = wait_for_tables() if TABLES_UNDER_PIPELINE else offset_before
+
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
         def _(acc_ref):
-          run_pipeline((acc_ref, scales_of(0)))
+          run_pipeline((acc_ref, scales_of(0), offset))
 
       plgpu.emit_pipeline_warp_specialized(
           step, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",

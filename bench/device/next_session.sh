@@ -19,12 +19,12 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  slices)  # ~7 min, first: the decode GPU tests, L2-warm against cold decode launches (what
-           # prefetching the next weights could gain), and the A products in K-slices the decode
-           # kernel sums (base) against whole (whole_update: XLA's split-K GEMM + reduction kernel)
+  tables)  # ~6 min, first: the decode GPU tests, then a decode launch's kernel time with the tables
+           # waited for before the pipeline or under it, L2-warm against cold (l2_warm.py), and the
+           # same in the model (variants.py)
     timeout 200 python -m pytest -q -x tests/test_kernels.py -k "decode or lora or sharing" 2>&1 | tail -3
     timeout 100 python bench/device/l2_warm.py 2>&1 | grep -v -i warn | tail -5
-    timeout 260 python bench/device/variants.py base whole_update more_slices --rounds 5 --profile 2>&1 | grep -v -i warn | tail -8 ;;
+    timeout 200 python bench/device/variants.py base tables_first --rounds 5 --profile 2>&1 | grep -v -i warn | tail -6 ;;
   dump)  # ~1 min: the optimized HLO and thunk sequence of a 2-layer chunk (which fusions a layer runs)
     XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" \
       timeout 100 python bench/device/variants.py base --layers 2 --rounds 1 2>&1 | grep -v -i warn | tail -2
@@ -46,5 +46,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 slices|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 tables|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac

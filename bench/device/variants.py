@@ -9,7 +9,6 @@ cleared first), its timing and its profile.
 import argparse
 import collections
 import contextlib
-import functools
 import os
 import re
 import statistics
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
 from common import SHAPES, generation_model  # noqa: E402
+from pallas_kernels import gpu_decode  # noqa: E402
 from qlora_jax.nn import generate, model as model_module  # noqa: E402
 from qlora_jax.nn.generate import CHUNK, greedy_chunk  # noqa: E402
 
@@ -73,13 +73,17 @@ def stacked_cache():
   return lambda: setattr(model_module.CausalLM, "empty_cache", original)
 
 
-def no_split_k():
-  """The chunk compiled with XLA's split-K GEMM autotuning off: each LoRA A product one GEMM kernel
-  instead of a GEMM of K-slices and a reduction of their sums (on the GPU; an option XLA:CPU does
-  not know)."""
-  original = jax.jit
-  jax.jit = functools.partial(original, compiler_options={"xla_gpu_enable_split_k_autotuning": False})
-  return lambda: setattr(jax, "jit", original)
+def tables_first():
+  """Every warpgroup of a decode CTA waits for its tables (the pair table, qmap, h) before the
+  pipeline starts (before 2026-12-07's fourteenth session: now only the compute warpgroups do, so
+  the memory warpgroup's first code copies fly with the tables')."""
+  jax.clear_caches()  # decode_group's trace is cached
+  gpu_decode.TABLES_UNDER_PIPELINE = False
+
+  def undo():
+    gpu_decode.TABLES_UNDER_PIPELINE = True
+    jax.clear_caches()
+  return undo
 
 
 def read_back_first():
@@ -97,7 +101,7 @@ def read_back_first():
   return lambda: setattr(generate, "run_chunks", original)
 
 
-VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, no_split_k,
+VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, tables_first,
                                     read_back_first)}
 
 
