@@ -51,9 +51,6 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
-TABLES_UNDER_PIPELINE = True  # only the compute warpgroups wait for the tables (measured: docs/kernels.md)
-
-
 def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_cols: int,
           interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
@@ -129,7 +126,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
           plgpu.barrier_wait(h_barrier)
         return load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
 
-      if not TABLES_UNDER_PIPELINE:
+      if not config.tables_under_pipeline:
         offset_before = wait_for_tables()
 
       def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
@@ -208,7 +205,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
         return acc_ref, loaded_next, offset
 
       def compute_context(run_pipeline):  # the compute warpgroups' (the memory one's copies start)
-        offset = wait_for_tables() if TABLES_UNDER_PIPELINE else offset_before
+        offset = wait_for_tables() if config.tables_under_pipeline else offset_before
 
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
         def _(acc_ref):

@@ -23,13 +23,16 @@ MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Activation rows per CTA (wgmma N: x is padded to it), compute warpgroups per CTA, pipeline
-  depth, blocks a step, the table's layout."""
+  depth, blocks a step, the table's layout, who waits for the tables."""
 
   cols: int = 16
   compute_wgs: int = 2
   stages: int = 3  # pipeline depth: the best measured on H100 (docs/kernels.md)
   blocks: int = 4  # quantization blocks a step: a code row of 32 * blocks bytes per TMA row
   wide_table: bool = True  # gpu_widen.pair_table(wide=True): one byte permute per lookup address
+  # only the compute warpgroups wait for the tables (pair table, qmap, h) before their first step,
+  # so the memory warpgroup's first code copies fly with the tables' (docs/kernels.md)
+  tables_under_pipeline: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

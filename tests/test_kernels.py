@@ -9,6 +9,7 @@ output dtype; the dispatch test compares whole qmatmul calls, whose results are 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -327,14 +328,15 @@ def test_gpu_decode_adds_a_lora_update(rows, rank):
   _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
 
 
-@pytest.mark.parametrize("rank", [64, 0])
-def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
+@pytest.mark.parametrize("rank, tables_under_pipeline", [(64, True), (0, True), (64, False)])
+def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, tables_under_pipeline, monkeypatch):
   """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
   scales, each weight's double-quant offset its own (three quantized apart), each h_i its
   columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here);
   one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between
-  its CTAs."""
+  its CTAs. Either warpgroups wait for the tables: the compute ones alone (the memory one's first
+  copies fly meanwhile) or all before the pipeline."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
     monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 12)
@@ -346,7 +348,9 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   h = jnp.asarray(rng.standard_normal((8, len(ns) * rank)), jnp.bfloat16)
   bs = tuple(jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16) for n in ns)
   update = (h, bs) if rank else None
-  fn = functools.partial(gpu_decode.decode_group, interpret=not ON_GPU)
+  config = dataclasses.replace(gpu_decode.config_for(1, k, rank),
+                               tables_under_pipeline=tables_under_pipeline)
+  fn = functools.partial(gpu_decode.decode_group, config=config, interpret=not ON_GPU)
   ys = fn(x, qws, update)
   for i, (y, qw) in enumerate(zip(ys, qws)):
     added = 0 if not rank else jnp.einsum("mr,rn->mn", h[:1, i * rank:(i + 1) * rank], bs[i],

@@ -7,6 +7,7 @@ before 2026-12-07's fourteenth session).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/device/l2_warm.py
 """
+import dataclasses
 import statistics
 
 import jax
@@ -35,15 +36,14 @@ def main():
     bs = tuple(jax.random.normal(jax.random.key(2), (RANK, n), jnp.bfloat16) * 0.1 for n in ns)
     xs = jax.random.normal(jax.random.key(3), (CALLS, 1, k), jnp.bfloat16)
 
-    def run(xs, copies, warm):
-      return [gpu_decode.decode_group(xs[i], copies[0 if warm else i % COPIES], (h, bs))
+    def run(xs, copies, warm, config):
+      return [gpu_decode.decode_group(xs[i], copies[0 if warm else i % COPIES], (h, bs), config=config)
               for i in range(CALLS)]
 
     times = {}
     for first, warm in ((True, False), (False, False), (False, True)):
-      jax.clear_caches()
-      gpu_decode.TABLES_UNDER_PIPELINE = not first
-      _, kernels = profiler.measure(lambda xs, c: run(xs, c, warm), aggregate=False)(xs, copies)
+      config = dataclasses.replace(gpu_decode.config_for(1, k, RANK), tables_under_pipeline=not first)
+      _, kernels = profiler.measure(lambda xs, c: run(xs, c, warm, config), aggregate=False)(xs, copies)
       mosaic = [ms * 1e3 for kernel, ms in kernels if "mosaic" in kernel]
       times[first, warm] = statistics.median(mosaic[2:])  # the first launches: no earlier read
     cold, warm = times[False, False], times[False, True]

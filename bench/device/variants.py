@@ -9,6 +9,7 @@ cleared first), its timing and its profile.
 import argparse
 import collections
 import contextlib
+import dataclasses
 import os
 import re
 import statistics
@@ -77,13 +78,10 @@ def tables_first():
   """Every warpgroup of a decode CTA waits for its tables (the pair table, qmap, h) before the
   pipeline starts (before 2026-12-07's fourteenth session: now only the compute warpgroups do, so
   the memory warpgroup's first code copies fly with the tables')."""
-  jax.clear_caches()  # decode_group's trace is cached
-  gpu_decode.TABLES_UNDER_PIPELINE = False
-
-  def undo():
-    gpu_decode.TABLES_UNDER_PIPELINE = True
-    jax.clear_caches()
-  return undo
+  original = gpu_decode.config_for
+  gpu_decode.config_for = lambda *a, **kw: dataclasses.replace(original(*a, **kw),
+                                                              tables_under_pipeline=False)
+  return lambda: setattr(gpu_decode, "config_for", original)
 
 
 def read_back_first():
