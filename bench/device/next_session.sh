@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Next session's device calls (one H100 unless named). Issue 28 is what is open: batch-1
-# generation at <= 3.5 ms a token (3.86-3.92 on 2026-12-07's thirteenth-session H100s: the chunk
-# dispatched a chunk ahead and the KV cache one array a layer; ~880 kernels a token, 4.07 ms of
-# them in CUPTI, the decode kernel 2.31 ms), the decode kernel >= 70% of the copy rate, the
-# training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get
-# an H100). First: `splitk` (no split-K GEMMs in the chunk: XLA's option, per compiled
-# function), then `anchors` (the side-by-side on today's tree: last run on the twelfth session's,
-# 8.8x Unsloth, 14.2x bnb + PEFT); a change's A/B through bench/device/variants.py.
-# The whole decoding step is already one command buffer (thunk sequence, 2026-12-07): `graphs`
-# no longer applies.
+# generation at <= 3.5 ms a token (3.70 in generate.py's row beside Unsloth's 43.17 and bnb +
+# PEFT's 91.20, 3.88 in variants.py's chunk timing, 2026-12-07's fourteenth-session H100s; 27
+# kernels a layer, 4 of them decode launches at 3.8 µs each + 2.05 TB/s), the decode kernel >= 70%
+# of the copy rate, the training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as
+# nvidia-h200 may still get an H100). First: `model` (the kept change, tables waited for under the
+# pipeline, and the norm applied after its products, each against base in the model); a change's
+# A/B through bench/device/variants.py (a variant that changes the kernel must change its static
+# Config, never a module flag: decode_group's trace is cached).
+# Not worth another call (measured 2026-12-07): prefetching a launch's weights into L2 (1-12%
+# a launch at best), the LoRA h in K-slices (+4%), XLA's split-K off (no such option), graphs
+# (the step is one command buffer already).
 # A device session can end after one call (2026-12-06/07: starts failed for ~40 minutes at a
-# time, and each refused start cost 15 s to 4 minutes of device time).
+# time, and each refused start cost 15 s to 5 minutes of device time).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 A="--model llama3-8b --short 8 --long 136 --repeats 3"  # 40 and 520 tokens cost the same a token (2026-12-06)
 . bench/device/rows.sh  # row DIR WORKER [env...]
@@ -19,12 +21,12 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  tables)  # ~6 min, first: the decode GPU tests, then a decode launch's kernel time with the tables
-           # waited for before the pipeline or under it, L2-warm against cold (l2_warm.py), and the
-           # same in the model (variants.py)
-    timeout 200 python -m pytest -q -x tests/test_kernels.py -k "decode or lora or sharing" 2>&1 | tail -3
-    timeout 100 python bench/device/l2_warm.py 2>&1 | grep -v -i warn | tail -5
-    timeout 200 python bench/device/variants.py base tables_first --rounds 5 --profile 2>&1 | grep -v -i warn | tail -6 ;;
+  model)  # ~5 min, first: the decode GPU tests, then in the model (one process, alternated):
+           # base against tables_first (the kernel before the fourteenth session) and norm_after
+    timeout 200 python -m pytest -q -x tests/test_kernels.py -k "decode_adds or group_computes or sharing" 2>&1 | tail -3
+    timeout 300 python bench/device/variants.py base tables_first norm_after --rounds 5 --profile 2>&1 | grep -v -i warn | tail -8 ;;
+  l2)  # ~2 min: a decode launch's kernel time, tables first or under the pipeline, L2-warm or cold
+    timeout 150 python bench/device/l2_warm.py 2>&1 | grep -v -i warn | tail -5 ;;
   dump)  # ~1 min: the optimized HLO and thunk sequence of a 2-layer chunk (which fusions a layer runs)
     XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" \
       timeout 100 python bench/device/variants.py base --layers 2 --rounds 1 2>&1 | grep -v -i warn | tail -2
@@ -46,5 +48,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 tables|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 model|l2|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
