@@ -64,6 +64,29 @@ def reduce_attention():
   return lambda: setattr(model_module, "attend", original)
 
 
+def grouped_attention():
+  """One-query attention over the cache as two einsums with the query group as its own axis
+  (scores [B, KV, G, T, S], then [B, T, KV, G, H] = the natural [B, T, N, H]), where
+  jax.nn.dot_product_attention vmaps over the group: its value product comes out [KV, H, G] and a
+  transpose kernel a layer puts it back for o_proj's A product."""
+  original = model_module.attend
+
+  def attend(q, k, v, mask, *, implementation, scale, window=None, softcap=None, name_residuals=False):
+    if q.shape[1] != 1 or softcap is not None or window is not None or mask is None:
+      return original(q, k, v, mask, implementation=implementation, scale=scale, window=window,
+                      softcap=softcap, name_residuals=name_residuals)
+    b, t, n, h = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, n // kvh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+  model_module.attend = attend
+  return lambda: setattr(model_module, "attend", original)
+
+
 def stacked_cache():
   """The KV cache as one [L, B, S, KV, H] array for the unrolled layers too (before 2026-12-07)."""
   original = model_module.CausalLM.empty_cache
@@ -146,8 +169,8 @@ def read_back_first():
   return lambda: setattr(generate, "run_chunks", original)
 
 
-VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, stacked_cache, tables_first,
-                                    norm_after,
+VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
+                                    stacked_cache, tables_first, norm_after,
                                     read_back_first)}
 
 
