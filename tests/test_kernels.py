@@ -528,6 +528,48 @@ def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, ran
     _check(value, ref, 0, BF16_TOL)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gpu_decode_attention_equals_float64_softmax(rows):
+  """decode_attention (one CTA a batch row and KV head, 64-slot blocks, flash attention's online
+  softmax) against float64: grouped queries (4 a KV head), a left-padded row, a row whose last
+  block is all masked (its finite bias keeps the running max finite), bf16 output (2^-8 of the
+  output's size per element, in the relative norm well within BF16_TOL)."""
+  from pallas_kernels.gpu_decode_attention import bias_of, decode_attention
+  n, kv, h, s = (32, 8, 128, 256) if ON_GPU else (8, 2, 64, 192)
+  rng = np.random.default_rng(rows)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+             for shape in ((rows, 1, n, h), (rows, s, kv, h), (rows, s, kv, h)))
+  mask = np.zeros((rows, 1, s), bool)
+  mask[0, 0, 3:s - 40] = True
+  if rows > 1:
+    mask[1, 0, :70] = True
+  out = decode_attention(q, k, v, bias_of(jnp.asarray(mask)), scale=h ** -0.5, interpret=not ON_GPU)
+  qf, kf, vf = (np.asarray(a, np.float64) for a in (q, k, v))
+  kf, vf = np.repeat(kf, n // kv, axis=2), np.repeat(vf, n // kv, axis=2)  # each query head's
+  scores = np.einsum("bnh,bsnh->bns", qf[:, 0], kf) * h ** -0.5
+  scores = np.where(mask, scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  ref = np.einsum("bns,bsnh->bnh", p / p.sum(-1, keepdims=True), vf)[:, None]
+  _check(out, ref, rows, BF16_TOL)
+
+
+def test_gpu_decode_attention_lowers_for_cuda_from_cpu():
+  """The attention kernel goes through Pallas's Mosaic GPU lowering for CUDA on any machine:
+  llama3-8b's heads (32 queries, 8 KV heads of 128) over 256 cache slots."""
+  from jax import export
+
+  from pallas_kernels.gpu_decode_attention import decode_attention, unsupported_reason
+  q = jax.ShapeDtypeStruct((1, 1, 32, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 256, 8, 128), jnp.bfloat16)
+  bias = jax.ShapeDtypeStruct((1, 256), jnp.float32)
+  fn = jax.jit(lambda q, k, v, bias: decode_attention(q, k, v, bias, scale=128 ** -0.5))
+  assert "mosaic_gpu" in export.export(fn, platforms=("cuda",))(q, k, k, bias).mlir_module()
+  assert unsupported_reason((1, 1, 32, 128), (1, 256, 8, 128), jnp.bfloat16) is None
+  assert unsupported_reason((1, 1, 32, 128), (1, 208, 8, 128), jnp.bfloat16) is not None  # slots
+  assert unsupported_reason((1, 2, 32, 128), (1, 256, 8, 128), jnp.bfloat16) is not None  # 2 queries
+  assert "bf16" in unsupported_reason((1, 1, 32, 128), (1, 256, 8, 128), jnp.float32)
+
+
 def test_gpu_decode_config_fits_shared_memory_or_is_refused():
   """config_for picks a pipeline and table within Hopper's shared memory for every decode size
   and LoRA rank (Mosaic GPU counted 238,680 bytes for x [64, K], a rank-64 update, three steps in
