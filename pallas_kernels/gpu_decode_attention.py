@@ -8,7 +8,8 @@ holds the group's G queries (rows of a 64-row wgmma tile, the rest never stored)
 cache's keys and values in blocks of 64 slots through a two-stage TMA pipeline, with the online
 softmax of flash attention in float32 (scores scaled by log2(e) for exp2). The bias carries the
 mask (0 or a large negative, never -inf: a block of masked slots then still has a finite max).
-The output is in q's head order, so o_proj's A product reads it as it is.
+Only the group's rows are stored, in q's head order, so o_proj's A product reads the output as it
+is.
 """
 
 from __future__ import annotations
@@ -110,22 +111,22 @@ def decode_attention(q, k, v, bias, *, scale: float, interpret: bool = False):
     cache_rows, cols = pl.ds(row * s, s), pl.ds(head * h, h)
     acc, _, total = pipeline(k_ref.at[cache_rows, cols], v_ref.at[cache_rows, cols], bias_ref.at[row])
     o_smem[...] = (acc / lax.broadcast_in_dim(total, acc.shape, [0])).astype(jnp.bfloat16)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[cta])
+    plgpu.commit_smem()  # the group's rows only, in q's head order: the output needs no slicing
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], out_ref.at[pl.ds(cta * group, group)])
     plgpu.wait_smem_to_gmem(0)
 
   staging = ([plgpu.SMEM((h, BLOCK), jnp.bfloat16, transforms=swizzled(BLOCK, jnp.bfloat16)),
               plgpu.SMEM((ROWS, BLOCK), jnp.bfloat16, transforms=swizzled(BLOCK, jnp.bfloat16))]
              if interpret else [])
   out = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((b * kv, ROWS, h), jnp.bfloat16),
+      kernel, out_type=jax.ShapeDtypeStruct((b * n, h), jnp.bfloat16),
       grid=(b * kv,), grid_names=("cta",),
       scratch_types=[plgpu.SMEM((ROWS, h), jnp.bfloat16, transforms=tile),
-                     plgpu.SMEM((ROWS, h), jnp.bfloat16, transforms=tile),
+                     plgpu.SMEM((ROWS, h), jnp.bfloat16),  # untiled: a copy of its first G rows
                      plgpu.Barrier(num_arrivals=1), *staging],
       interpret=interpret_params(interpret),
   )(q2d, k2d, v2d, bias.astype(jnp.float32))
-  return out[:, :group].reshape(b, 1, n, h).astype(q.dtype)
+  return out.reshape(b, 1, n, h).astype(q.dtype)
 
 
 def bias_of(mask):
