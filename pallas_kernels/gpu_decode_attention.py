@@ -28,6 +28,13 @@ from pallas_kernels.gpu import interpret_params, swizzled
 ROWS = 64  # a wgmma tile's rows: the group's queries first, the others never stored
 BLOCK = 64  # cache slots a pipeline step
 MASKED = -1e30  # the bias of a masked slot: finite, so exp2 of a masked block's scores is 0, not NaN
+PART = 1024  # cache slots a CTA at most: a longer cache is split among more CTAs (`parts`)
+
+
+def parts(slots: int, part: int = PART) -> int:
+  """Into how many CTAs a cache of `slots` slots is split (each a whole number of blocks)."""
+  blocks = slots // BLOCK
+  return next(p for p in range(-(-slots // part), blocks + 1) if blocks % p == 0)
 
 
 def unsupported_reason(q_shape, k_shape, dtype) -> str | None:
@@ -42,15 +49,18 @@ def unsupported_reason(q_shape, k_shape, dtype) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def decode_attention(q, k, v, bias, *, scale: float, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("scale", "part", "interpret"))
+def decode_attention(q, k, v, bias, *, scale: float, part: int = PART, interpret: bool = False):
   """out [B, 1, N, H] in q's dtype for q [B, 1, N, H], k, v [B, S, KV, H] (the cache) and bias
-  [B, S] float32 (0 where a slot is attended, a large negative where masked: `bias_of`)."""
+  [B, S] float32 (0 where a slot is attended, a large negative where masked: `bias_of`). A cache
+  longer than `part` slots is split among CTAs (flash decoding): each stores its part's output
+  (normalized, float32) and log-sum-exp, and XLA combines them (one fusion)."""
   if (reason := unsupported_reason(q.shape, k.shape, q.dtype)) is not None:
     raise ValueError(reason)
   b, _, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
-  group = n // kv
+  group, splits = n // kv, parts(s, part)
+  per = s // splits
   q2d = q.reshape(b * n, h)
   if interpret:  # the interpreter reads no rows past the end (a TMA copy reads them as zeros)
     q2d = jnp.pad(q2d, ((0, ROWS), (0, 0)))
@@ -58,9 +68,14 @@ def decode_attention(q, k, v, bias, *, scale: float, interpret: bool = False):
   log2e = math.log2(math.e)
   tile = swizzled(h, jnp.bfloat16)
 
-  def kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, q_smem, o_smem, q_barrier, *staging):
+  def kernel(q_ref, k_ref, v_ref, bias_ref, *rest):
+    if splits == 1:
+      (out_ref, q_smem, o_smem, q_barrier, *staging), lse_ref = rest, None
+    else:
+      out_ref, lse_ref, q_smem, o_smem, q_barrier, *staging = rest
     cta = lax.axis_index("cta")
-    row, head = cta // kv, cta % kv
+    pair, piece = cta // splits, cta % splits  # (batch row, KV head), part of the cache
+    row, head = pair // kv, pair % kv
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row * n + head * group, ROWS)], q_smem, q_barrier)
     plgpu.barrier_wait(q_barrier)
 
@@ -104,28 +119,47 @@ def decode_attention(q, k, v, bias, *, scale: float, interpret: bool = False):
       layouts = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(1))
       init = tuple(plgpu.layout_cast(a, layout) for a, layout in zip(init, layouts))
     pipeline = plgpu.emit_pipeline(
-        step, grid=(s // BLOCK,), max_concurrent_steps=2, init_carry=init,
+        step, grid=(per // BLOCK,), max_concurrent_steps=2, init_carry=init,
         in_specs=[plgpu.BlockSpec((BLOCK, h), lambda j: (j, 0), transforms=tile),
                   plgpu.BlockSpec((BLOCK, h), lambda j: (j, 0), transforms=tile),
                   plgpu.BlockSpec((BLOCK,), lambda j: (j,))])
-    cache_rows, cols = pl.ds(row * s, s), pl.ds(head * h, h)
-    acc, _, total = pipeline(k_ref.at[cache_rows, cols], v_ref.at[cache_rows, cols], bias_ref.at[row])
-    o_smem[...] = (acc / lax.broadcast_in_dim(total, acc.shape, [0])).astype(jnp.bfloat16)
-    plgpu.commit_smem()  # the group's rows only, in q's head order: the output needs no slicing
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], out_ref.at[pl.ds(cta * group, group)])
+    cache_rows, cols = pl.ds(row * s + piece * per, per), pl.ds(head * h, h)
+    acc, top, total = pipeline(k_ref.at[cache_rows, cols], v_ref.at[cache_rows, cols],
+                               bias_ref.at[row, pl.ds(piece * per, per)])
+    out = acc / lax.broadcast_in_dim(total, acc.shape, [0])
+    mine = pl.ds(pair * group, group)  # the group's rows only, in q's head order: no slicing after
+    if splits == 1:
+      o_smem[...] = out.astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], out_ref.at[mine])
+    else:  # the part's output and its log2-sum-exp2 (across each row: a box wide enough for TMA)
+      o_smem[0] = out
+      o_smem[1] = lax.broadcast_in_dim(top + jnp.log2(total), acc.shape, [0])
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[0, pl.ds(0, group)], out_ref.at[piece, mine])
+      plgpu.copy_smem_to_gmem(o_smem.at[1, pl.ds(0, group)], lse_ref.at[piece, mine])
     plgpu.wait_smem_to_gmem(0)
 
   staging = ([plgpu.SMEM((h, BLOCK), jnp.bfloat16, transforms=swizzled(BLOCK, jnp.bfloat16)),
               plgpu.SMEM((ROWS, BLOCK), jnp.bfloat16, transforms=swizzled(BLOCK, jnp.bfloat16))]
              if interpret else [])
+  if splits == 1:
+    out_type, o_type = jax.ShapeDtypeStruct((b * n, h), jnp.bfloat16), plgpu.SMEM((ROWS, h), jnp.bfloat16)
+  else:
+    out_type = [jax.ShapeDtypeStruct((splits, b * n, h), jnp.float32)] * 2
+    o_type = plgpu.SMEM((2, ROWS, h), jnp.float32)
   out = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((b * n, h), jnp.bfloat16),
-      grid=(b * kv,), grid_names=("cta",),
+      kernel, out_type=out_type, grid=(b * kv * splits,), grid_names=("cta",),
       scratch_types=[plgpu.SMEM((ROWS, h), jnp.bfloat16, transforms=tile),
-                     plgpu.SMEM((ROWS, h), jnp.bfloat16),  # untiled: a copy of its first G rows
+                     o_type,  # untiled: a copy of its first G rows
                      plgpu.Barrier(num_arrivals=1), *staging],
       interpret=interpret_params(interpret),
   )(q2d, k2d, v2d, bias.astype(jnp.float32))
+  if splits > 1:  # the parts weighted by their share of the softmax's sum
+    parts_out, lse = out
+    lse = lse[..., :1]
+    weight = jnp.exp2(lse - jnp.max(lse, axis=0, keepdims=True))
+    out = jnp.sum(weight * parts_out, axis=0) / jnp.sum(weight, axis=0)
   return out.reshape(b, 1, n, h).astype(q.dtype)
 
 

@@ -528,12 +528,13 @@ def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, ran
     _check(value, ref, 0, BF16_TOL)
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_gpu_decode_attention_equals_float64_softmax(rows):
+@pytest.mark.parametrize("rows, part", [(1, 1024), (2, 1024), (2, 64)])
+def test_gpu_decode_attention_equals_float64_softmax(rows, part):
   """decode_attention (one CTA a batch row and KV head, 64-slot blocks, flash attention's online
   softmax) against float64: grouped queries (4 a KV head), a left-padded row, a row whose last
-  block is all masked (its finite bias keeps the running max finite), bf16 output (2^-8 of the
-  output's size per element, in the relative norm well within BF16_TOL)."""
+  block is all masked (its finite bias keeps the running max finite); the cache whole in each CTA
+  or split among CTAs (`part` 64: 3 or 4 parts, combined by their log-sum-exp; one all masked);
+  bf16 output (2^-8 of the output's size per element, well within BF16_TOL in the relative norm)."""
   from pallas_kernels.gpu_decode_attention import bias_of, decode_attention
   n, kv, h, s = (32, 8, 128, 256) if ON_GPU else (8, 2, 64, 192)
   rng = np.random.default_rng(rows)
@@ -543,7 +544,8 @@ def test_gpu_decode_attention_equals_float64_softmax(rows):
   mask[0, 0, 3:s - 40] = True
   if rows > 1:
     mask[1, 0, :70] = True
-  out = decode_attention(q, k, v, bias_of(jnp.asarray(mask)), scale=h ** -0.5, interpret=not ON_GPU)
+  out = decode_attention(q, k, v, bias_of(jnp.asarray(mask)), scale=h ** -0.5, part=part,
+                         interpret=not ON_GPU)
   qf, kf, vf = (np.asarray(a, np.float64) for a in (q, k, v))
   kf, vf = np.repeat(kf, n // kv, axis=2), np.repeat(vf, n // kv, axis=2)  # each query head's
   scores = np.einsum("bnh,bsnh->bns", qf[:, 0], kf) * h ** -0.5
@@ -568,6 +570,9 @@ def test_gpu_decode_attention_lowers_for_cuda_from_cpu():
   assert unsupported_reason((1, 1, 32, 128), (1, 208, 8, 128), jnp.bfloat16) is not None  # slots
   assert unsupported_reason((1, 2, 32, 128), (1, 256, 8, 128), jnp.bfloat16) is not None  # 2 queries
   assert "bf16" in unsupported_reason((1, 1, 32, 128), (1, 256, 8, 128), jnp.float32)
+  k = jax.ShapeDtypeStruct((1, 8192, 8, 128), jnp.bfloat16)  # 8 parts of 1,024 slots a KV head
+  bias = jax.ShapeDtypeStruct((1, 8192), jnp.float32)
+  assert "mosaic_gpu" in export.export(fn, platforms=("cuda",))(q, k, k, bias).mlir_module()
 
 
 def test_gpu_decode_config_fits_shared_memory_or_is_refused():

@@ -21,7 +21,7 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  model)  # ~8 min, first: the decode GPU tests, then in the model (one process, alternated):
+  model)  # ~10 min (two calls' worth: split it if starts are slow), first: the decode GPU tests, then in the model (one process, alternated):
            # base against tables_first (the kernel before the fourteenth session), norm_after and
            # grouped_attention (each a kernel or two a layer fewer if XLA fuses as expected), and
            # fused_attention (gpu_decode_attention.py: the attention one launch a layer; its GPU
@@ -29,7 +29,8 @@ case "$1" in
     timeout 200 python -m pytest -q -x tests/test_kernels.py -k "decode_adds or group_computes or sharing" 2>&1 | tail -3
     timeout 60 python -m pytest -q tests/test_kernels.py -k "decode_attention" 2>&1 | tail -2
     timeout 360 python bench/device/variants.py base tables_first norm_after grouped_attention fused_attention \
-        fused_attention+norm_after --slots 256 --rounds 5 --profile 2>&1 | grep -v -i warn | tail -14 ;;
+        fused_attention+norm_after --slots 256 --rounds 5 --profile 2>&1 | grep -v -i warn | tail -14
+    timeout 150 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
   l2)  # ~2 min: a decode launch's kernel time, tables first or under the pipeline, L2-warm or cold
     timeout 150 python bench/device/l2_warm.py 2>&1 | grep -v -i warn | tail -5 ;;
   dump)  # ~1 min: the optimized HLO and thunk sequence of a 2-layer chunk (which fusions a layer runs)
