@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.gpu import interpret_params, swizzled
+from pallas_kernels.gpu_decode_plan import SMEM_LIMIT
 
 ROWS = 64  # a wgmma tile's rows: the group's queries first, the others never stored
 BLOCK = 64  # cache slots a pipeline step
@@ -37,7 +38,14 @@ def parts(slots: int, part: int = PART) -> int:
   return next(p for p in range(-(-slots // part), blocks + 1) if blocks % p == 0)
 
 
-def unsupported_reason(q_shape, k_shape, dtype) -> str | None:
+def smem_bytes(h: int, splits: int) -> int:
+  """Shared memory a CTA takes: q's tile, the output's (float32 output and log-sum-exp where the
+  cache is split), two pipeline stages of a key, a value and a bias block."""
+  out = ROWS * h * 2 if splits == 1 else 2 * ROWS * h * 4
+  return ROWS * h * 2 + out + 2 * (2 * BLOCK * h * 2 + BLOCK * 4)
+
+
+def unsupported_reason(q_shape, k_shape, dtype, part: int = PART) -> str | None:
   """Why decode_attention cannot take q [B, T, N, H] against k, v [B, S, KV, H] (None if it can)."""
   (b, t, n, h), (_, s, kv, _) = q_shape, k_shape
   if t != 1 or n % kv or n // kv > ROWS or h % 64 or h > 256 or s % BLOCK:
@@ -46,6 +54,9 @@ def unsupported_reason(q_shape, k_shape, dtype) -> str | None:
             f"{tuple(q_shape)}, k {tuple(k_shape)}")
   if jnp.dtype(dtype) != jnp.bfloat16:
     return f"decode_attention takes bf16; got {jnp.dtype(dtype)}"
+  if (need := smem_bytes(h, parts(s, part))) > SMEM_LIMIT:
+    return (f"decode_attention for heads of {h} over {s} slots in {parts(s, part)} parts needs "
+            f"{need} bytes of shared memory (a CTA holds at most {SMEM_LIMIT})")
   return None
 
 
@@ -55,7 +66,7 @@ def decode_attention(q, k, v, bias, *, scale: float, part: int = PART, interpret
   [B, S] float32 (0 where a slot is attended, a large negative where masked: `bias_of`). A cache
   longer than `part` slots is split among CTAs (flash decoding): each stores its part's output
   (normalized, float32) and log-sum-exp, and XLA combines them (one fusion)."""
-  if (reason := unsupported_reason(q.shape, k.shape, q.dtype)) is not None:
+  if (reason := unsupported_reason(q.shape, k.shape, q.dtype, part)) is not None:
     raise ValueError(reason)
   b, _, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
