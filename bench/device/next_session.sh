@@ -31,6 +31,8 @@ case "$1" in
     timeout 360 python bench/device/variants.py base tables_first norm_after grouped_attention fused_attention \
         fused_attention+norm_after --slots 256 --rounds 5 --profile 2>&1 | grep -v -i warn | tail -14
     timeout 150 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
+  attention)  # ~2 min: the attention kernel alone against XLA's at 256-8,192 slots (CUPTI)
+    timeout 150 python bench/device/attention_ab.py 2>&1 | grep -v -i warn | tail -6 ;;
   l2)  # ~2 min: a decode launch's kernel time, tables first or under the pipeline, L2-warm or cold
     timeout 150 python bench/device/l2_warm.py 2>&1 | grep -v -i warn | tail -5 ;;
   dump)  # ~1 min: the optimized HLO and thunk sequence of a 2-layer chunk (which fusions a layer runs)
@@ -54,5 +56,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 model|l2|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 model|attention|l2|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac
