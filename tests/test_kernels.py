@@ -313,30 +313,34 @@ def test_a_gpu_without_wgmma_takes_xla_or_says_pallas_needs_hopper(monkeypatch, 
   assert not grouped._on_gpu_kernels(lhs, lhs)
 
 
-@pytest.mark.parametrize("rows, rank", [(1, 64), (20, 80), (64, 64)])  # 80: two blocks, one padded
-def test_gpu_decode_adds_a_lora_update(rows, rank):
+@pytest.mark.parametrize("rows, rank, tables_under_pipeline",  # 80: two blocks, one padded
+                         [(1, 64, True), (20, 80, True), (64, 64, True), (1, 64, False)])
+def test_gpu_decode_adds_a_lora_update(rows, rank, tables_under_pipeline):
   """The decode kernel with a LoRA update: x @ W^T + h @ b, the update added by the CTA that runs
-  each row tile's first step (384 x 768 on CPU: tiles split between CTAs)."""
+  each row tile's first step (384 x 768 on CPU: tiles split between CTAs); the tables (pair
+  table, qmap, h) waited for by the compute warpgroups alone (the memory one's first copies fly
+  meanwhile) or by all before the pipeline."""
   n, k = (4096, 4096) if ON_GPU else (384, 768)
   seed, qw, x, _ = _fresh((rows, n, k), "nf4")
   rng = np.random.default_rng(seed)
   h = jnp.asarray(rng.standard_normal((rows, rank)), jnp.bfloat16)
   b = jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16)
-  y = gpu_decode.decode(x, qw, (h, b), interpret=not ON_GPU)
+  config = dataclasses.replace(gpu_decode.config_for(rows, k, rank),
+                               tables_under_pipeline=tables_under_pipeline)
+  y = gpu_decode.decode(x, qw, (h, b), config=config, interpret=not ON_GPU)
   update = jnp.einsum("mr,rn->mn", h, b, preferred_element_type=jnp.float32)
   _check(y, _ref_forward(x, qw) + update, seed, DECODE_TOL)
   _check(y, _ref_forward_bf16_scales(x, qw) + update, seed, EXACT_TOL)
 
 
-@pytest.mark.parametrize("rank, tables_under_pipeline", [(64, True), (0, True), (64, False)])
-def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, tables_under_pipeline, monkeypatch):
+@pytest.mark.parametrize("rank", [64, 0])
+def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
   scales, each weight's double-quant offset its own (three quantized apart), each h_i its
   columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here);
   one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between
-  its CTAs. Either warpgroups wait for the tables: the compute ones alone (the memory one's first
-  copies fly meanwhile) or all before the pipeline."""
+  its CTAs."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
     monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 12)
@@ -348,9 +352,7 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, tables_under_
   h = jnp.asarray(rng.standard_normal((8, len(ns) * rank)), jnp.bfloat16)
   bs = tuple(jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16) for n in ns)
   update = (h, bs) if rank else None
-  config = dataclasses.replace(gpu_decode.config_for(1, k, rank),
-                               tables_under_pipeline=tables_under_pipeline)
-  fn = functools.partial(gpu_decode.decode_group, config=config, interpret=not ON_GPU)
+  fn = functools.partial(gpu_decode.decode_group, interpret=not ON_GPU)
   ys = fn(x, qws, update)
   for i, (y, qw) in enumerate(zip(ys, qws)):
     added = 0 if not rank else jnp.einsum("mr,rn->mn", h[:1, i * rank:(i + 1) * rank], bs[i],
