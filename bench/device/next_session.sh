@@ -8,6 +8,9 @@
 # pipeline, and the norm applied after its products, each against base in the model); a change's
 # A/B through bench/device/variants.py (a variant that changes the kernel must change its static
 # Config, never a module flag: decode_group's trace is cached).
+# If fused_attention wins at 256 and 8,192 slots: branch decode-attention-auto makes it generation's
+# attention on a Hopper GPU (attend's "decode", the cache in whole 64-slot blocks; CPU-tested):
+# merge it, then time base (now the kernel) against the XLA attention in one process.
 # Not worth another call (measured 2026-12-07): prefetching a launch's weights into L2 (1-12%
 # a launch at best), the LoRA h in K-slices (+4%), XLA's split-K off (no such option), graphs
 # (the step is one command buffer already).
