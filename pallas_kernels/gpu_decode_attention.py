@@ -29,7 +29,8 @@ from pallas_kernels.gpu_decode_plan import SMEM_LIMIT
 ROWS = 64  # a wgmma tile's rows: the group's queries first, the others never stored
 BLOCK = 64  # cache slots a pipeline step
 MASKED = -1e30  # the bias of a masked slot: finite, so exp2 of a masked block's scores is 0, not NaN
-PART = 1024  # cache slots a CTA at most: a longer cache is split among more CTAs (`parts`)
+PART = 512  # cache slots a CTA at most: a longer cache is split among more CTAs (`parts`; 16 parts
+# of a KV head at 8,192 slots: 128 CTAs for 8 KV heads, about an H100's SMs)
 
 
 def parts(slots: int, part: int = PART) -> int:
