@@ -126,8 +126,9 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
           plgpu.barrier_wait(h_barrier)
         return load_offset(rows, offset_gmem, hints=not interpret) if dq_len else None
 
-      if not config.tables_under_pipeline:
-        offset_before = wait_for_tables()
+      # every warpgroup waits here (the memory one's first copies after the tables), or only the
+      # compute ones, in their context below
+      offset_first = None if config.tables_under_pipeline else wait_for_tables()
 
       def global_step(s):  # this CTA's step s in the row-major (row tile, step of K) order
         return cta * steps + s
@@ -205,7 +206,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
         return acc_ref, loaded_next, offset
 
       def compute_context(run_pipeline):  # the compute warpgroups' (the memory one's copies start)
-        offset = wait_for_tables() if config.tables_under_pipeline else offset_before
+        offset = wait_for_tables() if config.tables_under_pipeline else offset_first
 
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
         def _(acc_ref):

@@ -48,7 +48,7 @@ def smem_bytes(h: int, splits: int) -> int:
 
 def unsupported_reason(q_shape, k_shape, dtype, part: int = PART) -> str | None:
   """Why decode_attention cannot take q [B, T, N, H] against k, v [B, S, KV, H] (None if it can)."""
-  (b, t, n, h), (_, s, kv, _) = q_shape, k_shape
+  (_, t, n, h), (_, s, kv, _) = q_shape, k_shape
   if t != 1 or n % kv or n // kv > ROWS or h % 64 or h > 256 or s % BLOCK:
     return (f"decode_attention takes one query, at most {ROWS} query heads a KV head, a head "
             f"width a multiple of 64 up to 256 and cache slots a multiple of {BLOCK}; got q "

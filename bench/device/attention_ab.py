@@ -10,7 +10,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 from pallas_kernels.gpu_decode_attention import bias_of, decode_attention, parts
