@@ -26,11 +26,18 @@ from jax import lax
 from pallas_kernels.gpu import interpret_params, swizzled
 from pallas_kernels.gpu_decode_plan import SMEM_LIMIT
 
-ROWS = 64  # a wgmma tile's rows: the group's queries first, the others never stored
+ROWS = 64  # a wgmma tile's rows: the group's queries among them, the others never stored
+TILE_ROWS = 8  # rows of q's swizzle tile: where a TMA copy into it may start
 BLOCK = 64  # cache slots a pipeline step
 MASKED = -1e30  # the bias of a masked slot: finite, so exp2 of a masked block's scores is 0, not NaN
 PART = 512  # cache slots a CTA at most: a longer cache is split among more CTAs (`parts`; 16 parts
 # of a KV head at 8,192 slots: 128 CTAs for 8 KV heads, about an H100's SMs)
+
+
+def tile_rows(group: int) -> int:
+  """Rows of q's tile a group may span: it starts where its first query is within a swizzle tile
+  of rows (a group not a multiple of 8 queries starts anywhere but at the tile's last row)."""
+  return group if group % TILE_ROWS == 0 else group + TILE_ROWS - 1
 
 
 def parts(slots: int, part: int = PART) -> int:
@@ -49,8 +56,9 @@ def smem_bytes(h: int, splits: int) -> int:
 def unsupported_reason(q_shape, k_shape, dtype, part: int = PART) -> str | None:
   """Why decode_attention cannot take q [B, T, N, H] against k, v [B, S, KV, H] (None if it can)."""
   (_, t, n, h), (_, s, kv, _) = q_shape, k_shape
-  if t != 1 or n % kv or n // kv > ROWS or h % 64 or h > 256 or s % BLOCK:
-    return (f"decode_attention takes one query, at most {ROWS} query heads a KV head, a head "
+  if t != 1 or n % kv or tile_rows(n // kv) > ROWS or h % 64 or h > 256 or s % BLOCK:
+    return (f"decode_attention takes one query, at most {ROWS - TILE_ROWS + 1} query heads a KV "
+            f"head (or {ROWS}, a multiple of {TILE_ROWS}), a head "
             f"width a multiple of 64 up to 256 and cache slots a multiple of {BLOCK}; got q "
             f"{tuple(q_shape)}, k {tuple(k_shape)}")
   if jnp.dtype(dtype) != jnp.bfloat16:
@@ -88,7 +96,12 @@ def decode_attention(q, k, v, bias, *, scale: float, part: int = PART, interpret
     cta = lax.axis_index("cta")
     pair, piece = cta // splits, cta % splits  # (batch row, KV head), part of the cache
     row, head = pair // kv, pair % kv
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row * n + head * group, ROWS)], q_smem, q_barrier)
+    # q's tile starts at a whole swizzle tile of rows (TMA into a tiled buffer): the group's
+    # queries are its rows from `first` (0 unless the group is not a multiple of 8 rows)
+    start = row * n + head * group
+    first = start % TILE_ROWS
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(start - first, TILE_ROWS), ROWS)],
+                            q_smem, q_barrier)
     plgpu.barrier_wait(q_barrier)
 
     def step(_, k_smem, v_smem, bias_smem, carry):
@@ -139,17 +152,17 @@ def decode_attention(q, k, v, bias, *, scale: float, part: int = PART, interpret
     acc, top, total = pipeline(k_ref.at[cache_rows, cols], v_ref.at[cache_rows, cols],
                                bias_ref.at[row, pl.ds(piece * per, per)])
     out = acc / lax.broadcast_in_dim(total, acc.shape, [0])
-    mine = pl.ds(pair * group, group)  # the group's rows only, in q's head order: no slicing after
+    mine = pl.ds(start, group)  # the group's rows only, in q's head order: no slicing after
     if splits == 1:
       o_smem[...] = out.astype(jnp.bfloat16)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], out_ref.at[mine])
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(first, group)], out_ref.at[mine])
     else:  # the part's output and its log2-sum-exp2 (across each row: a box wide enough for TMA)
       o_smem[0] = out
       o_smem[1] = lax.broadcast_in_dim(top + jnp.log2(total), acc.shape, [0])
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[0, pl.ds(0, group)], out_ref.at[piece, mine])
-      plgpu.copy_smem_to_gmem(o_smem.at[1, pl.ds(0, group)], lse_ref.at[piece, mine])
+      plgpu.copy_smem_to_gmem(o_smem.at[0, pl.ds(first, group)], out_ref.at[piece, mine])
+      plgpu.copy_smem_to_gmem(o_smem.at[1, pl.ds(first, group)], lse_ref.at[piece, mine])
     plgpu.wait_smem_to_gmem(0)
 
   staging = ([plgpu.SMEM((h, BLOCK), jnp.bfloat16, transforms=swizzled(BLOCK, jnp.bfloat16)),
@@ -163,7 +176,7 @@ def decode_attention(q, k, v, bias, *, scale: float, part: int = PART, interpret
   out = plgpu.kernel(
       kernel, out_type=out_type, grid=(b * kv * splits,), grid_names=("cta",),
       scratch_types=[plgpu.SMEM((ROWS, h), jnp.bfloat16, transforms=tile),
-                     o_type,  # untiled: a copy of its first G rows
+                     o_type,  # untiled: a copy of the group's G rows from `first`
                      plgpu.Barrier(num_arrivals=1), *staging],
       interpret=interpret_params(interpret),
   )(q2d, k2d, v2d, bias.astype(jnp.float32))

@@ -572,6 +572,9 @@ def test_gpu_decode_attention_lowers_for_cuda_from_cpu():
   assert unsupported_reason((1, 1, 32, 128), (1, 208, 8, 128), jnp.bfloat16) is not None  # slots
   assert unsupported_reason((1, 2, 32, 128), (1, 256, 8, 128), jnp.bfloat16) is not None  # 2 queries
   assert "bf16" in unsupported_reason((1, 1, 32, 128), (1, 256, 8, 128), jnp.float32)
+  # q's TMA copy starts at a whole 8-row tile: a group of 60 could span 67 rows of the 64
+  assert unsupported_reason((1, 1, 64, 128), (1, 256, 1, 128), jnp.bfloat16) is None
+  assert unsupported_reason((1, 1, 60, 128), (1, 256, 1, 128), jnp.bfloat16) is not None
   # Gemma 3's heads of 256: whole caches fit, a split one's float32 tiles would not
   assert unsupported_reason((1, 1, 16, 256), (1, 512, 8, 256), jnp.bfloat16) is None
   assert "shared memory" in unsupported_reason((1, 1, 16, 256), (1, 1024, 8, 256), jnp.bfloat16)
