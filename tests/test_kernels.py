@@ -471,20 +471,29 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
   assert launches == [3, 1, 2, 1] * cfg.num_hidden_layers
 
 
-@pytest.mark.parametrize("tokens, rank, dropout", [(1, 64, 0.0), (3, 0, 0.0), (1, 64, 0.25)])
-def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank, dropout):
+@pytest.mark.parametrize("tokens, rank, dropout, plus_one",
+                         [(1, 64, 0.0, None), (3, 0, 0.0, None), (1, 64, 0.25, None),
+                          (1, 64, 0.0, False), (1, 64, 0.0, True)])
+def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank, dropout, plus_one):
   """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
   ('auto'): shared_input runs the three in one decode_group launch; outputs and gradients (x,
   each A and B) equal XLA's layers one by one. With LoRA dropout active (each layer its own
-  mask, as alone) the outputs, run eagerly (the layers' dropout counts its keys as they go)."""
+  mask, as alone) the outputs, run eagerly (the layers' dropout counts its keys as they go).
+  With a pre-norm (plus_one: Gemma's 1 + weight), the one launch applies it after the products
+  (x * weight in, 1 / rms(x) times each product before its bias) and XLA's layers take norm(x)."""
   from flax import nnx
   import qlora_jax as q
   from qlora_jax.nn.lora import shared_input
+  from qlora_jax.nn.model import RMSNorm
 
   monkeypatch.setattr(dispatch, "INTERPRET", not ON_GPU)
   ns, k, r = ((4096, 1024, 1024), 4096, rank) if ON_GPU else ((256, 128, 128), 640, rank)
-  x = jax.random.normal(jax.random.key(5), (1, tokens, k), jnp.float32)
+  x = jax.random.normal(jax.random.key(5), (1, tokens, k), jnp.float32) * 3.0  # rms 3, not 1
   gs = [jax.random.normal(jax.random.key(9 + i), (1, tokens, n)) for i, n in enumerate(ns)]
+  norm = None
+  if plus_one is not None:
+    norm = RMSNorm(k, 1e-5, "float32", plus_one)
+    norm.weight[...] = 1.0 - plus_one + jax.random.normal(jax.random.key(40), (k,)) * 0.3
   launches = []
   group = gpu_decode.decode_group
   monkeypatch.setattr(gpu_decode, "decode_group", lambda x, qws, *a, **kw: (
@@ -504,7 +513,7 @@ def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, ran
     graphdef, lora, rest = nnx.split(tuple(layers), nnx.LoRAParam, ...)
 
     def forward(lora, x):
-      return shared_input(nnx.merge(graphdef, lora, rest), x)
+      return shared_input(nnx.merge(graphdef, lora, rest), x, norm)
 
     def loss(lora, x):
       return sum(jnp.sum(y.astype(jnp.float32) * g) for y, g in zip(forward(lora, x), gs))

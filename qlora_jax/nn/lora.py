@@ -166,10 +166,13 @@ def scaling_in_a(model: nnx.Module) -> tuple[nnx.Module, dict[tuple, float]]:
   return model, scales
 
 
-def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
-  """Each layer applied to x (the layers that share an input: q, k, v; gate, up), as one
-  decode-kernel launch where the backend takes them together (decoding on a GPU: qmatmul_group),
-  else layer by layer; the same products either way."""
+def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array, norm=None) -> tuple[jax.Array, ...]:
+  """Each layer applied to norm(x) (the layers that share an input: q, k, v; gate, up; norm: their
+  pre-norm, or None), as one decode-kernel launch where the backend takes them together (decoding
+  on a GPU: qmatmul_group), else layer by layer; the same products either way. In one launch the
+  norm is applied by linearity (`RMSNorm.split`): the products take x * weight and their outputs
+  are multiplied by 1 / rms(x) before any bias, so the norm's reduction is off the path from the
+  residual add to the products and XLA runs two kernels a layer fewer."""
   first = layers[0]
   cd = jnp.dtype(first.compute_dtype)
   qws = tuple(layer.weight.get_value() for layer in layers)
@@ -180,12 +183,18 @@ def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax
                                           and layer.update_scale == first.update_scale))
               for layer in layers)
   if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
+    x_BxK = x_BxK if norm is None else norm(x_BxK)
     return tuple(layer(x_BxK) for layer in layers)
-  return _one_launch(layers, x_BxK)
+  if norm is None:
+    return _one_launch(layers, x_BxK)
+  x_BxK, inverse_rms = norm.split(x_BxK)
+  return _one_launch(layers, x_BxK, inverse_rms)
 
 
-def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.Array, ...]:
-  """The layers (alike; fuses_group said yes) applied to x in one qmatmul_group launch."""
+def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array,
+                out_scale: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  """The layers (alike; fuses_group said yes) applied to x in one qmatmul_group launch, each
+  product multiplied by out_scale [..., 1] (float32; None: 1) before its bias."""
   first = layers[0]
   cd = jnp.dtype(first.compute_dtype)
   h = bs = None
@@ -201,6 +210,8 @@ def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> tuple[jax.
     bs = tuple(layer.lora_b[...] for layer in layers)
   qws = tuple(layer.weight.get_value() for layer in layers)
   ys = qmatmul_group(x_BxK, h, qws, bs, first.backend, cd)
+  if out_scale is not None:
+    ys = tuple((y.astype(jnp.float32) * out_scale).astype(y.dtype) for y in ys)
   return tuple(layer._finish(y, x_BxK) for layer, y in zip(layers, ys))
 
 

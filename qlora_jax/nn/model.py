@@ -52,10 +52,20 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     xf = x_BxTxD.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    normed = xf * self._inverse_rms(xf)
     if self.plus_one:
       return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x_BxTxD.dtype)
     return (self.weight[...] * normed.astype(x_BxTxD.dtype)).astype(x_BxTxD.dtype)
+
+  def split(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x * weight in x's dtype, 1 / rms(x) [..., 1] float32): the norm as a scale that a linear
+    map's output can take instead of its input (shared_input)."""
+    xf = x_BxTxD.astype(jnp.float32)
+    w = self.weight[...].astype(jnp.float32) + (1.0 if self.plus_one else 0.0)
+    return (xf * w).astype(x_BxTxD.dtype), self._inverse_rms(xf)
+
+  def _inverse_rms(self, xf: jax.Array) -> jax.Array:
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
 
 
 def _norm(cfg: ModelConfig, opts: ModelOptions, dim: int | None = None) -> RMSNorm:
@@ -88,8 +98,8 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, local=None):
-    """mask_BxTxS: bool (carrying any window), or None for causal attention within the model's
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, local=None, norm=None):
+    """norm: the pre-norm, applied to x here (shared_input), or None. mask_BxTxS: bool (carrying any window), or None for causal attention within the model's
     sliding window, if it has one, which the attention kernel computes without a [T, S] mask.
     local: for layers of two kinds, whether the window applies to this one (bool, or traced under
     the layer scan: then both kernels are compiled and lax.cond picks one). kv: (the KVCache,
@@ -97,7 +107,7 @@ class Attention(nnx.Module):
     are written into the whole cache in place (no layer's cache is copied per token), and the
     cache so written is returned in kv's place."""
     b, t, _ = x_BxTxD.shape
-    q, k, v = shared_input((self.q_proj, self.k_proj, self.v_proj), x_BxTxD)
+    q, k, v = shared_input((self.q_proj, self.k_proj, self.v_proj), x_BxTxD, norm)
     q = q.reshape(b, t, self.heads, self.head_dim)
     k, v = (a.reshape(b, t, self.kv_heads, self.head_dim) for a in (k, v))
     if self.q_norm is not None:
@@ -140,8 +150,9 @@ class MLP(nnx.Module):
     self.up_proj = _linear("up_proj", *shapes["up_proj"], cfg.mlp_bias, opts, rngs)
     self.down_proj = _linear("down_proj", *shapes["down_proj"], cfg.mlp_bias, opts, rngs)
 
-  def __call__(self, x_BxTxD):
-    gate, up = shared_input((self.gate_proj, self.up_proj), x_BxTxD)
+  def __call__(self, x_BxTxD, norm=None):
+    """norm: the pre-norm, applied to x here (shared_input), or None."""
+    gate, up = shared_input((self.gate_proj, self.up_proj), x_BxTxD, norm)
     return self.down_proj(self.act(gate) * up)
 
 
@@ -169,13 +180,15 @@ class DecoderLayer(nnx.Module):
       cos, sin = _pick(local, cos), _pick(local, sin)
       mask_BxTxS = None if mask_BxTxS is None else _pick(local, mask_BxTxS)
     h_BxTxD = checkpoint_name(h_BxTxD, LAYER_INPUT)
-    attn, kv = self.self_attn(self.input_layernorm(h_BxTxD), cos, sin, mask_BxTxS, kv, local)
+    attn, kv = self.self_attn(h_BxTxD, cos, sin, mask_BxTxS, kv, local, norm=self.input_layernorm)
     if self.pre_feedforward_layernorm is not None:
       attn = self.post_attention_layernorm(attn)
     h_BxTxD = h_BxTxD + attn
     if kv is None and mlp_pieces(h_BxTxD.shape[0] * h_BxTxD.shape[1], self.mlp_chunk)[0] > 1:
       return h_BxTxD + self._chunked_mlp(h_BxTxD), kv
-    return h_BxTxD + _in_turn(self._mlp_modules(), h_BxTxD), kv
+    norm, mlp, *post = self._mlp_modules()
+    out = mlp(h_BxTxD, norm=norm) if isinstance(mlp, MLP) else mlp(norm(h_BxTxD))
+    return h_BxTxD + _in_turn(post, out), kv
 
   def _mlp_modules(self) -> tuple:
     """The MLP block's modules in order: its norm(s) and the MLP."""
