@@ -126,51 +126,15 @@ def tables_first():
   return lambda: setattr(gpu_decode, "config_for", original)
 
 
-class _Deferred:
-  """A pre-norm's input and its norm, the normalization deferred to the products it feeds."""
+def norm_before():
+  """Each pre-norm applied to its products' input (its own reduction and multiply between the
+  residual add and the decode launch), as before 2026-12-07's sixteenth session."""
+  original = model_module.shared_input
 
-  def __init__(self, x, norm):
-    self.x, self.norm, self.shape, self.dtype = x, norm, x.shape, x.dtype
-
-
-def norm_after():
-  """Each decoder layer's two pre-norms (Llama: no sandwich norms, no biases) applied by linearity:
-  the products they feed (q/k/v, gate/up: the decode kernel and the LoRA A product) take x * w,
-  and their outputs are multiplied by 1 / rms(x), so the norm's reduction is no longer between
-  the residual add and the products (it can run beside them) and the multiply can join the add."""
-  layer_call, norm_call = model_module.DecoderLayer.__call__, model_module.RMSNorm.__call__
-  shared = model_module.shared_input
-  inside = []
-
-  def decoder_layer(self, *a, **kw):
-    inside.append(self)
-    try:
-      return layer_call(self, *a, **kw)
-    finally:
-      inside.pop()
-
-  def rms_norm(self, x):
-    layer = inside[-1] if inside else None
-    if layer is not None and self in (layer.input_layernorm, layer.post_attention_layernorm):
-      return _Deferred(x, self)
-    return norm_call(self, x)
-
-  def shared_input(layers, x):
-    if not isinstance(x, _Deferred):
-      return shared(layers, x)
-    xf, norm = x.x.astype(jnp.float32), x.norm
-    w = norm.weight[...].astype(jnp.float32) + (1.0 if norm.plus_one else 0.0)
-    scale = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm.eps)
-    ys = shared(layers, (xf * w).astype(x.dtype))
-    return tuple((y.astype(jnp.float32) * scale).astype(y.dtype) for y in ys)
-
-  model_module.DecoderLayer.__call__, model_module.RMSNorm.__call__ = decoder_layer, rms_norm
+  def shared_input(layers, x, norm=None):
+    return original(layers, x if norm is None else norm(x))
   model_module.shared_input = shared_input
-
-  def undo():
-    model_module.DecoderLayer.__call__, model_module.RMSNorm.__call__ = layer_call, norm_call
-    model_module.shared_input = shared
-  return undo
+  return lambda: setattr(model_module, "shared_input", original)
 
 
 def read_back_first():
@@ -190,7 +154,7 @@ def read_back_first():
 
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     fused_attention,
-                                    stacked_cache, tables_first, norm_after,
+                                    stacked_cache, tables_first, norm_before,
                                     read_back_first)}
 
 

@@ -166,7 +166,8 @@ def scaling_in_a(model: nnx.Module) -> tuple[nnx.Module, dict[tuple, float]]:
   return model, scales
 
 
-def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array, norm=None) -> tuple[jax.Array, ...]:
+def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array,
+                 norm=None) -> tuple[jax.Array, ...]:
   """Each layer applied to norm(x) (the layers that share an input: q, k, v; gate, up; norm: their
   pre-norm, or None), as one decode-kernel launch where the backend takes them together (decoding
   on a GPU: qmatmul_group), else layer by layer; the same products either way. In one launch the

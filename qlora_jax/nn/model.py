@@ -99,8 +99,9 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, local=None, norm=None):
-    """norm: the pre-norm, applied to x here (shared_input), or None. mask_BxTxS: bool (carrying any window), or None for causal attention within the model's
-    sliding window, if it has one, which the attention kernel computes without a [T, S] mask.
+    """norm: the pre-norm, applied to x here (shared_input), or None. mask_BxTxS: bool (carrying
+    any window), or None for causal attention within the model's sliding window, if it has one,
+    which the attention kernel computes without a [T, S] mask.
     local: for layers of two kinds, whether the window applies to this one (bool, or traced under
     the layer scan: then both kernels are compiled and lax.cond picks one). kv: (the KVCache,
     this layer's index: an int, or traced under the layer scan), or None; the new keys and values
