@@ -137,6 +137,24 @@ def norm_before():
   return lambda: setattr(model_module, "shared_input", original)
 
 
+def reduce_lora_a():
+  """A one-row x's LoRA A product (h = scale * x @ A, the layers' A side by side) as one float32
+  multiply-reduction [1, G * r] instead of XLA's GEMM over broadcast_dot's 8 equal rows and its
+  split-K reduction: one kernel a product instead of two (four products a layer); the decode
+  kernel reads h's one row as x's (qmatmul_group takes h with x's rows). h rounded once."""
+  from qlora_jax.nn import lora as lora_module
+  original = lora_module._update_input
+
+  def update_input(x_BxK, a, scale, cd):
+    x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
+    if x_MxK.shape[0] != 1:
+      return original(x_BxK, a, scale, cd)
+    h = jnp.sum(x_MxK.astype(jnp.float32)[:, :, None] * a.astype(jnp.float32)[None], axis=1)
+    return (h * scale).astype(cd)
+  lora_module._update_input = update_input
+  return lambda: setattr(lora_module, "_update_input", original)
+
+
 def read_back_first():
   """Generate's chunk loop before 2026-12-07: each chunk's tokens read back before the next chunk
   is dispatched (run_chunks dispatches it first)."""
@@ -154,7 +172,7 @@ def read_back_first():
 
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     fused_attention,
-                                    stacked_cache, tables_first, norm_before,
+                                    stacked_cache, tables_first, norm_before, reduce_lora_a,
                                     read_back_first)}
 
 
