@@ -186,10 +186,7 @@ def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array,
   if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
     x_BxK = x_BxK if norm is None else norm(x_BxK)
     return tuple(layer(x_BxK) for layer in layers)
-  if norm is None:
-    return _one_launch(layers, x_BxK)
-  x_BxK, inverse_rms = norm.split(x_BxK)
-  return _one_launch(layers, x_BxK, inverse_rms)
+  return _one_launch(layers, *((x_BxK,) if norm is None else norm.split(x_BxK)))
 
 
 def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array,

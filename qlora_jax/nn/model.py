@@ -188,8 +188,7 @@ class DecoderLayer(nnx.Module):
     if kv is None and mlp_pieces(h_BxTxD.shape[0] * h_BxTxD.shape[1], self.mlp_chunk)[0] > 1:
       return h_BxTxD + self._chunked_mlp(h_BxTxD), kv
     norm, mlp, *post = self._mlp_modules()
-    out = mlp(h_BxTxD, norm=norm) if isinstance(mlp, MLP) else mlp(norm(h_BxTxD))
-    return h_BxTxD + _in_turn(post, out), kv
+    return h_BxTxD + _in_turn(post, mlp(h_BxTxD, norm=norm)), kv
 
   def _mlp_modules(self) -> tuple:
     """The MLP block's modules in order: its norm(s) and the MLP."""

@@ -93,7 +93,9 @@ class SparseMoeBlock(nnx.Module):
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights.astype(self.dtype), experts, probs
 
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, norm=None) -> jax.Array:
+    """norm: the pre-norm, applied to x first (as MLP takes it), or None."""
+    x_BxTxD = x_BxTxD if norm is None else norm(x_BxTxD)
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
     weights, experts, probs = self.route(x)
