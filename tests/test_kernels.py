@@ -473,7 +473,7 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
 
 @pytest.mark.parametrize("tokens, rank, dropout, plus_one",  # plus_one None: no norm
                          [(1, 64, 0.0, None), (3, 0, 0.0, None), (1, 64, 0.25, True),
-                          (1, 64, 0.0, False)])
+                          (1, 64, 0.0, False), (1, 64, 0.0, True)])
 def test_layers_sharing_an_input_take_one_decode_launch(monkeypatch, tokens, rank, dropout,
                                                         plus_one):
   """q, k, v layers (with biases, scaling 1.5; rank 0: no adapters) at decoding size on a GPU
