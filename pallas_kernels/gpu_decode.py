@@ -51,8 +51,8 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
-def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_cols: int,
-          interpret: bool):
+def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
+          h_columns: tuple = (), interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
   split.ctas * split.segments * 128, out_cols] f32, part p's from row part.first_segment * 128;
   its CTA part.first_cta + c stores as CTA c of its Split would alone.
@@ -63,8 +63,9 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
   its `split.per_cta` steps of its part's weight; each time a row tile's last step (or the CTA's
   last) is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
 
-  lora: () or (b [R, N] bf16,), R a multiple of BLOCK, the same R in every part, with h [H, G *
-  R] bf16 (G parts; part p's columns p * R onwards; H <= cols rows, those past H read as zeros):
+  lora: () or (b [R, N] bf16, h [H, C] bf16), R a multiple of BLOCK, the same R in every part;
+  the part's update input is h's R columns from h_columns[p] (its own h, or the parts' h side by
+  side: the same array in every part; H <= cols rows, those past H read as zeros):
   the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h_p^T to it (a LoRA
   update, h_p = x @ A_p * scaling), one more wgmma per BLOCK of R after the step's blocks, its b
   tile copied to shared memory while they are widened."""
@@ -74,14 +75,13 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
     raise ValueError("a group's weights are all double-quantized or none, all with a LoRA update "
                      "or none")
   lora_r = weights[0][3][0].shape[0] if lora_len else 0
-  if any(w[3][0].shape[0] != lora_r for w in weights if lora_len) or (
-      lora_len and h.shape[1] != len(weights) * lora_r):
-    raise ValueError("a group's LoRA updates share one rank, their h side by side")
+  if lora_len and (any(w[3][0].shape[0] != lora_r for w in weights) or len(h_columns) != len(weights)
+                   or any(w[3][1].shape[1] < c + lora_r for w, c in zip(weights, h_columns))):
+    raise ValueError("a group's LoRA updates share one rank, each part's h columns within its h")
   step_k = BLOCK * config.blocks
   per_part = 2 + dq_len + lora_len
 
   def kernel(x_gmem, lut_gmem, *rest):
-    h_gmem, *rest = rest if lora_len else (None, *rest)
     part_refs = [rest[i * per_part:(i + 1) * per_part] for i in range(len(parts))]
     out_gmem, lut_smem, *rest = rest[len(parts) * per_part:]
     qmap_smem, *rest = rest if dq_len else (None, *rest)
@@ -108,14 +108,14 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
       else:
         dq_refs = ()
       if lora_len:
-        (b_gmem,) = refs
+        b_gmem, h_gmem = refs
 
       @pl.when(wg == 0)
       def _():
         if dq_len:
           plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
         if lora_len:
-          plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(0, cols), pl.ds(index * lora_r, lora_r)],
+          plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(0, cols), pl.ds(h_columns[index], lora_r)],
                                   h_smem, h_barrier)
 
       def wait_for_tables():  # all three copies in flight at once; the offset loaded once
@@ -247,7 +247,7 @@ def _call(x, weights, lut, h=None, *, table, config: Config, parts: tuple, out_c
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  return call(x, lut, *([h] if lora_len else []),
+  return call(x, lut,
               *(a for codes, absmax, dq, lora in weights for a in (codes, absmax, *dq, *lora)))
 
 
@@ -278,23 +278,29 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Conf
                  interpret: bool = False) -> tuple:
   """(Y_i [M, N_i] f32 = x @ dequant(qws[i])^T (+ h_i @ b_i), ...) in one launch: the weights that
   share an input (q, k, v; gate, up) as one kernel, the SMs dealt among them by their rows
-  (parts_for); each as decode computes it alone. update: None, or (h [H, G * r], (b_i [r, N_i],
-  ...)): the G updates' inputs side by side (h_i = h[:, i * r:(i + 1) * r], one A product of
-  the weights' A side by side, read in place), one rank r; H >= M rows (see decode)."""
+  (parts_for); each as decode computes it alone. update: None, or (h, (b_i [r, N_i], ...)), one
+  rank r, h the G updates' inputs: one array [H, G * r] side by side (h_i = h[:, i * r:(i + 1) *
+  r], one A product of the weights' A side by side, read in place), or a tuple of G arrays h_i
+  [H_i, r] (each A product its own, read in place); H >= M rows (see decode)."""
   (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
   lora_rank = 0 if update is None else update[1][0].shape[0]
   if update is not None:
     h, bs = update
-    if (len(bs) != len(qws) or h.ndim != 2 or h.shape[1] != len(qws) * lora_rank
-        or not m <= h.shape[0] <= MAX_ROWS or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))):
-      raise ValueError(f"LoRA updates h {h.shape}, b {[b.shape for b in bs]} for x [{m}, {k}] @ "
-                       f"W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and h [H, "
-                       f"{len(qws)} * r], the updates' inputs side by side, H >= {m} rows")
+    hs = tuple(h) if isinstance(h, (tuple, list)) else (h,)
+    if (len(bs) != len(qws) or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))
+        or any(a.ndim != 2 or not m <= a.shape[0] <= MAX_ROWS for a in hs)
+        or [a.shape[1] for a in hs] != ([lora_rank] * len(qws) if len(hs) > 1 or len(qws) == 1
+                                        else [len(qws) * lora_rank])):
+      raise ValueError(f"LoRA updates h {[a.shape for a in hs]}, b {[b.shape for b in bs]} for x "
+                       f"[{m}, {k}] @ W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and "
+                       f"h [H, {len(qws)} * r] (the updates' inputs side by side) or one h_i [H, r] "
+                       f"a weight, H >= {m} rows")
   reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
   if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
   config = config or config_for(m, k, lora_rank)
-  if max(m, 0 if update is None else update[0].shape[0]) > config.cols or k % (BLOCK * config.blocks):
+  h_rows = [] if update is None else [a.shape[0] for a in hs]
+  if max([m, *h_rows]) > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant)) > SMEM_LIMIT:
@@ -309,22 +315,27 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Conf
   parts, out_cols = parts_for(ns, k, config, sm_count(interpret)), out_columns(m)
   table = codebook(qws[0].quant_type)
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
-  h = None
   extra = -lora_rank % BLOCK  # the rank in whole blocks: zero columns of each h_i, rows of b_i
   if update is not None:
-    h = update[0].astype(jnp.bfloat16)
-    if extra:
-      h = jnp.pad(h.reshape(h.shape[0], len(qws), lora_rank), ((0, 0), (0, 0), (0, extra)))
-      h = h.reshape(h.shape[0], -1)
-    h = rows_to(h)
+    def padded(a):  # each h_i's columns to the rank in whole blocks, rows as TMA takes them
+      a = a.astype(jnp.bfloat16)
+      if extra:
+        a = jnp.pad(a.reshape(a.shape[0], -1, lora_rank), ((0, 0), (0, 0), (0, extra)))
+      return rows_to(a.reshape(a.shape[0], -1))
+    hs = tuple(padded(a) for a in hs)
+    if len(hs) == 1:  # one array: every part reads it at its own columns
+      hs, h_columns = hs * len(qws), tuple(i * (lora_rank + extra) for i in range(len(qws)))
+    else:
+      h_columns = (0,) * len(qws)
   weights = []
   for i, (qw, n) in enumerate(zip(qws, ns)):
     lora = ()
     if update is not None:
-      lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))),)
+      lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))), hs[i])
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
-  stored = _call(x, tuple(weights), lut, h, table=table, config=config, parts=parts,
-                 out_cols=out_cols, interpret=interpret)
+  stored = _call(x, tuple(weights), lut, table=table, config=config, parts=parts,
+                 out_cols=out_cols, h_columns=h_columns if update is not None else (),
+                 interpret=interpret)
   out = []
   for part, n in zip(parts, ns):
     split, first = part.split, part.first_segment * config.compute_wgs * ROWS

@@ -32,11 +32,13 @@ case "$1" in
            # and the pre-norm after the products (the sharing test's norm cases), then in the model
            # (one process, alternated): base against norm_before (the norm before the products, as
            # before the sixteenth session: -1.5% measured as a variant), fused_attention and
-           # reduce_lora_a (a one-row LoRA A product as one multiply-reduction, not a GEMM and its
-           # split-K reduction: 4 kernels a layer fewer; lowers with 0.11.2, interpreted equal)
-    timeout 120 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing" 2>&1 | tail -3
-    timeout 330 python bench/device/variants.py base norm_before fused_attention reduce_lora_a \
-        fused_attention+reduce_lora_a --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -12
+           # reduce_lora_a_parts (each one-row LoRA A product a multiply-reduction, each h_i read
+           # by the decode kernel as an array of its own, not a GEMM and its split-K reduction).
+           # Kernels a layer compiled for an H100 on CPU (bench/device/launches.py): base 26,
+           # fused_attention 23, reduce_lora_a_parts 23, both 21 (684 a token against 843)
+    timeout 150 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
+    timeout 330 python bench/device/variants.py base norm_before fused_attention reduce_lora_a_parts \
+        fused_attention+reduce_lora_a_parts --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -12
     timeout 150 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
   attention)  # ~2 min: the attention kernel alone against XLA's at 256-8,192 slots (CUPTI)
     timeout 150 python bench/device/attention_ab.py 2>&1 | grep -v -i warn | tail -6 ;;

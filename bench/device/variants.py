@@ -155,6 +155,34 @@ def reduce_lora_a():
   return lambda: setattr(lora_module, "_update_input", original)
 
 
+def reduce_lora_a_parts():
+  """reduce_lora_a with each layer's A product its own multiply-reduction [1, r] (XLA fuses the
+  group's as siblings), each h_i read by the decode kernel as an array of its own
+  (decode_group's per-part h): no concatenation of the A's or of the h's. Generation only (the
+  variant calls the group's forward, not qmatmul_group's differentiable wrapper)."""
+  from qlora_jax.nn import lora as lora_module
+  original = lora_module._one_launch
+
+  def one_launch(layers, x_BxK, out_scale=None):
+    first = layers[0]
+    x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
+    if (first.lora is None or x_MxK.shape[0] != 1
+        or any(layer._dropout_active() for layer in layers)):
+      return original(layers, x_BxK, out_scale)
+    cd = jnp.dtype(first.compute_dtype)
+    hs = tuple((jnp.sum(x_MxK.astype(jnp.float32)[:, :, None]
+                        * layer.lora_a[...].astype(jnp.float32)[None], axis=1)
+                * first.update_scale).astype(cd) for layer in layers)
+    qws = tuple(layer.weight.get_value() for layer in layers)
+    ys = first.backend.group_fusion[1](x_MxK, qws, (hs, tuple(layer.lora_b[...] for layer in layers)))
+    ys = tuple(y.reshape(*x_BxK.shape[:-1], -1) for y in ys)
+    if out_scale is not None:
+      ys = tuple(y * out_scale for y in ys)
+    return tuple(layer._finish(y.astype(cd), x_BxK) for layer, y in zip(layers, ys))
+  lora_module._one_launch = one_launch
+  return lambda: setattr(lora_module, "_one_launch", original)
+
+
 def read_back_first():
   """Generate's chunk loop before 2026-12-07: each chunk's tokens read back before the next chunk
   is dispatched (run_chunks dispatches it first)."""
@@ -173,7 +201,7 @@ def read_back_first():
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     fused_attention,
                                     stacked_cache, tables_first, norm_before, reduce_lora_a,
-                                    read_back_first)}
+                                    reduce_lora_a_parts, read_back_first)}
 
 
 @contextlib.contextmanager
