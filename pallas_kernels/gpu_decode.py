@@ -110,6 +110,9 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
       if lora_len:
         b_gmem, h_gmem = refs
 
+      if config.pdl and not interpret:  # every operand but the pair table (a constant) may be
+        plgpu.griddepcontrol_wait()       # an earlier kernel's output (x, h; a scanned layer's slice)
+
       @pl.when(wg == 0)
       def _():
         if dq_len:
@@ -224,6 +227,8 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
       for index, (part, refs) in enumerate(zip(parts, part_refs)):
         pl.when((sm >= part.first_cta) & (sm < part.first_cta + part.split.ctas))(
             functools.partial(run_part, index, part, refs, sm - part.first_cta))
+    if config.pdl and not interpret:
+      plgpu.griddepcontrol_launch_dependents()
     plgpu.wait_smem_to_gmem(0)
 
   segments = sum(part.split.ctas * part.split.segments for part in parts)

@@ -23,7 +23,7 @@ MAX_ROWS = 64  # rows of x (wgmma N); more rows are training shapes (gpu_matmul)
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Activation rows per CTA (wgmma N: x is padded to it), compute warpgroups per CTA, pipeline
-  depth, blocks a step, the table's layout, who waits for the tables."""
+  depth, blocks a step, the table's layout, who waits for the tables, dependent launch."""
 
   cols: int = 16
   compute_wgs: int = 2
@@ -33,6 +33,11 @@ class Config:
   # only the compute warpgroups wait for the tables (pair table, qmap, h) before their first step,
   # so the memory warpgroup's first code copies fly with the tables' (docs/kernels.md)
   tables_under_pipeline: bool = True
+  # programmatic dependent launch: the kernel may start while the kernels before it finish; its
+  # threads wait for them (griddepcontrol.wait) once the pair table's copy (a constant) is
+  # issued, before any operand an earlier kernel may write or the output it may read is
+  # touched, and it lets the kernels after it launch once its pipeline is done (compiled only)
+  pdl: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

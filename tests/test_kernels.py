@@ -429,8 +429,9 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
 def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
   Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
-  q, k, v with LoRA updates (h in 8 K-slices; then each h_i an array of its own) on an H100's
-  132 SMs. (Mosaic's compile to PTX happens on a GPU.)"""
+  q, k, v with LoRA updates (h in 8 K-slices; then each h_i an array of its own; then as a
+  programmatic dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX happens on a
+  GPU.)"""
   from jax import export
 
   monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
@@ -444,7 +445,11 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   assert "mosaic_gpu" in text
   parts = (tuple(jax.ShapeDtypeStruct((1, 64), jnp.bfloat16) for _ in ns), update[1])  # h_i apart
   text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, parts).mlir_module()
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in text and "griddepcontrol" not in text
+  config = dataclasses.replace(gpu_decode.config_for(1, k, 64), pdl=True)  # a dependent launch
+  text = export.export(jax.jit(functools.partial(gpu_decode.decode_group, config=config)),
+                       platforms=("cuda",))(x, qws, update).mlir_module()
+  assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text
 
 
 def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_layer(monkeypatch):

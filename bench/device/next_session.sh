@@ -26,20 +26,22 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  model)  # ~8 min (two calls' worth: split it if starts are slow), first: the decode GPU tests
-           # (the attention kernel's first GPU compile: on 2026-12-07 JAX 0.11.2's layout inference
-           # refused q's TMA copy at a row offset of 4, fixed; it now lowers with 0.11.2 from CPU)
-           # and the pre-norm after the products (the sharing test's norm cases), then in the model
-           # (one process, alternated): base against norm_before (the norm before the products, as
-           # before the sixteenth session: -1.5% measured as a variant), fused_attention and
-           # reduce_lora_a_parts (each one-row LoRA A product a multiply-reduction, each h_i read
-           # by the decode kernel as an array of its own, not a GEMM and its split-K reduction).
-           # Kernels a layer compiled for an H100 on CPU (bench/device/launches.py): base 26,
-           # fused_attention 23, reduce_lora_a_parts 23, both 21 (684 a token against 843)
+  model)  # ~9 min, first: the decode GPU tests (the attention kernel's first GPU compile: on
+           # 2026-12-07 JAX 0.11.2's layout inference refused q's TMA copy at a row offset of 4,
+           # fixed; it now lowers with 0.11.2 from CPU; the pre-norm after the products: the
+           # sharing test's norm cases; each h_i apart), then in the model (one process,
+           # alternated): base against norm_before (the norm before the products, as before the
+           # sixteenth session: -1.5% measured as a variant), fused_attention, reduce_lora_a_parts
+           # (each one-row LoRA A product a multiply-reduction, each h_i read by the decode kernel
+           # as an array of its own, not a GEMM and its split-K reduction) and pdl (the decode
+           # kernel as a programmatic dependent launch). Kernels a layer compiled for an H100 on
+           # CPU (bench/device/launches.py): base 26, fused_attention 23, reduce_lora_a_parts 23,
+           # both 21 (684 a token against 843); pdl launches as many
     timeout 150 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
-    timeout 330 python bench/device/variants.py base norm_before fused_attention reduce_lora_a_parts \
-        fused_attention+reduce_lora_a_parts --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -12
-    timeout 150 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
+    timeout 420 python bench/device/variants.py base norm_before fused_attention reduce_lora_a_parts pdl \
+        fused_attention+reduce_lora_a_parts+pdl --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -14 ;;
+  long)  # ~3 min: the attention kernel at a long context (8,192 slots: attention reads every slot)
+    timeout 170 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
   attention)  # ~2 min: the attention kernel alone against XLA's at 256-8,192 slots (CUPTI)
     timeout 150 python bench/device/attention_ab.py 2>&1 | grep -v -i warn | tail -6 ;;
   l2)  # ~2 min: a decode launch's kernel time, tables first or under the pipeline, L2-warm or cold
@@ -65,5 +67,5 @@ case "$1" in
     bash bench/device/ours_runs.sh "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host" \
                                    "llama3-8b 4 2048 offload cudnn --lora-dtype bfloat16 --embedding host --backend xla"
     timeout 200 python bench/generate.py --model llama3-8b --short 8 --long 40 --systems ours:auto,ours:scan | tail -3 ;;
-  *) echo "usage: $0 model|attention|l2|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
+  *) echo "usage: $0 model|long|attention|l2|dump|check|tune_groups|anchors|profile|lora_cost|h200"; exit 2 ;;
 esac

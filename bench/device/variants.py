@@ -126,6 +126,15 @@ def tables_first():
   return lambda: setattr(gpu_decode, "config_for", original)
 
 
+def pdl():
+  """The decode kernel launched as a programmatic dependent launch (Config.pdl): its launch, CTA
+  setup and the constant tables' copies under the previous kernel's tail, and the next kernel's
+  launch under its own."""
+  original = gpu_decode.config_for
+  gpu_decode.config_for = lambda *a, **kw: dataclasses.replace(original(*a, **kw), pdl=True)
+  return lambda: setattr(gpu_decode, "config_for", original)
+
+
 def norm_before():
   """Each pre-norm applied to its products' input (its own reduction and multiply between the
   residual add and the decode launch), as before 2026-12-07's sixteenth session."""
@@ -200,7 +209,7 @@ def read_back_first():
 
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     fused_attention,
-                                    stacked_cache, tables_first, norm_before, reduce_lora_a,
+                                    stacked_cache, tables_first, pdl, norm_before, reduce_lora_a,
                                     reduce_lora_a_parts, read_back_first)}
 
 
