@@ -11,8 +11,12 @@
 # call, lower the kernels with the device's JAX on CPU (a venv of jax/jaxlib 0.11.2 for Python
 # 3.12: `pip download` them; tests/test_kernels.py -k "lowers or decoding_chunk" runs there).
 # If fused_attention wins at 256 and 8,192 slots: branch decode-attention-auto makes it generation's
-# attention on a Hopper GPU (attend's "decode", the cache in whole 64-slot blocks; CPU-tested):
-# merge it, then time base (now the kernel) against the XLA attention in one process.
+# attention on a Hopper GPU (attend's "decode", the cache in whole 64-slot blocks; CPU-tested,
+# rebased on the seventeenth session's main): merge it, then time base (now the kernel) against
+# the XLA attention in one process. If reduce_lora_a_parts wins: branch decode-h-reduce is its
+# library form (one-row A products as reductions, qmatmul_group takes the h_i apart with their
+# gradients; CPU-tested): merge it. If pdl wins: make Config.pdl's default True.
+# Launch structure without a GPU, before a call: bench/device/launches.py (kernels a layer).
 # Not worth another call (measured 2026-12-07): prefetching a launch's weights into L2 (1-12%
 # a launch at best), the LoRA h in K-slices (+4%), XLA's split-K off (no such option), graphs
 # (the step is one command buffer already).
