@@ -51,8 +51,8 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
-def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int,
-          h_columns: tuple = (), interpret: bool):
+def _call(x, weights, lut, norm=None, *, table, config: Config, parts: tuple, out_cols: int,
+          h_columns: tuple = (), eps: float = 0.0, interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
   split.ctas * split.segments * 128, out_cols] f32, part p's from row part.first_segment * 128;
   its CTA part.first_cta + c stores as CTA c of its Split would alone.
@@ -68,7 +68,12 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
   side: the same array in every part; H <= cols rows, those past H read as zeros):
   the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h_p^T to it (a LoRA
   update, h_p = x @ A_p * scaling), one more wgmma per BLOCK of R after the step's blocks, its b
-  tile copied to shared memory while they are widened."""
+  tile copied to shared memory while they are widened.
+
+  norm: None, or r [K / 64, 64] bf16, x's one row before its RMS norm (x = r * weight): every
+  stored accumulator is multiplied by rsqrt(mean(r^2) + eps), which each compute warpgroup
+  reduces from r's copy in shared memory before its first store (the norm's reduction in the
+  launch, where XLA would run it as a kernel of its own)."""
   (cols, k), cta_rows = (config.cols, x.shape[1]), config.compute_wgs * ROWS
   dq_len, lora_len = len(weights[0][2]), len(weights[0][3])
   if any(len(w[2]) != dq_len or len(w[3]) != lora_len for w in weights):
@@ -82,12 +87,15 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
   per_part = 2 + dq_len + lora_len
 
   def kernel(x_gmem, lut_gmem, *rest):
+    norm_gmem, *rest = rest if norm is not None else (None, *rest)
     part_refs = [rest[i * per_part:(i + 1) * per_part] for i in range(len(parts))]
     out_gmem, lut_smem, *rest = rest[len(parts) * per_part:]
     qmap_smem, *rest = rest if dq_len else (None, *rest)
     lut_barrier, qmap_barrier, out_smem, *rest = rest
     if lora_len:
       h_smem, b_smem, h_barrier, b_barrier, *rest = rest
+    if norm is not None:
+      norm_smem, norm_barrier, *rest = rest
     staging = rest
     wg = lax.axis_index("wg")
     my_rows = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
@@ -117,6 +125,8 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
       def _():
         if dq_len:
           plgpu.copy_gmem_to_smem(qmap_gmem, qmap_smem, qmap_barrier)
+        if norm is not None:
+          plgpu.copy_gmem_to_smem(norm_gmem, norm_smem, norm_barrier)
         if lora_len:
           plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(0, cols), pl.ds(h_columns[index], lora_r)],
                                   h_smem, h_barrier)
@@ -170,9 +180,9 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
             plgpu.wgmma(acc_ref, b_c.transpose((1, 0)), h_c.transpose((1, 0)))
         plgpu.wgmma_wait(0)
 
-      def store(acc, tile):  # this CTA's accumulator after row tile `tile`
+      def store(acc, tile, inv_rms):  # this CTA's accumulator after row tile `tile`
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has read out_smem
-        out_smem[wg] = acc[:, :out_cols]
+        out_smem[wg] = acc[:, :out_cols] if inv_rms is None else acc[:, :out_cols] * inv_rms
         plgpu.commit_smem()
         segment = part.first_segment + cta * split.segments + tile - split.first_tile(cta)
         plgpu.copy_smem_to_gmem(
@@ -182,7 +192,7 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
         # The next step's scale loads first, then all this step's blocks widened (their table
         # loads independent), then scaled and multiplied; the wgmmas' register operands stay
         # intact until the wait.
-        acc_ref, loaded, offset = carry
+        acc_ref, loaded, offset, inv_rms = carry
         s = indices[0]
         tile, k_step = position(s)
         # a row tile's LoRA update, once: by the CTA that runs its first step of K, its b tile
@@ -204,16 +214,21 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
         @pl.when(((k_step == split.tile_steps - 1) | (s == steps - 1))
                  & (global_step(s) < split.total))
         def _():
-          store(acc_ref[...], tile)
+          store(acc_ref[...], tile, inv_rms)
 
-        return acc_ref, loaded_next, offset
+        return acc_ref, loaded_next, offset, inv_rms
 
       def compute_context(run_pipeline):  # the compute warpgroups' (the memory one's copies start)
         offset = wait_for_tables() if config.tables_under_pipeline else offset_first
+        inv_rms = None
+        if norm is not None:  # 1 / rms of x's pre-norm input (one row), each warpgroup its own
+          plgpu.barrier_wait(norm_barrier)
+          v = norm_smem[...].astype(jnp.float32)
+          inv_rms = lax.rsqrt(jnp.sum(v * v) / k + eps)
 
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ROWS, cols), jnp.float32))
         def _(acc_ref):
-          run_pipeline((acc_ref, scales_of(0), offset))
+          run_pipeline((acc_ref, scales_of(0), offset, inv_rms))
 
       plgpu.emit_pipeline_warp_specialized(
           step, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
@@ -248,11 +263,13 @@ def _call(x, weights, lut, *, table, config: Config, parts: tuple, out_cols: int
                         plgpu.Barrier(num_arrivals=1),
                         plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
                        if lora_len else []),
+                     *([plgpu.SMEM(norm.shape, jnp.bfloat16), plgpu.Barrier(num_arrivals=1)]
+                       if norm is not None else []),
                      *interpret_staging(config.compute_wgs, ROWS, BLOCK, cols, interpret)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  return call(x, lut,
+  return call(x, lut, *([] if norm is None else [norm]),
               *(a for codes, absmax, dq, lora in weights for a in (codes, absmax, *dq, *lora)))
 
 
@@ -278,15 +295,17 @@ def unshared_reason(qws) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Config | None = None,
-                 interpret: bool = False) -> tuple:
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
+def decode_group(x_MxK, qws: tuple, update: tuple | None = None, norm_input=None, *,
+                 eps: float = 0.0, config: Config | None = None, interpret: bool = False) -> tuple:
   """(Y_i [M, N_i] f32 = x @ dequant(qws[i])^T (+ h_i @ b_i), ...) in one launch: the weights that
   share an input (q, k, v; gate, up) as one kernel, the SMs dealt among them by their rows
   (parts_for); each as decode computes it alone. update: None, or (h, (b_i [r, N_i], ...)), one
   rank r, h the G updates' inputs: one array [H, G * r] side by side (h_i = h[:, i * r:(i + 1) *
   r], one A product of the weights' A side by side, read in place), or a tuple of G arrays h_i
-  [H_i, r] (each A product its own, read in place); H >= M rows (see decode)."""
+  [H_i, r] (each A product its own, read in place); H >= M rows (see decode). norm_input: None,
+  or r [1, K] (one row: M = 1, K at most 16,384), x's input before its RMS norm (x = r * weight):
+  each product (and update) times rsqrt(mean(r^2) + eps), computed in the launch."""
   (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
   lora_rank = 0 if update is None else update[1][0].shape[0]
   if update is not None:
@@ -300,6 +319,9 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Conf
                        f"[{m}, {k}] @ W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and "
                        f"h [H, {len(qws)} * r] (the updates' inputs side by side) or one h_i [H, r] "
                        f"a weight, H >= {m} rows")
+  if norm_input is not None and (m != 1 or norm_input.shape != (1, k) or k > 64 * 256):
+    raise ValueError(f"the norm in the launch takes one row of x and its pre-norm input [1, K <= "
+                     f"16384]; got x [{m}, {k}], norm input {norm_input.shape}")
   reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
   if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
@@ -308,7 +330,8 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Conf
   if max([m, *h_rows]) > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
-  if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant)) > SMEM_LIMIT:
+  norm_k = 0 if norm_input is None else k
+  if (need := smem_bytes(config, m, lora_rank, qws[0].double_quant, norm_k)) > SMEM_LIMIT:
     raise ValueError(f"{config} for x [{m}, {k}] (LoRA rank {lora_rank}) needs {need} bytes of "
                      f"shared memory (a CTA holds at most {SMEM_LIMIT})")
   # compiled, TMA zero-fills x's and h's rows past M (up to cols): no pad kernel a call, only
@@ -338,8 +361,9 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, *, config: Conf
     if update is not None:
       lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))), hs[i])
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
-  stored = _call(x, tuple(weights), lut, table=table, config=config, parts=parts,
-                 out_cols=out_cols, h_columns=h_columns if update is not None else (),
+  norm = None if norm_input is None else norm_input.astype(jnp.bfloat16).reshape(k // BLOCK, BLOCK)
+  stored = _call(x, tuple(weights), lut, norm, table=table, config=config, parts=parts,
+                 out_cols=out_cols, h_columns=h_columns if update is not None else (), eps=eps,
                  interpret=interpret)
   out = []
   for part, n in zip(parts, ns):

@@ -136,16 +136,19 @@ def out_columns(m: int) -> int:
   return -(-m // 8) * 8
 
 
-def smem_bytes(config: Config, m: int, lora_rank: int = 0, double_quant: bool = True) -> int:
+def smem_bytes(config: Config, m: int, lora_rank: int = 0, double_quant: bool = True,
+               norm_k: int = 0) -> int:
   """The shared memory _call allocates for x [m, K] (Mosaic GPU refuses a kernel over
-  SMEM_LIMIT): the pair table, qmap, the accumulator stores, a LoRA update's h and b tiles, and
-  `stages` pipeline buffers of x's tile and the code tile (and their barriers)."""
+  SMEM_LIMIT): the pair table, qmap, the accumulator stores, a LoRA update's h and b tiles, the
+  norm's input (norm_k: its K, 0: none), and `stages` pipeline buffers of x's tile and the code
+  tile (and their barriers)."""
   step_k, lanes = BLOCK * config.blocks, 2 * LANES if config.wide_table else LANES
   fixed = 256 * lanes * 4 + (256 * 4 if double_quant else 0) + 16
   fixed += config.compute_wgs * ROWS * out_columns(m) * 4  # out_smem
   if lora_rank:
     r = -(-lora_rank // BLOCK) * BLOCK
     fixed += config.cols * r * 2 + config.compute_wgs * r * ROWS * 2 + 8 * (1 + config.compute_wgs)
+  fixed += norm_k * 2 + (8 if norm_k else 0)
   per_stage = config.cols * step_k * 2 + config.compute_wgs * ROWS * step_k // 2 + 16
   return fixed + config.stages * per_stage
 

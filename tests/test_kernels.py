@@ -339,7 +339,8 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
   scales, each weight's double-quant offset its own (three quantized apart), each h_i its
   columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here), or
-  each h_i an array of its own (the same outputs); one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between
+  each h_i an array of its own (the same outputs); with x's pre-norm input, every output times
+  its 1 / rms; one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between
   its CTAs."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
@@ -363,6 +364,14 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
     hs = tuple(h[:1 if i == 0 else 8, i * rank:(i + 1) * rank] for i in range(len(ns)))
     for y, y_parts in zip(ys, fn(x, qws, (hs, bs))):
       np.testing.assert_array_equal(np.asarray(y_parts), np.asarray(y))
+  # the norm in the launch: x's pre-norm input r (x = r * weight), each product and update times
+  # 1 / rms(r) (float64 here), the kernel's own reduction of r
+  r_in = jnp.asarray(rng.standard_normal((1, k)) * 3.0, jnp.bfloat16)
+  inv = 1.0 / np.sqrt(np.mean(np.asarray(r_in, np.float64) ** 2) + 1e-5)
+  for y, y_norm in zip(ys, gpu_decode.decode_group(x, qws, update, r_in, eps=1e-5,
+                                                   interpret=not ON_GPU)):
+    np.testing.assert_allclose(np.asarray(y_norm, np.float64), np.asarray(y, np.float64) * inv,
+                               rtol=1e-5, atol=1e-6 * float(np.abs(np.asarray(y)).max() * inv))
   # one launch: Mosaic GPU's kernel traces as an mpmd_map (traced, not lowered: on CPU too)
   traced = jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(x, qws, update)
   names = [eqn.primitive.name for eqn in equations(traced)]
@@ -429,8 +438,8 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
 def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
   Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
-  q, k, v with LoRA updates (h in 8 K-slices; then each h_i an array of its own; then as a
-  programmatic dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX happens on a
+  q, k, v with LoRA updates (h in 8 K-slices; then each h_i an array of its own; with the norm's
+  reduction; as a programmatic dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX happens on a
   GPU.)"""
   from jax import export
 
@@ -446,6 +455,9 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   parts = (tuple(jax.ShapeDtypeStruct((1, 64), jnp.bfloat16) for _ in ns), update[1])  # h_i apart
   text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, parts).mlir_module()
   assert "mosaic_gpu" in text and "griddepcontrol" not in text
+  text = export.export(jax.jit(functools.partial(gpu_decode.decode_group, eps=1e-5)),  # the norm
+                       platforms=("cuda",))(x, qws, update, x).mlir_module()
+  assert "mosaic_gpu" in text
   config = dataclasses.replace(gpu_decode.config_for(1, k, 64), pdl=True)  # a dependent launch
   text = export.export(jax.jit(functools.partial(gpu_decode.decode_group, config=config)),
                        platforms=("cuda",))(x, qws, update).mlir_module()

@@ -38,12 +38,15 @@ case "$1" in
            # sixteenth session: -1.5% measured as a variant), fused_attention, reduce_lora_a_parts
            # (each one-row LoRA A product a multiply-reduction, each h_i read by the decode kernel
            # as an array of its own, not a GEMM and its split-K reduction) and pdl (the decode
-           # kernel as a programmatic dependent launch). Kernels a layer compiled for an H100 on
-           # CPU (bench/device/launches.py): base 26, fused_attention 23, reduce_lora_a_parts 23,
-           # both 21 (684 a token against 843); pdl launches as many
+           # kernel as a programmatic dependent launch), norm_in_launch_parts (the pre-norm's
+           # 1 / rms reduced inside the decode launch too). Kernels a layer compiled for an H100
+           # on CPU (bench/device/launches.py): base 26, fused_attention 23, reduce_lora_a_parts
+           # 23, with norm_in_launch_parts 21, all three 19 (620 a token against 843); pdl
+           # launches as many. If tests and time allow only part: the last variant first
     timeout 150 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
-    timeout 420 python bench/device/variants.py base norm_before fused_attention reduce_lora_a_parts pdl \
-        fused_attention+reduce_lora_a_parts+pdl --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -14 ;;
+    timeout 440 python bench/device/variants.py base norm_before fused_attention reduce_lora_a_parts pdl \
+        reduce_lora_a_parts+norm_in_launch_parts fused_attention+reduce_lora_a_parts+norm_in_launch_parts+pdl \
+        --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -16 ;;
   long)  # ~3 min: the attention kernel at a long context (8,192 slots: attention reads every slot)
     timeout 170 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
   attention)  # ~2 min: the attention kernel alone against XLA's at 256-8,192 slots (CUPTI)

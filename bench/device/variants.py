@@ -164,32 +164,85 @@ def reduce_lora_a():
   return lambda: setattr(lora_module, "_update_input", original)
 
 
+def _group_launch(layers, x_BxK, out_scale=None, *, parts: bool, norm=None):
+  """One decode launch of the layers sharing x (generation only: the group's forward, not
+  qmatmul_group's differentiable wrapper), or None where it does not apply (then the caller's
+  path). parts: each one-row A product its own multiply-reduction, each h_i read apart (else the
+  library's A product, the A side by side). norm: x's pre-norm (an RMSNorm): x * weight in, the
+  1 / rms reduced inside the launch from x."""
+  from pallas_kernels import dispatch
+  from qlora_jax.nn import lora as lora_module
+  first = layers[0]
+  x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
+  if (first.lora is None or x_MxK.shape[0] != 1 or x_BxK.dtype != jnp.bfloat16
+      or any(layer._dropout_active() for layer in layers)):
+    return None
+  cd = jnp.dtype(first.compute_dtype)
+  xin = x_MxK
+  if norm is not None:
+    w = norm.weight[...].astype(jnp.float32) + (1.0 if norm.plus_one else 0.0)
+    xin = (x_MxK.astype(jnp.float32) * w).astype(x_MxK.dtype)
+  if parts:
+    h = tuple((jnp.sum(xin.astype(jnp.float32)[:, :, None]
+                       * layer.lora_a[...].astype(jnp.float32)[None], axis=1)
+               * first.update_scale).astype(cd) for layer in layers)
+  else:
+    h = lora_module._update_input(xin, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1),
+                                  first.update_scale, cd)
+  qws = tuple(layer.weight.get_value() for layer in layers)
+  ys = gpu_decode.decode_group(xin.astype(jnp.bfloat16), qws, (h, tuple(layer.lora_b[...] for layer in layers)),
+                               None if norm is None else x_MxK, eps=0.0 if norm is None else norm.eps,
+                               interpret=dispatch.INTERPRET)
+  ys = tuple(y.reshape(*x_BxK.shape[:-1], -1) for y in ys)
+  if out_scale is not None:
+    ys = tuple(y * out_scale for y in ys)
+  return tuple(layer._finish(y.astype(cd), x_BxK) for layer, y in zip(layers, ys))
+
+
 def reduce_lora_a_parts():
   """reduce_lora_a with each layer's A product its own multiply-reduction [1, r] (XLA fuses the
   group's as siblings), each h_i read by the decode kernel as an array of its own
-  (decode_group's per-part h): no concatenation of the A's or of the h's. Generation only (the
-  variant calls the group's forward, not qmatmul_group's differentiable wrapper)."""
+  (decode_group's per-part h): no concatenation of the A's or of the h's."""
   from qlora_jax.nn import lora as lora_module
   original = lora_module._one_launch
 
   def one_launch(layers, x_BxK, out_scale=None):
-    first = layers[0]
-    x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
-    if (first.lora is None or x_MxK.shape[0] != 1
-        or any(layer._dropout_active() for layer in layers)):
-      return original(layers, x_BxK, out_scale)
-    cd = jnp.dtype(first.compute_dtype)
-    hs = tuple((jnp.sum(x_MxK.astype(jnp.float32)[:, :, None]
-                        * layer.lora_a[...].astype(jnp.float32)[None], axis=1)
-                * first.update_scale).astype(cd) for layer in layers)
-    qws = tuple(layer.weight.get_value() for layer in layers)
-    ys = first.backend.group_fusion[1](x_MxK, qws, (hs, tuple(layer.lora_b[...] for layer in layers)))
-    ys = tuple(y.reshape(*x_BxK.shape[:-1], -1) for y in ys)
-    if out_scale is not None:
-      ys = tuple(y * out_scale for y in ys)
-    return tuple(layer._finish(y.astype(cd), x_BxK) for layer, y in zip(layers, ys))
+    out = _group_launch(layers, x_BxK, out_scale, parts=True)
+    return original(layers, x_BxK, out_scale) if out is None else out
   lora_module._one_launch = one_launch
   return lambda: setattr(lora_module, "_one_launch", original)
+
+
+def _norm_in_launch(parts: bool):
+  original = model_module.shared_input
+
+  def shared_input(layers, x, norm=None):
+    out = None
+    if norm is not None and fuses(layers, x):
+      out = _group_launch(layers, x, parts=parts, norm=norm)
+    return original(layers, x, norm) if out is None else out
+
+  def fuses(layers, x):
+    from qlora_jax.nn.qmatmul import fuses_group
+    first = layers[0]
+    return fuses_group(x, tuple(layer.weight.get_value() for layer in layers),
+                       0 if first.lora is None else first.lora.rank, first.backend,
+                       jnp.dtype(first.compute_dtype))
+  model_module.shared_input = shared_input
+  return lambda: setattr(model_module, "shared_input", original)
+
+
+def norm_in_launch():
+  """The pre-norm's 1 / rms reduced inside the decode launch (decode_group's norm_input: each
+  compute warpgroup sums x^2 from x's copy in shared memory and scales its stores), not by an XLA
+  reduction kernel between the residual add and the products' consumers; the products still take
+  x * weight (two kernels a layer fewer, counted)."""
+  return _norm_in_launch(parts=False)
+
+
+def norm_in_launch_parts():
+  """norm_in_launch with reduce_lora_a_parts' A products (one launch patched for both)."""
+  return _norm_in_launch(parts=True)
 
 
 def read_back_first():
@@ -210,7 +263,8 @@ def read_back_first():
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     fused_attention,
                                     stacked_cache, tables_first, pdl, norm_before, reduce_lora_a,
-                                    reduce_lora_a_parts, read_back_first)}
+                                    reduce_lora_a_parts, norm_in_launch, norm_in_launch_parts,
+                                    read_back_first)}
 
 
 @contextlib.contextmanager
