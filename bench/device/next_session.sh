@@ -34,17 +34,17 @@ case "$1" in
            # 2026-12-07 JAX 0.11.2's layout inference refused q's TMA copy at a row offset of 4,
            # fixed; it now lowers with 0.11.2 from CPU; the pre-norm after the products: the
            # sharing test's norm cases; each h_i apart), then in the model (one process,
-           # alternated): base against norm_before (the norm before the products, as before the
-           # sixteenth session: -1.5% measured as a variant), fused_attention, reduce_lora_a_parts
+           # alternated): base (the pre-norms after the products: -1.5% against before, as the
+           # sixteenth session measured), fused_attention, reduce_lora_a_parts
            # (each one-row LoRA A product a multiply-reduction, each h_i read by the decode kernel
            # as an array of its own, not a GEMM and its split-K reduction) and pdl (the decode
            # kernel as a programmatic dependent launch), norm_in_launch_parts (the pre-norm's
            # 1 / rms reduced inside the decode launch too). Kernels a layer compiled for an H100
            # on CPU (bench/device/launches.py): base 26, fused_attention 23, reduce_lora_a_parts
            # 23, with norm_in_launch_parts 21, all three 19 (620 a token against 843); pdl
-           # launches as many. If tests and time allow only part: the last variant first
+           # launches as many
     timeout 150 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
-    timeout 440 python bench/device/variants.py base norm_before fused_attention reduce_lora_a_parts pdl \
+    timeout 420 python bench/device/variants.py base fused_attention reduce_lora_a_parts pdl \
         reduce_lora_a_parts+norm_in_launch_parts fused_attention+reduce_lora_a_parts+norm_in_launch_parts+pdl \
         --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -16 ;;
   long)  # ~3 min: the attention kernel at a long context (8,192 slots: attention reads every slot)
