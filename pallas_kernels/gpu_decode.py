@@ -51,6 +51,9 @@ from pallas_kernels.gpu_widen import ROWS, code_values, column_order, pair_table
 from pallas_kernels.layout import BLOCK, codebook, pad_rows
 from qlora_jax.format.quantization import QuantizedArray
 
+NORM_ROW = 64  # norm_input is copied as [K / NORM_ROW, NORM_ROW]: a TMA box of at most 256 rows
+NORM_MAX_K = NORM_ROW * 256
+
 def _call(x, weights, lut, norm=None, *, table, config: Config, parts: tuple, out_cols: int,
           h_columns: tuple = (), eps: float = 0.0, interpret: bool):
   """The segments of every weight of a group sharing x, in one launch: [sum of each part's
@@ -70,10 +73,10 @@ def _call(x, weights, lut, norm=None, *, table, config: Config, parts: tuple, ou
   update, h_p = x @ A_p * scaling), one more wgmma per BLOCK of R after the step's blocks, its b
   tile copied to shared memory while they are widened.
 
-  norm: None, or r [K / 64, 64] bf16, x's one row before its RMS norm (x = r * weight): every
-  stored accumulator is multiplied by rsqrt(mean(r^2) + eps), which each compute warpgroup
-  reduces from r's copy in shared memory before its first store (the norm's reduction in the
-  launch, where XLA would run it as a kernel of its own)."""
+  norm: None, or r [K / NORM_ROW, NORM_ROW] bf16, x's one row before its RMS norm (x = r *
+  weight): every stored accumulator is multiplied by rsqrt(mean(r^2) + eps), which each compute
+  warpgroup reduces from r's copy in shared memory before its first store (the norm's reduction
+  in the launch, where XLA would run it as a kernel of its own)."""
   (cols, k), cta_rows = (config.cols, x.shape[1]), config.compute_wgs * ROWS
   dq_len, lora_len = len(weights[0][2]), len(weights[0][3])
   if any(len(w[2]) != dq_len or len(w[3]) != lora_len for w in weights):
@@ -304,30 +307,31 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, norm_input=None
   rank r, h the G updates' inputs: one array [H, G * r] side by side (h_i = h[:, i * r:(i + 1) *
   r], one A product of the weights' A side by side, read in place), or a tuple of G arrays h_i
   [H_i, r] (each A product its own, read in place); H >= M rows (see decode). norm_input: None,
-  or r [1, K] (one row: M = 1, K at most 16,384), x's input before its RMS norm (x = r * weight):
-  each product (and update) times rsqrt(mean(r^2) + eps), computed in the launch."""
+  or r [1, K] (one row: M = 1, K at most NORM_MAX_K), x's input before its RMS norm (x = r *
+  weight): each product (and update) times rsqrt(mean(r^2) + eps), computed in the launch."""
   (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
   lora_rank = 0 if update is None else update[1][0].shape[0]
   if update is not None:
     h, bs = update
-    hs = tuple(h) if isinstance(h, (tuple, list)) else (h,)
+    apart = isinstance(h, tuple)  # each h_i its own array, or the h_i side by side in one
+    hs = h if apart else (h,)
+    widths = [lora_rank] * len(qws) if apart else [len(qws) * lora_rank]
     if (len(bs) != len(qws) or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))
         or any(a.ndim != 2 or not m <= a.shape[0] <= MAX_ROWS for a in hs)
-        or [a.shape[1] for a in hs] != ([lora_rank] * len(qws) if len(hs) > 1 or len(qws) == 1
-                                        else [len(qws) * lora_rank])):
+        or [a.shape[1] for a in hs] != widths):
       raise ValueError(f"LoRA updates h {[a.shape for a in hs]}, b {[b.shape for b in bs]} for x "
                        f"[{m}, {k}] @ W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and "
                        f"h [H, {len(qws)} * r] (the updates' inputs side by side) or one h_i [H, r] "
                        f"a weight, H >= {m} rows")
-  if norm_input is not None and (m != 1 or norm_input.shape != (1, k) or k > 64 * 256):
+  if norm_input is not None and (m != 1 or norm_input.shape != (1, k) or k > NORM_MAX_K):
     raise ValueError(f"the norm in the launch takes one row of x and its pre-norm input [1, K <= "
-                     f"16384]; got x [{m}, {k}], norm input {norm_input.shape}")
+                     f"{NORM_MAX_K}]; got x [{m}, {k}], norm input {norm_input.shape}")
   reasons = [unsupported_reason(m, qw, lora_rank) for qw in qws] + [unshared_reason(qws)]
   if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
   config = config or config_for(m, k, lora_rank)
-  h_rows = [] if update is None else [a.shape[0] for a in hs]
-  if max([m, *h_rows]) > config.cols or k % (BLOCK * config.blocks):
+  if max([m, *(a.shape[0] for a in (hs if update is not None else ()))]) > config.cols or (
+      k % (BLOCK * config.blocks)):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   norm_k = 0 if norm_input is None else k
@@ -351,17 +355,17 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, norm_input=None
         a = jnp.pad(a.reshape(a.shape[0], -1, lora_rank), ((0, 0), (0, 0), (0, extra)))
       return rows_to(a.reshape(a.shape[0], -1))
     hs = tuple(padded(a) for a in hs)
-    if len(hs) == 1:  # one array: every part reads it at its own columns
-      hs, h_columns = hs * len(qws), tuple(i * (lora_rank + extra) for i in range(len(qws)))
-    else:
+    if apart:
       h_columns = (0,) * len(qws)
+    else:  # one array: every part reads it at its own columns
+      hs, h_columns = hs * len(qws), tuple(i * (lora_rank + extra) for i in range(len(qws)))
   weights = []
   for i, (qw, n) in enumerate(zip(qws, ns)):
     lora = ()
     if update is not None:
       lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))), hs[i])
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
-  norm = None if norm_input is None else norm_input.astype(jnp.bfloat16).reshape(k // BLOCK, BLOCK)
+  norm = None if norm_input is None else norm_input.astype(jnp.bfloat16).reshape(-1, NORM_ROW)
   stored = _call(x, tuple(weights), lut, norm, table=table, config=config, parts=parts,
                  out_cols=out_cols, h_columns=h_columns if update is not None else (), eps=eps,
                  interpret=interpret)

@@ -340,8 +340,8 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   scales, each weight's double-quant offset its own (three quantized apart), each h_i its
   columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here), or
   each h_i an array of its own (the same outputs); with x's pre-norm input, every output times
-  its 1 / rms; one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps) split between
-  its CTAs."""
+  its 1 / rms; one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps)
+  split between its CTAs."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
     monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 12)
@@ -439,8 +439,8 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
   Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
   q, k, v with LoRA updates (h in 8 K-slices; then each h_i an array of its own; with the norm's
-  reduction; as a programmatic dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX happens on a
-  GPU.)"""
+  reduction; as a programmatic dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX
+  happens on a GPU.)"""
   from jax import export
 
   monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)

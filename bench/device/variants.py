@@ -146,24 +146,6 @@ def norm_before():
   return lambda: setattr(model_module, "shared_input", original)
 
 
-def reduce_lora_a():
-  """A one-row x's LoRA A product (h = scale * x @ A, the layers' A side by side) as one float32
-  multiply-reduction [1, G * r] instead of XLA's GEMM over broadcast_dot's 8 equal rows and its
-  split-K reduction: one kernel a product instead of two (four products a layer); the decode
-  kernel reads h's one row as x's (qmatmul_group takes h with x's rows). h rounded once."""
-  from qlora_jax.nn import lora as lora_module
-  original = lora_module._update_input
-
-  def update_input(x_BxK, a, scale, cd):
-    x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
-    if x_MxK.shape[0] != 1:
-      return original(x_BxK, a, scale, cd)
-    h = jnp.sum(x_MxK.astype(jnp.float32)[:, :, None] * a.astype(jnp.float32)[None], axis=1)
-    return (h * scale).astype(cd)
-  lora_module._update_input = update_input
-  return lambda: setattr(lora_module, "_update_input", original)
-
-
 def _group_launch(layers, x_BxK, out_scale=None, *, parts: bool, norm=None):
   """One decode launch of the layers sharing x (generation only: the group's forward, not
   qmatmul_group's differentiable wrapper), or None where it does not apply (then the caller's
@@ -178,10 +160,7 @@ def _group_launch(layers, x_BxK, out_scale=None, *, parts: bool, norm=None):
       or any(layer._dropout_active() for layer in layers)):
     return None
   cd = jnp.dtype(first.compute_dtype)
-  xin = x_MxK
-  if norm is not None:
-    w = norm.weight[...].astype(jnp.float32) + (1.0 if norm.plus_one else 0.0)
-    xin = (x_MxK.astype(jnp.float32) * w).astype(x_MxK.dtype)
+  xin = x_MxK if norm is None else norm.split(x_MxK)[0]  # x * weight (its 1 / rms: the kernel's)
   if parts:
     h = tuple((jnp.sum(xin.astype(jnp.float32)[:, :, None]
                        * layer.lora_a[...].astype(jnp.float32)[None], axis=1)
@@ -200,9 +179,11 @@ def _group_launch(layers, x_BxK, out_scale=None, *, parts: bool, norm=None):
 
 
 def reduce_lora_a_parts():
-  """reduce_lora_a with each layer's A product its own multiply-reduction [1, r] (XLA fuses the
-  group's as siblings), each h_i read by the decode kernel as an array of its own
-  (decode_group's per-part h): no concatenation of the A's or of the h's."""
+  """A one-row x's LoRA A products as float32 multiply-reductions, each layer's its own [1, r]
+  (XLA fuses the group's as siblings), each h_i read by the decode kernel as an array of its own
+  (decode_group's per-part h), instead of XLA's GEMM over broadcast_dot's 8 equal rows and its
+  split-K reduction: no concatenation of the A's or of the h's (the library form: branch
+  decode-h-reduce)."""
   from qlora_jax.nn import lora as lora_module
   original = lora_module._one_launch
 
@@ -216,18 +197,13 @@ def reduce_lora_a_parts():
 def _norm_in_launch(parts: bool):
   original = model_module.shared_input
 
+  from qlora_jax.nn.lora import one_launch_applies
+
   def shared_input(layers, x, norm=None):
     out = None
-    if norm is not None and fuses(layers, x):
+    if norm is not None and one_launch_applies(layers, x):
       out = _group_launch(layers, x, parts=parts, norm=norm)
     return original(layers, x, norm) if out is None else out
-
-  def fuses(layers, x):
-    from qlora_jax.nn.qmatmul import fuses_group
-    first = layers[0]
-    return fuses_group(x, tuple(layer.weight.get_value() for layer in layers),
-                       0 if first.lora is None else first.lora.rank, first.backend,
-                       jnp.dtype(first.compute_dtype))
   model_module.shared_input = shared_input
   return lambda: setattr(model_module, "shared_input", original)
 
@@ -262,7 +238,7 @@ def read_back_first():
 
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     fused_attention,
-                                    stacked_cache, tables_first, pdl, norm_before, reduce_lora_a,
+                                    stacked_cache, tables_first, pdl, norm_before,
                                     reduce_lora_a_parts, norm_in_launch, norm_in_launch_parts,
                                     read_back_first)}
 

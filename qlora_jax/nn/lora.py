@@ -174,19 +174,24 @@ def shared_input(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array,
   norm is applied by linearity (`RMSNorm.split`): the products take x * weight and their outputs
   are multiplied by 1 / rms(x) before any bias, so the norm's reduction is off the path from the
   residual add to the products and XLA runs two kernels a layer fewer."""
+  if not one_launch_applies(layers, x_BxK):
+    x_BxK = x_BxK if norm is None else norm(x_BxK)
+    return tuple(layer(x_BxK) for layer in layers)
+  return _one_launch(layers, *((x_BxK,) if norm is None else norm.split(x_BxK)))
+
+
+def one_launch_applies(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array) -> bool:
+  """Whether shared_input runs the layers on x as one decode launch: alike (backend, compute
+  dtype, LoRA rank and scale) and a group the backend fuses (fuses_group)."""
   first = layers[0]
-  cd = jnp.dtype(first.compute_dtype)
-  qws = tuple(layer.weight.get_value() for layer in layers)
   rank = 0 if first.lora is None else first.lora.rank
   alike = all(layer.backend is first.backend and layer.compute_dtype == first.compute_dtype
               and (layer.lora is None) == (first.lora is None)
               and (layer.lora is None or (layer.lora.rank == rank
                                           and layer.update_scale == first.update_scale))
               for layer in layers)
-  if not (alike and fuses_group(x_BxK, qws, rank, first.backend, cd)):
-    x_BxK = x_BxK if norm is None else norm(x_BxK)
-    return tuple(layer(x_BxK) for layer in layers)
-  return _one_launch(layers, *((x_BxK,) if norm is None else norm.split(x_BxK)))
+  return alike and fuses_group(x_BxK, tuple(layer.weight.get_value() for layer in layers), rank,
+                               first.backend, jnp.dtype(first.compute_dtype))
 
 
 def _one_launch(layers: tuple[QLoRALinear, ...], x_BxK: jax.Array,
