@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import gpu, gpu_decode, gpu_matmul, layout, tpu, xla
+from pallas_kernels import gpu, gpu_decode, gpu_decode_attention, gpu_matmul, layout, tpu, xla
 from qlora_jax.format.quantization import QuantizedArray
 
 POLICIES = ("pallas", "auto")
@@ -134,6 +134,18 @@ def _one_device(sharded: bool) -> bool:
   one device. Under a mesh, or with several devices visible (arrays may be spread over them
   without a mesh in scope), XLA's path: the kernels per device are unmeasured on several GPUs."""
   return not sharded and jax.device_count() == 1
+
+
+def decode_attention(q, k, v, mask, scale: float):
+  """A decoding step's attention as one kernel launch (gpu_decode_attention) where it applies: a
+  Hopper GPU, no mesh, one query of bf16 over a cache it covers (slots a multiple of 64); None
+  elsewhere (the caller's XLA attention then)."""
+  if (_platform("auto") != "gpu" or jax.sharding.get_abstract_mesh().size > 1
+      or gpu_decode_attention.unsupported_reason(q.shape, k.shape, q.dtype) is not None):
+    return None
+  return gpu_decode_attention.decode_attention(
+      q, k.astype(q.dtype), v.astype(q.dtype), gpu_decode_attention.bias_of(mask), scale=scale,
+      interpret=bool(INTERPRET))
 
 
 def group_fusion(policy: str) -> tuple:

@@ -467,7 +467,8 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
 def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_layer(monkeypatch):
   """Generation's compiled chunk of a Llama (LoRA on the 7 projections) for a Hopper GPU, lowered
   for CUDA from any machine: each layer's products are 4 decode launches (q/k/v, o, gate/up, down)
-  instead of 7."""
+  instead of 7, and its attention one launch of gpu_decode_attention (128 cache slots)."""
+  from pallas_kernels import gpu_decode_attention
   from jax import export
 
   from qlora_jax.nn.generate import _decoder, greedy_chunk
@@ -483,6 +484,9 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
   launches, group = [], gpu_decode.decode_group
   monkeypatch.setattr(gpu_decode, "decode_group", lambda x, qws, *a, **kw: (
       launches.append(len(qws)), group(x, qws, *a, **kw))[1])
+  attentions, attention = [], gpu_decode_attention.decode_attention
+  monkeypatch.setattr(gpu_decode_attention, "decode_attention", lambda *a, **kw: (
+      attentions.append(1), attention(*a, **kw))[1])
   monkeypatch.setattr(gpu_decode, "sm_count", lambda interpret: 132)
   monkeypatch.setattr(dispatch, "INTERPRET", False)
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
@@ -493,6 +497,7 @@ def test_decoding_chunk_lowers_for_a_hopper_gpu_with_four_decode_launches_a_laye
   finally:
     _decoder.cache_clear()  # no later test gets this GPU-traced chunk
   assert launches == [3, 1, 2, 1] * cfg.num_hidden_layers
+  assert len(attentions) == cfg.num_hidden_layers
 
 
 @pytest.mark.parametrize("tokens, rank, dropout, plus_one",  # plus_one None: no norm
@@ -589,6 +594,31 @@ def test_gpu_decode_attention_equals_float64_softmax(rows, part):
   p = np.exp(scores - scores.max(-1, keepdims=True))
   ref = np.einsum("bns,bsnh->bnh", p / p.sum(-1, keepdims=True), vf)[:, None]
   _check(out, ref, rows, BF16_TOL)
+
+
+def test_generation_step_attention_takes_the_kernel_on_a_hopper_gpu(monkeypatch):
+  """attend's "decode" (generation's step): on a Hopper GPU (the decode path forced, interpreted
+  on CPU) one gpu_decode_attention launch, equal to XLA's attention within bf16's rounding; where
+  the kernel does not apply (a cache of 96 slots, a window), XLA's, the same numbers."""
+  from pallas_kernels import gpu_decode_attention
+  from qlora_jax.nn.attention import attend
+
+  monkeypatch.setattr(dispatch, "INTERPRET", True)
+  calls, kernel = [], gpu_decode_attention.decode_attention
+  monkeypatch.setattr(gpu_decode_attention, "decode_attention",
+                      lambda *a, **kw: (calls.append(1), kernel(*a, **kw))[1])
+  rng = np.random.default_rng(0)
+  for slots, window, launches in ((128, None, 1), (96, None, 0), (128, 64, 0)):
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+               for shape in ((1, 1, 8, 64), (1, slots, 2, 64), (1, slots, 2, 64)))
+    mask = jnp.asarray(np.arange(slots) < slots - 20)[None, None]
+    with monkeypatch.context() as m:
+      m.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+      out = attend(q, k, v, mask, implementation="decode", scale=0.125, window=window)
+    ref = attend(q, k, v, mask, implementation="xla", scale=0.125, window=window)
+    assert len(calls) == launches, (slots, window)
+    _check(out, ref, slots, BF16_TOL)
+    calls.clear()
 
 
 def test_gpu_decode_attention_lowers_for_cuda_from_cpu():

@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels.gpu import is_hopper
 from pallas_kernels.xla import precision_for
 from qlora_jax.nn.remat import with_named_residuals
@@ -63,7 +64,16 @@ def make_mask(q_slot_BxT, k_slot_BxS, k_valid_BxS, q_segment_BxT=None, k_segment
 def attend(q, k, v, mask, *, implementation: str, scale: float, window: int | None = None,
            softcap: float | None = None, name_residuals: bool = False) -> jax.Array:
   """Attention output [B, T, N, H] in q's dtype. window: causal within `window` tokens (with
-  mask None). name_residuals: the residuals named for remat="offload_attention"."""
+  mask None). name_residuals: the residuals named for remat="offload_attention". implementation
+  "decode": a generation step's (one query against the KV cache, masked): one kernel launch where
+  dispatch.decode_attention takes it (a Hopper GPU), XLA's otherwise."""
+  if implementation == "decode":
+    if mask is not None and softcap is None and window is None:
+      out = dispatch.decode_attention(q, k, v, mask, scale)
+      if out is not None:
+        return out
+    implementation = "xla"
+
   def core(q, k, v, mask):
     if softcap is not None:
       return _softcapped(q, k, v, mask, scale, softcap, window)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.gpu_decode_attention import BLOCK as ATTENTION_BLOCK
 from qlora_jax.nn.kv_cache import KVCache
 from qlora_jax.nn.lora import scaling_in_a
 from qlora_jax.nn.model import CausalLM
@@ -181,7 +182,9 @@ def generate(model: CausalLM, prompts: list[list[int]], sampling: SamplingConfig
   for i, p in enumerate(prompts):
     ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
   chunks = -(-(sampling.max_new_tokens - 1) // CHUNK)  # after the prefill's token
-  cache = model.empty_cache(b, longest + chunks * CHUNK)
+  # the cache in whole blocks of the decode attention kernel's slots (the extra ones stay masked)
+  slots = longest + chunks * CHUNK
+  cache = model.empty_cache(b, -(-slots // ATTENTION_BLOCK) * ATTENTION_BLOCK)
   graphdef, state = decode_state(model)
   prefill, chunk = _decoder(graphdef, sampling.temperature, sampling.top_p)
   key = jax.random.key(sampling.seed)

@@ -119,9 +119,10 @@ class Attention(nnx.Module):
       cache, layer = kv
       kv = cache.write(layer, k, v)  # returned: the cache with this layer's new slots
       k, v = kv.read(layer)
-    # Generation (kv given) attends few queries to a long cache: XLA's kernel serves it.
+    # Generation (kv given) attends few queries to a long cache: one kernel launch a step where
+    # it applies (attend's "decode"), XLA's kernels otherwise.
     def attention(q, k, v, window, name_residuals):
-      return attend(q, k, v, mask_BxTxS, implementation="xla" if decoding else self.implementation,
+      return attend(q, k, v, mask_BxTxS, implementation="decode" if decoding else self.implementation,
                     scale=self.scale, window=window, softcap=self.softcap, name_residuals=name_residuals)
     if isinstance(local, jax.Array) and mask_BxTxS is None and self.window:
       # a scanned layer of either kind, mask-free: each branch a causal kernel with a static window
