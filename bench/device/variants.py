@@ -87,23 +87,14 @@ def grouped_attention():
   return lambda: setattr(model_module, "attend", original)
 
 
-def fused_attention():
-  """One-query attention over the cache as one Mosaic GPU launch a layer
-  (pallas_kernels/gpu_decode_attention.py) where it applies (bf16, cache slots a multiple of 64:
-  run with --slots 256), instead of XLA's five kernels."""
+def xla_attention():
+  """One-query attention as XLA's kernels (five a layer: the score GEMM, the softmax, the value
+  GEMM, two transposes), as on main: attend's "decode" finds no kernel (dispatch.decode_attention
+  answers None) and falls back to "xla"."""
   from pallas_kernels import dispatch
-  from pallas_kernels.gpu_decode_attention import bias_of, decode_attention, unsupported_reason
-  original = model_module.attend
-
-  def attend(q, k, v, mask, *, implementation, scale, window=None, softcap=None, name_residuals=False):
-    if (softcap is not None or window is not None or mask is None
-        or unsupported_reason(q.shape, k.shape, q.dtype) is not None):
-      return original(q, k, v, mask, implementation=implementation, scale=scale, window=window,
-                      softcap=softcap, name_residuals=name_residuals)
-    return decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias_of(mask), scale=scale,
-                            interpret=dispatch.INTERPRET)
-  model_module.attend = attend
-  return lambda: setattr(model_module, "attend", original)
+  original = dispatch.decode_attention
+  dispatch.decode_attention = lambda *a, **kw: None
+  return lambda: setattr(dispatch, "decode_attention", original)
 
 
 def stacked_cache():
@@ -237,7 +228,7 @@ def read_back_first():
 
 
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
-                                    fused_attention,
+                                    xla_attention,
                                     stacked_cache, tables_first, pdl, norm_before,
                                     reduce_lora_a_parts, norm_in_launch, norm_in_launch_parts,
                                     read_back_first)}
