@@ -8,7 +8,7 @@ count shows as one kernel), so the count is the launch structure, not the timing
 
 Needs JAX's CUDA plugin, no GPU (the venv `bash bench/device/lower_check.sh` makes: JAX 0.11.2
 and its plugin); a variant (variants.py) ~40 s on the CPU machine:
-  JAX_PLATFORMS=cpu PYTHONPATH=. /tmp/jax-device/bin/python bench/device/launches.py base reduce_lora_a_parts
+  JAX_PLATFORMS=cpu PYTHONPATH=. /tmp/jax-device/bin/python bench/device/launches.py base norm_in_launch
 """
 import argparse
 import collections

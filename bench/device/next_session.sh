@@ -1,27 +1,23 @@
 #!/usr/bin/env bash
 # Next session's device calls (one H100 unless named). Issue 28 is what is open: batch-1
-# generation at <= 3.5 ms a token (3.70 in generate.py's row beside Unsloth's 43.17 and bnb +
-# PEFT's 91.20, 3.88 in variants.py's chunk timing, 2026-12-07's fourteenth-session H100s; 27
-# kernels a layer, 4 of them decode launches at 3.8 µs each + 2.05 TB/s; since then the pre-norms
-# after the products, -1.5% as a variant in the sixteenth session), the decode kernel >= 70% of the
-# copy rate, the training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200
-# may still get an H100). First: `model` (the attention kernel's first GPU compile and its A/B in
-# the model); a change's A/B through bench/device/variants.py (a variant that changes the kernel
-# must change its static Config, never a module flag: decode_group's trace is cached). Before a
-# call, lower the kernels with the device's JAX on CPU (a venv of jax/jaxlib 0.11.2 for Python
-# 3.12: `pip download` them; tests/test_kernels.py -k "lowers or decoding_chunk" runs there).
-# If fused_attention wins at 256 and 8,192 slots: branch decode-attention-auto makes it generation's
-# attention on a Hopper GPU (attend's "decode", the cache in whole 64-slot blocks; CPU-tested,
-# rebased on the seventeenth session's main): merge it, then time base (now the kernel) against
-# the XLA attention in one process. If reduce_lora_a_parts wins: branch decode-h-reduce is its
-# library form (one-row A products as reductions, qmatmul_group takes the h_i apart with their
-# gradients; CPU-tested): merge it. If pdl wins: make Config.pdl's default True.
-# Launch structure without a GPU, before a call: bench/device/launches.py (kernels a layer).
-# Not worth another call (measured 2026-12-07): prefetching a launch's weights into L2 (1-12%
-# a launch at best), the LoRA h in K-slices (+4%), XLA's split-K off (no such option), graphs
-# (the step is one command buffer already).
-# A device session can end after one call (2026-12-06/07: starts failed for ~40 minutes at a
-# time, and each refused start cost 15 s to 5 minutes of device time).
+# generation at <= 3.5 ms a token (2026-12-08, eighteenth session, one H100: base 3.76, the
+# attention kernel with a dependent launch 3.72 in variants.py's chunk timing; 3.70 in
+# generate.py's row beside Unsloth's 43.17 on the fourteenth session's machine), the decode kernel
+# >= 70% of the copy rate (~51% in the model: 2.28 ms of decode launches a token for ~3.5 GB), the
+# training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get
+# an H100). First: `anchors` (today's tree beside Unsloth and bnb + PEFT: the attention kernel is
+# generation's now), then `model` (the norm in the launch alone; its library form is branch
+# decode-norm-launch: merge it if it wins, `git merge decode-norm-launch`; its variant there is
+# `norm_after`). A change's A/B through bench/device/variants.py (a variant that changes the
+# kernel must change its static Config, never a module flag: decode_group's trace is cached).
+# Before a call, lower the kernels with the device's JAX on CPU (bench/device/lower_check.sh).
+# Launch structure without a GPU: bench/device/launches.py (kernels a layer: base 23 now).
+# Not worth another call (measured): prefetching a launch's weights into L2 (1-12% a launch at
+# best), the LoRA h in K-slices (+4%), graphs (the step is one command buffer already), the
+# decode kernel as a dependent launch (Config.pdl: +0.5%, 2026-12-08), one-row A products as
+# XLA reductions (+40%: ~30 µs a column reduction, 2026-12-08).
+# A device session can end after one call (starts fail for long stretches; each refused start
+# costs 15 s to 3 minutes of device time; the machine goes back 30 s after a call).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 A="--model llama3-8b --short 8 --long 136 --repeats 3"  # 40 and 520 tokens cost the same a token (2026-12-06)
 . bench/device/rows.sh  # row DIR WORKER [env...]
@@ -30,25 +26,15 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  model)  # ~9 min, first: the decode GPU tests (the attention kernel's first GPU compile: on
-           # 2026-12-07 JAX 0.11.2's layout inference refused q's TMA copy at a row offset of 4,
-           # fixed; it now lowers with 0.11.2 from CPU; the pre-norm after the products: the
-           # sharing test's norm cases; each h_i apart), then in the model (one process,
-           # alternated): base (the pre-norms after the products: -1.5% against before, as the
-           # sixteenth session measured), fused_attention, reduce_lora_a_parts
-           # (each one-row LoRA A product a multiply-reduction, each h_i read by the decode kernel
-           # as an array of its own, not a GEMM and its split-K reduction) and pdl (the decode
-           # kernel as a programmatic dependent launch), norm_in_launch_parts (the pre-norm's
-           # 1 / rms reduced inside the decode launch too). Kernels a layer compiled for an H100
-           # on CPU (bench/device/launches.py): base 26, fused_attention 23, reduce_lora_a_parts
-           # 23, with norm_in_launch_parts 21, all three 19 (620 a token against 843); pdl
-           # launches as many
-    timeout 150 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
-    timeout 420 python bench/device/variants.py base fused_attention reduce_lora_a_parts pdl \
-        reduce_lora_a_parts+norm_in_launch_parts fused_attention+reduce_lora_a_parts+norm_in_launch_parts+pdl \
-        --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -16 ;;
+  model)  # ~8 min: the decode GPU tests, then in the model (one process, alternated): base (the
+           # attention kernel), norm_in_launch (the pre-norm's 1 / rms reduced inside the decode
+           # launch: 21 kernels a layer against 23, counted; -0.4% and -0.06 ms of kernel time beside
+           # the dropped A reductions on 2026-12-08), xla_attention (XLA's attention, as before)
+    timeout 240 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
+    timeout 330 python bench/device/variants.py base norm_in_launch xla_attention \
+        --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -8 ;;
   long)  # ~3 min: the attention kernel at a long context (8,192 slots: attention reads every slot)
-    timeout 170 python bench/device/variants.py base fused_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
+    timeout 170 python bench/device/variants.py base xla_attention norm_in_launch --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
   attention)  # ~2 min: the attention kernel alone against XLA's at 256-8,192 slots (CUPTI)
     timeout 150 python bench/device/attention_ab.py 2>&1 | grep -v -i warn | tail -6 ;;
   l2)  # ~2 min: a decode launch's kernel time, tables first or under the pipeline, L2-warm or cold

@@ -137,79 +137,34 @@ def norm_before():
   return lambda: setattr(model_module, "shared_input", original)
 
 
-def _group_launch(layers, x_BxK, out_scale=None, *, parts: bool, norm=None):
-  """One decode launch of the layers sharing x (generation only: the group's forward, not
-  qmatmul_group's differentiable wrapper), or None where it does not apply (then the caller's
-  path). parts: each one-row A product its own multiply-reduction, each h_i read apart (else the
-  library's A product, the A side by side). norm: x's pre-norm (an RMSNorm): x * weight in, the
-  1 / rms reduced inside the launch from x."""
-  from pallas_kernels import dispatch
-  from qlora_jax.nn import lora as lora_module
-  first = layers[0]
-  x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
-  if (first.lora is None or x_MxK.shape[0] != 1 or x_BxK.dtype != jnp.bfloat16
-      or any(layer._dropout_active() for layer in layers)):
-    return None
-  cd = jnp.dtype(first.compute_dtype)
-  xin = x_MxK if norm is None else norm.split(x_MxK)[0]  # x * weight (its 1 / rms: the kernel's)
-  if parts:
-    h = tuple((jnp.sum(xin.astype(jnp.float32)[:, :, None]
-                       * layer.lora_a[...].astype(jnp.float32)[None], axis=1)
-               * first.update_scale).astype(cd) for layer in layers)
-  else:
-    h = lora_module._update_input(xin, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1),
-                                  first.update_scale, cd)
-  qws = tuple(layer.weight.get_value() for layer in layers)
-  ys = gpu_decode.decode_group(xin.astype(jnp.bfloat16), qws, (h, tuple(layer.lora_b[...] for layer in layers)),
-                               None if norm is None else x_MxK, eps=0.0 if norm is None else norm.eps,
-                               interpret=dispatch.INTERPRET)
-  ys = tuple(y.reshape(*x_BxK.shape[:-1], -1) for y in ys)
-  if out_scale is not None:
-    ys = tuple(y * out_scale for y in ys)
-  return tuple(layer._finish(y.astype(cd), x_BxK) for layer, y in zip(layers, ys))
-
-
-def reduce_lora_a_parts():
-  """A one-row x's LoRA A products as float32 multiply-reductions, each layer's its own [1, r]
-  (XLA fuses the group's as siblings), each h_i read by the decode kernel as an array of its own
-  (decode_group's per-part h), instead of XLA's GEMM over broadcast_dot's 8 equal rows and its
-  split-K reduction: no concatenation of the A's or of the h's (the library form: branch
-  decode-h-reduce)."""
-  from qlora_jax.nn import lora as lora_module
-  original = lora_module._one_launch
-
-  def one_launch(layers, x_BxK, out_scale=None):
-    out = _group_launch(layers, x_BxK, out_scale, parts=True)
-    return original(layers, x_BxK, out_scale) if out is None else out
-  lora_module._one_launch = one_launch
-  return lambda: setattr(lora_module, "_one_launch", original)
-
-
-def _norm_in_launch(parts: bool):
-  original = model_module.shared_input
-
-  from qlora_jax.nn.lora import one_launch_applies
-
-  def shared_input(layers, x, norm=None):
-    out = None
-    if norm is not None and one_launch_applies(layers, x):
-      out = _group_launch(layers, x, parts=parts, norm=norm)
-    return original(layers, x, norm) if out is None else out
-  model_module.shared_input = shared_input
-  return lambda: setattr(model_module, "shared_input", original)
-
-
 def norm_in_launch():
   """The pre-norm's 1 / rms reduced inside the decode launch (decode_group's norm_input: each
   compute warpgroup sums x^2 from x's copy in shared memory and scales its stores), not by an XLA
   reduction kernel between the residual add and the products' consumers; the products still take
-  x * weight (two kernels a layer fewer, counted)."""
-  return _norm_in_launch(parts=False)
+  x * weight (two kernels a layer fewer, counted). Generation only (the group's forward, not
+  qmatmul_group's differentiable wrapper); the library form: branch decode-norm-launch."""
+  from pallas_kernels import dispatch
+  from qlora_jax.nn import lora as lora_module
+  original = model_module.shared_input
 
-
-def norm_in_launch_parts():
-  """norm_in_launch with reduce_lora_a_parts' A products (one launch patched for both)."""
-  return _norm_in_launch(parts=True)
+  def shared_input(layers, x_BxK, norm=None):
+    first = layers[0]
+    x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
+    if (norm is None or first.lora is None or x_MxK.shape[0] != 1 or x_BxK.dtype != jnp.bfloat16
+        or any(layer._dropout_active() for layer in layers)
+        or not lora_module.one_launch_applies(layers, x_BxK)):
+      return original(layers, x_BxK, norm)
+    cd = jnp.dtype(first.compute_dtype)
+    xin = norm.split(x_MxK)[0]  # x * weight (its 1 / rms: the kernel's)
+    h = lora_module._update_input(xin, jnp.concatenate([layer.lora_a[...] for layer in layers], axis=1),
+                                  first.update_scale, cd)
+    qws = tuple(layer.weight.get_value() for layer in layers)
+    ys = gpu_decode.decode_group(xin.astype(jnp.bfloat16), qws, (h, tuple(layer.lora_b[...] for layer in layers)),
+                                 x_MxK, eps=norm.eps, interpret=dispatch.INTERPRET)
+    return tuple(layer._finish(y.reshape(*x_BxK.shape[:-1], -1).astype(cd), x_BxK)
+                 for layer, y in zip(layers, ys))
+  model_module.shared_input = shared_input
+  return lambda: setattr(model_module, "shared_input", original)
 
 
 def read_back_first():
@@ -230,7 +185,7 @@ def read_back_first():
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     xla_attention,
                                     stacked_cache, tables_first, pdl, norm_before,
-                                    reduce_lora_a_parts, norm_in_launch, norm_in_launch_parts,
+                                    norm_in_launch,
                                     read_back_first)}
 
 
