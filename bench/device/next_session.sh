@@ -5,17 +5,20 @@
 # generate.py's row beside Unsloth's 43.17 on the fourteenth session's machine), the decode kernel
 # >= 70% of the copy rate (~51% in the model: 2.28 ms of decode launches a token for ~3.5 GB), the
 # training kernels >= 95% of cuBLAS, H200 rows (`h200`: a call asked as nvidia-h200 may still get
-# an H100). First: `anchors` (today's tree beside Unsloth and bnb + PEFT: the attention kernel is
-# generation's now), then `model` (the norm in the launch alone; its library form is branch
-# decode-norm-launch: merge it if it wins, `git merge decode-norm-launch`; its variant there is
-# `norm_after`). A change's A/B through bench/device/variants.py (a variant that changes the
-# kernel must change its static Config, never a module flag: decode_group's trace is cached).
+# an H100). First: `git checkout decode-launch-cuts` here (the device runs this checkout), then
+# `model`: that branch's two launch cuts against main's paths in one process (generation's LoRA A
+# copies as A^T, a one-row A product one row reduction instead of a split-K GEMM and its
+# reduction; the pre-norm's 1 / rms reduced inside the decode launch): 17 kernels a layer against
+# main's 23, counted deviceless. Merge what wins (variant a_columns / norm_after put main's path
+# back; each cut is its own commit on the branch), then `anchors` on the merged tree. A change's
+# A/B through bench/device/variants.py (a variant that changes the kernel must change its static
+# Config, never a module flag: decode_group's trace is cached).
 # Before a call, lower the kernels with the device's JAX on CPU (bench/device/lower_check.sh).
 # Launch structure without a GPU: bench/device/launches.py (kernels a layer: base 23 now).
 # Not worth another call (measured): prefetching a launch's weights into L2 (1-12% a launch at
 # best), the LoRA h in K-slices (+4%), graphs (the step is one command buffer already), the
 # decode kernel as a dependent launch (Config.pdl: +0.5%, 2026-12-08), one-row A products as
-# XLA reductions (+40%: ~30 µs a column reduction, 2026-12-08).
+# XLA column reductions over A [K, r] (+40%: ~30 µs each, 2026-12-08).
 # A device session can end after one call (starts fail for long stretches; each refused start
 # costs 15 s to 3 minutes of device time; the machine goes back 30 s after a call).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
@@ -26,15 +29,17 @@ wheels() {  # the anchors' wheels (Unsloth, bitsandbytes, ...) into /tmp/site, a
       .anchors/wheels/*.whl && export PYTHONPATH=.:/tmp/site
 }
 case "$1" in
-  model)  # ~8 min: the decode GPU tests, then in the model (one process, alternated): base (the
-           # attention kernel), norm_in_launch (the pre-norm's 1 / rms reduced inside the decode
-           # launch: 21 kernels a layer against 23, counted; -0.4% and -0.06 ms of kernel time beside
-           # the dropped A reductions on 2026-12-08), xla_attention (XLA's attention, as before)
+  model)  # ~8 min, on branch decode-launch-cuts: the decode GPU tests, then in the model (one
+           # process, alternated): base (both cuts), a_columns (A [K, r]: split-K GEMM + reduction),
+           # norm_after (the 1 / rms by XLA after the launch), both (main's paths). Kernels a
+           # layer counted deviceless: 17, 21, 19, 23. The one-row A products as XLA column
+           # reductions over A [K, r] cost ~30 µs each (2026-12-08): watch input_reduce_fusion
+    grep -q "def a_columns" bench/device/variants.py || { echo "check out branch decode-launch-cuts first"; exit 2; }
     timeout 240 python -m pytest -q tests/test_kernels.py -k "decode_attention or sharing or group_computes" 2>&1 | tail -3
-    timeout 330 python bench/device/variants.py base norm_in_launch xla_attention \
+    timeout 330 python bench/device/variants.py base a_columns norm_after a_columns+norm_after \
         --slots 256 --rounds 4 --profile 2>&1 | grep -v -i warn | tail -8 ;;
   long)  # ~3 min: the attention kernel at a long context (8,192 slots: attention reads every slot)
-    timeout 170 python bench/device/variants.py base xla_attention norm_in_launch --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
+    timeout 170 python bench/device/variants.py base xla_attention --slots 8192 --rounds 3 2>&1 | grep -v -i warn | tail -3 ;;
   attention)  # ~2 min: the attention kernel alone against XLA's at 256-8,192 slots (CUPTI)
     timeout 150 python bench/device/attention_ab.py 2>&1 | grep -v -i warn | tail -6 ;;
   l2)  # ~2 min: a decode launch's kernel time, tables first or under the pipeline, L2-warm or cold

@@ -167,24 +167,6 @@ def norm_in_launch():
   return lambda: setattr(model_module, "shared_input", original)
 
 
-def lora_a_rows():
-  """A one-row x's LoRA A products as row reductions over A^T [r, K] (contiguous rows: one
-  block a row, no split-K GEMM and its reduction kernel), A^T loop-invariant (XLA hoists its
-  transpose out of the decoding loop). The column reductions over A [K, r] (2026-12-08's
-  reduce_lora_a_parts) cost ~30 µs each."""
-  from qlora_jax.nn import lora as lora_module
-  original = lora_module._update_input
-
-  def update_input(x_BxK, a, scale, cd):
-    x_MxK = x_BxK.reshape(-1, x_BxK.shape[-1])
-    if x_MxK.shape[0] != 1:
-      return original(x_BxK, a, scale, cd)
-    h = jnp.sum(a.T.astype(jnp.float32) * x_MxK.astype(jnp.float32), axis=-1)[None]
-    return h.astype(cd) if scale == 1.0 else (h * scale).astype(cd)
-  lora_module._update_input = update_input
-  return lambda: setattr(lora_module, "_update_input", original)
-
-
 def read_back_first():
   """Generate's chunk loop before 2026-12-07: each chunk's tokens read back before the next chunk
   is dispatched (run_chunks dispatches it first)."""
@@ -203,7 +185,7 @@ def read_back_first():
 VARIANTS = {f.__name__: f for f in (base, cudnn_attention, reduce_attention, grouped_attention,
                                     xla_attention,
                                     stacked_cache, tables_first, pdl, norm_before,
-                                    norm_in_launch, lora_a_rows,
+                                    norm_in_launch,
                                     read_back_first)}
 
 
