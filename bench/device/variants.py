@@ -142,7 +142,7 @@ def norm_in_launch():
   compute warpgroup sums x^2 from x's copy in shared memory and scales its stores), not by an XLA
   reduction kernel between the residual add and the products' consumers; the products still take
   x * weight (two kernels a layer fewer, counted). Generation only (the group's forward, not
-  qmatmul_group's differentiable wrapper); the library form: branch decode-norm-launch."""
+  qmatmul_group's differentiable wrapper); the library form: branch decode-launch-cuts."""
   from pallas_kernels import dispatch
   from qlora_jax.nn import lora as lora_module
   original = model_module.shared_input
