@@ -364,14 +364,15 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
     hs = tuple(h[:1 if i == 0 else 8, i * rank:(i + 1) * rank] for i in range(len(ns)))
     for y, y_parts in zip(ys, fn(x, qws, (hs, bs))):
       np.testing.assert_array_equal(np.asarray(y_parts), np.asarray(y))
-  # the norm in the launch: x's pre-norm input r (x = r * weight), each product and update times
-  # 1 / rms(r) (float64 here), the kernel's own reduction of r
-  r_in = jnp.asarray(rng.standard_normal((1, k)) * 3.0, jnp.bfloat16)
-  inv = 1.0 / np.sqrt(np.mean(np.asarray(r_in, np.float64) ** 2) + 1e-5)
-  for y, y_norm in zip(ys, gpu_decode.decode_group(x, qws, update, r_in, eps=1e-5,
-                                                   interpret=not ON_GPU)):
-    np.testing.assert_allclose(np.asarray(y_norm, np.float64), np.asarray(y, np.float64) * inv,
-                               rtol=1e-5, atol=1e-6 * float(np.abs(np.asarray(y)).max() * inv))
+  if rank or ON_GPU:  # the norm in the launch: x's pre-norm input r (x = r * weight), each
+    # product and update times 1 / rms(r) (float64 here), the kernel's own reduction of r
+    # (interpreted with the update only: one more launch a case is a minute of the CPU suite)
+    r_in = jnp.asarray(rng.standard_normal((1, k)) * 3.0, jnp.bfloat16)
+    inv = 1.0 / np.sqrt(np.mean(np.asarray(r_in, np.float64) ** 2) + 1e-5)
+    for y, y_norm in zip(ys, gpu_decode.decode_group(x, qws, update, r_in, eps=1e-5,
+                                                     interpret=not ON_GPU)):
+      np.testing.assert_allclose(np.asarray(y_norm, np.float64), np.asarray(y, np.float64) * inv,
+                                 rtol=1e-5, atol=1e-6 * float(np.abs(np.asarray(y)).max() * inv))
   # one launch: Mosaic GPU's kernel traces as an mpmd_map (traced, not lowered: on CPU too)
   traced = jax.make_jaxpr(functools.partial(gpu_decode.decode_group, interpret=False))(x, qws, update)
   names = [eqn.primitive.name for eqn in equations(traced)]
