@@ -157,9 +157,8 @@ def group_fusion(policy: str) -> tuple:
       device, bf16 compute, a decode-sized x, weights and a rank it covers; one K, codebook and
       double quantization)
     forward(x, qws, update) -> (x @ dequant(qw_i)^T (+ h_i @ b_i), ...) float32, update None or
-      (h, (b_i, ...)), h [H, G * r] (the h_i side by side) or a tuple of the G h_i [H_i, r]: one
-      launch where the layers would launch one product each and their LoRA B products and adds
-      after it."""
+      (h, (b_i, ...)), h [H, G * r] (the h_i side by side): one launch where the layers would
+      launch one product each and their LoRA B products and adds after it."""
   def fuses(rows: int, qws, compute_dtype, rank: int) -> bool:
     return (all(_decodes(policy, rows, qw, compute_dtype, rank) for qw in qws)
             and gpu_decode.unshared_reason(qws) is None)

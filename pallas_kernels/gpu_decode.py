@@ -67,8 +67,8 @@ def _call(x, weights, lut, norm=None, *, table, config: Config, parts: tuple, ou
   last) is done, its accumulator is stored (and runs on: Pallas stores no accumulator in a step).
 
   lora: () or (b [R, N] bf16, h [H, C] bf16), R a multiple of BLOCK, the same R in every part;
-  the part's update input is h's R columns from h_columns[p] (its own h, or the parts' h side by
-  side: the same array in every part; H <= cols rows, those past H read as zeros):
+  the part's update input is h's R columns from h_columns[p] (the parts' h side by side, the same
+  array in every part; H <= cols rows, those past H read as zeros):
   the CTA that runs a row tile's first step of K also adds b[:, rows]^T @ h_p^T to it (a LoRA
   update, h_p = x @ A_p * scaling), one more wgmma per BLOCK of R after the step's blocks, its b
   tile copied to shared memory while they are widened.
@@ -305,24 +305,19 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, norm_input=None
   share an input (q, k, v; gate, up) as one kernel, the SMs dealt among them by their rows
   (parts_for); each as decode computes it alone. update: None, or (h, (b_i [r, N_i], ...)), one
   rank r, h the G updates' inputs: one array [H, G * r] side by side (h_i = h[:, i * r:(i + 1) *
-  r], one A product of the weights' A side by side, read in place), or a tuple of G arrays h_i
-  [H_i, r] (each A product its own, read in place); H >= M rows (see decode). norm_input: None,
+  r], one A product of the weights' A side by side, read in place); H >= M rows (see decode).
+  norm_input: None,
   or r [1, K] (one row: M = 1, K at most NORM_MAX_K), x's input before its RMS norm (x = r *
   weight): each product (and update) times rsqrt(mean(r^2) + eps), computed in the launch."""
   (m, k), ns = x_MxK.shape, tuple(qw.shape[0] for qw in qws)
   lora_rank = 0 if update is None else update[1][0].shape[0]
   if update is not None:
     h, bs = update
-    apart = isinstance(h, tuple)  # each h_i its own array, or the h_i side by side in one
-    hs = h if apart else (h,)
-    widths = [lora_rank] * len(qws) if apart else [len(qws) * lora_rank]
     if (len(bs) != len(qws) or any(b.shape != (lora_rank, n) for b, n in zip(bs, ns))
-        or any(a.ndim != 2 or not m <= a.shape[0] <= MAX_ROWS for a in hs)
-        or [a.shape[1] for a in hs] != widths):
-      raise ValueError(f"LoRA updates h {[a.shape for a in hs]}, b {[b.shape for b in bs]} for x "
-                       f"[{m}, {k}] @ W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and "
-                       f"h [H, {len(qws)} * r] (the updates' inputs side by side) or one h_i [H, r] "
-                       f"a weight, H >= {m} rows")
+        or h.ndim != 2 or not m <= h.shape[0] <= MAX_ROWS or h.shape[1] != len(qws) * lora_rank):
+      raise ValueError(f"LoRA updates h {h.shape}, b {[b.shape for b in bs]} for x [{m}, {k}] @ "
+                       f"W_i^T, N_i = {ns}: they need b_i [r, N_i] of one rank r and h [H, "
+                       f"{len(qws)} * r] (the updates' inputs side by side), H >= {m} rows")
   if norm_input is not None and (m != 1 or norm_input.shape != (1, k) or k > NORM_MAX_K):
     raise ValueError(f"the norm in the launch takes one row of x and its pre-norm input [1, K <= "
                      f"{NORM_MAX_K}]; got x [{m}, {k}], norm input {norm_input.shape}")
@@ -330,8 +325,7 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, norm_input=None
   if reason := next((r for r in reasons if r is not None), None):
     raise ValueError(reason)
   config = config or config_for(m, k, lora_rank)
-  if max([m, *(a.shape[0] for a in (hs if update is not None else ()))]) > config.cols or (
-      k % (BLOCK * config.blocks)):
+  if max(m, 0 if update is None else h.shape[0]) > config.cols or k % (BLOCK * config.blocks):
     raise ValueError(f"{config} takes at most {config.cols} rows and K divisible by "
                      f"{BLOCK * config.blocks}; got x [{m}, {k}]")
   norm_k = 0 if norm_input is None else k
@@ -349,21 +343,17 @@ def decode_group(x_MxK, qws: tuple, update: tuple | None = None, norm_input=None
   lut = jnp.asarray(pair_table(table, wide=config.wide_table))
   extra = -lora_rank % BLOCK  # the rank in whole blocks: zero columns of each h_i, rows of b_i
   if update is not None:
-    def padded(a):  # each h_i's columns to the rank in whole blocks, rows as TMA takes them
-      a = a.astype(jnp.bfloat16)
-      if extra:
-        a = jnp.pad(a.reshape(a.shape[0], -1, lora_rank), ((0, 0), (0, 0), (0, extra)))
-      return rows_to(a.reshape(a.shape[0], -1))
-    hs = tuple(padded(a) for a in hs)
-    if apart:
-      h_columns = (0,) * len(qws)
-    else:  # one array: every part reads it at its own columns
-      hs, h_columns = hs * len(qws), tuple(i * (lora_rank + extra) for i in range(len(qws)))
+    # each h_i's columns to the rank in whole blocks, the rows as TMA takes them
+    h = h.astype(jnp.bfloat16)
+    if extra:
+      h = jnp.pad(h.reshape(h.shape[0], -1, lora_rank), ((0, 0), (0, 0), (0, extra)))
+    h = rows_to(h.reshape(h.shape[0], -1))
+    h_columns = tuple(i * (lora_rank + extra) for i in range(len(qws)))  # every part its columns
   weights = []
   for i, (qw, n) in enumerate(zip(qws, ns)):
     lora = ()
     if update is not None:
-      lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))), hs[i])
+      lora = (jnp.pad(update[1][i].astype(jnp.bfloat16), ((0, extra), (0, 0))), h)
     weights.append((qw.codes.reshape(n, k // 2), *absmax_operands(qw), lora))
   norm = None if norm_input is None else norm_input.astype(jnp.bfloat16).reshape(-1, NORM_ROW)
   stored = _call(x, tuple(weights), lut, norm, table=table, config=config, parts=parts,

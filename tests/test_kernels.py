@@ -338,9 +338,8 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
   """decode_group: weights sharing x (q, k, v: 4096, 1024, 1024 rows on a GPU) in one launch, the
   SMs dealt among them; each output as x @ W_i^T (+ h_i @ b_i) from quantization's codes and
   scales, each weight's double-quant offset its own (three quantized apart), each h_i its
-  columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here), or
-  each h_i an array of its own (the same outputs); with x's pre-norm input, every output times
-  its 1 / rms; one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps)
+  columns of one h of 8 rows for x's one (rows past x's reach no output; they differ here); with
+  x's pre-norm input, every output times its 1 / rms; one launch. Interpreted, 12 CTAs (6, 3, 3): every part's row tiles (3 steps)
   split between its CTAs."""
   ns, k = ((4096, 1024, 1024), 4096) if ON_GPU else ((512, 256, 256), 768)
   if not ON_GPU:
@@ -360,10 +359,6 @@ def test_gpu_decode_group_computes_each_weight_in_one_launch(rank, monkeypatch):
                                           preferred_element_type=jnp.float32)
     _check(y, _ref_forward(x, qw) + added, seed, DECODE_TOL)
     _check(y, _ref_forward_bf16_scales(x, qw) + added, seed, EXACT_TOL)
-  if rank:  # each h_i an array of its own (one row, or 8): the same products
-    hs = tuple(h[:1 if i == 0 else 8, i * rank:(i + 1) * rank] for i in range(len(ns)))
-    for y, y_parts in zip(ys, fn(x, qws, (hs, bs))):
-      np.testing.assert_array_equal(np.asarray(y_parts), np.asarray(y))
   if rank or ON_GPU:  # the norm in the launch: x's pre-norm input r (x = r * weight), each
     # product and update times 1 / rms(r) (float64 here), the kernel's own reduction of r
     # (interpreted with the update only: one more launch a case is a minute of the CPU suite)
@@ -439,8 +434,8 @@ def test_lora_layer_on_the_decode_kernel_equals_the_unfused_layer(monkeypatch, t
 def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   """The grouped kernel (a warp-specialized pipeline per weight under pl.when) goes through
   Pallas's Mosaic GPU lowering for CUDA on any machine (jax.export, platforms=("cuda",)): llama3-8b's
-  q, k, v with LoRA updates (h in 8 K-slices; then each h_i an array of its own; with the norm's
-  reduction; as a programmatic dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX
+  q, k, v with LoRA updates (h in 8 K-slices; with the norm's reduction; as a programmatic
+  dependent launch) on an H100's 132 SMs. (Mosaic's compile to PTX
   happens on a GPU.)"""
   from jax import export
 
@@ -452,9 +447,6 @@ def test_gpu_decode_group_lowers_for_cuda_from_cpu(monkeypatch):
   update = (jax.ShapeDtypeStruct((8, 64 * len(ns)), jnp.bfloat16),
             tuple(jax.ShapeDtypeStruct((64, n), jnp.bfloat16) for n in ns))
   text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, update).mlir_module()
-  assert "mosaic_gpu" in text
-  parts = (tuple(jax.ShapeDtypeStruct((1, 64), jnp.bfloat16) for _ in ns), update[1])  # h_i apart
-  text = export.export(jax.jit(gpu_decode.decode_group), platforms=("cuda",))(x, qws, parts).mlir_module()
   assert "mosaic_gpu" in text and "griddepcontrol" not in text
   text = export.export(jax.jit(functools.partial(gpu_decode.decode_group, eps=1e-5)),  # the norm
                        platforms=("cuda",))(x, qws, update, x).mlir_module()
